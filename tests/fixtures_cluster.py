@@ -1,0 +1,1 @@
+# fixtures for the local control plane (owned by the cluster work)

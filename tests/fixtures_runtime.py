@@ -1,0 +1,1 @@
+# fixtures for the runtime: tiny model, server process (owned by the runtime work)
