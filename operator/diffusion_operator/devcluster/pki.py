@@ -1,0 +1,104 @@
+"""Certificates and keys for the local control plane, made with the `openssl` command line.
+
+ECDSA P-256 keys throughout: generating them is fast, which keeps the start time short. Every
+file is written 0600 into the cluster's private temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PKIError(RuntimeError):
+    pass
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    exe = shutil.which("openssl")
+    if not exe:
+        raise PKIError("the `openssl` command line is required to make the cluster's certificates")
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PKIError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()[-2000:]}")
+
+
+def _ec_key(path: Path) -> None:
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", path.name, cwd=path.parent)
+    os.chmod(path, 0o600)
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca_cert: Path
+    ca_key: Path
+    serving_cert: Path
+    serving_key: Path
+    sa_key: Path
+    sa_pub: Path
+    clients: dict[str, ClientCert]
+
+
+# name -> (CN, O): the identities the components authenticate as (RBAC bootstrap roles bind these)
+CLIENTS = {
+    "admin": ("kubernetes-admin", "system:masters"),
+    "controller-manager": ("system:kube-controller-manager", ""),
+    "scheduler": ("system:kube-scheduler", ""),
+    "kwok": ("kwok-controller", "system:masters"),
+}
+
+
+def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> PKI:
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = d / "ca.key", d / "ca.crt"
+    _ec_key(ca_key)
+    _openssl(
+        "req", "-x509", "-new", "-key", ca_key.name, "-sha256", "-days", "3650",
+        "-subj", "/CN=diffusion-operator-dev-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", "-out", ca_cert.name,
+        cwd=d,
+    )  # fmt: skip
+    san = ",".join(
+        [f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts]
+        + ["DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc", "IP:10.0.0.1"]
+    )
+    serving_key, serving_cert = d / "apiserver.key", d / "apiserver.crt"
+    _sign(d, serving_key, serving_cert, "/CN=kube-apiserver", f"subjectAltName={san}", "serverAuth")
+    clients = {}
+    for name, (cn, org) in CLIENTS.items():
+        subj = f"/CN={cn}" + (f"/O={org}" if org else "")
+        key, cert = d / f"{name}.key", d / f"{name}.crt"
+        _sign(d, key, cert, subj, None, "clientAuth")
+        clients[name] = ClientCert(cert=cert, key=key)
+    sa_key, sa_pub = d / "sa.key", d / "sa.pub"
+    _ec_key(sa_key)
+    _openssl("ec", "-in", sa_key.name, "-pubout", "-out", sa_pub.name, cwd=d)
+    return PKI(ca_cert, ca_key, serving_cert, serving_key, sa_key, sa_pub, clients)
+
+
+def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str) -> None:
+    _ec_key(key)
+    csr = cert.with_suffix(".csr")
+    _openssl("req", "-new", "-key", key.name, "-subj", subj, "-out", csr.name, cwd=d)
+    ext = d / (cert.stem + ".ext")
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage={usage}\n" + (f"{san}\n" if san else "")
+    )
+    _openssl(
+        "x509", "-req", "-in", csr.name, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "3650", "-sha256", "-extfile", ext.name, "-out", cert.name, cwd=d,
+    )  # fmt: skip
+    csr.unlink()
+    ext.unlink()
