@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Prepare this checkout for `make test` and `make demo`. Idempotent: a second run only checks.
+#
+#  1. Python venv in .venv (Python >= 3.11), the project installed editable with every extra
+#     (`pip install -e '.[operator,runtime,dev]'`); skipped while pyproject.toml is unchanged.
+#  2. promtool (alert-rule tests), extracted from Debian's `prometheus` package into the user
+#     cache, so no Prometheus service is installed or started.
+#  3. The control-plane binaries (etcd, kube-apiserver, controller manager, scheduler, kwok, helm),
+#     built from the Go module proxy into the user cache by `diffusion-operator dev build`.
+#
+# Environment: PYTHON (interpreter to create the venv with), XDG_CACHE_HOME (cache root),
+# BOOTSTRAP_SKIP_GO=1 (skip step 3), PIP_CACHE_DIR (pip's cache, reused across runs).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/diffusion-operator"
+PROMETHEUS_DEB_VERSION_PREFIX="2."
+
+t0=$(date +%s)
+step() { printf '==> [bootstrap %4ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo -n "$@"
+  else return 1
+  fi
+}
+
+# ---------------------------------------------------------------- 1. Python
+pick_python() {
+  local candidates=("${PYTHON:-}" python3.11 python3.12 python3.13 python3)
+  for py in "${candidates[@]}"; do
+    [ -n "$py" ] || continue
+    command -v "$py" >/dev/null 2>&1 || continue
+    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+  py="$(pick_python)" || die "Python >= 3.11 not found (set PYTHON=/path/to/python3.11)"
+  step "creating $venv with $($py --version 2>&1)"
+  if ! "$py" -m venv "$venv" 2>/dev/null; then
+    step "python venv module missing: installing python3-venv"
+    as_root apt-get update -qq && as_root apt-get install -y --no-install-recommends python3-venv \
+      || die "cannot create a venv; install python3-venv"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+  fi
+fi
+
+stamp="$venv/.bootstrap-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/diffusion-operator" ]; then
+  step "python packages up to date (pyproject.toml unchanged)"
+else
+  step "pip install -e '.[operator,runtime,dev]' (first run downloads torch, ~3 GB; pip cache reused)"
+  pip_start=$(date +%s)
+  "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+    -e '.[operator,runtime,dev]'
+  echo "$want" > "$stamp"
+  step "python packages installed in $(( $(date +%s) - pip_start ))s"
+fi
+
+# ---------------------------------------------------------------- 2. promtool
+promtool_dir="$cache/promtool"
+if [ -n "${PROMTOOL:-}" ] && [ -x "${PROMTOOL}" ]; then
+  step "promtool: using PROMTOOL=$PROMTOOL"
+elif command -v promtool >/dev/null 2>&1; then
+  step "promtool: using $(command -v promtool)"
+elif [ -x "$promtool_dir/promtool" ]; then
+  step "promtool: cached at $promtool_dir/promtool"
+else
+  step "promtool: extracting it from Debian's prometheus package into $promtool_dir"
+  command -v apt-get >/dev/null 2>&1 || die "promtool missing and apt-get unavailable; set PROMTOOL=/path/to/promtool"
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+    as_root apt-get update -qq || die "apt-get update failed (needs root); set PROMTOOL=/path/to/promtool"
+    (cd "$tmp" && apt-get download prometheus) || die "apt-get download prometheus failed"
+  fi
+  deb="$(find "$tmp" -maxdepth 1 -name 'prometheus_*.deb' | head -n1)"
+  [ -n "$deb" ] || die "no prometheus .deb downloaded"
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" ./usr/bin/promtool
+  mkdir -p "$promtool_dir"
+  install -m 0755 "$tmp/usr/bin/promtool" "$promtool_dir/promtool"
+  rm -rf "$tmp"
+  trap - EXIT
+  version="$("$promtool_dir/promtool" --version 2>&1 | head -n1)"
+  case "$version" in
+    *"version $PROMETHEUS_DEB_VERSION_PREFIX"*) ;;
+    *) die "unexpected promtool version: $version" ;;
+  esac
+  step "promtool: $version"
+fi
+
+# ---------------------------------------------------------------- 3. Go-built binaries
+if [ "${BOOTSTRAP_SKIP_GO:-0}" = "1" ]; then
+  step "control plane binaries: skipped (BOOTSTRAP_SKIP_GO=1)"
+else
+  command -v go >/dev/null 2>&1 || die "go not found on PATH (Go >= 1.24 is needed to build the control plane)"
+  step "control plane binaries: diffusion-operator dev build (cold: tens of minutes; cached afterwards)"
+  "$venv/bin/diffusion-operator" dev build
+fi
+
+step "done"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Copy the CRDs (single source of truth: crds/) into the Helm chart's crds/ folder, byte for byte.
+# tests/chart/test_chart_crds.py fails when the two differ; run this after changing crds/.
+#   tools/sync_chart_crds.sh          copy
+#   tools/sync_chart_crds.sh --check  only compare; exit 1 when they differ
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+src="$root/crds"
+dst="$root/charts/diffusion-operator/crds"
+
+shopt -s nullglob
+files=("$src"/*.yaml)
+if [ "${#files[@]}" -eq 0 ]; then
+  echo "sync_chart_crds: no CRD YAML in $src" >&2
+  exit 1
+fi
+
+if [ "${1:-}" = "--check" ]; then
+  if diff -r "$src" "$dst" >/dev/null 2>&1; then
+    echo "sync_chart_crds: chart CRDs match crds/"
+    exit 0
+  fi
+  echo "sync_chart_crds: charts/diffusion-operator/crds differs from crds/; run tools/sync_chart_crds.sh" >&2
+  diff -r "$src" "$dst" >&2 || true
+  exit 1
+fi
+
+mkdir -p "$dst"
+# drop chart copies whose source is gone, then copy every source file
+for old in "$dst"/*; do
+  [ -e "$src/$(basename "$old")" ] || rm -f -- "$old"
+done
+for f in "${files[@]}"; do
+  cp -- "$f" "$dst/"
+done
+echo "sync_chart_crds: copied ${#files[@]} CRD file(s) into ${dst#"$root"/}"
