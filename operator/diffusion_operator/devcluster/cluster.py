@@ -38,6 +38,7 @@ from .pki import PKI, make_pki
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.1/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
+NOT_READY_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
 STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 
 
@@ -378,7 +379,9 @@ class LocalCluster:
             nodes = self.api_get("/api/v1/nodes").get("items", [])
             for node in nodes:
                 conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-                if conds.get("Ready") == "True":
+                taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
+                # schedulable only once the node lifecycle controller lifted the not-ready taint
+                if conds.get("Ready") == "True" and not taints & NOT_READY_TAINTS:
                     ready.add(node["metadata"]["name"])
             if want <= ready:
                 return

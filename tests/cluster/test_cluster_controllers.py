@@ -1,0 +1,85 @@
+"""Controllers of the real kube-controller-manager: garbage collector, ReplicaSets, ServiceAccounts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from diffusion_operator.devcluster import wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def get_json(cluster, *args) -> dict:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def test_deleting_owner_deletes_dependents(cluster, namespace):
+    owner = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "owner", "namespace": namespace},
+        "data": {"k": "v"},
+    }
+    cluster.apply(owner)
+    uid = get_json(cluster, "configmap", "owner", "-n", namespace)["metadata"]["uid"]
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}
+    cluster.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": f"dependent-{i}", "namespace": namespace, "ownerReferences": [ref]},
+            }
+            for i in range(3)
+        ]
+        + [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "bystander", "namespace": namespace},
+            }
+        ]
+    )
+
+    def names():
+        return {c["metadata"]["name"] for c in get_json(cluster, "configmaps", "-n", namespace)["items"]}
+
+    assert {"dependent-0", "dependent-1", "dependent-2", "bystander"} <= names()
+    # background propagation: only the garbage collector can remove the dependents
+    cluster.kubectl("delete", "configmap", "owner", "-n", namespace, "--cascade=background")
+    wait_for(lambda: not any(n.startswith("dependent-") for n in names()), 60, "dependents to be collected")
+    assert "bystander" in names()
+
+
+def test_deployment_delete_cascades_to_replicaset_and_pods(cluster, namespace):
+    cluster.apply(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "c", "image": "registry.invalid/web:1"}]},
+                },
+            },
+        }
+    )
+    wait_for(
+        lambda: len(get_json(cluster, "pods", "-n", namespace, "-l", "app=web")["items"]) == 2,
+        60,
+        "2 pods created by the ReplicaSet",
+    )
+    assert len(get_json(cluster, "replicasets", "-n", namespace)["items"]) == 1
+    cluster.kubectl("delete", "deployment", "web", "-n", namespace, "--cascade=background")
+    wait_for(
+        lambda: (
+            not get_json(cluster, "replicasets", "-n", namespace)["items"]
+            and not get_json(cluster, "pods", "-n", namespace, "-l", "app=web")["items"]
+        ),
+        60,
+        "ReplicaSet and pods to be garbage collected",
+    )
