@@ -1,1 +1,203 @@
-# fixtures for the runtime: tiny model, server process (owned by the runtime work)
+"""Fixtures for the runtime: the tiny model on disk and real `diffusion-runtime serve` processes.
+
+- `tiny_model_dir` (session): `diffusion-runtime tiny-model DIR` run once; a real diffusers folder.
+- `start_runtime(...)` / `RuntimeProcess`: start a server subprocess on free ports from a runtime.yaml
+  written here, wait for /ready (or for the exit), stop it with SIGTERM.
+- `runtime_server` (session): one ready server on the tiny model with a static cache-dit mask and a
+  metrics listener, for anyone who needs to scrape live metric names (`.url`, `.metrics_url`).
+- `runtime_server_factory` (function): start more servers with other settings; all are stopped after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+__all__ = [
+    "RuntimeProcess",
+    "free_port",
+    "start_runtime",
+    "tiny_model_dir",
+    "runtime_server",
+    "runtime_server_factory",
+    "STATIC_CACHE_DIT",
+]
+
+# DBCache with a static computation mask: cache-dit's "fast" policy cut to 8 steps
+# (mask 11101001: 5 computed, 3 cached). Random weights never hit DBCache's dynamic thresholds.
+STATIC_CACHE_DIT: dict[str, Any] = {
+    "cache_config": {
+        "Fn_compute_blocks": 1,
+        "Bn_compute_blocks": 0,
+        "max_warmup_steps": 2,
+        "residual_diff_threshold": 0.12,
+        "steps_computation_mask": "fast",
+        "steps_computation_policy": "static",
+        "num_inference_steps": 8,
+    }
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RuntimeProcess:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    workdir: Path
+    log_path: Path
+    config_path: Path
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"runtime exited with {self.proc.returncode} before ready:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"runtime not ready after {timeout}s:\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float = 120.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self._log:
+                self._log.close()
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+
+def start_runtime(
+    model_dir: str | Path,
+    workdir: str | Path,
+    cache_dit: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    warmup: dict[str, Any] | None = None,
+    extra_args: list[str] | None = None,
+    wait: bool = True,
+    metrics_port: bool = True,
+    **top: Any,
+) -> RuntimeProcess:
+    """Write runtime.yaml (+ cache-dit.yaml) into `workdir` and start `diffusion-runtime serve`."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    mport = free_port() if metrics_port else 0
+    cfg: dict[str, Any] = {
+        "model": {"uri": str(model_dir), "dtype": "float32"},
+        "device": "cpu",
+        "compile": False,
+        "warmup": {"resolutions": ["64x64"], "steps": 8, "prompt": "a photo of a cat"},
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": mport, "max_queue": 8,
+                   "request_timeout_seconds": 120, "max_pixels": 128 * 128, "max_steps": 50, "max_n": 4},
+    }  # fmt: skip
+    cfg["warmup"].update(warmup or {})
+    cfg["server"].update(server or {})
+    cfg.update(top)
+    if cache_dit is not None:
+        (workdir / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
+        cfg["cache_dit_config"] = "cache-dit.yaml"
+    config_path = workdir / "runtime.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    log_path = workdir / "runtime.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed by stop()/wait_exit()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("OMP_NUM_THREADS", "1")  # shared 2-core machines: one pipeline thread per server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(config_path), *(extra_args or [])],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+    )  # fmt: skip
+    rp = RuntimeProcess(proc, port, mport, workdir, log_path, config_path, log)
+    if wait:
+        try:
+            rp.wait_ready()
+        except Exception:
+            rp.stop(timeout=10)
+            raise
+    return rp
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight FluxPipeline, generated once per session by the real CLI."""
+    folder = tmp_path_factory.mktemp("tiny-model") / "flux-tiny"
+    res = subprocess.run(
+        [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(folder), "--variant", "tiny"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, f"tiny-model failed:\n{res.stdout}\n{res.stderr}"
+    assert (folder / "model_index.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def runtime_server(tiny_model_dir, tmp_path_factory):
+    """A ready runtime on the tiny model (static cache-dit mask, metrics listener on)."""
+    rp = start_runtime(tiny_model_dir, tmp_path_factory.mktemp("runtime-server"), cache_dit=STATIC_CACHE_DIT)
+    yield rp
+    rp.stop()
+
+
+@pytest.fixture
+def runtime_server_factory(tiny_model_dir, tmp_path):
+    started: list[RuntimeProcess] = []
+
+    def factory(name: str = "rt", **kwargs: Any) -> RuntimeProcess:
+        rp = start_runtime(tiny_model_dir, tmp_path / name, **kwargs)
+        started.append(rp)
+        return rp
+
+    yield factory
+    for rp in started:
+        rp.stop(timeout=30)

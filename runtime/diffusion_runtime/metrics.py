@@ -1,0 +1,127 @@
+"""Prometheus metrics of the runtime (names fixed in DESIGN.md, prefix `diffusion_`, base units).
+
+One registry per server instance. Memory gauges are computed at scrape time: torch.cuda counters on
+GPU, the process resident set size on CPU (peak = the OS's max RSS).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+disable_created_metrics()  # no *_created series: half the scrape size, nothing dashboards use
+
+LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _rss_bytes() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def _max_rss_bytes() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class RuntimeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "diffusion_request_duration_seconds", "End-to-end time of an image request, by HTTP status.",
+            ["status"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "diffusion_queue_wait_seconds", "Time an admitted request waited for the pipeline.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "diffusion_inference_duration_seconds", "Time of one pipeline call (all steps, VAE decode).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step_duration = Histogram(
+            "diffusion_step_duration_seconds", "Time of one denoising step (transformer forward, cached or not).",
+            buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "diffusion_requests", "Image requests answered, by HTTP status.", ["status"], registry=r
+        )
+        self.images = Counter("diffusion_images_generated", "Images generated and returned.", registry=r)
+        self.queue_depth = Gauge(
+            "diffusion_queue_depth", "Admitted requests waiting for the pipeline.", registry=r
+        )
+        self.in_flight = Gauge(
+            "diffusion_requests_in_flight", "Generations running on the pipeline now (0 or 1).", registry=r
+        )
+        self.cache_steps = Counter(
+            "diffusion_cache_steps",
+            "Denoising steps by cache-dit outcome (cache_dit.summary).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("cached", "computed"):
+            self.cache_steps.labels(result=result)
+        self.gpu_peak = Gauge(
+            "diffusion_gpu_memory_peak_bytes", "Peak accelerator memory (process max RSS on CPU).", registry=r
+        )
+        self.gpu_allocated = Gauge(
+            "diffusion_gpu_memory_allocated_bytes",
+            "Allocated accelerator memory (process RSS on CPU).",
+            registry=r,
+        )
+        self.gpu_reserved = Gauge(
+            "diffusion_gpu_memory_reserved_bytes",
+            "Reserved accelerator memory (process RSS on CPU).",
+            registry=r,
+        )
+        self.model_load = Gauge(
+            "diffusion_model_load_seconds", "Time to load and optimize the model.", registry=r
+        )
+        self.warmup = Gauge("diffusion_warmup_seconds", "Time of the warmup generations.", registry=r)
+        self.ready = Gauge(
+            "diffusion_ready", "1 when the runtime accepts requests (loaded and warmed up).", registry=r
+        )
+        self.info = Info(
+            "diffusion_runtime", "Model, pipeline and optimizations of this runtime.", registry=r
+        )
+        self.use_device("cpu")
+
+    def use_device(self, device: str) -> None:
+        if device == "cuda":
+            import torch
+
+            self.gpu_peak.set_function(lambda: float(torch.cuda.max_memory_allocated()))
+            self.gpu_allocated.set_function(lambda: float(torch.cuda.memory_allocated()))
+            self.gpu_reserved.set_function(lambda: float(torch.cuda.memory_reserved()))
+        else:
+            self.gpu_peak.set_function(_max_rss_bytes)
+            self.gpu_allocated.set_function(_rss_bytes)
+            self.gpu_reserved.set_function(_rss_bytes)
+
+    def set_info(self, **labels: str) -> None:
+        self.info.info({k: str(v) for k, v in labels.items()})

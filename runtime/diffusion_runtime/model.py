@@ -1,0 +1,264 @@
+"""Loading a pipeline (folder, file://, hf://) with its optimizations, and running one generation.
+
+`load_model` does: resolve the URI -> pick device -> validate the cache-dit YAML -> from_pretrained
+-> check the YAML against the pipeline -> quantize / enable cache-dit -> optional torch.compile.
+`Model.generate` runs one pipeline call and reports timings, per-step durations and cache steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusion_runtime.config import ConfigError, RuntimeConfig, parse_size
+from diffusion_runtime.optimize import (
+    CacheDitPlan,
+    apply_plan,
+    cache_step_counts,
+    cache_tag,
+    check_against_pipeline,
+    plan_cache_dit,
+    read_cache_dit_yaml,
+)
+
+log = logging.getLogger("diffusion_runtime")
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found or loaded; the message is one line."""
+
+
+class Cancelled(Exception):
+    """Raised inside the pipeline's step callback to stop a generation early."""
+
+
+def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = True) -> Path:
+    """A local folder for the model: a path / file:// as is; hf://org/name or org/name downloaded."""
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://") :])
+        if not path.is_dir():
+            raise ModelError(f"model {uri}: folder {path} does not exist")
+        return path
+    if uri.startswith("pvc://"):
+        raise ModelError(f"model {uri}: pvc:// URIs are mounted by the operator; pass the mount path instead")
+    local = Path(uri)
+    if local.is_dir() or uri.startswith(("/", "./", "../", "~")):
+        local = local.expanduser()
+        if not local.is_dir():
+            raise ModelError(f"model {uri}: folder does not exist")
+        return local
+    repo_id = uri[len("hf://") :] if uri.startswith("hf://") else uri
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ModelError(f"model {uri}: not a folder and not a Hugging Face id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if progress else disable_progress_bars)()
+        path = snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN") or None)
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"model {uri}: download from the Hugging Face Hub failed ({type(e).__name__}: {reason})"
+        ) from e
+    return Path(path)
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda requested but no CUDA GPU is visible")
+        return "cuda"
+    if setting == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]  # PIL images
+    seed: int
+    inference_seconds: float
+    step_seconds: list[float]
+    cached_steps: int
+    computed_steps: int
+
+
+@dataclass
+class Model:
+    pipe: Any
+    config: RuntimeConfig
+    device: str
+    plan: CacheDitPlan | None
+    load_seconds: float
+    model_path: Path
+    warmup_seconds: float = 0.0
+    size_multiple: int = 16
+    _accepts: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def pipeline_name(self) -> str:
+        return type(self.pipe).__name__
+
+    @property
+    def cache_tag(self) -> str:
+        return cache_tag(self.pipe) if self.plan and self.plan.uses_cache_dit else "none"
+
+    @property
+    def quant_type(self) -> str:
+        return (self.plan.quant_type if self.plan else None) or "none"
+
+    def generate(
+        self,
+        prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        seed: int,
+        n: int = 1,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float | None = None,
+        cancel: threading.Event | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        import torch
+
+        kwargs: dict[str, Any] = dict(
+            prompt=prompt, width=width, height=height, num_inference_steps=steps, num_images_per_prompt=n
+        )
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+        if negative_prompt and "negative_prompt" in self._accepts:
+            kwargs["negative_prompt"] = negative_prompt
+            if "true_cfg_scale" in self._accepts:
+                kwargs["true_cfg_scale"] = true_cfg_scale if true_cfg_scale is not None else 4.0
+        max_seq = getattr(getattr(self.pipe, "tokenizer_2", None), "model_max_length", None)
+        if "max_sequence_length" in self._accepts and isinstance(max_seq, int) and max_seq < 512:
+            kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+
+        step_times: list[float] = []
+        last = [0.0]
+
+        def _pre_hook(_module, _args, _kwargs=None):
+            if not last[0]:
+                last[0] = time.perf_counter()
+
+        def _callback(_pipe, step_index, _timestep, cb_kwargs):
+            now = time.perf_counter()
+            if last[0]:
+                step_times.append(now - last[0])
+            last[0] = 0.0
+            if on_step is not None:
+                on_step(step_index)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            return cb_kwargs
+
+        if "callback_on_step_end" in self._accepts:
+            kwargs["callback_on_step_end"] = _callback
+        handle = None
+        transformer = getattr(self.pipe, "transformer", None)
+        if transformer is not None:
+            handle = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.pipe(**kwargs)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            if handle is not None:
+                handle.remove()
+        elapsed = time.perf_counter() - t0
+        cached, computed = (
+            cache_step_counts(self.pipe) if self.plan and self.plan.uses_cache_dit else (0, steps)
+        )
+        return GenerationResult(
+            images=list(out.images),
+            seed=seed,
+            inference_seconds=elapsed,
+            step_seconds=step_times,
+            cached_steps=cached,
+            computed_steps=computed,
+        )
+
+    def warmup(self) -> float:
+        t0 = time.perf_counter()
+        w = self.config.warmup
+        for res in w.resolutions:
+            width, height = parse_size(res)
+            log.info("warmup %dx%d, %d steps", width, height, w.steps)
+            self.generate(w.prompt, width, height, w.steps, seed=0)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+
+def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
+    """Load and optimize the pipeline named by `config` (no warmup)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    t0 = time.perf_counter()
+    device = pick_device(config.device)
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    raw = read_cache_dit_yaml(config.cache_dit_config) if config.cache_dit_config else {}
+    plan = plan_cache_dit(raw, device, capability) if raw else None  # validate before any heavy work
+    for note in plan.notes if plan else ():
+        log.warning("%s", note)
+    model_path = resolve_model_uri(config.model.uri, config.model.revision, progress=progress)
+    if not (model_path / "model_index.json").is_file():
+        raise ModelError(
+            f"model {config.model.uri}: {model_path} has no model_index.json (not a diffusers pipeline)"
+        )
+    dtype = getattr(torch, config.model.dtype)
+    if device == "cpu" and dtype == torch.float16:
+        raise ConfigError("model.dtype: float16 is not supported on cpu; use float32 or bfloat16")
+    cls = DiffusionPipeline
+    if config.model.pipeline:
+        import diffusers
+
+        cls = getattr(diffusers, config.model.pipeline, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise ConfigError(f"model.pipeline: diffusers has no pipeline class {config.model.pipeline!r}")
+    try:
+        pipe = cls.from_pretrained(str(model_path), torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - one line for any loading failure
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"model {config.model.uri}: loading failed ({type(e).__name__}: {msg})") from e
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if plan is not None:
+        check_against_pipeline(plan, pipe)
+        apply_plan(pipe, plan, raw.get("quantize_config"))
+    if config.compile:
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is None:
+            raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
+        if plan is not None and plan.uses_cache_dit:
+            import cache_dit
+
+            cache_dit.set_compile_configs()
+        transformer.compile()
+    accepts = frozenset(inspect.signature(pipe.__call__).parameters)
+    vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return Model(
+        pipe=pipe,
+        config=config,
+        device=device,
+        plan=plan,
+        load_seconds=time.perf_counter() - t0,
+        model_path=model_path,
+        size_multiple=max(16, vae_scale * 2),
+        _accepts=accepts,
+    )

@@ -1,0 +1,113 @@
+"""`diffusion-runtime serve`: listen at once (/health), load + warm up in the background, then Ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+
+from diffusion_runtime.config import ConfigError, RuntimeConfig, validate
+from diffusion_runtime.metrics import RuntimeMetrics
+
+log = logging.getLogger("diffusion_runtime")
+
+
+def preflight(config: RuntimeConfig) -> None:
+    """Checks that need no model: config ranges, the cache-dit YAML against the device."""
+    from diffusion_runtime.model import pick_device
+    from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
+
+    validate(config)
+    device = pick_device(config.device)
+    if config.cache_dit_config:
+        import torch
+
+        capability = torch.cuda.get_device_capability() if device == "cuda" else None
+        plan_cache_dit(read_cache_dit_yaml(config.cache_dit_config), device, capability)
+
+
+def _load_and_warm(state, server) -> None:
+    from diffusion_runtime.model import ModelError, load_model
+
+    m = state.metrics
+    try:
+        model = load_model(state.config)
+        state.model = model
+        m.use_device(model.device)
+        m.model_load.set(model.load_seconds)
+        m.set_info(
+            model=state.config.model.uri, pipeline=model.pipeline_name, cache=model.cache_tag,
+            quant=model.quant_type, compile=str(bool(state.config.compile)).lower(), device=model.device,
+            dtype=state.config.model.dtype,
+        )  # fmt: skip
+        log.info(
+            "model loaded in %.2fs (%s on %s, cache %s)",
+            model.load_seconds,
+            model.pipeline_name,
+            model.device,
+            model.cache_tag,
+        )
+        state.phase = "warming up"
+        warm = model.warmup()
+        m.warmup.set(warm)
+        log.info("warmup done in %.2fs", warm)
+        state.phase = "ready"
+        m.ready.set(0 if state.draining else 1)
+    except (ConfigError, ModelError) as e:
+        _fail(state, server, str(e))
+    except Exception as e:  # noqa: BLE001 - any load failure: one line, exit non-zero
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(state, server, f"model load failed: {type(e).__name__}: {msg}")
+
+
+def _fail(state, server, line: str) -> None:
+    state.phase = "failed"
+    state.error = line
+    server.should_exit = True
+
+
+def run_server(config: RuntimeConfig) -> int:
+    from prometheus_client import start_http_server
+
+    from diffusion_runtime.model import ModelError
+    from diffusion_runtime.server import RuntimeState, create_app, make_server
+
+    try:
+        preflight(config)
+    except (ConfigError, ModelError) as e:
+        print(f"diffusion-runtime: {e}", file=sys.stderr)
+        return 2
+    metrics = RuntimeMetrics()
+    metrics.set_info(
+        model=config.model.uri, pipeline="", cache="", quant="", compile=str(config.compile).lower(), device="",
+        dtype=config.model.dtype,
+    )  # fmt: skip
+    state = RuntimeState(config=config, metrics=metrics)
+    app = create_app(state)
+    s = config.server
+    server = make_server(app, state, s.host, s.port)
+    metrics_server = None
+    if s.metrics_port:
+        try:
+            metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics.registry)
+        except OSError as e:
+            print(
+                f"diffusion-runtime: server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})",
+                file=sys.stderr,
+            )
+            return 2
+    loader = threading.Thread(target=_load_and_warm, args=(state, server), name="loader", daemon=True)
+    loader.start()
+    try:
+        asyncio.run(server.serve())
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    if state.phase == "failed":
+        print(f"diffusion-runtime: {state.error}", file=sys.stderr)
+        return 1
+    if not server.started:
+        print(f"diffusion-runtime: cannot listen on {s.host}:{s.port}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,208 @@
+"""A random-weight FluxPipeline small enough for CPU tests, built fully offline.
+
+Every component is a real diffusers/transformers class with a tiny config; the tokenizers are built
+from vocabularies written here (no hub access). `write_tiny_model(dir)` saves it with
+`save_pretrained`, so the runtime loads it through the same `from_pretrained` path as a real model.
+Weights come from a seeded generator, so the same variant always yields the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+VARIANTS = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    num_layers: int  # double-stream (joint) blocks
+    num_single_layers: int
+    heads: int
+    head_dim: int
+    axes_dims_rope: tuple[int, int, int]
+    text_dim: int  # T5 d_model == joint_attention_dim
+    clip_dim: int  # CLIP hidden == pooled_projection_dim
+    vae_channels: tuple[int, ...]
+    latent_channels: int
+    max_sequence_length: int
+
+
+SPECS = {
+    # a few seconds per 64x64 image on one CPU core
+    "tiny": TinySpec(2, 4, 2, 16, (4, 6, 6), 32, 32, (8, 8, 8, 8), 4, 32),
+    # heavier transformer so that cached steps dominate the time (benchmarks)
+    "small": TinySpec(4, 8, 4, 64, (16, 24, 24), 256, 64, (16, 16, 16, 16), 4, 64),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-to-printable-unicode table (same algorithm as the CLIP tokenizer)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP BPE: every byte symbol (alone and word-final), a few merges of frequent pairs."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    merges = []
+    for a, b in ("th", "he", "in", "an", "er", "on", "at", "ca", "ph", "ot"):
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    for a, b in ("ca", "ph", "ot"):
+        merges.append((a, b + "</w>"))
+        vocab.setdefault(a + b + "</w>", len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    """Unigram vocab for T5Tokenizer: specials, word-start pieces, single characters."""
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    vocab.append(("▁", -2.0))
+    for c in chars:
+        vocab.append(("▁" + c, -3.0))
+    for c in chars:
+        vocab.append((c, -4.0))
+    for w in ("a", "the", "of", "photo", "cat", "dog", "red", "blue", "in", "on"):
+        vocab.append(("▁" + w, -1.0))
+    return vocab
+
+
+def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
+    """Build the random-weight FluxPipeline in memory (float32)."""
+    if variant not in SPECS:
+        raise ValueError(f"unknown tiny-model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    spec = SPECS[variant]
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=spec.latent_channels * 4,
+        num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers,
+        attention_head_dim=spec.head_dim,
+        num_attention_heads=spec.heads,
+        joint_attention_dim=spec.text_dim,
+        pooled_projection_dim=spec.clip_dim,
+        guidance_embeds=True,
+        axes_dims_rope=spec.axes_dims_rope,
+    )
+    # diffusers zero-initialises the output projections (adaLN-zero); random weights everywhere
+    # make the image depend on the prompt and the seed like a trained model's would.
+    with torch.no_grad():
+        for p in transformer.parameters():
+            if torch.count_nonzero(p) == 0 and p.dim() >= 1:
+                p.normal_(0.0, 0.02)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+        block_out_channels=spec.vae_channels,
+        layers_per_block=1,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    clip_vocab, clip_merges = _clip_vocab()
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges)
+    tokenizer.model_max_length = 77
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_vocab),
+            hidden_size=spec.clip_dim,
+            intermediate_size=spec.clip_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=spec.clip_dim,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer_2 = T5Tokenizer(vocab=_t5_vocab(), extra_ids=0)
+    tokenizer_2.model_max_length = spec.max_sequence_length
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=spec.text_dim,
+            d_kv=8,
+            d_ff=spec.text_dim * 2,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_image_seq_len=16,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def write_tiny_model(folder: str | Path, variant: str = "tiny", seed: int = 0) -> Path:
+    """Generate the tiny pipeline and save it (safetensors) into `folder`; returns the folder."""
+    folder = Path(folder)
+    pipe = build_tiny_pipeline(variant, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "TINY_MODEL.json").write_text(
+        json.dumps(
+            {"variant": variant, "seed": seed, "max_sequence_length": SPECS[variant].max_sequence_length}
+        )
+    )
+    return folder
