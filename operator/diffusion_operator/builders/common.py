@@ -1,0 +1,48 @@
+"""Labels, selectors and owner references shared by every child (see docs/contracts.md)."""
+
+from __future__ import annotations
+
+MANAGED_BY = "diffusion-operator"
+FIELD_MANAGER = "diffusion-operator"
+CONFIG_HASH_ANNOTATION = "diffusion.dev/config-hash"
+HTTP_PORT = 8000
+METRICS_PORT = 9090
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "diffusion-runtime",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "diffusion.dev/deployment": name,
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "diffusion-runtime", "app.kubernetes.io/instance": name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector(name).items()))
+
+
+def owner_reference(owner: dict) -> dict:
+    """The CR as controller owner: deleting it garbage-collects every child."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", "diffusion.dev/v1alpha1"),
+        "kind": owner.get("kind", "DiffusionDeployment"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(name: str, spec, owner: dict) -> dict:
+    return {
+        "name": name,
+        "namespace": spec.namespace,
+        "labels": labels(spec.name),
+        "ownerReferences": [owner_reference(owner)],
+    }

@@ -1,0 +1,79 @@
+"""ConfigMap `<name>-config`: runtime.yaml (docs/contracts.md) and cache-dit.yaml (cache-dit's keys verbatim)."""
+
+from __future__ import annotations
+
+import yaml
+
+from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
+
+CONFIG_DIR = "/etc/diffusion"
+MODELS_DIR = "/models"
+
+
+def model_uri_in_pod(spec) -> str:
+    """pvc://claim/path is mounted at /models/claim; the runtime sees a plain path."""
+    pvc = spec.model.pvc
+    if pvc is None:
+        return spec.model.uri
+    claim, path = pvc
+    return f"{MODELS_DIR}/{claim}/{path}".rstrip("/")
+
+
+def render_cache_dit_config(spec) -> dict:
+    """What `cache_dit.load_configs` reads: cache_config, parallelism_config, attention_backend, quantize_config."""
+    out: dict = {}
+    for key in ("cache_config", "parallelism_config", "attention_backend"):
+        if spec.cache_dit.get(key) is not None:
+            out[key] = spec.cache_dit[key]
+    if spec.quantize:
+        out["quantize_config"] = spec.quantize
+    return out
+
+
+def render_cache_dit_yaml(spec) -> str:
+    return yaml.safe_dump(render_cache_dit_config(spec), sort_keys=False)
+
+
+def render_runtime_config(spec) -> dict:
+    model = {"uri": model_uri_in_pod(spec)}
+    if spec.model.revision:
+        model["revision"] = spec.model.revision
+    if spec.model.pipeline:
+        model["pipeline"] = spec.model.pipeline
+    model["dtype"] = spec.model.dtype
+    config: dict = {"model": model}
+    if spec.has_cache_dit_file:
+        config["cache_dit_config"] = "cache-dit.yaml"
+    config["compile"] = spec.compile
+    config["device"] = spec.device
+    warmup: dict = {"resolutions": list(spec.warmup_resolutions), "steps": spec.warmup_steps}
+    if spec.warmup_prompt:
+        warmup["prompt"] = spec.warmup_prompt
+    config["warmup"] = warmup
+    config["server"] = {
+        "host": "0.0.0.0",
+        "port": HTTP_PORT,
+        "metrics_port": METRICS_PORT,
+        "max_queue": spec.max_queue,
+        "request_timeout_seconds": spec.request_timeout_seconds,
+        "max_pixels": spec.max_pixels,
+        "max_steps": spec.max_steps,
+        "max_n": spec.max_n,
+    }
+    return config
+
+
+def configmap_name(spec) -> str:
+    return f"{spec.name}-config"
+
+
+def build_configmap(spec, owner: dict) -> dict:
+    data = {"runtime.yaml": yaml.safe_dump(render_runtime_config(spec), sort_keys=False)}
+    if spec.has_cache_dit_file:
+        data["cache-dit.yaml"] = render_cache_dit_yaml(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(configmap_name(spec), spec, owner),
+        "data": data,
+    }

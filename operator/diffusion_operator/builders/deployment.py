@@ -1,0 +1,217 @@
+"""Deployment `<name>`: the runtime pods (GPU resources, node selection, probes, restricted security)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from diffusion_operator.builders.common import (
+    CONFIG_HASH_ANNOTATION,
+    HTTP_PORT,
+    METRICS_PORT,
+    labels,
+    metadata,
+    selector,
+)
+from diffusion_operator.builders.configmap import CONFIG_DIR, MODELS_DIR, configmap_name
+from diffusion_operator.hashing import config_hash
+from diffusion_operator.spec import startup_budget_seconds
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
+GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
+STARTUP_PERIOD_SECONDS = 10
+RUNTIME_UID = 1000
+CACHE_DIR = "/var/cache/diffusion"
+
+
+def float8_node_terms() -> list[dict]:
+    """Compute capability >= 8.9: major > 8, or major == 8 and minor > 8 (terms are ORed)."""
+    return [
+        {"matchExpressions": [{"key": GPU_MAJOR_LABEL, "operator": "Gt", "values": ["8"]}]},
+        {
+            "matchExpressions": [
+                {"key": GPU_MAJOR_LABEL, "operator": "In", "values": ["8"]},
+                {"key": GPU_MINOR_LABEL, "operator": "Gt", "values": ["8"]},
+            ]
+        },
+    ]
+
+
+def merge_required_terms(user_terms: list[dict], ours: list[dict]) -> list[dict]:
+    """AND of two ORed term lists: every (user, ours) pair, expressions concatenated."""
+    if not user_terms:
+        return ours
+    merged = []
+    for u in user_terms:
+        for o in ours:
+            term = copy.deepcopy(u)
+            term["matchExpressions"] = list(u.get("matchExpressions", [])) + o["matchExpressions"]
+            merged.append(term)
+    return merged
+
+
+def build_affinity(spec) -> dict | None:
+    affinity = copy.deepcopy(spec.affinity) if spec.affinity else {}
+    if spec.needs_float8_gpu and spec.gpu_count > 0:
+        node = affinity.setdefault("nodeAffinity", {})
+        required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+        required["nodeSelectorTerms"] = merge_required_terms(
+            required.get("nodeSelectorTerms", []), float8_node_terms()
+        )
+    return affinity or None
+
+
+def build_tolerations(spec) -> list[dict]:
+    tolerations = []
+    if spec.gpu_count > 0:
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations += copy.deepcopy(spec.tolerations)
+    return tolerations
+
+
+def build_resources(spec) -> dict:
+    resources = copy.deepcopy(spec.resources) if spec.resources else {}
+    if spec.gpu_count > 0:
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
+    return resources
+
+
+def startup_failure_threshold(spec) -> int:
+    return max(1, math.ceil(startup_budget_seconds(spec) / STARTUP_PERIOD_SECONDS))
+
+
+def build_env(spec) -> list[dict]:
+    env = [
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/inductor"},
+        {"name": "HOME", "value": CACHE_DIR},
+    ]
+    if spec.model.token_secret:
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret, "key": spec.model.token_key}},
+            }
+        )
+    env += copy.deepcopy(spec.env)
+    return env
+
+
+def build_volumes(spec) -> tuple[list[dict], list[dict]]:
+    shm = spec.shm_size or ("8Gi" if spec.gpu_count > 0 else "1Gi")
+    volumes = [
+        {"name": "config", "configMap": {"name": configmap_name(spec)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    pvc = spec.model.pvc
+    if pvc is not None:
+        claim, _ = pvc
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
+def build_deployment(spec, owner: dict, configmap: dict) -> dict:
+    volumes, mounts = build_volumes(spec)
+    container = {
+        "name": "runtime",
+        "image": spec.image,
+        "command": ["diffusion-runtime"],
+        "args": ["serve", "--config", f"{CONFIG_DIR}/runtime.yaml"],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "env": build_env(spec),
+        "resources": build_resources(spec),
+        "volumeMounts": mounts,
+        "startupProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": STARTUP_PERIOD_SECONDS,
+            "timeoutSeconds": 5,
+            "failureThreshold": startup_failure_threshold(spec),
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+
+    pod_spec: dict = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": spec.request_timeout_seconds + 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account:
+        pod_spec["serviceAccountName"] = spec.service_account
+    node_selector = dict(spec.node_selector)
+    if spec.gpu_product and spec.gpu_count > 0:
+        node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = build_tolerations(spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    affinity = build_affinity(spec)
+    if affinity:
+        pod_spec["affinity"] = affinity
+
+    deployment_spec: dict = {
+        "selector": {"matchLabels": selector(spec.name)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": spec.max_surge, "maxUnavailable": spec.max_unavailable},
+        },
+        "template": {
+            "metadata": {
+                "labels": labels(spec.name),
+                "annotations": {CONFIG_HASH_ANNOTATION: config_hash(configmap["data"])},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if spec.autoscaling is None:
+        deployment_spec = {"replicas": spec.replicas, **deployment_spec}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(spec.name, spec, owner),
+        "spec": deployment_spec,
+    }

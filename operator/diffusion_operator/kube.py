@@ -1,0 +1,161 @@
+"""A small synchronous Kubernetes REST client (server-side apply, status patches, events).
+
+Auth and TLS come from the official client's configuration loader (kubeconfig or in-cluster
+service account); requests go through its urllib3 pool. Every write is counted in metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from typing import Any
+
+from diffusion_operator import metrics
+from diffusion_operator.builders.common import FIELD_MANAGER
+
+API_PATHS = {
+    ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
+    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
+    ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
+    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
+    ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    (
+        "autoscaling/v2",
+        "HorizontalPodAutoscaler",
+    ): "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+    (
+        "diffusion.dev/v1alpha1",
+        "DiffusionDeployment",
+    ): "/apis/diffusion.dev/v1alpha1/namespaces/{ns}/diffusiondeployments",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str, method: str, path: str) -> None:
+        self.status = status
+        self.body = body
+        try:
+            self.reason = json.loads(body).get("message", body)
+        except ValueError:
+            self.reason = body
+        super().__init__(f"{method} {path}: HTTP {status}: {self.reason}")
+
+    @property
+    def permanent(self) -> bool:
+        """4xx other than conflicts and throttling will not fix themselves by retrying."""
+        return 400 <= self.status < 500 and self.status not in (409, 429)
+
+
+def load_configuration():
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+class Kube:
+    def __init__(self, configuration=None) -> None:
+        from kubernetes.client import ApiClient
+
+        self.configuration = configuration or load_configuration()
+        self.api_client = ApiClient(self.configuration)
+        self.pool = self.api_client.rest_client.pool_manager
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        cfg = self.configuration
+        if cfg.refresh_api_key_hook is not None:
+            cfg.refresh_api_key_hook(cfg)
+        headers = {"Accept": "application/json", "User-Agent": "diffusion-operator"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        for auth in cfg.auth_settings().values():
+            headers[auth["key"]] = auth["value"]
+        return headers
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict | None = None,
+        content_type: str | None = None,
+    ) -> dict | None:
+        url = self.configuration.host.rstrip("/") + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None if body is None else json.dumps(body).encode()
+        if body is not None and content_type is None:
+            content_type = "application/json"
+        response = self.pool.request(
+            method, url, body=data, headers=self._headers(content_type), timeout=30.0, retries=False
+        )
+        if method != "GET":
+            metrics.API_WRITES.labels(verb=method).inc()
+        text = response.data.decode() if response.data else ""
+        if response.status == 404 and method in ("GET", "DELETE"):
+            return None
+        if response.status >= 300:
+            raise ApiError(response.status, text, method, path)
+        return json.loads(text) if text else {}
+
+    @staticmethod
+    def collection(api_version: str, kind: str, namespace: str) -> str:
+        return API_PATHS[(api_version, kind)].format(ns=urllib.parse.quote(namespace))
+
+    def path(self, api_version: str, kind: str, namespace: str, name: str) -> str:
+        return f"{self.collection(api_version, kind, namespace)}/{urllib.parse.quote(name)}"
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        return self.request("GET", self.path(api_version, kind, namespace, name))
+
+    def apply(self, obj: dict) -> dict:
+        """Server-side apply under the operator's one field manager (force: we own these objects)."""
+        meta = obj["metadata"]
+        return self.request(
+            "PATCH",
+            self.path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
+            body=obj,
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.request("DELETE", self.path(api_version, kind, namespace, name))
+
+    def patch_status(self, namespace: str, name: str, status: dict) -> dict:
+        path = self.path("diffusion.dev/v1alpha1", "DiffusionDeployment", namespace, name) + "/status"
+        return self.request(
+            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
+        )
+
+    def post_event(self, owner: dict, event_type: str, reason: str, message: str) -> None:
+        from diffusion_operator.status import now
+
+        meta = owner["metadata"]
+        timestamp = now()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": owner.get("apiVersion", "diffusion.dev/v1alpha1"),
+                "kind": owner.get("kind", "DiffusionDeployment"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": timestamp,
+            "lastTimestamp": timestamp,
+            "count": 1,
+            "source": {"component": "diffusion-operator"},
+            "reportingComponent": "diffusion-operator",
+        }
+        self.request("POST", self.collection("v1", "Event", meta["namespace"]), body=event)

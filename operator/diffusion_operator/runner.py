@@ -1,0 +1,90 @@
+"""`diffusion-operator run`: kopf underneath, standalone (no peering), JSON logs, /metrics and /healthz."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+HELP = "run the DiffusionDeployment operator against the current kubeconfig or in-cluster config"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="diffusion-operator run", description=HELP)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], help="namespace to watch (repeatable)"
+    )
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="watch every namespace (cluster-wide RBAC)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("DIFFUSION_OPERATOR_METRICS_PORT", 9090))
+    )
+    parser.add_argument(
+        "--health-port", type=int, default=int(os.environ.get("DIFFUSION_OPERATOR_HEALTH_PORT", 8080))
+    )
+    parser.add_argument("--bind", default="0.0.0.0", help="address of the metrics and health listeners")
+    parser.add_argument(
+        "--resync-seconds", type=float, default=300.0, help="periodic level-triggered resync (0 = off)"
+    )
+    parser.add_argument("--workers", type=int, default=16, help="threads running reconciles")
+    parser.add_argument("--log-format", choices=("json", "plain"), default="json")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.namespace and not args.all_namespaces:
+        env_ns = os.environ.get("WATCH_NAMESPACE", "")
+        if env_ns:
+            args.namespace = [n for n in env_ns.split(",") if n]
+        else:
+            parser.error("give --namespace NS (repeatable) or --all-namespaces")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import kopf
+    from prometheus_client import start_http_server
+
+    from diffusion_operator import handlers
+    from diffusion_operator.kube import Kube
+
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    logging.getLogger("diffusion_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        handlers._kube = Kube()
+    except Exception as error:  # no kubeconfig, no service account
+        print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
+        return 1
+    handlers.register_resync(args.resync_seconds)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_):
+        settings.posting.enabled = False  # events are posted by the handlers, only on real problems
+        settings.execution.max_workers = args.workers
+        settings.watching.server_timeout = 600
+        settings.networking.request_timeout = 60
+        settings.persistence.finalizer = "diffusion.dev/kopf-finalizer"  # unused: no on.delete handlers
+
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind)
+    liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
+    scope = "all namespaces" if args.all_namespaces else ", ".join(args.namespace)
+    logging.getLogger("diffusion_operator").info(
+        f"starting: watching {scope}; metrics :{args.metrics_port}, liveness {liveness}"
+    )
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    kopf.run(
+        loop=loop,
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=[] if args.all_namespaces else args.namespace,
+        liveness_endpoint=liveness,
+    )
+    return 0

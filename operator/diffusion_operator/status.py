@@ -1,0 +1,137 @@
+"""Status of a DiffusionDeployment: conditions per the Kubernetes API conventions, from the owned Deployment."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+CONFIG_VALID = "ConfigValid"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(type_: str, status: bool | str, reason: str, message: str, generation: int | None) -> dict:
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    cond = {"type": type_, "status": value, "reason": reason, "message": message}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def merge_conditions(old: list[dict] | None, new: list[dict], timestamp: str | None = None) -> list[dict]:
+    """New conditions; lastTransitionTime kept from the old one unless its status changed."""
+    previous = {c.get("type"): c for c in (old or [])}
+    merged = []
+    for cond in new:
+        before = previous.get(cond["type"])
+        out = dict(cond)
+        if before is not None and before.get("status") == cond["status"] and before.get("lastTransitionTime"):
+            out["lastTransitionTime"] = before["lastTransitionTime"]
+        else:
+            out["lastTransitionTime"] = timestamp or now()
+        merged.append(out)
+    # conditions of other types (set by someone else) are kept
+    known = {c["type"] for c in new}
+    merged += [c for t, c in previous.items() if t not in known]
+    return merged
+
+
+def invalid_status(old_status: dict, generation: int, errors: list) -> dict:
+    """ConfigValid=False; children are left as they were (nothing half-applied)."""
+    message = "; ".join(str(e) for e in errors)
+    status = {k: v for k, v in (old_status or {}).items() if k != "conditions"}
+    conditions = [condition(CONFIG_VALID, False, "InvalidSpec", message, generation)]
+    old_types = {c.get("type"): c for c in (old_status or {}).get("conditions", [])}
+    if READY not in old_types:
+        conditions.append(
+            condition(READY, False, "InvalidSpec", "the spec is invalid: see ConfigValid", generation)
+        )
+    else:
+        keep = dict(old_types[READY])
+        keep.pop("lastTransitionTime", None)
+        conditions.append(keep)
+    status["observedGeneration"] = generation
+    status["conditions"] = merge_conditions((old_status or {}).get("conditions"), conditions)
+    return status
+
+
+def valid_status(
+    old_status: dict,
+    generation: int,
+    desired_replicas: int | None,
+    deployment: dict | None,
+    selector: str,
+    endpoint: str,
+    config_hash: str,
+    cache_tag: str,
+) -> dict:
+    dstatus = (deployment or {}).get("status", {})
+    dspec = (deployment or {}).get("spec", {})
+    desired = desired_replicas if desired_replicas is not None else int(dspec.get("replicas", 1) or 0)
+    replicas = int(dstatus.get("replicas", 0) or 0)
+    ready = int(dstatus.get("readyReplicas", 0) or 0)
+    updated = int(dstatus.get("updatedReplicas", 0) or 0)
+    available = int(dstatus.get("availableReplicas", 0) or 0)
+    dep_generation_seen = deployment is not None and dstatus.get("observedGeneration", 0) >= (
+        deployment or {}
+    ).get("metadata", {}).get("generation", 0)
+
+    rolled_out = dep_generation_seen and updated >= desired and replicas == desired and ready >= desired
+    if deployment is None:
+        ready_cond = condition(
+            READY, False, "DeploymentMissing", "the Deployment does not exist yet", generation
+        )
+        progressing = condition(PROGRESSING, True, "Creating", "creating the Deployment", generation)
+    elif desired == 0:
+        ready_cond = condition(READY, replicas == 0, "ScaledToZero", "scaled to zero replicas", generation)
+        progressing = condition(
+            PROGRESSING,
+            replicas != 0,
+            "ScalingDown" if replicas else "Complete",
+            f"{replicas} pods left",
+            generation,
+        )
+    elif rolled_out and available >= desired:
+        ready_cond = condition(
+            READY,
+            True,
+            "AllReplicasReady",
+            f"{ready}/{desired} pods ready (model loaded and warmed up)",
+            generation,
+        )
+        progressing = condition(PROGRESSING, False, "Complete", "rollout complete", generation)
+    else:
+        reason = "RollingOut" if updated < desired or replicas > desired else "WaitingForReady"
+        ready_cond = condition(
+            READY,
+            False,
+            reason,
+            f"{ready}/{desired} pods ready, {updated}/{desired} updated (loading, compiling or warming up)",
+            generation,
+        )
+        progressing = condition(
+            PROGRESSING, True, reason, f"{updated}/{desired} pods updated, {ready} ready", generation
+        )
+    valid = condition(CONFIG_VALID, True, "Valid", "the spec is valid and rendered", generation)
+    status = {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "ready": f"{ready}/{desired}",
+        "selector": selector,
+        "endpoint": endpoint,
+        "configHash": config_hash,
+        "cacheTag": cache_tag,
+        "conditions": merge_conditions(
+            (old_status or {}).get("conditions"), [ready_cond, progressing, valid]
+        ),
+    }
+    return status
+
+
+def same_status(a: dict | None, b: dict | None) -> bool:
+    return (a or {}) == (b or {})

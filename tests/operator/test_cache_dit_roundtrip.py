@@ -1,0 +1,103 @@
+"""The rendered cache-dit.yaml, read back by cache_dit.load_configs, equals the seed-style configs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from diffusion_operator import builders
+from diffusion_operator import spec as specs
+from op_helpers import owner_for, sample
+
+SEED = Path(__file__).parent / "seed"
+
+
+@pytest.fixture(scope="module")
+def load_configs():
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    try:
+        from cache_dit import load_configs
+    finally:
+        logging.disable(logging.NOTSET)
+    return load_configs
+
+
+def render(doc: dict, tmp_path: Path) -> Path:
+    parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    assert parsed.ok, [str(e) for e in parsed.errors]
+    cm = builders.build_configmap(parsed.spec, owner_for(doc))
+    path = tmp_path / "cache-dit.yaml"
+    path.write_text(cm["data"]["cache-dit.yaml"])
+    return path
+
+
+def comparable(value):
+    """Dataclasses and enums to plain values, so two loads can be compared field by field."""
+    if dataclasses.is_dataclass(value):
+        return {
+            f.name: comparable(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not f.name.startswith("_")
+        }
+    if hasattr(value, "value") and type(value).__module__.startswith("cache_dit"):
+        return value.value
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items()}
+    return value
+
+
+def test_flux_sample_roundtrip_cache_and_quantize(tmp_path, load_configs):
+    rendered = load_configs(str(render(sample("flux-dev.yaml"), tmp_path)))
+    seed_cache = load_configs(str(SEED / "cache.yaml"))
+    seed_quant = load_configs(str(SEED / "quantize.yaml"))
+    assert comparable(rendered["cache_config"]) == comparable(seed_cache["cache_config"])
+    assert comparable(rendered["calibrator_config"]) == comparable(seed_cache["calibrator_config"])
+    assert rendered["calibrator_config"].taylorseer_order == 1
+    assert (
+        rendered["cache_config"].Fn_compute_blocks == 1
+        and rendered["cache_config"].residual_diff_threshold == 0.12
+    )
+    assert rendered["quantize_config"] is not None
+    assert comparable(rendered["quantize_config"]) == comparable(seed_quant["quantize_config"])
+    assert rendered["quantize_config"].quant_type == "float8_per_row"
+    assert rendered["parallelism_config"] is None
+
+
+def test_legacy_float8_alias_loads_as_float8_per_row(tmp_path, load_configs):
+    doc = copy.deepcopy(sample("flux-dev.yaml"))
+    doc["spec"]["quantize"]["quant_type"] = "float8"
+    rendered = load_configs(str(render(doc, tmp_path)))
+    seed_quant = load_configs(str(SEED / "quantize.yaml"))
+    assert comparable(rendered["quantize_config"]) == comparable(seed_quant["quantize_config"])
+
+
+def test_qwen_sample_roundtrip_parallelism(tmp_path, load_configs):
+    rendered = load_configs(str(render(sample("qwen-image.yaml"), tmp_path)))
+    seed = load_configs(str(SEED / "parallelism.yaml"))
+    for key in ("cache_config", "calibrator_config", "parallelism_config", "attention_backend"):
+        assert comparable(rendered[key]) == comparable(seed[key]), key
+    assert rendered["parallelism_config"].ulysses_size == 2
+    assert rendered["attention_backend"] == "native"
+    assert rendered["cache_config"].enable_separate_cfg is True
+
+
+def test_cache_tag_matches_cache_dit_strify(tmp_path, load_configs):
+    for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml"):
+        doc = sample(name)
+        rendered = load_configs(str(render(doc, tmp_path)))
+        assert specs.cache_tag(doc["spec"]["cacheDit"]) == rendered["cache_config"].strify(), name
+
+
+def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
+    doc = sample("flux-dev.yaml")
+    text = yaml.safe_load(render(doc, tmp_path).read_text())
+    assert list(text) == ["cache_config", "quantize_config"]
+    assert text["cache_config"] == doc["spec"]["cacheDit"]["cache_config"]
