@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -25,3 +34,104 @@ def owner_for(doc: dict, namespace: str = "ns") -> dict:
         "kind": doc["kind"],
         "metadata": {"name": doc["metadata"]["name"], "namespace": namespace, "uid": "uid-1"},
     }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def operator_binary() -> str:
+    candidate = Path(sys.executable).parent / "diffusion-operator"
+    if not candidate.exists():
+        pytest.fail(
+            f"{candidate} missing: install the project (pip install -e .[operator,dev])", pytrace=False
+        )
+    return str(candidate)
+
+
+class OperatorProcess:
+    """`diffusion-operator run` as a subprocess with its log captured; fails loudly if it dies."""
+
+    def __init__(
+        self, kubeconfig: Path, namespaces: list[str], log: Path, resync: float = 2.0, args=()
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespaces = namespaces
+        self.log_path = log
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.resync = resync
+        self.args = list(args)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> OperatorProcess:
+        cmd = [operator_binary(), "run", "--bind", "127.0.0.1"]
+        for ns in self.namespaces:
+            cmd += ["--namespace", ns]
+        cmd += [
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+            "--resync-seconds",
+            str(self.resync),
+            *self.args,
+        ]
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"operator not healthy after {timeout}s:\n{self.log()[-4000:]}", pytrace=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def assert_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}", pytrace=False)
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def samples(self) -> dict[tuple[str, tuple], float]:
+        """Every sample as {(name, sorted label items): value}."""
+        out = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def writes(self) -> float:
+        return sum(
+            v for (name, _), v in self.samples().items() if name == "diffusion_operator_api_writes_total"
+        )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def get_json(cluster, *args) -> dict | None:
+    out = cluster.kubectl("get", *args, "-o", "json", check=False)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout)

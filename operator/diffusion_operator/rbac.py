@@ -1,0 +1,71 @@
+"""The operator's exact RBAC needs (the chart renders these rules; a cluster test runs the operator
+with a ServiceAccount token bound to exactly them).
+
+Namespaced mode (`--namespace NS`, repeatable): a Role with NAMESPACED_RULES in each watched namespace.
+Cluster-wide mode (`--all-namespaces`): a ClusterRole with NAMESPACED_RULES + CLUSTER_RULES.
+No access to Secrets: the HF token reaches the pods only by secretKeyRef, which the kubelet resolves.
+No pods access either: status comes from the owned Deployments.
+"""
+
+from __future__ import annotations
+
+NAMESPACED_RULES: list[dict] = [
+    {
+        # the custom resource: watch it, write its status
+        "apiGroups": ["diffusion.dev"],
+        "resources": ["diffusiondeployments"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": ["diffusion.dev"], "resources": ["diffusiondeployments/status"], "verbs": ["get", "patch"]},
+    {
+        # children: read, watch (drift), server-side apply (patch; create happens through apply)
+        "apiGroups": [""],
+        "resources": ["configmaps", "services"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
+    {
+        "apiGroups": ["policy"],
+        "resources": ["poddisruptionbudgets"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
+    {
+        # the HPA is deleted when spec.autoscaling is removed
+        "apiGroups": ["autoscaling"],
+        "resources": ["horizontalpodautoscalers"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+CLUSTER_RULES: list[dict] = [
+    # kopf, cluster-wide: discover the CRD and follow namespaces
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def role(name: str, namespace: str) -> dict:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": NAMESPACED_RULES,
+    }
+
+
+def cluster_role(name: str) -> dict:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": NAMESPACED_RULES + CLUSTER_RULES,
+    }

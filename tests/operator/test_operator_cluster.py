@@ -1,0 +1,401 @@
+"""The operator against the real control plane (kube-apiserver, controller manager, scheduler, kwok GPU nodes).
+
+The operator runs as a subprocess (`diffusion-operator run --namespace NS`), started by the `operator`
+fixture. kwok marks scheduled pods Running and Ready, so Deployments become available without GPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+import yaml
+from diffusion_operator import rbac
+from diffusion_operator.devcluster import wait_for
+from op_helpers import OperatorProcess, get_json, sample
+
+pytestmark = pytest.mark.cluster
+
+CHILDREN = (("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"), ("pdb", "{}"))
+
+
+def apply_doc(cluster, namespace: str, doc: dict, check: bool = True):
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=check)
+
+
+def dd(cluster, namespace: str, name: str) -> dict:
+    return get_json(cluster, "dd", name, "-n", namespace)
+
+
+def conditions(obj: dict) -> dict:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+
+
+def wait_ready(cluster, namespace: str, name: str, replicas: int = 1, timeout: float = 90) -> dict:
+    def ready():
+        obj = dd(cluster, namespace, name)
+        st = obj.get("status") or {}
+        if (
+            conditions(obj).get("Ready", {}).get("status") == "True"
+            and st.get("readyReplicas") == replicas
+            and st.get("observedGeneration") == obj["metadata"]["generation"]
+        ):
+            return obj
+        return None
+
+    try:
+        return wait_for(ready, timeout, f"dd/{name} Ready with {replicas} replicas")
+    except TimeoutError:
+        pytest.fail(
+            f"dd/{name} not Ready: {json.dumps(dd(cluster, namespace, name).get('status'), indent=1)}"
+        )
+
+
+def children_versions(cluster, namespace: str, name: str) -> dict:
+    out = {"dd": dd(cluster, namespace, name)["metadata"]["resourceVersion"]}
+    for kind, pattern in CHILDREN:
+        out[kind] = get_json(cluster, kind, pattern.format(name), "-n", namespace)["metadata"][
+            "resourceVersion"
+        ]
+    return out
+
+
+def apiserver_writes(cluster, resources: set[str]) -> float:
+    """Write requests the apiserver counted for `resources` (its own /metrics, parsed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for s in family.samples:
+            if (
+                s.name == "apiserver_request_total"
+                and s.labels.get("verb") in ("PATCH", "PUT", "POST", "DELETE", "APPLY", "CREATE", "UPDATE")
+                and s.labels.get("resource") in resources
+            ):
+                total += s.value
+    return total
+
+
+def test_flux_sample_children_scheduling_status_columns_and_scale(cluster, namespace, operator):
+    cluster.kubectl(
+        "create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=token=hf_fake"
+    )
+    doc = sample("flux-dev.yaml")
+    apply_doc(cluster, namespace, doc)
+    obj = wait_ready(cluster, namespace, "flux-dev")
+    uid = obj["metadata"]["uid"]
+
+    for kind, pattern in CHILDREN:
+        child = get_json(cluster, kind, pattern.format("flux-dev"), "-n", namespace)
+        assert child is not None, kind
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+            "DiffusionDeployment",
+            "flux-dev",
+            uid,
+            True,
+        )
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "diffusion-operator"
+    svc = get_json(cluster, "service", "flux-dev", "-n", namespace)
+    assert sorted((p["name"], p["port"]) for p in svc["spec"]["ports"]) == [("http", 8000), ("metrics", 9090)]
+
+    st = obj["status"]
+    assert st["readyReplicas"] == st["replicas"] == 1
+    assert st["endpoint"] == f"http://flux-dev.{namespace}.svc:8000"
+    assert st["selector"] == "app.kubernetes.io/instance=flux-dev,app.kubernetes.io/name=diffusion-runtime"
+    assert st["cacheTag"] == "DBCache_F1B0_W8I2M0MC2_R0.12"
+    assert {c: conditions(obj)[c]["status"] for c in ("Ready", "Progressing", "ConfigValid")} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "ConfigValid": "True",
+    }
+
+    def pods_nodes() -> list[str]:
+        pods = get_json(cluster, "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=flux-dev")[
+            "items"
+        ]
+        return [p["spec"].get("nodeName") for p in pods if p["status"].get("phase") == "Running"]
+
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in get_json(cluster, "nodes")["items"]}
+    (node,) = pods_nodes()
+    assert nodes[node]["nvidia.com/gpu.compute.major"] == "9", nodes[node]  # float8 -> compute >= 8.9 only
+
+    table = cluster.kubectl("get", "dd", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "MODEL", "READY", "CACHE", "QUANT", "STATUS", "AGE"], table
+    assert table[1].split()[:6] == [
+        "flux-dev",
+        "hf://black-forest-labs/FLUX.1-dev",
+        "1/1",
+        "DBCache_F1B0_W8I2M0MC2_R0.12",
+        "float8_per_row",
+        "True",
+    ], table
+
+    cluster.kubectl("scale", "dd/flux-dev", "-n", namespace, "--replicas", "2")
+    obj = wait_ready(cluster, namespace, "flux-dev", replicas=2)
+    assert get_json(cluster, "deployment", "flux-dev", "-n", namespace)["spec"]["replicas"] == 2
+    assert obj["status"]["ready"] == "2/2"
+    placed = wait_for(lambda: (n := pods_nodes()) and len(n) == 2 and n, 30, "2 running pods")
+    assert all(nodes[n]["nvidia.com/gpu.compute.major"] == "9" for n in placed)
+    assert cluster.kubectl("get", "dd", "-n", namespace).stdout.splitlines()[1].split()[2] == "2/2"
+
+
+def test_float8_lands_only_on_h100_and_product_selector(cluster, namespace, operator):
+    doc = sample("flux-dev.yaml")
+    doc["spec"]["replicas"] = 3
+    apply_doc(cluster, namespace, doc)
+    wait_ready(cluster, namespace, "flux-dev", replicas=3)
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in get_json(cluster, "nodes")["items"]}
+    pods = get_json(cluster, "pods", "-n", namespace)["items"]
+    assert len(pods) == 3
+    assert all(
+        nodes[p["spec"]["nodeName"]]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3" for p in pods
+    )
+
+    # int8 pinned to the A100 product lands on the A100 node
+    a100 = copy.deepcopy(sample("flux-dev.yaml"))
+    a100["metadata"]["name"] = "flux-a100"
+    a100["spec"]["gpu"] = {"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}
+    a100["spec"]["quantize"] = {"quant_type": "int8_weight_only"}
+    apply_doc(cluster, namespace, a100)
+    wait_ready(cluster, namespace, "flux-a100")
+    (pod,) = get_json(cluster, "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=flux-a100")["items"]
+    assert nodes[pod["spec"]["nodeName"]]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
+
+
+def test_cache_change_rolls_and_idle_resync_makes_no_writes(cluster, namespace, operator):
+    doc = sample("tiny-cpu.yaml")
+    apply_doc(cluster, namespace, doc)
+    before = wait_ready(cluster, namespace, "tiny")
+    # idle: the operator resyncs every 2 s (fixture), kopf re-lists; nothing may be written
+    time.sleep(3)
+    versions = children_versions(cluster, namespace, "tiny")
+    ours = operator.writes()
+    apiserver = apiserver_writes(
+        cluster, {"diffusiondeployments", "configmaps", "services", "poddisruptionbudgets"}
+    )
+    reconciles = operator.samples()[("diffusion_operator_reconcile_duration_seconds_count", ())]
+    time.sleep(8)
+    assert (
+        operator.samples()[("diffusion_operator_reconcile_duration_seconds_count", ())] > reconciles
+    )  # it did resync
+    assert operator.writes() == ours, "the operator wrote during an idle period"
+    assert (
+        apiserver_writes(cluster, {"diffusiondeployments", "configmaps", "services", "poddisruptionbudgets"})
+        == apiserver
+    )
+    assert children_versions(cluster, namespace, "tiny") == versions
+
+    dep = get_json(cluster, "deployment", "tiny", "-n", namespace)
+    old_hash = dep["spec"]["template"]["metadata"]["annotations"]["diffusion.dev/config-hash"]
+    assert old_hash == before["status"]["configHash"]
+    old_rs = {rs["metadata"]["name"] for rs in get_json(cluster, "replicasets", "-n", namespace)["items"]}
+    cluster.kubectl(
+        "patch", "dd", "tiny", "-n", namespace, "--type", "merge",
+        "-p", json.dumps({"spec": {"cacheDit": {"cache_config": {"residual_diff_threshold": 0.2}}}}),
+    )  # fmt: skip
+    after = wait_for(
+        lambda: (o := wait_ready(cluster, namespace, "tiny"))["status"]["configHash"] != old_hash and o,
+        60,
+        "a new config hash",
+    )
+    new_hash = after["status"]["configHash"]
+    cm = get_json(cluster, "configmap", "tiny-config", "-n", namespace)
+    assert "residual_diff_threshold: 0.2" in cm["data"]["cache-dit.yaml"]
+    dep = get_json(cluster, "deployment", "tiny", "-n", namespace)
+    assert dep["spec"]["template"]["metadata"]["annotations"]["diffusion.dev/config-hash"] == new_hash
+    new_rs = {rs["metadata"]["name"] for rs in get_json(cluster, "replicasets", "-n", namespace)["items"]}
+    assert new_rs - old_rs, "no new ReplicaSet: the Deployment did not roll"
+    assert after["status"]["cacheTag"].endswith("_R0.2")
+
+
+def test_drift_is_corrected_and_deleting_the_cr_removes_children(cluster, namespace, operator):
+    apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
+    wait_ready(cluster, namespace, "tiny")
+    old_uid = get_json(cluster, "deployment", "tiny", "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "deployment", "tiny", "-n", namespace)
+    wait_for(
+        lambda: (
+            (d := get_json(cluster, "deployment", "tiny", "-n", namespace))
+            and d["metadata"]["uid"] != old_uid
+        ),
+        30,
+        "the Deployment to be recreated",
+    )
+    wait_ready(cluster, namespace, "tiny")
+
+    # a hand edit of an owned field is reverted
+    cluster.kubectl("set", "image", "deployment/tiny", "runtime=registry.invalid/hacked:1", "-n", namespace)
+    wait_for(
+        lambda: (
+            get_json(cluster, "deployment", "tiny", "-n", namespace)["spec"]["template"]["spec"][
+                "containers"
+            ][0]["image"]
+            != "registry.invalid/hacked:1"
+        ),
+        30,
+        "the hand-edited image to be restored",
+    )
+    cluster.kubectl("delete", "configmap", "tiny-config", "-n", namespace)
+    wait_for(
+        lambda: get_json(cluster, "configmap", "tiny-config", "-n", namespace),
+        30,
+        "the ConfigMap to be recreated",
+    )
+
+    cluster.kubectl("delete", "dd", "tiny", "-n", namespace)
+
+    def all_gone():
+        return all(get_json(cluster, kind, p.format("tiny"), "-n", namespace) is None for kind, p in CHILDREN)
+
+    wait_for(all_gone, 60, "every child to be garbage-collected")
+    wait_for(
+        lambda: not get_json(cluster, "pods", "-n", namespace)["items"], 60, "the pods to go away"
+    )  # fmt: skip
+
+
+def test_schema_refuses_unknown_key_bad_enum_and_min_above_max(cluster, namespace, crd):
+    typo = sample("flux-dev.yaml")
+    typo["spec"]["cacheDit"]["cache_config"]["enable_sperate_cfg"] = True
+    out = apply_doc(cluster, namespace, typo, check=False)
+    assert out.returncode != 0
+    assert 'unknown field "spec.cacheDit.cache_config.enable_sperate_cfg"' in out.stderr, out.stderr
+
+    enum = sample("flux-dev.yaml")
+    enum["spec"]["quantize"]["quant_type"] = "float7_per_row"
+    out = apply_doc(cluster, namespace, enum, check=False)
+    assert out.returncode != 0
+    assert 'spec.quantize.quant_type: Unsupported value: "float7_per_row"' in out.stderr, out.stderr
+
+    autoscale = sample("qwen-image.yaml")
+    autoscale["spec"]["autoscaling"] = {"minReplicas": 5, "maxReplicas": 2}
+    out = apply_doc(cluster, namespace, autoscale, check=False)
+    assert out.returncode != 0
+    assert "autoscaling.minReplicas must be <= autoscaling.maxReplicas" in out.stderr, out.stderr
+
+    both = sample("qwen-image.yaml")
+    both["spec"]["replicas"] = 2
+    out = apply_doc(cluster, namespace, both, check=False)
+    assert "spec.replicas and spec.autoscaling are mutually exclusive" in out.stderr, out.stderr
+
+    par = sample("qwen-image.yaml")
+    par["spec"]["gpu"]["count"] = 4
+    out = apply_doc(cluster, namespace, par, check=False)
+    assert "ulysses_size * ring_size * tp_size must equal gpu.count" in out.stderr, out.stderr
+
+    assert get_json(cluster, "dd", "-n", namespace)["items"] == []  # nothing was stored
+
+
+def events_for(cluster, namespace: str, name: str) -> list[dict]:
+    items = get_json(cluster, "events", "-n", namespace)["items"]
+    return [
+        e
+        for e in items
+        if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "DiffusionDeployment"
+    ]
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda s: s["cacheDit"]["cache_config"].update(Fn_compute_blocks=16, Bn_compute_blocks=8),
+         "spec.cacheDit.cache_config.Fn_compute_blocks"),
+        (lambda s: s.update(gpu={"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}), "spec.quantize.quant_type"),
+        (lambda s: s["cacheDit"].update(parallelism_config={"ulysses_size": 1}), "spec.cacheDit.parallelism_config"),
+    ],
+    ids=["fn-bn-above-blocks", "float8-on-a100", "parallel-all-ones"],
+)  # fmt: skip
+def test_semantic_error_sets_config_valid_false_with_one_event(cluster, namespace, operator, mutate, field):
+    doc = sample("flux-dev.yaml")
+    mutate(doc["spec"])
+    apply_doc(cluster, namespace, doc)
+
+    def invalid():
+        cond = conditions(dd(cluster, namespace, "flux-dev")).get("ConfigValid")
+        return cond if cond and cond["status"] == "False" else None
+
+    cond = wait_for(invalid, 30, "ConfigValid=False")
+    assert cond["reason"] == "InvalidSpec" and cond["message"].startswith(field), cond
+    events = wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 15, "a Warning event")
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
+    assert field in events[0]["message"]
+    # nothing half-applied, no retry storm: over a few resyncs no child, no second event, no writes
+    writes = operator.writes()
+    time.sleep(6)
+    assert operator.writes() == writes
+    assert len(events_for(cluster, namespace, "flux-dev")) == 1
+    for kind, pattern in CHILDREN:
+        assert get_json(cluster, kind, pattern.format("flux-dev"), "-n", namespace) is None, kind
+    operator.assert_alive()
+
+    # fixing the spec brings everything up
+    apply_doc(cluster, namespace, sample("flux-dev.yaml"))
+    obj = wait_ready(cluster, namespace, "flux-dev")
+    assert conditions(obj)["ConfigValid"]["status"] == "True"
+
+
+def test_autoscaling_builds_an_hpa_and_removing_it_deletes_the_hpa(cluster, namespace, operator):
+    doc = sample("qwen-image.yaml")
+    apply_doc(cluster, namespace, doc)
+    hpa = wait_for(lambda: get_json(cluster, "hpa", "qwen-image", "-n", namespace), 30, "the HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "qwen-image"
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "diffusion_queue_depth"
+    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+    pod_spec = get_json(cluster, "deployment", "qwen-image", "-n", namespace)["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+    del doc["spec"]["autoscaling"]
+    doc["spec"]["replicas"] = 1
+    apply_doc(cluster, namespace, doc)
+    wait_for(
+        lambda: get_json(cluster, "hpa", "qwen-image", "-n", namespace) is None, 30, "the HPA to be deleted"
+    )
+    wait_ready(cluster, namespace, "qwen-image")
+
+
+def test_operator_metrics_health_and_json_logs(cluster, namespace, operator):
+    apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
+    wait_ready(cluster, namespace, "tiny")
+    samples = operator.samples()
+    assert samples[("diffusion_operator_reconcile_duration_seconds_count", ())] >= 1
+    assert samples[("diffusion_operator_managed_objects", (("kind", "DiffusionDeployment"),))] == 1
+    assert samples[("diffusion_operator_managed_objects", (("kind", "children"),))] == 4
+    assert samples[("diffusion_operator_reconciles_total", (("result", "ok"),))] >= 1
+    json_lines = [json.loads(line) for line in operator.log().splitlines() if line.startswith("{")]
+    assert json_lines and all("message" in line for line in json_lines)
+
+
+def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp_path):
+    role = rbac.role("diffusion-operator", namespace)
+    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
+    cluster.apply(role)
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator", "-n", namespace,
+        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    token = cluster.token_for(namespace, "diffusion-operator")
+    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    # the token really is restricted
+    env_check = cluster.kubectl(
+        "auth", "can-i", "list", "secrets", "-n", namespace, f"--token={token}", check=False
+    )
+    assert env_check.stdout.strip() == "no"
+    proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
+    try:
+        apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
+        wait_ready(cluster, namespace, "tiny")
+        bad = sample("flux-dev.yaml")
+        bad["spec"]["cacheDit"]["cache_config"]["Fn_compute_blocks"] = 30
+        apply_doc(cluster, namespace, bad)
+        wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 30, "the Warning event (events: create)")
+        proc.assert_alive()
+        assert "403" not in proc.log() and "Forbidden" not in proc.log(), proc.log()[-3000:]
+    finally:
+        proc.stop()
