@@ -1,0 +1,234 @@
+"""`helm lint` and `helm template` of charts/diffusion-operator, parsed and asserted object by object."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+from chartlib import CHART, REPO, by_kind, one, run_helm
+
+MONITORING_ON = (
+    "monitoring.podMonitor.enabled=true",
+    "monitoring.serviceMonitor.enabled=true",
+    "monitoring.dashboard.enabled=true",
+    "monitoring.prometheusRule.enabled=true",
+)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), MONITORING_ON, ("watch.allNamespaces=false", "watch.namespaces={team-a,team-b}", *MONITORING_ON)],
+    ids=["defaults", "monitoring", "namespaced"],
+)
+def test_helm_lint_strict_is_clean(helm_bin, sets):
+    args = ["lint", "--strict", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_helm(helm_bin, *args)
+    assert "0 chart(s) failed" in proc.stdout, proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def test_chart_versions_follow_pyproject():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["version"] == version
+    assert chart["appVersion"] == version
+
+
+def test_defaults_render_the_operator_objects(render):
+    objects = render()
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert all(o["metadata"].get("namespace") in (None, "diffusion-system") for o in objects)
+    assert not by_kind(objects, "PodMonitor") and not by_kind(objects, "PrometheusRule")
+
+
+def test_operator_deployment_is_restricted_single_replica_recreate(render):
+    deploy = one(render(), "Deployment")
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == one(render(), "ServiceAccount")["metadata"]["name"]
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 1000
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert container["args"] == [
+        "--all-namespaces",
+        "--log-format",
+        "json",
+        "--metrics-port",
+        "9090",
+        "--health-port",
+        "8080",
+    ]
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
+    assert ports["metrics"] == 9090
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["image"].endswith(":" + yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+    # the selector matches the pod, and the metrics Service reaches it
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    service = one(render(), "Service")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def _rules_grant(rules, group, resource, verb):
+    return any(
+        group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+        for r in rules
+    )
+
+
+def test_cluster_wide_rbac_is_bound_to_the_service_account(render):
+    objects = render()
+    role = one(objects, "ClusterRole")
+    binding = one(objects, "ClusterRoleBinding")
+    sa = one(objects, "ServiceAccount")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "diffusion-system"}
+    ]
+    rules = role["rules"]
+    assert _rules_grant(rules, "diffusion.dev", "diffusiondeployments", "watch")
+    assert _rules_grant(rules, "diffusion.dev", "diffusiondeployments/status", "patch")
+    assert _rules_grant(rules, "apps", "deployments", "create")
+    # least privilege: no wildcards, no secrets, no RBAC objects, no pod exec
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+        assert "secrets" not in rule["resources"], rule
+        assert "rbac.authorization.k8s.io" not in rule["apiGroups"], rule
+        assert not any(r.startswith("pods/") for r in rule["resources"]), rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+def test_namespaced_mode_uses_a_role_per_watched_namespace(render):
+    objects = render("watch.allNamespaces=false", "watch.namespaces={team-a,team-b}")
+    roles = by_kind(objects, "Role")
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for role in roles:
+        assert _rules_grant(role["rules"], "apps", "deployments", "create")
+    # the ClusterRole keeps only cluster-scoped read access
+    cluster_rules = one(objects, "ClusterRole")["rules"]
+    assert not _rules_grant(cluster_rules, "apps", "deployments", "create")
+    assert not _rules_grant(cluster_rules, "diffusion.dev", "diffusiondeployments", "watch")
+    for rule in cluster_rules:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:4] == ["--namespace", "team-a", "--namespace", "team-b"]
+    assert "--all-namespaces" not in container["args"]
+
+
+def test_namespaced_mode_defaults_to_the_release_namespace(render):
+    objects = render("watch.allNamespaces=false", namespace="models")
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["models"]
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:3] == ["--namespace", "models", "--log-format"]
+
+
+def test_monitoring_on_renders_monitors_dashboard_and_alerts(render):
+    objects = render(*MONITORING_ON)
+    pm = one(objects, "PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "diffusion-operator"}
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+    sm = one(objects, "ServiceMonitor")
+    service = one(objects, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+    assert service["spec"]["ports"][0]["port"] == 9090
+
+    (cm,) = [c for c in by_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (dashboard_json,) = cm["data"].values()
+    dashboard = json.loads(dashboard_json)
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert "histogram_quantile(0.95" in exprs and "diffusion_request_duration_seconds_bucket" in exprs
+    assert "diffusion_queue_depth" in exprs
+    assert (
+        'diffusion_cache_steps_total{namespace=~"$namespace", diffusion_dev_deployment=~"$deployment", result="cached"}'
+        in exprs
+    )
+    assert "diffusion_gpu_memory_allocated_bytes" in exprs
+    assert "rate(diffusion_images_generated_total" in exprs
+
+    rule = one(objects, "PrometheusRule")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {"DiffusionQueueSaturated", "DiffusionLatencyP95High", "DiffusionPodNotReady"}
+
+
+def test_podmonitor_follows_the_watched_namespaces(render):
+    objects = render(
+        "watch.allNamespaces=false", "watch.namespaces={team-a}", "monitoring.podMonitor.enabled=true"
+    )
+    assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+
+
+def test_alert_thresholds_come_from_values(render):
+    rule = one(
+        render("monitoring.prometheusRule.enabled=true", "monitoring.prometheusRule.p95LatencySeconds=42"),
+        "PrometheusRule",
+    )
+    (latency,) = [
+        r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "DiffusionLatencyP95High"
+    ]
+    assert re.search(r"\)\s*>\s*42\s*$", latency["expr"]), latency["expr"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        (("replicaCount=2",), "replicaCount"),
+        (("podSecurityContext.runAsNonRoot=false",), "runAsNonRoot"),
+        (("watch.namespaces={Bad_Name}",), "namespaces"),
+        (("monitoring.prometheusRule.queueSaturationRatio=1.5",), "queueSaturationRatio"),
+        (("monitoring.podMonitor.interval=fast",), "interval"),
+        (("imagePullPolicy=Always",), "imagePullPolicy"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(helm_bin, sets, complaint):
+    args = ["template", "dop", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = run_helm(helm_bin, *args, check=False)
+    assert proc.returncode != 0
+    assert complaint in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("watch.allNamespaces=false", "watch.namespaces={team-a,team-b}", "verbose=true")],
+    ids=["cluster-wide", "namespaced"],
+)
+def test_rendered_arguments_are_accepted_by_the_operator_cli(render, sets):
+    from diffusion_operator.runner import parse_args
+
+    container = one(render(*sets), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = parse_args(container["args"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (args.metrics_port, args.health_port) == (ports["metrics"], ports["health"])
+    if sets:
+        assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces and args.verbose
+    else:
+        assert args.all_namespaces and args.namespace == []
