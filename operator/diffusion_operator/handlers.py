@@ -206,11 +206,34 @@ for _api, _kind, _plural in CHILD_KINDS:
     )(_on_child)
 
 
-def register_resync(interval: float) -> None:
-    """A periodic level-triggered pass over every DiffusionDeployment (writes only on drift)."""
-    if interval <= 0:
-        return
+def start_resync(
+    namespaces: list[str] | None, interval: float, stop: threading.Event
+) -> threading.Thread | None:
+    """A periodic level-triggered pass over every DiffusionDeployment (writes only on drift).
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=interval, initial_delay=interval, id="resync")
-    def resync(namespace, name, logger, **_):
-        _run(namespace, name, logger)
+    A plain thread, not a kopf timer: kopf timers put a finalizer on every object, which is a write
+    per object and would block deleting a CR while the operator is down.
+    """
+    if interval <= 0:
+        return None
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            for ns in namespaces or [None]:
+                path = (
+                    f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+                    if ns is None
+                    else Kube.collection(CR_API, "DiffusionDeployment", ns)
+                )
+                try:
+                    items = kube().request("GET", path)["items"]
+                except Exception as error:  # the API server may be briefly away
+                    log.warning(f"resync list failed: {error}")
+                    continue
+                for item in items:
+                    meta = item["metadata"]
+                    _run(meta["namespace"], meta["name"], log)
+
+    thread = threading.Thread(target=loop, name="resync", daemon=True)
+    thread.start()
+    return thread

@@ -61,7 +61,10 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # no kubeconfig, no service account
         print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
         return 1
-    handlers.register_resync(args.resync_seconds)
+    import threading
+
+    stop = threading.Event()
+    handlers.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):
@@ -87,4 +90,5 @@ def main(argv: list[str]) -> int:
         namespaces=[] if args.all_namespaces else args.namespace,
         liveness_endpoint=liveness,
     )
+    stop.set()
     return 0
