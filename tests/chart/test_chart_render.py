@@ -125,17 +125,35 @@ def test_namespaced_mode_uses_a_role_per_watched_namespace(render):
     bindings = by_kind(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == "diffusion-system"
     for role in roles:
         assert _rules_grant(role["rules"], "apps", "deployments", "create")
-    # the ClusterRole keeps only cluster-scoped read access
-    cluster_rules = one(objects, "ClusterRole")["rules"]
-    assert not _rules_grant(cluster_rules, "apps", "deployments", "create")
-    assert not _rules_grant(cluster_rules, "diffusion.dev", "diffusiondeployments", "watch")
-    for rule in cluster_rules:
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+    # nothing cluster-wide at all in this mode
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:4] == ["--namespace", "team-a", "--namespace", "team-b"]
     assert "--all-namespaces" not in container["args"]
+
+
+def _triples(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_rbac_grants_exactly_what_the_operator_declares(render):
+    from diffusion_operator import rbac
+
+    cluster_role = one(render(), "ClusterRole")
+    assert _triples(cluster_role["rules"]) == _triples(rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES)
+    (role,) = by_kind(render("watch.allNamespaces=false"), "Role")
+    assert _triples(role["rules"]) == _triples(rbac.NAMESPACED_RULES)
 
 
 def test_namespaced_mode_defaults_to_the_release_namespace(render):

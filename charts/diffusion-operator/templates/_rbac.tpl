@@ -1,38 +1,40 @@
 {{/*
-The operator's permissions, in one place. Keep in step with the operator's own declaration
-(operator/diffusion_operator/rbac.py); tests/chart checks that the rendered rules cover it and
-that a token bound to them reconciles a sample and can do nothing more.
+The operator's permissions. The source of truth is operator/diffusion_operator/rbac.py
+(NAMESPACED_RULES, CLUSTER_RULES); tests/chart checks that these rules grant exactly the same
+(group, resource, verb) set, and a cluster test runs the operator with a token bound to them.
+No Secrets (the HF token reaches pods by secretKeyRef only), no pods, no RBAC objects.
 */}}
 
-{{/* Rules needed in every watched namespace (Role) or cluster-wide (ClusterRole). */}}
+{{/* Rules needed in every watched namespace (a Role each), or cluster-wide (in the ClusterRole). */}}
 {{- define "diffusion-operator.namespacedRules" -}}
-# the custom resource: watch it, record finalizers/annotations, and write its status
+# the custom resource: watch it, write its status
 - apiGroups: ["diffusion.dev"]
   resources: ["diffusiondeployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["diffusion.dev"]
   resources: ["diffusiondeployments/status"]
   verbs: ["get", "patch"]
-# the children it owns: server-side apply is a PATCH (plus create for a new object)
+# children: read, watch (drift), server-side apply (patch; a new object also needs create)
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# the HPA is deleted when spec.autoscaling is removed
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # events about real problems (invalid spec, failed apply) on the DiffusionDeployment
-- apiGroups: [""]
+- apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
 
-{{/* Cluster-scoped, read-only rules kopf needs in both modes (it observes CRDs and namespaces). */}}
+{{/* Cluster-scoped, read-only rules kopf needs when it watches all namespaces. */}}
 {{- define "diffusion-operator.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
