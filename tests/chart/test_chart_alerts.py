@@ -38,12 +38,14 @@ def _unit_test(promtool: Path, rule_file: Path, tests: list[dict]) -> subprocess
     return _promtool(promtool, "test", "rules", path.name, cwd=rule_file.parent)
 
 
-# pod a: 14 of 16 queued (87.5% >= 80%) for 10 minutes; pod b: 2 of 16.
+# pod a: its queue is full, 30 of its requests a minute get 429 (0.5/s); pod b: busy, never full.
 QUEUE_SERIES = [
-    {"series": 'diffusion_queue_depth{namespace="ml",pod="a",job="diffusion-runtime"}', "values": "14x15"},
-    {"series": 'diffusion_queue_capacity{namespace="ml",pod="a",job="diffusion-runtime"}', "values": "16x15"},
-    {"series": 'diffusion_queue_depth{namespace="ml",pod="b",job="diffusion-runtime"}', "values": "2x15"},
-    {"series": 'diffusion_queue_capacity{namespace="ml",pod="b",job="diffusion-runtime"}', "values": "16x15"},
+    {"series": 'diffusion_requests_total{namespace="ml",pod="a",status="200"}', "values": "0+60x15"},
+    {"series": 'diffusion_requests_total{namespace="ml",pod="a",status="429"}', "values": "0+30x15"},
+    {"series": 'diffusion_queue_depth{namespace="ml",pod="a"}', "values": "16x15"},
+    {"series": 'diffusion_requests_total{namespace="ml",pod="b",status="200"}', "values": "0+60x15"},
+    {"series": 'diffusion_requests_total{namespace="ml",pod="b",status="429"}', "values": "0x15"},
+    {"series": 'diffusion_queue_depth{namespace="ml",pod="b"}', "values": "3x15"},
 ]
 
 
@@ -54,9 +56,9 @@ def test_queue_saturation_alert_fires_for_the_saturated_pod_only(promtool_bin, r
             "input_series": QUEUE_SERIES,
             "alert_rule_test": [
                 # pending during the `for` window: not firing yet
-                {"eval_time": "3m", "alertname": SATURATED, "exp_alerts": []},
+                {"eval_time": "4m", "alertname": SATURATED, "exp_alerts": []},
                 {
-                    "eval_time": "6m",
+                    "eval_time": "10m",
                     "alertname": SATURATED,
                     "exp_alerts": [
                         {
@@ -64,9 +66,9 @@ def test_queue_saturation_alert_fires_for_the_saturated_pod_only(promtool_bin, r
                             "exp_annotations": {
                                 "summary": "Diffusion runtime queue saturated (ml/a)",
                                 "description": (
-                                    "The request queue of ml/a has been at 87.5% of its capacity for 5m; new "
-                                    "requests are about to get 429. Add replicas (spec.replicas or "
-                                    "spec.autoscaling.maxReplicas) or raise spec.server.maxQueue."
+                                    "ml/a has been turning away 0.50 requests/s with 429 (queue full) for 5m. "
+                                    "Add replicas (spec.replicas or spec.autoscaling.maxReplicas) or raise "
+                                    "spec.server.maxQueue."
                                 ),
                             },
                         }
@@ -88,7 +90,7 @@ def test_queue_saturation_test_case_can_fail(promtool_bin, rule_file):
             "input_series": QUEUE_SERIES,
             "alert_rule_test": [
                 {
-                    "eval_time": "6m",
+                    "eval_time": "10m",
                     "alertname": SATURATED,
                     "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": "ml", "pod": "b"}}],
                 }

@@ -220,7 +220,7 @@ def test_alert_thresholds_come_from_values(render):
         (("replicaCount=2",), "replicaCount"),
         (("podSecurityContext.runAsNonRoot=false",), "runAsNonRoot"),
         (("watch.namespaces={Bad_Name}",), "namespaces"),
-        (("monitoring.prometheusRule.queueSaturationRatio=1.5",), "queueSaturationRatio"),
+        (("monitoring.prometheusRule.queueRejectionsPerSecond=-1",), "queueRejectionsPerSecond"),
         (("monitoring.podMonitor.interval=fast",), "interval"),
         (("imagePullPolicy=Always",), "imagePullPolicy"),
     ],

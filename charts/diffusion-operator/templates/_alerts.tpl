@@ -9,22 +9,20 @@ runtime: Prometheus writes it for every scrape target (job = the PodMonitor's jo
 groups:
   - name: diffusion-runtime
     rules:
+      # 429 is the runtime's answer to a full queue (spec.server.maxQueue) and only to that
       - alert: DiffusionQueueSaturated
         expr: |-
-          max by (namespace, pod) (diffusion_queue_depth)
-            / on (namespace, pod)
-          max by (namespace, pod) (diffusion_queue_capacity)
-            >= {{ $r.queueSaturationRatio }}
+          sum by (namespace, pod) (rate(diffusion_requests_total{status="429"}[5m]))
+            > {{ $r.queueRejectionsPerSecond }}
         for: {{ $r.queueSaturationFor }}
         labels:
           severity: warning
         annotations:
           summary: "Diffusion runtime queue saturated ({{ "{{ $labels.namespace }}/{{ $labels.pod }}" }})"
           description: >-
-            The request queue of {{ "{{ $labels.namespace }}/{{ $labels.pod }}" }} has been at
-            {{ "{{ $value | humanizePercentage }}" }} of its capacity for {{ $r.queueSaturationFor }};
-            new requests are about to get 429. Add replicas (spec.replicas or spec.autoscaling.maxReplicas)
-            or raise spec.server.maxQueue.
+            {{ "{{ $labels.namespace }}/{{ $labels.pod }}" }} has been turning away
+            {{ "{{ printf \"%.2f\" $value }}" }} requests/s with 429 (queue full) for {{ $r.queueSaturationFor }}.
+            Add replicas (spec.replicas or spec.autoscaling.maxReplicas) or raise spec.server.maxQueue.
       - alert: DiffusionLatencyP95High
         expr: |-
           histogram_quantile(0.95,
