@@ -198,3 +198,46 @@ def test_operator_image_install_resolves_to_pyproject_pins_without_torch(tmp_pat
             f"{name}: image gets {resolved.get(name.lower())}, pyproject pins {version}"
         )
     assert resolved["diffusion-operator"] == PYPROJECT["project"]["version"]
+
+
+def test_dockerignore_keeps_the_context_to_what_the_dockerfile_copies():
+    import fnmatch
+
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        # Docker semantics: the last matching pattern wins; `!` re-includes
+        verdict = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pat = pattern[1:] if negate else pattern
+            pat = pat.rstrip("/")
+            if (
+                pat == "**"
+                or fnmatch.fnmatch(path, pat)
+                or path.startswith(pat + "/")
+                or fnmatch.fnmatch(path, pat.replace("**/", ""))
+                or fnmatch.fnmatch(path, "*/" + pat.replace("**/", ""))
+            ):
+                verdict = not negate
+        return verdict
+
+    copied = [
+        src.rstrip("/") for instr, args in _stages()["source"] if instr == "COPY" for src in args.split()[:-1]
+    ]
+    assert copied, "the source stage copies nothing"
+    for src in copied:
+        assert not ignored(src), f"{src} is COPYed but excluded by .dockerignore"
+    assert not ignored("operator/diffusion_operator/cli.py")
+    for heavy in (
+        ".venv",
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        ".git",
+        "tests/conftest.py",
+    ):
+        assert ignored(heavy), f"{heavy} would be sent to the Docker daemon"
+    assert ignored("runtime/diffusion_runtime/__pycache__")
