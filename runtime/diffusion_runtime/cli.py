@@ -78,9 +78,9 @@ def _generate(a: argparse.Namespace) -> int:
         cfg, model=a.model, cache_dit_config=a.cache_dit_config, device=a.device, dtype=a.dtype,
         warmup_steps=a.steps, warmup_resolutions=[a.size],
     )  # fmt: skip
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise ConfigError(f"--size {a.size}: width and height must be positive multiples of 16")
     validate(cfg)
-    if width % 16 or height % 16:
-        raise ConfigError(f"--size {a.size}: width and height must be multiples of 16")
     model = load_model(cfg)
     result = model.generate(a.prompt, width, height, a.steps, a.seed, guidance_scale=a.guidance_scale)
     out = Path(a.output)

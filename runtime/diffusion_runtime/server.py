@@ -289,10 +289,7 @@ def create_app(state: RuntimeState) -> FastAPI:
             finish(400, request.scope.get("t0", time.perf_counter()))
         return _error(400, _validation_message(exc))
 
-    @app.middleware("http")
-    async def _stamp(request: Request, call_next):
-        request.scope["t0"] = time.perf_counter()
-        return await call_next(request)
+    app.add_middleware(_StampMiddleware)
 
     @app.get("/health")
     async def health():
@@ -371,6 +368,18 @@ def create_app(state: RuntimeState) -> FastAPI:
         }
 
     return app
+
+
+class _StampMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware, which hides client disconnects): request start time."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope["t0"] = time.perf_counter()
+        await self.app(scope, receive, send)
 
 
 async def _wait_disconnect(request: Request) -> None:
