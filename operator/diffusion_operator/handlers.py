@@ -100,7 +100,7 @@ def _reconcile(client: Kube, namespace: str, name: str) -> str:
             new_msg = _condition_message(new_status, statuses.CONFIG_VALID)
             if new_msg != old_msg:
                 client.post_event(cr, "Warning", "InvalidSpec", new_msg)
-            log.warning("invalid spec", extra={"namespace": namespace, "name": name, "errors": new_msg})
+            log.warning("invalid spec", extra={"dd": f"{namespace}/{name}", "errors": new_msg})
         _invalid.add(key)
         _update_gauges()
         return "invalid"
@@ -135,7 +135,7 @@ def _reconcile(client: Kube, namespace: str, name: str) -> str:
     if not statuses.same_status(old_status, new_status):
         client.patch_status(namespace, name, new_status)
     if applied:
-        log.info("applied children", extra={"namespace": namespace, "name": name, "applied": applied})
+        log.info("applied children", extra={"dd": f"{namespace}/{name}", "applied": applied})
     _update_gauges()
     return "ok"
 

@@ -7,6 +7,7 @@ service account); requests go through its urllib3 pool. Every write is counted i
 from __future__ import annotations
 
 import json
+import logging
 import urllib.parse
 from typing import Any
 
@@ -64,6 +65,11 @@ class Kube:
         self.configuration = configuration or load_configuration()
         self.api_client = ApiClient(self.configuration)
         self.pool = self.api_client.rest_client.pool_manager
+        if not self.configuration.verify_ssl:  # insecure-skip-tls-verify: warned once here, not per request
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            logging.getLogger("diffusion_operator").warning("TLS verification of the API server is disabled")
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         cfg = self.configuration

@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     logging.getLogger("diffusion_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # kopf logs every handled event at INFO: keep warnings and errors only
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         handlers._kube = Kube()
     except Exception as error:  # no kubeconfig, no service account
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> int:
         settings.posting.enabled = False  # events are posted by the handlers, only on real problems
         settings.execution.max_workers = args.workers
         settings.watching.server_timeout = 600
+        settings.batching.batch_window = 0.02  # react fast; reconciles are idempotent anyway
         settings.networking.request_timeout = 60
         settings.persistence.finalizer = "diffusion.dev/kopf-finalizer"  # unused: no on.delete handlers
 
