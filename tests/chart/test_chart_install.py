@@ -56,8 +56,7 @@ def _wait(condition, timeout: float, what: str, diagnose=lambda: ""):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}")
 
 
-def _install(cluster, namespace: str, *sets: str):
-    helm = Path(cluster.bin_dir) / "helm"
+def _install(cluster, helm: Path, namespace: str, *sets: str):
     name = f"dop-{uuid.uuid4().hex[:6]}"
     kube = ("--kubeconfig", str(cluster.kubeconfig))
     args = ["install", name, str(CHART), "--namespace", namespace, *kube, "--wait", "--timeout", "120s"]
@@ -74,7 +73,7 @@ def _install(cluster, namespace: str, *sets: str):
 
 
 @pytest.fixture
-def release(cluster, namespace):
+def release(cluster, helm_bin, namespace):
     """The chart installed (cluster-wide mode) into `namespace`, which enforces `restricted`."""
     cluster.kubectl(
         "label",
@@ -83,7 +82,7 @@ def release(cluster, namespace):
         "pod-security.kubernetes.io/enforce=restricted",
         "pod-security.kubernetes.io/enforce-version=latest",
     )
-    info, uninstall = _install(cluster, namespace)
+    info, uninstall = _install(cluster, helm_bin, namespace)
     try:
         yield info
     finally:
@@ -223,7 +222,7 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
-def test_namespaced_install_grants_only_the_watched_namespace(cluster, namespace, tmp_path):
+def test_namespaced_install_grants_only_the_watched_namespace(cluster, helm_bin, namespace, tmp_path):
     watched = f"watched-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", watched)
     info, uninstall = _install(
