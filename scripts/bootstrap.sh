@@ -3,8 +3,9 @@
 #
 #  1. Python venv in .venv (Python >= 3.11), the project installed editable with every extra
 #     (`pip install -e '.[operator,runtime,dev]'`); skipped while pyproject.toml is unchanged.
-#  2. promtool (alert-rule tests), extracted from Debian's `prometheus` package into the user
-#     cache, so no Prometheus service is installed or started.
+#  2. Debian tools the tests need (openssl) and promtool (alert-rule tests), the latter extracted
+#     from Debian's `prometheus` package into the user cache, so no Prometheus service is
+#     installed or started.
 #  3. The control-plane binaries (etcd, kube-apiserver, controller manager, scheduler, kwok, helm),
 #     built from the Go module proxy into the user cache by `diffusion-operator dev build`.
 #
@@ -67,7 +68,17 @@ else
   step "python packages installed in $(( $(date +%s) - pip_start ))s"
 fi
 
-# ---------------------------------------------------------------- 2. promtool
+# ---------------------------------------------------------------- 2. Debian tools, promtool
+# openssl: the local control plane's certificates (devcluster/pki.py)
+missing=()
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get: install them"
+  { as_root apt-get update -qq && as_root apt-get install -y --no-install-recommends "${missing[@]}"; } \
+    || die "could not install ${missing[*]} (needs root or sudo)"
+fi
+
 promtool_dir="$cache/promtool"
 if [ -n "${PROMTOOL:-}" ] && [ -x "${PROMTOOL}" ]; then
   step "promtool: using PROMTOOL=$PROMTOOL"
