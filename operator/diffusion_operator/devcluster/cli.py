@@ -67,10 +67,10 @@ def _binaries(progress: bool = True) -> tuple[Path, str]:
     bin_dir, manifest = build(progress=lambda m: print(m, file=sys.stderr, flush=True))
     elapsed = time.monotonic() - t
     if elapsed > 5:
-        return bin_dir, f"built now in {elapsed:.0f}s (cold build)"
+        return bin_dir, f"built now in {elapsed:.0f}s"
     return (
         bin_dir,
-        f"cached (cold build took {manifest.get('build_seconds', '?')}s on {manifest.get('built_at', '?')})",
+        f"cached (built in {manifest.get('build_seconds', '?')}s on {manifest.get('built_at', '?')})",
     )
 
 

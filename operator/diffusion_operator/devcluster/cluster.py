@@ -253,6 +253,7 @@ class LocalCluster:
                     f"--etcd-servers={etcd_url}",
                     "--bind-address=127.0.0.1",
                     "--advertise-address=127.0.0.1",
+                    "--endpoint-reconciler-type=none",  # 1.37 refuses loopback with the lease reconciler
                     f"--secure-port={ports['apiserver']}",
                     f"--cert-dir={w / 'apiserver-certs'}",
                     f"--tls-cert-file={p.serving_cert}",
@@ -289,6 +290,7 @@ class LocalCluster:
                     "--controllers=*",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--horizontal-pod-autoscaler-sync-period=5s",
+                    "--node-monitor-period=2s",
                     "--leader-elect=false",
                     "--profiling=false",
                     "--v=1",
@@ -325,6 +327,7 @@ class LocalCluster:
                     f"--manage-nodes-with-annotation-selector={KWOK_SELECTOR}",
                     "--node-lease-duration-seconds=40",
                     f"--cidr={POD_CIDR}",
+                    "--node-ip=10.96.0.2",
                     f"--server-address=127.0.0.1:{ports['kwok']}",
                 ],
                 logs / "kwok.log",
