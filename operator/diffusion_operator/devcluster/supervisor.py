@@ -20,10 +20,10 @@ from pathlib import Path
 from .cluster import LocalCluster, find_kubectl
 
 
-def write_state(state_dir: Path, **fields: object) -> None:
-    tmp = state_dir / "state.json.tmp"
+def write_state(directory: Path, /, **fields: object) -> None:
+    tmp = directory / "state.json.tmp"
     tmp.write_text(json.dumps(fields, indent=2) + "\n")
-    tmp.replace(state_dir / "state.json")
+    tmp.replace(directory / "state.json")
 
 
 def main(argv: list[str] | None = None) -> int:
