@@ -229,8 +229,9 @@ def module_versions(tools: Path) -> dict[str, str]:
     return out
 
 
-def cache_key(tools: Path, go_version: str) -> str:
-    h = hashlib.sha256(go_version.encode())
+def cache_key(tools: Path) -> str:
+    """Pinned versions plus a hash of the tools modules; finding cached binaries needs no Go."""
+    h = hashlib.sha256()
     for path in sorted(tools.rglob("*")):
         if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
             h.update(str(path.relative_to(tools)).encode() + b"\0" + path.read_bytes())
@@ -262,7 +263,7 @@ def bin_root() -> Path:
 
 
 def cached_bin_dir() -> Path:
-    return bin_root() / cache_key(tools_dir(), go_version())
+    return bin_root() / cache_key(tools_dir())
 
 
 def is_complete(bin_dir: Path) -> bool:
@@ -315,7 +316,7 @@ def _build_one(module: ToolModule, tools: Path, out: Path, progress: Progress, l
 def build(progress: Progress = _stderr_progress, jobs: int = 2) -> tuple[Path, dict]:
     """Build every binary into the cache (if not there yet). Returns (bin dir, manifest)."""
     tools = tools_dir()
-    bin_dir = bin_root() / cache_key(tools, go_version())
+    bin_dir = bin_root() / cache_key(tools)
     if is_complete(bin_dir):
         return bin_dir, json.loads((bin_dir / MANIFEST).read_text())
     sync_k8s_replaces(tools / "k8s", write=False)
