@@ -92,3 +92,30 @@ def test_k8s_ldflags_set_the_release_version():
     flags = ldflags(MODULES[0], "v1.37.2", "2026-10-27T12:01:04Z")
     assert "-X k8s.io/component-base/version.gitVersion=v1.37.2" in flags
     assert "-X k8s.io/component-base/version.gitMinor=37" in flags
+
+
+def _fake_assets(directory, names):
+    directory.mkdir()
+    for name in names:
+        exe = directory / name
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    return directory
+
+
+def test_assets_env_points_at_prebuilt_binaries(tmp_path, monkeypatch):
+    from diffusion_operator.devcluster.build import CONTROL_PLANE, assets_override, ensure_binaries
+
+    full = _fake_assets(tmp_path / "full", CONTROL_PLANE)
+    envtest = _fake_assets(tmp_path / "envtest", ("etcd", "kube-apiserver", "kubectl"))
+    monkeypatch.delenv("KUBEBUILDER_ASSETS", raising=False)
+    monkeypatch.setenv("DIFFUSION_OPERATOR_ASSETS", str(full))
+    assert ensure_binaries() == full  # nothing is built or looked up
+    monkeypatch.setenv("DIFFUSION_OPERATOR_ASSETS", str(envtest))
+    with pytest.raises(BuildError, match="lacks executable.*kube-controller-manager"):
+        assets_override()
+    monkeypatch.delenv("DIFFUSION_OPERATOR_ASSETS")
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(full))
+    assert assets_override() == full
+    monkeypatch.setenv("KUBEBUILDER_ASSETS", str(envtest))  # envtest's usual set: not enough, ignored
+    assert assets_override() is None

@@ -247,14 +247,23 @@ def go_version() -> str:
 
 
 def assets_override(required: Iterable[str] = CONTROL_PLANE) -> Path | None:
+    """Prebuilt binaries named by the environment, or None.
+
+    DIFFUSION_OPERATOR_ASSETS must hold every required binary (else a clear error).
+    KUBEBUILDER_ASSETS is used when it holds them all; envtest's usual assets (etcd,
+    kube-apiserver, kubectl only) are not enough, and then the cache/build is used instead.
+    """
+    required = tuple(required)
     for var in ASSETS_ENV:
         value = os.environ.get(var)
         if value:
             path = Path(value).expanduser()
             missing = [b for b in required if not os.access(path / b, os.X_OK)]
-            if missing:
+            if not missing:
+                return path
+            if var == "DIFFUSION_OPERATOR_ASSETS":
                 raise BuildError(f"{var}={path} lacks executable(s) {', '.join(missing)}")
-            return path
+            print(f"[build] ignoring {var}={path}: it lacks {', '.join(missing)}", file=sys.stderr)
     return None
 
 
