@@ -1,8 +1,10 @@
 """The operator's exact RBAC needs (the chart renders these rules; a cluster test runs the operator
 with a ServiceAccount token bound to exactly them).
 
-Namespaced mode (`--namespace NS`, repeatable): a Role with NAMESPACED_RULES in each watched namespace.
-Cluster-wide mode (`--all-namespaces`): a ClusterRole with NAMESPACED_RULES + CLUSTER_RULES.
+Namespaced mode (`--namespace NS`, repeatable): a Role with NAMESPACED_RULES in each watched namespace,
+nothing cluster-scoped (kopf's namespace/CRD scanning is switched off in this mode, so the CRD must
+exist when the operator starts). Cluster-wide mode (`--all-namespaces`): a ClusterRole with
+NAMESPACED_RULES + CLUSTER_RULES (kopf lists/watches namespaces and CRDs there).
 No access to Secrets: the HF token reaches the pods only by secretKeyRef, which the kubelet resolves.
 No pods access either: status comes from the owned Deployments.
 """
