@@ -114,7 +114,9 @@ class Component:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # own process group: stop() kills the whole group
-                preexec_fn=_pdeathsig,
+                # The parent-death signal fires when the *thread* that forked exits, so it is only
+                # armed from the main thread; elsewhere atexit and stop() do the cleanup.
+                preexec_fn=_pdeathsig if threading.current_thread() is threading.main_thread() else None,
             )
 
     def check_running(self) -> None:
