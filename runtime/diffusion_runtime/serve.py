@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import threading
@@ -100,7 +99,7 @@ def run_server(config: RuntimeConfig) -> int:
     loader = threading.Thread(target=_load_and_warm, args=(state, server), name="loader", daemon=True)
     loader.start()
     try:
-        asyncio.run(server.serve())
+        server.run()  # uvloop + httptools when installed (uvicorn "auto")
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()

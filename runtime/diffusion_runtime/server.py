@@ -181,7 +181,7 @@ class Scheduler:
 
 def _encode_png(image: Any) -> str:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)  # fast zlib level: latency over bytes
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
