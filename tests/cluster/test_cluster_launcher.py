@@ -120,3 +120,27 @@ def test_bad_node_pool_is_refused_before_anything_starts(tmp_path):
     assert out.returncode == 1
     assert "bad node pool entry 'h100=two'" in out.stderr
     assert not (tmp_path / "state" / "state.json").exists()
+
+
+def test_port_taken_between_pick_and_bind_is_retried(cluster, monkeypatch):
+    import socket
+
+    from diffusion_operator.devcluster import cluster as cluster_module
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    picks = iter([taken])
+    real = cluster_module.free_port
+    monkeypatch.setattr(cluster_module, "free_port", lambda: next(picks, None) or real())
+    messages: list[str] = []
+    local = LocalCluster(nodes="cpu=1", bin_dir=cluster.bin_dir, timeout=60, progress=messages.append)
+    try:
+        local.start()
+        assert local.ports["etcd"] != taken
+        assert any("etcd: port taken meanwhile" in m for m in messages), messages
+        assert local.kubectl("get", "nodes", "-o", "name").stdout.split() == ["node/kwok-cpu-0"]
+    finally:
+        local.stop()
+        busy.close()

@@ -199,11 +199,23 @@ class LocalCluster:
         os.chmod(self.workdir, 0o700)
         _LIVE.add(self)
         self._started = True
-        try:
-            self._start(t0)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            try:
+                self._start(t0)
+                return self
+            except ComponentError as exc:
+                self._stop_components()
+                if attempt == 1 and "address already in use" in exc.log_tail:
+                    # free ports are picked before the components bind them: another process won
+                    self.progress(f"[cluster] {exc.component}: port taken meanwhile, retrying on new ports")
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+                    self.workdir.mkdir(parents=True, exist_ok=True)
+                    continue
+                self.stop()
+                raise
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _start(self, t0: float) -> None:
@@ -397,12 +409,15 @@ class LocalCluster:
                 )  # fmt: skip
             time.sleep(0.2)
 
+    def _stop_components(self) -> None:
+        for name in STOP_ORDER:
+            comp = self.components.get(name)
+            if comp is not None:
+                comp.stop()
+
     def stop(self) -> None:
         with self._lock:
-            for name in STOP_ORDER:
-                comp = self.components.get(name)
-                if comp is not None:
-                    comp.stop()
+            self._stop_components()
             _LIVE.discard(self)
             if self._own_workdir and self.workdir is not None and self.workdir.exists():
                 shutil.rmtree(self.workdir, ignore_errors=True)
