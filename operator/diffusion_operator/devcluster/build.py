@@ -18,6 +18,7 @@ instead.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -328,6 +329,20 @@ def build(progress: Progress = _stderr_progress, jobs: int = 2) -> tuple[Path, d
     bin_dir = bin_root() / cache_key(tools)
     if is_complete(bin_dir):
         return bin_dir, json.loads((bin_dir / MANIFEST).read_text())
+    bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    # one build at a time per key: a second process (another pytest session) waits, then reuses it
+    with open(bin_dir.with_name(bin_dir.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"[build] another process is building {bin_dir.name}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(bin_dir):
+            return bin_dir, json.loads((bin_dir / MANIFEST).read_text())
+        return _build_locked(tools, bin_dir, progress, jobs)
+
+
+def _build_locked(tools: Path, bin_dir: Path, progress: Progress, jobs: int) -> tuple[Path, dict]:
     sync_k8s_replaces(tools / "k8s", write=False)
     staging = bin_dir.with_name(bin_dir.name + f".partial-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
@@ -343,7 +358,7 @@ def build(progress: Progress = _stderr_progress, jobs: int = 2) -> tuple[Path, d
             except BuildError as exc:
                 errors.append(str(exc))
     if errors:
-        raise BuildError("\n\n".join(errors))
+        raise BuildError("\n\n".join(errors) + f"\n(build logs kept in {staging})")
     total = round(time.monotonic() - start, 1)
     manifest = {
         "versions": module_versions(tools),
