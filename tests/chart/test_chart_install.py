@@ -205,14 +205,17 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
             cluster, kubeconfig, "create", "clusterrole", "escalate", "--verb=*", "--resource=*"
         )
         assert denied.returncode != 0 and "Forbidden" in denied.stderr, denied.stderr
-        for verb, resource, where in [
+        for verb, resource, where, *extra in [
             ("list", "secrets", other),
+            ("get", "secrets", ns),
             ("create", "clusterroles", None),
             ("create", "rolebindings", ns),
-            ("create", "pods/exec", ns),
+            ("create", "pods", ns, "--subresource=exec"),
+            ("create", "pods", ns),
             ("delete", "namespaces", None),
+            ("impersonate", "serviceaccounts", ns),
         ]:
-            args = ["auth", "can-i", verb, resource] + (["-n", where] if where else [])
+            args = ["auth", "can-i", verb, resource, *extra] + (["-n", where] if where else [])
             answer = _kubectl_as(cluster, kubeconfig, *args)
             assert answer.stdout.strip() == "no", (verb, resource, answer.stdout, answer.stderr)
         # ...while what it needs is allowed (the token is valid, the denials are RBAC's)
@@ -226,19 +229,20 @@ def test_namespaced_install_grants_only_the_watched_namespace(cluster, helm_bin,
     watched = f"watched-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", watched)
     info, uninstall = _install(
-        cluster, namespace, "watch.allNamespaces=false", f"watch.namespaces={{{watched}}}"
+        cluster, helm_bin, namespace, "watch.allNamespaces=false", f"watch.namespaces={{{watched}}}"
     )
     try:
         token = cluster.token_for(namespace, info["fullname"])
         kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig")
 
-        def can(verb: str, resource: str, ns: str | None) -> str:
-            args = ["auth", "can-i", verb, resource] + (["-n", ns] if ns else [])
+        def can(verb: str, resource: str, ns: str | None, *extra: str) -> str:
+            args = ["auth", "can-i", verb, resource, *extra] + (["-n", ns] if ns else [])
             return _kubectl_as(cluster, kubeconfig, *args).stdout.strip()
 
         assert can("patch", "deployments", watched) == "yes"
         assert can("watch", "diffusiondeployments.diffusion.dev", watched) == "yes"
-        assert can("patch", "diffusiondeployments.diffusion.dev/status", watched) == "yes"
+        assert can("patch", "diffusiondeployments.diffusion.dev", watched, "--subresource=status") == "yes"
+        assert can("patch", "diffusiondeployments.diffusion.dev", watched) == "no"  # spec is the user's
         # not where it is installed, not anywhere else, nothing cluster-wide
         assert can("patch", "deployments", namespace) == "no"
         assert can("patch", "deployments", "default") == "no"
