@@ -144,3 +144,22 @@ def test_port_taken_between_pick_and_bind_is_retried(cluster, monkeypatch):
     finally:
         local.stop()
         busy.close()
+
+
+def test_second_build_builds_nothing(cluster):
+    from diffusion_operator.devcluster.build import assets_override, build, ensure_binaries
+
+    messages: list[str] = []
+    override = assets_override()
+    if override is not None:  # prebuilt binaries named by the environment are used as they are
+        assert ensure_binaries(progress=messages.append) == override == cluster.bin_dir
+    else:
+        bin_dir, manifest = build(progress=messages.append)
+        assert bin_dir == cluster.bin_dir
+        assert manifest["versions"] == {
+            "k8s": "v1.37.2",
+            "etcd": "v3.6.16",
+            "kwok": "v0.8.0",
+            "helm": "v3.22.0",
+        }
+    assert messages == []  # no go invocation, no progress lines
