@@ -83,3 +83,29 @@ def test_deployment_delete_cascades_to_replicaset_and_pods(cluster, namespace):
         60,
         "ReplicaSet and pods to be garbage collected",
     )
+
+
+def test_job_pod_completes_and_job_succeeds(cluster, namespace):
+    cluster.apply(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "once", "namespace": namespace},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "c", "image": "registry.invalid/j:1"}],
+                    }
+                }
+            },
+        }
+    )
+    wait_for(
+        lambda: get_json(cluster, "job", "once", "-n", namespace)["status"].get("succeeded") == 1,
+        60,
+        "Job once to succeed",
+    )
+    pods = get_json(cluster, "pods", "-n", namespace, "-l", "job-name=once")["items"]
+    assert [p["status"]["phase"] for p in pods] == ["Succeeded"]
+    assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
