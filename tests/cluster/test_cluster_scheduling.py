@@ -158,3 +158,18 @@ def test_pod_requesting_nine_gpus_stays_pending_with_failed_scheduling(cluster, 
     pod = get_json(cluster, "pod", "too-big", "-n", namespace)
     assert pod["status"]["phase"] == "Pending"
     assert not pod["spec"].get("nodeName")
+
+
+def test_kwok_renews_node_leases_so_nodes_stay_ready(cluster):
+    def renew_times():
+        leases = get_json(cluster, "leases", "-n", "kube-node-lease")["items"]
+        return {lease["metadata"]["name"]: lease["spec"].get("renewTime") for lease in leases}
+
+    first = renew_times()
+    assert set(first) >= {n.name for n in cluster.node_specs}, first
+    # the node lifecycle controller marks a node NotReady without renewals (grace period 50 s)
+    wait_for(
+        lambda: all(renew_times()[name] != first[name] for name in (n.name for n in cluster.node_specs)),
+        45,
+        "every node lease to be renewed",
+    )
