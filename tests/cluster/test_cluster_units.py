@@ -119,3 +119,17 @@ def test_assets_env_points_at_prebuilt_binaries(tmp_path, monkeypatch):
     assert assets_override() == full
     monkeypatch.setenv("KUBEBUILDER_ASSETS", str(envtest))  # envtest's usual set: not enough, ignored
     assert assets_override() is None
+
+
+def test_sync_modules_detects_and_regenerates_a_damaged_replace_list(tmp_path):
+    import shutil
+    import subprocess
+
+    module = tmp_path / "k8s"
+    shutil.copytree(tools_dir() / "k8s", module)
+    subprocess.run(["go", "mod", "edit", "-dropreplace=k8s.io/api", "-replace=k8s.io/kubelet=k8s.io/kubelet@v0.36.0"],
+                   cwd=module, check=True)  # fmt: skip
+    with pytest.raises(BuildError, match=r"missing \['k8s.io/api'\].*changed \['k8s.io/kubelet'\]"):
+        sync_k8s_replaces(module, write=False)
+    sync_k8s_replaces(module, write=True)
+    assert current_replaces(read_gomod(module)) == current_replaces(read_gomod(tools_dir() / "k8s"))
