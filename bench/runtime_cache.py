@@ -20,8 +20,8 @@ import yaml
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--size", default="256x256")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", default="128x128")
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--policy", default="fast", choices=("slow", "medium", "fast", "ultra"))
     p.add_argument("--model", help="small model folder (default: generate one into a temp dir)")
     a = p.parse_args(argv)

@@ -232,7 +232,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise ConfigError(f"model.pipeline: diffusers has no pipeline class {config.model.pipeline!r}")
     try:
-        pipe = cls.from_pretrained(str(model_path), torch_dtype=dtype)
+        pipe = cls.from_pretrained(str(model_path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - one line for any loading failure
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(f"model {config.model.uri}: loading failed ({type(e).__name__}: {msg})") from e
