@@ -97,3 +97,34 @@ def test_forged_token_is_unauthorized(cluster, tmp_path):
     result = _as_token(cluster, "not-a-real-token", tmp_path, "get", "namespaces")
     assert result.returncode != 0
     assert "Unauthorized" in result.stderr or "provide credentials" in result.stderr, result.stderr
+
+
+def test_front_proxy_identity_is_accepted_only_from_the_front_proxy_cert(cluster):
+    """The aggregation layer's request-header auth is configured (for extension apiservers)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    def whoami(cert) -> tuple[int, dict]:
+        ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_cert))
+        ctx.load_cert_chain(str(cert.cert), str(cert.key))
+        body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode()
+        req = urllib.request.Request(
+            cluster.server + "/apis/authentication.k8s.io/v1/selfsubjectreviews", data=body, method="POST"
+        )
+        req.add_header("Content-Type", "application/json")
+        req.add_header("X-Remote-User", "alice")
+        req.add_header("X-Remote-Group", "team-a")
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+    status, review = whoami(cluster.pki.front_proxy_client)
+    assert status == 201
+    assert review["status"]["userInfo"]["username"] == "alice"
+    assert "team-a" in review["status"]["userInfo"]["groups"]
+    # the same headers from an ordinary client certificate are ignored: it stays itself
+    status, review = whoami(cluster.pki.clients["scheduler"])
+    assert status == 201 and review["status"]["userInfo"]["username"] == "system:kube-scheduler"

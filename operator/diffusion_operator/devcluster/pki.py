@@ -46,6 +46,8 @@ class PKI:
     sa_key: Path
     sa_pub: Path
     clients: dict[str, ClientCert]
+    front_proxy_ca: Path  # aggregation layer: the apiserver authenticates to extension apiservers
+    front_proxy_client: ClientCert
 
 
 # name -> (CN, O): the identities the components authenticate as (RBAC bootstrap roles bind these)
@@ -61,13 +63,7 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     d = directory
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = d / "ca.key", d / "ca.crt"
-    _ec_key(ca_key)
-    _openssl(
-        "req", "-x509", "-new", "-key", ca_key.name, "-sha256", "-days", "3650",
-        "-subj", "/CN=diffusion-operator-dev-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", "-out", ca_cert.name,
-        cwd=d,
-    )  # fmt: skip
+    _make_ca(d, ca_key, ca_cert, "diffusion-operator-dev-ca")
     san = ",".join(
         [f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts]
         + ["DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc", "IP:10.0.0.1"]
@@ -83,10 +79,24 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     sa_key, sa_pub = d / "sa.key", d / "sa.pub"
     _ec_key(sa_key)
     _openssl("ec", "-in", sa_key.name, "-pubout", "-out", sa_pub.name, cwd=d)
-    return PKI(ca_cert, ca_key, serving_cert, serving_key, sa_key, sa_pub, clients)
+    fp_key, fp_ca = d / "front-proxy-ca.key", d / "front-proxy-ca.crt"
+    _make_ca(d, fp_key, fp_ca, "diffusion-operator-dev-front-proxy-ca")
+    fp_client = ClientCert(d / "front-proxy-client.crt", d / "front-proxy-client.key")
+    _sign(d, fp_client.key, fp_client.cert, "/CN=front-proxy-client", None, "clientAuth", ca="front-proxy-ca")
+    return PKI(ca_cert, ca_key, serving_cert, serving_key, sa_key, sa_pub, clients, fp_ca, fp_client)
 
 
-def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str) -> None:
+def _make_ca(d: Path, key: Path, cert: Path, cn: str) -> None:
+    _ec_key(key)
+    _openssl(
+        "req", "-x509", "-new", "-key", key.name, "-sha256", "-days", "3650",
+        "-subj", f"/CN={cn}", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", "-out", cert.name,
+        cwd=d,
+    )  # fmt: skip
+
+
+def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str, ca: str = "ca") -> None:
     _ec_key(key)
     csr = cert.with_suffix(".csr")
     _openssl("req", "-new", "-key", key.name, "-subj", subj, "-out", csr.name, cwd=d)
@@ -97,7 +107,7 @@ def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str
         f"extendedKeyUsage={usage}\n" + (f"{san}\n" if san else "")
     )
     _openssl(
-        "x509", "-req", "-in", csr.name, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "x509", "-req", "-in", csr.name, "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
         "-days", "3650", "-sha256", "-extfile", ext.name, "-out", cert.name, cwd=d,
     )  # fmt: skip
     csr.unlink()
