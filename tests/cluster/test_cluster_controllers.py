@@ -109,3 +109,57 @@ def test_job_pod_completes_and_job_succeeds(cluster, namespace):
     pods = get_json(cluster, "pods", "-n", namespace, "-l", "job-name=once")["items"]
     assert [p["status"]["phase"] for p in pods] == ["Succeeded"]
     assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+
+
+def test_hpa_controller_reconciles_horizontal_pod_autoscalers(cluster, namespace):
+    cluster.apply(
+        [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "scaled", "namespace": namespace},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "scaled"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "scaled"}},
+                        "spec": {"containers": [{"name": "c", "image": "registry.invalid/s:1"}]},
+                    },
+                },
+            },
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "scaled", "namespace": namespace},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "scaled"},
+                    "minReplicas": 2,
+                    "maxReplicas": 3,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "target": {"type": "Utilization", "averageUtilization": 50},
+                            },
+                        }
+                    ],
+                },
+            },
+        ]
+    )
+    # the HPA controller enforces minReplicas even without a metrics API, and reports why it cannot measure
+    wait_for(
+        lambda: get_json(cluster, "deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 2,
+        60,
+        "the HPA to raise replicas to minReplicas=2",
+    )
+    conditions = wait_for(
+        lambda: {
+            c["type"]: c
+            for c in get_json(cluster, "hpa", "scaled", "-n", namespace)["status"].get("conditions", [])
+        },
+        30,
+        "HPA status conditions",
+    )
+    assert conditions["AbleToScale"]["status"] == "True"
