@@ -245,11 +245,15 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         transformer = getattr(pipe, "transformer", None)
         if transformer is None:
             raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
-        if plan is not None and plan.uses_cache_dit:
-            import cache_dit
+        import cache_dit
 
-            cache_dit.set_compile_configs()
-        transformer.compile()
+        # cache-dit's dynamo limits (cached steps take other paths: more recompiles), without its
+        # descent tuning, which multiplies compile time
+        cache_dit.set_compile_configs(descent_tuning=False)
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
+        else:
+            transformer.compile()
     accepts = frozenset(inspect.signature(pipe.__call__).parameters)
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     return Model(
