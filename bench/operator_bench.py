@@ -128,6 +128,29 @@ def converge(kube, namespace: str, count: int, direct: bool, timeout: float = 60
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def operator_metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))
+            out[key] = s.value
+    return out
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -140,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-crs", type=int, default=50)
     parser.add_argument("--converge-crs", type=int, default=200)
-    parser.add_argument("--nodes", default="h100=2,a100=1,cpu=3", help="kwok node pool (110 pods per node)")
+    parser.add_argument(
+        "--nodes", default="h100=2,a100=1,cpu=6", help="kwok node pool (110 pods per node; 500 pods in all)"
+    )
     args = parser.parse_args(argv)
 
     from diffusion_operator.devcluster import LocalCluster
@@ -162,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             while cluster.kubectl("get", "sa", "default", "-n", ns, check=False).returncode:
                 time.sleep(0.2)
         log = work / "operator.log"
+        metrics_port = free_port()
         operator = subprocess.Popen(
             [str(Path(sys.executable).parent / "diffusion-operator"), "run", "-n", "bench-lat", "-n", "bench-conv",
-             "--metrics-port", "0", "--health-port", "0", "--log-format", "json"],
+             "--metrics-port", str(metrics_port), "--health-port", "0", "--log-format", "json"],
             env=dict(os.environ), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         time.sleep(3)
@@ -194,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  ratio    : x{op_s / direct_s:.2f}   target <= 60 s")
 
+        m = operator_metrics(metrics_port)
+        count = m.get("diffusion_operator_reconcile_duration_seconds_count", 0)
+        mean = m.get("diffusion_operator_reconcile_duration_seconds_sum", 0) / max(1, count)
+        writes = sum(v for k, v in m.items() if k.startswith("diffusion_operator_api_writes_total"))
+        print(
+            f"\noperator: {count:.0f} reconciles, mean {mean * 1000:.1f} ms each, {writes:.0f} API writes "
+            f"for {args.latency_crs + args.converge_crs} CRs"
+        )
         rss, peak = rss_mib(operator.pid)
         print(
             f"\noperator RSS: {rss:.0f} MiB now, {peak:.0f} MiB peak, {rss_idle:.0f} MiB before any CR (target <= 250 MB)"
@@ -202,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             print("operator died during the run", file=sys.stderr)
             return 1
         return 0
+    except BaseException:
+        if operator is not None:
+            print(f"operator log: {log}", file=sys.stderr)
+        raise
     finally:
         if operator is not None and operator.poll() is None:
             operator.terminate()

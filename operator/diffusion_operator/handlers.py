@@ -109,8 +109,10 @@ def _reconcile(client: Kube, namespace: str, name: str) -> str:
     desired = builders.build_all(spec, cr)
     deployment = None
     applied = 0
+    # a CR never reconciled before (no status yet) has no children: apply without reading first
+    first = not old_status.get("observedGeneration")
     for obj in desired:
-        observed = client.get(obj["apiVersion"], obj["kind"], namespace, _child_name(obj))
+        observed = None if first else client.get(obj["apiVersion"], obj["kind"], namespace, _child_name(obj))
         if observed is None or not is_subset(obj, observed):
             observed = client.apply(obj)
             applied += 1

@@ -31,13 +31,14 @@ __all__ = [
 
 
 def build_all(spec, owner: dict) -> list[dict]:
-    """Every child of one DiffusionDeployment, in apply order (ConfigMap first: the pods mount it)."""
+    """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
+    then the Deployment (the slow part: scheduling, image pull, model load), then the rest."""
     configmap = build_configmap(spec, owner)
     children = [
         configmap,
+        build_deployment(spec, owner, configmap),
         build_service(spec, owner),
         build_pdb(spec, owner),
-        build_deployment(spec, owner, configmap),
     ]
     if spec.autoscaling is not None:
         children.append(build_hpa(spec, owner))
