@@ -1,0 +1,188 @@
+"""The runtime's own GPU path, end to end: a real `diffusion-runtime serve` process on CUDA.
+
+Generates the tiny FLUX pipeline, serves it with cache-dit (static mask) and cache-dit's float8
+quantization, waits for /ready (load + quantize + warmup), sends generations over HTTP, scrapes
+/metrics (GPU memory gauges, cache steps, the info metric), then SIGTERMs and checks exit 0.
+Prints one line per check and a JSON summary; exits non-zero if any check fails.
+
+    python bench/gpu_runtime_smoke.py --out DIR                   # on a GPU (float8_per_row)
+    python bench/gpu_runtime_smoke.py --out DIR --device cpu --quant none   # smoke-test the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {"error": e.read().decode()[:500]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("out/gpu-smoke"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quant", default="float8_per_row", help="quant_type, or 'none'")
+    ap.add_argument("--size", default="256x256")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str = "") -> None:
+        checks.append((name, ok, detail))
+        print(f"[{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
+
+    model = args.out / "tiny-flux"
+    t = time.monotonic()
+    subprocess.run([py, "-m", "diffusion_runtime", "tiny-model", str(model)], check=True)
+    print(f"tiny model written in {time.monotonic() - t:.1f}s", flush=True)
+
+    cache_dit = {
+        "cache_config": {
+            "Fn_compute_blocks": 1,
+            "Bn_compute_blocks": 0,
+            "max_warmup_steps": 2,
+            "residual_diff_threshold": 0.12,
+            "steps_computation_mask": "fast",
+            "steps_computation_policy": "static",
+            "num_inference_steps": 8,
+        }
+    }
+    if args.quant != "none":
+        cache_dit["quantize_config"] = {"quant_type": args.quant}
+    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
+    port = _port()
+    runtime = {
+        "model": {"uri": str(model), "dtype": args.dtype},
+        "cache_dit_config": "cache-dit.yaml",
+        "compile": False,
+        "device": args.device,
+        "warmup": {"resolutions": [args.size], "steps": 8},
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0, "max_queue": 4},
+    }
+    (args.out / "runtime.yaml").write_text(yaml.safe_dump(runtime))
+    log = (args.out / "runtime.log").open("w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [py, "-m", "diffusion_runtime", "serve", "--config", str(args.out / "runtime.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    t = time.monotonic()
+    ready = False
+    while time.monotonic() - t < 300 and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=2) as r:
+                ready = r.status == 200
+        except OSError:
+            pass
+        if ready:
+            break
+        time.sleep(0.5)
+    check("ready after load + quantize + warmup", ready, f"{time.monotonic() - t:.1f}s")
+    summary: dict = {"device": args.device, "quant": args.quant, "ready_s": round(time.monotonic() - t, 2)}
+    if ready:
+        w, h = (int(v) for v in args.size.split("x"))
+        body = {"prompt": "a red fox in snow", "size": args.size, "seed": 3, "num_inference_steps": 8}
+        images, latencies = [], []
+        for _ in range(3):
+            t0 = time.monotonic()
+            status, result = _post(f"{base}/v1/images/generations", body)
+            latencies.append(time.monotonic() - t0)
+            check(
+                "POST /v1/images/generations -> 200",
+                status == 200,
+                str(result)[:200] if status != 200 else "",
+            )
+            if status == 200:
+                images.append(base64.b64decode(result["data"][0]["b64_json"]))
+        if images:
+            (args.out / "image.png").write_bytes(images[0])
+            check("PNG", images[0][:8] == b"\x89PNG\r\n\x1a\n")
+            check("same seed, same bytes", len(set(images)) == 1, f"{len(set(images))} distinct")
+        summary["latency_s"] = [round(x, 4) for x in latencies]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        (args.out / "metrics.txt").write_text(text)
+        samples = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+        def value(name: str, **labels: str) -> float:
+            return sum(
+                v
+                for (n, lab), v in samples.items()
+                if n == name and all((k, x) in lab for k, x in labels.items())
+            )
+
+        cached = value("diffusion_cache_steps_total", result="cached")
+        check(
+            "cached steps > 0",
+            cached > 0,
+            f"cached={cached} computed={value('diffusion_cache_steps_total', result='computed')}",
+        )
+        for g in (
+            "diffusion_gpu_memory_peak_bytes",
+            "diffusion_gpu_memory_allocated_bytes",
+            "diffusion_gpu_memory_reserved_bytes",
+        ):
+            check(f"{g} > 0", value(g) > 0, f"{value(g) / 2**20:.1f} MiB")
+        info = [dict(lab) for (n, lab) in samples if n == "diffusion_runtime_info"]
+        check(
+            "info metric names device and quant",
+            bool(info) and args.device in info[0].get("device", ""),
+            str(info),
+        )
+        summary.update(
+            cached_steps=cached,
+            gpu_peak_mib=round(value("diffusion_gpu_memory_peak_bytes") / 2**20, 1),
+            info=info,
+        )
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = -9
+    check("SIGTERM -> exit 0", rc == 0, f"rc={rc}")
+    summary["checks"] = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "checks"}))
+    failed = [n for n, ok, _ in checks if not ok]
+    if failed:
+        print("runtime log tail:\n" + (args.out / "runtime.log").read_text()[-3000:])
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
