@@ -408,3 +408,29 @@ def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp
         assert "403" not in proc.log() and "Forbidden" not in proc.log(), proc.log()[-3000:]
     finally:
         proc.stop()
+
+
+def test_an_invalid_update_keeps_the_running_children(cluster, namespace, operator):
+    apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
+    before = wait_ready(cluster, namespace, "tiny")
+    versions = {k: v for k, v in children_versions(cluster, namespace, "tiny").items() if k != "dd"}
+    cluster.kubectl(
+        "patch", "dd", "tiny", "-n", namespace, "--type", "merge",
+        "-p", json.dumps({"spec": {"quantize": {"quant_type": "int8_weight_only"}}}),
+    )  # fmt: skip
+
+    def invalid():
+        obj = dd(cluster, namespace, "tiny")
+        cond = conditions(obj).get("ConfigValid", {})
+        return obj if cond.get("status") == "False" and obj["status"]["observedGeneration"] == 2 else None
+
+    obj = wait_for(invalid, 30, "ConfigValid=False after the update")
+    assert conditions(obj)["ConfigValid"]["message"].startswith(
+        "spec.quantize: cache-dit quantization needs CUDA"
+    )
+    assert conditions(obj)["Ready"]["status"] == "True"  # the old pods keep serving
+    assert obj["status"]["configHash"] == before["status"]["configHash"]
+    wait_for(lambda: events_for(cluster, namespace, "tiny"), 15, "a Warning event")
+    time.sleep(3)
+    after = {k: v for k, v in children_versions(cluster, namespace, "tiny").items() if k != "dd"}
+    assert after == versions, "children were touched by an invalid spec"
