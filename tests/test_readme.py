@@ -41,6 +41,15 @@ def test_reference_names_every_spec_field_two_levels_deep():
     assert not missing, f"README's configuration reference lacks: {missing}"
 
 
+def test_reference_names_every_status_field():
+    docs = [d for p in sorted((REPO / "crds").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    (crd,) = [d for d in docs if d["metadata"]["name"] == "diffusiondeployments.diffusion.dev"]
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
+    section = _reference_section()
+    for name in version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]:
+        assert f"`{name}`" in section, name
+
+
 def test_reference_lists_every_quant_type_and_default():
     section = _reference_section()
     spec = _spec_schema()["properties"]
