@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 
 import kopf
 
@@ -40,6 +41,10 @@ _kube: Kube | None = None
 _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
 _invalid: set[tuple[str, str]] = set()
+# children as last seen by their watch streams or returned by our applies (informer-style), so a
+# reconcile triggered by an event does not re-read every child; the resync thread reads fresh
+_children: dict[tuple[str, str, str], dict] = {}
+_children_guard = threading.Lock()
 _managed: dict[tuple[str, str], int] = {}
 
 
@@ -59,13 +64,59 @@ def _child_name(obj: dict) -> str:
     return obj["metadata"]["name"]
 
 
-def reconcile(namespace: str, name: str, body: dict | None = None, client: Kube | None = None) -> str:
+def _rv(obj: dict) -> int:
+    value = obj.get("metadata", {}).get("resourceVersion", "")
+    return int(value) if str(value).isdigit() else -1
+
+
+def remember(obj: dict) -> None:
+    """Keep the newest version of a child (watch events may arrive after our own apply's response)."""
+    meta = obj.get("metadata", {})
+    key = (obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
+    with _children_guard:
+        old = _children.get(key)
+        if old is None or _rv(obj) < 0 or _rv(obj) >= _rv(old):
+            _children[key] = obj
+
+
+def _plain(value):
+    """kopf hands bodies as Mapping views: plain dicts and lists for comparisons and the cache."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def forget(kind: str, namespace: str, name: str) -> None:
+    with _children_guard:
+        _children.pop((kind, namespace, name), None)
+
+
+def _observed(client: Kube, obj: dict, namespace: str, fresh: bool) -> dict | None:
+    key = (obj["kind"], namespace, _child_name(obj))
+    if not fresh:
+        with _children_guard:
+            cached = _children.get(key)
+        if cached is not None:
+            return cached
+    observed = client.get(obj["apiVersion"], obj["kind"], namespace, _child_name(obj))
+    if observed is None:
+        forget(*key)
+    else:
+        remember(observed)
+    return observed
+
+
+def reconcile(
+    namespace: str, name: str, body: dict | None = None, client: Kube | None = None, fresh: bool = True
+) -> str:
     """One reconcile of one DiffusionDeployment; returns ok | invalid | gone. Raises on API errors."""
     client = client or kube()
     with _lock((namespace, name)):
         started = time.perf_counter()
         try:
-            result = _reconcile(client, namespace, name)
+            result = _reconcile(client, namespace, name, fresh)
             metrics.RECONCILE_TOTAL.labels(result=result).inc()
             return result
         except ApiError as error:
@@ -80,7 +131,7 @@ def reconcile(namespace: str, name: str, body: dict | None = None, client: Kube 
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
 
 
-def _reconcile(client: Kube, namespace: str, name: str) -> str:
+def _reconcile(client: Kube, namespace: str, name: str, fresh: bool = True) -> str:
     # always read the CR fresh: an event body may be older than our last status write
     cr = client.get(CR_API, "DiffusionDeployment", namespace, name)
     key = (namespace, name)
@@ -108,20 +159,26 @@ def _reconcile(client: Kube, namespace: str, name: str) -> str:
     spec = parsed.spec
     desired = builders.build_all(spec, cr)
     deployment = None
-    applied = 0
+    applied: list[str] = []
     # a CR never reconciled before (no status yet) has no children: apply without reading first
     first = not old_status.get("observedGeneration")
     for obj in desired:
-        observed = None if first else client.get(obj["apiVersion"], obj["kind"], namespace, _child_name(obj))
+        observed = None if first else _observed(client, obj, namespace, fresh)
         if observed is None or not is_subset(obj, observed):
             observed = client.apply(obj)
-            applied += 1
+            remember(observed)
+            applied.append(obj["kind"])
         if obj["kind"] == "Deployment":
             deployment = observed
     if spec.autoscaling is None:
-        hpa = client.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+        if fresh:
+            hpa = client.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+        else:  # every HPA of ours is in the cache: kopf lists and watches them
+            with _children_guard:
+                hpa = _children.get(("HorizontalPodAutoscaler", namespace, name))
         if hpa is not None and _owned_by(hpa, cr):
             client.delete("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+            forget("HorizontalPodAutoscaler", namespace, name)
     _managed[key] = len(desired)
     configmap = desired[0]
     new_status = statuses.valid_status(
@@ -136,6 +193,7 @@ def _reconcile(client: Kube, namespace: str, name: str) -> str:
     )
     if not statuses.same_status(old_status, new_status):
         client.patch_status(namespace, name, new_status)
+        log.debug("status written", extra={"dd": f"{namespace}/{name}", "status": new_status})
     if applied:
         log.info("applied children", extra={"dd": f"{namespace}/{name}", "applied": applied})
     _update_gauges()
@@ -160,11 +218,11 @@ def _update_gauges() -> None:
     metrics.MANAGED_OBJECTS.labels(kind="children").set(sum(_managed.values()))
 
 
-def _run(namespace: str, name: str, logger) -> None:
+def _run(namespace: str, name: str, logger, fresh: bool = False) -> None:
     """Reconcile with a short bounded retry for transient API errors (conflicts, throttling, 5xx)."""
     for attempt in range(4):
         try:
-            reconcile(namespace, name)
+            reconcile(namespace, name, fresh=fresh or attempt > 0)
             return
         except ApiError as error:
             if error.permanent or attempt == 3:
@@ -198,6 +256,11 @@ def _on_child(event, body, namespace, logger, **_):
     ]
     if not owner or not refs:
         return
+    meta = body.get("metadata", {})
+    if event.get("type") == "DELETED":
+        forget(body.get("kind", ""), namespace, meta.get("name", ""))
+    else:
+        remember(_plain(body))
     _run(namespace, owner, logger)
 
 
@@ -234,7 +297,7 @@ def start_resync(
                     continue
                 for item in items:
                     meta = item["metadata"]
-                    _run(meta["namespace"], meta["name"], log)
+                    _run(meta["namespace"], meta["name"], log, fresh=True)
 
     thread = threading.Thread(target=loop, name="resync", daemon=True)
     thread.start()
