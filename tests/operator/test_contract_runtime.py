@@ -1,0 +1,26 @@
+"""The ConfigMap the operator renders is read unchanged by the runtime's own config loader (docs/contracts.md)."""
+
+from __future__ import annotations
+
+import pytest
+from diffusion_operator import builders
+from diffusion_operator import spec as specs
+from op_helpers import owner_for, sample
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "flux-dev.yaml", "qwen-image.yaml"])
+def test_runtime_loads_the_rendered_config(name, tmp_path):
+    from diffusion_runtime.config import load_config_file
+
+    doc = sample(name)
+    parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    assert parsed.ok
+    cm = builders.build_configmap(parsed.spec, owner_for(doc))
+    for key, value in cm["data"].items():
+        (tmp_path / key).write_text(value)
+    cfg = load_config_file(tmp_path / "runtime.yaml")
+    assert cfg.model.uri == doc["spec"]["model"]["uri"]
+    assert cfg.model.dtype == doc["spec"]["model"].get("dtype", "bfloat16")
+    assert str(cfg.cache_dit_config) == str(tmp_path / "cache-dit.yaml")
+    assert cfg.server.port == 8000 and cfg.server.metrics_port == 9090
+    assert cfg.warmup.steps == doc["spec"]["warmup"]["steps"]
