@@ -400,20 +400,25 @@ class LocalCluster:
         while True:
             for comp in self.components.values():
                 comp.check_running()
-            ready = set()
+            ready: set[str] = set()
+            tainted: set[str] = set()
             nodes = self.api_get("/api/v1/nodes").get("items", [])
             for node in nodes:
                 conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
                 taints = {t["key"] for t in node.get("spec", {}).get("taints", [])}
                 # schedulable only once the node lifecycle controller lifted the not-ready taint
-                if conds.get("Ready") == "True" and not taints & NOT_READY_TAINTS:
-                    ready.add(node["metadata"]["name"])
+                if conds.get("Ready") == "True":
+                    (tainted if taints & NOT_READY_TAINTS else ready).add(node["metadata"]["name"])
             if want <= ready:
                 return
             if time.monotonic() > deadline:
+                if (want - ready) <= tainted:  # kwok did its part; the node lifecycle controller did not
+                    name, reason = "kube-controller-manager", "kept the not-ready taint on Ready nodes"
+                else:
+                    name, reason = "kwok", "did not make the nodes Ready"
                 raise ComponentError(
-                    "kwok", f"nodes not Ready after {self.timeout:.0f}s: {sorted(want - ready)}",
-                    log_tail(self.components["kwok"].log),
+                    name, f"{reason} within {self.timeout:.0f}s: {sorted(want - ready)}",
+                    log_tail(self.components[name].log),
                 )  # fmt: skip
             time.sleep(0.2)
 
