@@ -58,13 +58,13 @@ def _running_state(d: Path) -> dict | None:
     return None
 
 
-def _binaries(progress: bool = True) -> tuple[Path, str]:
+def _binaries(jobs: int = 2) -> tuple[Path, str]:
     """(bin dir, how it was obtained: 'built in Ns' / 'cached (...)' / 'prebuilt (...)')."""
     override = assets_override()
     if override is not None:
         return override, f"prebuilt from {override}"
     t = time.monotonic()
-    bin_dir, manifest = build(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    bin_dir, manifest = build(progress=lambda m: print(m, file=sys.stderr, flush=True), jobs=jobs)
     elapsed = time.monotonic() - t
     if elapsed > 5:
         return bin_dir, f"built now in {elapsed:.0f}s"
@@ -81,7 +81,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             f"k8s wrapper go.mod: {len(replaces)} replace directives from k8s.io/kubernetes@{version}",
             file=sys.stderr,
         )
-    bin_dir, how = _binaries()
+    bin_dir, how = _binaries(args.jobs)
     print(f"binaries: {how}", file=sys.stderr)
     print(bin_dir)
     return 0
@@ -202,6 +202,7 @@ def main(argv: list[str]) -> int:
     b.add_argument(
         "--sync-modules", action="store_true", help="regenerate the k8s wrapper's replace list first"
     )
+    b.add_argument("--jobs", type=int, default=2, help="Go modules built at once (default 2; 1 saves memory)")
     b.set_defaults(func=cmd_build)
     u = sub.add_parser("up", help="start the cluster in the background; prints the kubeconfig path")
     u.add_argument(
