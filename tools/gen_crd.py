@@ -274,6 +274,20 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     for name, schema in prune_props.items():
         schema["description"] = f"DBPrune only. {schema['description']}"
         cache_props[name] = schema
+    # cache-dit's loader also takes a predefined policy name here (it expands it with
+    # `steps_mask(total_steps=num_inference_steps, mask_policy=...)`): a list or one of the names.
+    # A structural schema has no array-or-string type and CEL cannot type an untyped node, so this
+    # one node keeps any value and the operator checks it (ConfigValid=False naming the field).
+    policies = _mask_policies(ns)
+    mask_doc = cache_props["steps_computation_mask"]["description"]
+    cache_props["steps_computation_mask"] = {
+        "x-kubernetes-preserve-unknown-fields": True,
+        "description": (
+            f"{mask_doc} Either a list of 0/1 of length num_inference_steps, or the name of one of cache-dit's "
+            f"predefined masks ({', '.join(policies)}), which needs num_inference_steps. Checked by the "
+            "operator (condition ConfigValid)."
+        ),
+    }
     for key, (kind, doc) in CALIBRATOR_KEYS.items():
         schema = {"type": kind, "description": doc}
         if key in CALIBRATOR_ENUMS:
@@ -350,6 +364,18 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
         "required": ["quant_type"],
     }
     return cache_dit, quantize, ns.version
+
+
+def _mask_policies(ns) -> list[str]:
+    """The predefined `steps_mask` policy names, read from cache-dit's source."""
+    import importlib
+
+    source = inspect.getsource(importlib.import_module("cache_dit.caching.cache_interface").steps_mask)
+    block = source[source.index("predefined_policies = {") :]
+    names = re.findall(r'^\s*"([a-z]+)"\s*:', block[: block.index("\n  }")], re.MULTILINE)
+    if "fast" not in names:
+        raise SystemExit("gen_crd: could not read cache-dit's steps_mask policies")
+    return names
 
 
 def _quant_types(ns) -> list[str]:

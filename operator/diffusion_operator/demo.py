@@ -167,7 +167,13 @@ def run_demo(output: Path, keep: bool) -> Path:
         _wait_http(f"{base}/ready", timeout=600, proc=runtime_proc, log=runtime_log)
         _step("POST /v1/images/generations")
         body = json.dumps(
-            {"prompt": "a lighthouse at dusk", "size": "64x64", "seed": 7, "response_format": "b64_json"}
+            {
+                "prompt": "a lighthouse at dusk",
+                "size": "64x64",
+                "seed": 7,
+                "num_inference_steps": 8,
+                "response_format": "b64_json",
+            }
         ).encode()
         request = urllib.request.Request(
             f"{base}/v1/images/generations", data=body, headers={"Content-Type": "application/json"}

@@ -299,6 +299,36 @@ def parse(name: str, namespace: str, spec: Any) -> Parsed:
     return Parsed(s, r.errors)
 
 
+# cache-dit's predefined `steps_mask` policies (a test compares them with the pinned cache-dit).
+STEPS_MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+
+
+def _mask_errors(cache: dict) -> list[FieldError]:
+    """steps_computation_mask: a list of 0/1, or a cache-dit policy name plus num_inference_steps."""
+    field = "spec.cacheDit.cache_config.steps_computation_mask"
+    mask = cache.get("steps_computation_mask")
+    steps = cache.get("num_inference_steps")
+    if mask is None:
+        return []
+    if isinstance(mask, str):
+        if mask not in STEPS_MASK_POLICIES:
+            return [
+                FieldError(
+                    field, f"{mask!r} is not one of cache-dit's masks {', '.join(STEPS_MASK_POLICIES)}"
+                )
+            ]
+        if steps is None:
+            return [FieldError(field, f"the named mask {mask!r} needs cache_config.num_inference_steps")]
+        return []
+    if not isinstance(mask, list) or not mask or any(type(x) is not int or x not in (0, 1) for x in mask):
+        return [
+            FieldError(field, f"must be a non-empty list of 0/1 or one of {', '.join(STEPS_MASK_POLICIES)}")
+        ]
+    if isinstance(steps, int) and len(mask) != steps:
+        return [FieldError(field, f"has {len(mask)} entries but num_inference_steps is {steps}")]
+    return []
+
+
 def semantic_errors(s: Spec) -> list[FieldError]:
     """What a schema cannot know: model block counts, GPU capability, parallelism vs GPUs."""
     errors: list[FieldError] = []
@@ -327,6 +357,7 @@ def semantic_errors(s: Spec) -> list[FieldError]:
                         f"{facts.max_cache_blocks} transformer blocks of {facts.name} (block lists {lists})",
                     )
                 )
+        errors.extend(_mask_errors(cache))
         flags = [k for k in ("enable_taylorseer", "enable_dmd", "enable_foca") if cache.get(k)]
         if len(flags) > 1:
             errors.append(

@@ -101,3 +101,16 @@ def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
     text = yaml.safe_load(render(doc, tmp_path).read_text())
     assert list(text) == ["cache_config", "quantize_config"]
     assert text["cache_config"] == doc["spec"]["cacheDit"]["cache_config"]
+
+
+def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
+    from cache_dit.caching.cache_interface import steps_mask
+
+    for name in specs.STEPS_MASK_POLICIES:
+        assert steps_mask(total_steps=8, mask_policy=name)  # each is a policy cache-dit knows
+    with pytest.raises(ValueError):
+        steps_mask(total_steps=8, mask_policy="fastest")
+    doc = sample("tiny-cpu.yaml")
+    doc["spec"]["cacheDit"]["cache_config"]["steps_computation_mask"] = "fast"
+    rendered = load_configs(str(render(doc, tmp_path)))
+    assert rendered["cache_config"].steps_computation_mask == steps_mask(total_steps=8, mask_policy="fast")

@@ -171,3 +171,32 @@ def test_startup_budget_grows_with_compile_and_resolutions():
     pinned = copy.deepcopy(FLUX)
     pinned["startupTimeoutSeconds"] = 120
     assert specs.startup_budget_seconds(parse(pinned).spec) == 120
+
+
+@pytest.mark.parametrize(
+    "mask, steps, message",
+    [
+        ("fast", 8, None),
+        ([1, 1, 0, 1], 4, None),
+        ([1, 1, 0, 1], None, None),
+        ("fastest", 8, "is not one of cache-dit's masks slow, medium, fast, ultra"),
+        ("fast", None, "needs cache_config.num_inference_steps"),
+        ([1, 2], 2, "must be a non-empty list of 0/1"),
+        ([], 2, "must be a non-empty list of 0/1"),
+        ({"a": 1}, 2, "must be a non-empty list of 0/1"),
+        ([1, 0, 1], 8, "has 3 entries but num_inference_steps is 8"),
+    ],
+)
+def test_steps_computation_mask_list_or_policy_name(mask, steps, message):
+    spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
+    cache = spec["cacheDit"]["cache_config"]
+    cache["steps_computation_mask"] = mask
+    cache.pop("num_inference_steps")
+    if steps is not None:
+        cache["num_inference_steps"] = steps
+    parsed = parse(spec)
+    if message is None:
+        assert parsed.errors == []
+    else:
+        assert fields(parsed) == ["spec.cacheDit.cache_config.steps_computation_mask"]
+        assert message in parsed.errors[0].message
