@@ -114,7 +114,7 @@ fi
 if [ "${BOOTSTRAP_SKIP_GO:-0}" = "1" ]; then
   step "control plane binaries: skipped (BOOTSTRAP_SKIP_GO=1)"
 else
-  command -v go >/dev/null 2>&1 || die "go not found on PATH (Go >= 1.24 is needed to build the control plane)"
+  command -v go >/dev/null 2>&1 || die "go not found on PATH (Go >= 1.26 is needed to build the control plane: Kubernetes 1.37 requires it)"
   step "control plane binaries: diffusion-operator dev build (cold: tens of minutes; cached afterwards)"
   "$venv/bin/diffusion-operator" dev build
 fi
