@@ -3,9 +3,11 @@
 Starts a real `diffusion-runtime serve` on the tiny FluxPipeline (no cache-dit, one torch thread)
 and loads the same model in this process with the same settings. Alternates a direct
 `Model.generate` call and a POST /v1/images/generations (same prompt, size, steps, seed), and
-prints p50/p90 of both, their difference, and the server's own overhead per request (client
-latency minus the `inference_seconds` the server measured around the pipeline call).
-Target: overhead <= 2 ms at p50.
+prints p50/p90 of both and the median of the paired differences (HTTP minus the direct call of
+the same round: the overhead the issue's target is about), plus, for diagnosis, client latency
+minus the `inference_seconds` the server measured around the pipeline call alone (that span leaves
+out work a direct `Model.generate` also does, e.g. image post-processing).
+Target: HTTP - direct <= 2 ms at p50.
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny FluxPipeline {a.size}, {a.steps} steps, CPU, {a.requests} requests each, alternating")
     print(f"direct pipeline call   p50 {d50:8.2f} ms   p90 {pct(direct, 0.9) * ms:8.2f} ms")
     print(f"HTTP end to end        p50 {h50:8.2f} ms   p90 {pct(http, 0.9) * ms:8.2f} ms")
-    print(f"HTTP - direct (p50)        {h50 - d50:8.2f} ms   ratio {h50 / d50:.3f}x")
+    paired = sorted((h - d) * ms for h, d in zip(http, direct, strict=True))
+    p50 = pct(paired, 0.5)
+    print(f"HTTP - direct, paired     p50 {p50:8.2f} ms   p90 {pct(paired, 0.9):8.2f} ms   ratio {h50 / d50:.3f}x")
     print(f"server overhead per request (latency - server inference_seconds): p50 {o50:.2f} ms, "
           f"p90 {pct(server_overhead, 0.9) * ms:.2f} ms, mean {statistics.mean(server_overhead) * ms:.2f} ms")  # fmt: skip
-    print(f"target <= 2 ms at p50: {'met' if o50 <= 2.0 else 'NOT met'}")
+    print(f"target HTTP - direct <= 2 ms at p50: {'met' if p50 <= 2.0 else 'NOT met'} ({p50:.2f} ms)")
     return 0
 
 
