@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import json
 import os
 import signal
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fixtures_runtime import STATIC_CACHE_DIT  # noqa: E402
 
 
 def _port() -> int:
@@ -63,17 +67,7 @@ def main() -> int:
     subprocess.run([py, "-m", "diffusion_runtime", "tiny-model", str(model)], check=True)
     print(f"tiny model written in {time.monotonic() - t:.1f}s", flush=True)
 
-    cache_dit = {
-        "cache_config": {
-            "Fn_compute_blocks": 1,
-            "Bn_compute_blocks": 0,
-            "max_warmup_steps": 2,
-            "residual_diff_threshold": 0.12,
-            "steps_computation_mask": "fast",
-            "steps_computation_policy": "static",
-            "num_inference_steps": 8,
-        }
-    }
+    cache_dit = copy.deepcopy(STATIC_CACHE_DIT)  # the tests' static mask: 3 of 8 steps cached
     if args.quant != "none":
         cache_dit["quantize_config"] = {"quant_type": args.quant}
     (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
