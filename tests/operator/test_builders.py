@@ -179,6 +179,7 @@ def test_probes_security_shm_token_and_rollout():
     assert c["startupProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the runtime's one-line reason
     startup = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
     assert startup >= specs.startup_budget_seconds(parsed()) >= 900  # FLUX download + compile + warmup
     sc = c["securityContext"]

@@ -128,6 +128,9 @@ def build_deployment(spec, owner: dict, configmap: dict) -> dict:
         "image": spec.image,
         "command": ["diffusion-runtime"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/runtime.yaml"],
+        # the runtime's last stderr line names a bad setting (float8 on an old GPU, Fn+Bn too large):
+        # it becomes the container's termination message, shown by `kubectl describe pod`
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
