@@ -367,6 +367,26 @@ def test_int8_weight_only_on_cpu_serves_images(runtime_server_factory):
     assert "quantized" in rp.log() and "torchao int8_weight_only" in rp.log()
 
 
+def test_compile_true_serves_images_close_to_eager(runtime_server, runtime_server_factory):
+    """`compile: true` with cache-dit: warmup compiles, then serves what eager serves (up to float noise)."""
+    import numpy as np
+
+    rp = runtime_server_factory("compiled", cache_dit=STATIC_CACHE_DIT, compile=True)
+    body = {"size": "64x64", "num_inference_steps": 8, "seed": 11}
+    compiled = generate(rp.url, **body)
+    eager = generate(runtime_server.url, **body)
+    assert compiled.status_code == eager.status_code == 200, compiled.text
+    assert compiled.json()["cache"]["cached_steps"] == 3
+    _, a = png_of(compiled.json()["data"][0])
+    _, b = png_of(eager.json()["data"][0])
+    assert a.size == b.size == (64, 64)
+    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.mean() < 2.0, f"compiled image differs from eager: mean abs diff {diff.mean():.2f}/255"
+    metrics = scrape(rp.url + "/metrics")
+    assert metrics["diffusion_runtime_info"][0][0]["compile"] == "true"
+    assert metrics["diffusion_warmup_seconds"][0][1] > 0
+
+
 def _runtime_error_lines(rp) -> list[str]:
     return [ln for ln in rp.log().splitlines() if ln.startswith("diffusion-runtime:")]
 
