@@ -65,42 +65,33 @@ def wait_exists(kube, api: str, kind: str, namespace: str, name: str, timeout: f
     raise TimeoutError(f"{kind} {namespace}/{name} did not appear within {timeout}s")
 
 
+def create_one(kube, namespace: str, name: str, direct: bool) -> None:
+    """POST a DiffusionDeployment, or (the baseline) the Deployment it would become."""
+    if direct:
+        kube.request(
+            "POST",
+            kube.collection("apps/v1", "Deployment", namespace),
+            body=direct_deployment(name, namespace),
+        )
+    else:
+        kube.request(
+            "POST", kube.collection(CR_API, "DiffusionDeployment", namespace), body=cr_body(name, namespace)
+        )
+
+
 def latency(kube, namespace: str, count: int, direct: bool) -> list[float]:
     out = []
     for i in range(count):
         name = f"{'direct' if direct else 'lat'}-{i}"
         t0 = time.perf_counter()
-        if direct:
-            kube.request(
-                "POST",
-                kube.collection("apps/v1", "Deployment", namespace),
-                body=direct_deployment(name, namespace),
-            )
-        else:
-            kube.request(
-                "POST",
-                kube.collection(CR_API, "DiffusionDeployment", namespace),
-                body=cr_body(name, namespace),
-            )
+        create_one(kube, namespace, name, direct)
         out.append(wait_exists(kube, "apps/v1", "Deployment", namespace, name) - t0)
     return out
 
 
 def converge(kube, namespace: str, count: int, direct: bool, timeout: float = 600) -> float:
     def create(i: int) -> None:
-        name = f"{'dconv' if direct else 'conv'}-{i}"
-        if direct:
-            kube.request(
-                "POST",
-                kube.collection("apps/v1", "Deployment", namespace),
-                body=direct_deployment(name, namespace),
-            )
-        else:
-            kube.request(
-                "POST",
-                kube.collection(CR_API, "DiffusionDeployment", namespace),
-                body=cr_body(name, namespace),
-            )
+        create_one(kube, namespace, f"{'dconv' if direct else 'conv'}-{i}", direct)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
