@@ -154,3 +154,17 @@ attention_backend: native
     )
     plan = plan_cache_dit(raw, "cpu")
     assert plan.raw == raw and plan.uses_cache_dit and plan.quant_type is None
+
+
+def test_runtime_quant_types_are_the_crds():
+    """The runtime's accepted quant types and the CRD enum (generated from cache-dit) are one list."""
+    from pathlib import Path
+
+    import yaml
+    from diffusion_runtime.optimize import QUANT_ALIASES, QUANT_TYPES
+
+    crd = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml").read_text()
+    )
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert set(spec["quantize"]["properties"]["quant_type"]["enum"]) == set(QUANT_TYPES) | set(QUANT_ALIASES)
