@@ -3,8 +3,11 @@
 `spec.cacheDit` and `spec.quantize` are generated from the pinned cache-dit version's config
 dataclasses (field names, types, defaults and the comment above each field become the schema), so the
 CRD stays strict (no x-kubernetes-preserve-unknown-fields there: a typo such as `enable_sperate_cfg`
-is refused by the apiserver, where cache-dit itself would silently drop it). The rest of the schema is
-written by hand below. A test checks that the committed CRD equals this script's output.
+is refused by the apiserver, where cache-dit itself would silently drop it). The rest of `spec` is
+generated from the operator's typed model (`diffusion_operator.spec.DiffusionDeploymentSpec`: types,
+defaults, bounds, descriptions, CEL rules), whose limits and defaults come from the runtime's own
+config type. cache-dit facts (quant types and aliases, mask policies, integer bounds) come from the
+shared facts module. A test checks that the committed CRD equals this script's output.
 
     .venv/bin/python tools/gen_crd.py            # write the CRD
     .venv/bin/python tools/gen_crd.py --check    # exit 1 if the committed file differs
@@ -30,10 +33,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
 
-GROUP = "diffusion.dev"
-VERSION = "v1alpha1"
-KIND = "DiffusionDeployment"
-PLURAL = "diffusiondeployments"
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime")]
+from diffusion_operator import spec as specs  # noqa: E402
+from diffusion_runtime import cache_dit_facts as facts  # noqa: E402
+
+GROUP, VERSION, KIND, PLURAL = specs.GROUP, specs.VERSION, specs.KIND, specs.PLURAL
 
 # Fields of cache-dit's dataclasses that cannot be written as YAML (callables, tensors, modules,
 # device meshes) or that take free-form dicts (which would need preserve-unknown-fields and so break
@@ -52,69 +56,11 @@ EXCLUDED = {
     "DBPruneConfig": set(),
     "DBCacheConfig": set(),
 }
-
-# cache-dit reads these calibrator keys from `cache_config` itself (load_cache_options_from_dict) and
-# builds the calibrator dataclasses from them. The generator checks each key appears in that loader's
-# source, so a cache-dit upgrade that renames one fails here instead of silently.
-CALIBRATOR_KEYS: dict[str, tuple[str, str]] = {
-    "enable_taylorseer": (
-        "boolean",
-        "Enable the TaylorSeer calibrator (mutually exclusive with enable_dmd and enable_foca).",
-    ),
-    "enable_encoder_taylorseer": (
-        "boolean",
-        "Also calibrate the encoder stream with TaylorSeer (default false).",
-    ),
-    "taylorseer_cache_type": ("string", "What TaylorSeer caches: `residual` (default) or `hidden_states`."),
-    "taylorseer_order": ("integer", "TaylorSeer expansion order (default 1)."),
-    "enable_dmd": (
-        "boolean",
-        "Enable the DMD calibrator (mutually exclusive with enable_taylorseer and enable_foca).",
-    ),
-    "enable_encoder_dmd": ("boolean", "Also calibrate the encoder stream with DMD (defaults to enable_dmd)."),
-    "calibrator_cache_type": (
-        "string",
-        "What the DMD/FoCa calibrator caches: `residual` (default) or `hidden_states`.",
-    ),
-    "dmd_history": ("integer", "DMD history length (default 6)."),
-    "dmd_rank": ("integer", "DMD rank, 0 = automatic (default 0)."),
-    "dmd_ridge": ("number", "DMD ridge regularisation (default 1e-8)."),
-    "dmd_svd_precision": ("string", "DMD SVD precision (default `medium`)."),
-    "enable_foca": (
-        "boolean",
-        "Enable the FoCa calibrator (mutually exclusive with enable_taylorseer and enable_dmd).",
-    ),
-    "enable_encoder_foca": ("boolean", "Also calibrate the encoder stream with FoCa (default false)."),
-}
-CALIBRATOR_ENUMS = {
-    "taylorseer_cache_type": ["residual", "hidden_states"],
-    "calibrator_cache_type": ["residual", "hidden_states"],
-}
-FIELD_ENUMS = {
-    "steps_computation_policy": ["dynamic", "static"],
-    "force_refresh_step_policy": ["once", "repeat"],
-}
-NON_NEGATIVE_INTS = {
-    "Fn_compute_blocks",
-    "Bn_compute_blocks",
-    "max_warmup_steps",
-    "dmd_history",
-    "dmd_rank",
-    "ray_master_port",
-}
-POSITIVE_INTS = {
-    "warmup_interval",
-    "taylorseer_order",
-    "num_inference_steps",
-    "ulysses_size",
-    "ring_size",
-    "tp_size",
-}
-
-# `float8` was an alias of `float8_per_row` in cache-dit 1.3.0-1.3.4; the operator accepts it and
-# renders the current name.
-QUANT_TYPE_ALIASES = {"float8": "float8_per_row"}
-QUANT_TYPES_EXTRA_DOC = " `float8` is accepted as the legacy alias (cache-dit 1.3.0-1.3.4) of `float8_per_row` and rendered as `float8_per_row`."
+QUANT_TYPES_EXTRA_DOC = (
+    " `float8` is accepted as the legacy alias (cache-dit 1.3.0-1.3.4) of `float8_per_row` and rendered as "
+    "`float8_per_row`. On CPU (gpu.count 0 or device cpu) only the int8 types run (torchao, no cache-dit); "
+    "the rest need CUDA, float8 compute capability >= 8.9."
+)
 
 
 def _quiet_import():
@@ -199,17 +145,17 @@ def _type_schema(hint, name: str, ns) -> dict | None:
         return {"type": "boolean"}
     if hint is int:
         schema: dict = {"type": "integer"}
-        if name in NON_NEGATIVE_INTS:
+        if name in facts.NON_NEGATIVE_INTS:
             schema["minimum"] = 0
-        if name in POSITIVE_INTS:
+        if name in facts.POSITIVE_INTS:
             schema["minimum"] = 1
         return schema
     if hint is float:
         return {"type": "number"}
     if hint is str:
         schema = {"type": "string"}
-        if name in FIELD_ENUMS:
-            schema["enum"] = FIELD_ENUMS[name]
+        if name in facts.FIELD_ENUMS:
+            schema["enum"] = list(facts.FIELD_ENUMS[name])
         return schema
     if hint is list or origin is list:
         inner = typing.get_args(hint)
@@ -259,15 +205,16 @@ def _dataclass_properties(cls: type, ns, skip: set[str]) -> dict:
 def cache_dit_schemas() -> tuple[dict, dict, str]:
     """(spec.cacheDit schema, spec.quantize schema, cache-dit version)."""
     ns = _quiet_import()
-    loader_source = inspect.getsource(ns.loader.load_cache_options_from_dict)
-    for key in CALIBRATOR_KEYS:
-        if f'"{key}"' not in loader_source:
-            raise SystemExit(f"gen_crd: cache-dit's loader no longer reads cache_config key {key!r}")
+    if ns.version != facts.CACHE_DIT_VERSION:
+        raise SystemExit(
+            f"gen_crd: cache-dit {ns.version} is installed but the facts module is from "
+            f"{facts.CACHE_DIT_VERSION}: run tools/gen_cache_dit_facts.py"
+        )
 
     cache_props = _dataclass_properties(ns.DBCacheConfig, ns, skip=set())
     cache_props["cache_type"] = {
         "type": "string",
-        "enum": ["DBCache", "DBPrune"],
+        "enum": list(facts.CACHE_TYPES),
         "description": "Cache algorithm: DBCache (dual block cache, the default) or DBPrune (dynamic block prune).",
     }
     prune_props = _dataclass_properties(ns.DBPruneConfig, ns, skip=set(cache_props))
@@ -278,7 +225,7 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     # `steps_mask(total_steps=num_inference_steps, mask_policy=...)`): a list or one of the names.
     # A structural schema has no array-or-string type and CEL cannot type an untyped node, so this
     # one node keeps any value and the operator checks it (ConfigValid=False naming the field).
-    policies = _mask_policies(ns)
+    policies = facts.MASK_POLICIES
     mask_doc = cache_props["steps_computation_mask"]["description"]
     cache_props["steps_computation_mask"] = {
         "x-kubernetes-preserve-unknown-fields": True,
@@ -288,19 +235,20 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
             "operator (condition ConfigValid)."
         ),
     }
-    for key, (kind, doc) in CALIBRATOR_KEYS.items():
+    for key, (kind, doc) in facts.CALIBRATOR_KEYS.items():
         schema = {"type": kind, "description": doc}
-        if key in CALIBRATOR_ENUMS:
-            schema["enum"] = CALIBRATOR_ENUMS[key]
+        if key in facts.CALIBRATOR_ENUMS:
+            schema["enum"] = list(facts.CALIBRATOR_ENUMS[key])
         if kind == "integer":
-            schema["minimum"] = 1 if key in POSITIVE_INTS else 0
+            schema["minimum"] = 1 if key in facts.POSITIVE_INTS else 0
         cache_props[key] = schema
     cache_config = {
         "type": "object",
         "description": (
             "cache-dit `cache_config` (DBCacheConfig / DBPruneConfig fields plus the calibrator keys that "
-            "cache-dit's loader reads), keys verbatim. Fn_compute_blocks + Bn_compute_blocks must not exceed "
-            "the transformer's block count (checked by the operator for known models)."
+            "cache-dit's loader reads), keys verbatim. Fn_compute_blocks and Bn_compute_blocks must each not "
+            "exceed the blocks of a cached block list (cache-dit's own check; FLUX.1 caches its 19 + 38 blocks "
+            "as one list of 57; checked by the operator for known models)."
         ),
         "properties": dict(sorted(cache_props.items(), key=lambda kv: kv[0].lower())),
         "x-kubernetes-validations": [
@@ -314,7 +262,7 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
 
     par_props = _dataclass_properties(ns.ParallelismConfig, ns, skip=set())
     par_props["backend"]["enum"] = [b.value for b in ns.ParallelismBackend if b.value != "None"]
-    for size in ("ulysses_size", "ring_size", "tp_size"):
+    for size in facts.PARALLEL_SIZE_KEYS:
         par_props[size]["description"] += (
             " Integers only here (the operator knows gpu.count, so cache-dit's `auto` is not needed); "
             "ulysses_size * ring_size * tp_size must equal spec.gpu.count."
@@ -324,7 +272,8 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
         "description": (
             "cache-dit `parallelism_config` (ParallelismConfig), keys verbatim. Sizes must multiply to "
             "spec.gpu.count and must not all be 1. Python-only fields (cp_plan, callables, free-form kwargs "
-            "dicts) are not accepted."
+            "dicts) are not accepted. A layout the runtime does not run is reported as ConfigValid=False "
+            "with reason Unsupported."
         ),
         "properties": dict(sorted(par_props.items(), key=lambda kv: kv[0].lower())),
     }
@@ -346,10 +295,9 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     }
 
     q_props = _dataclass_properties(ns.QuantizeConfig, ns, skip=set())
-    quant_values = _quant_types(ns)
     q_props["quant_type"] = {
         "type": "string",
-        "enum": quant_values + sorted(QUANT_TYPE_ALIASES),
+        "enum": list(facts.QUANT_TYPES) + sorted(facts.QUANT_TYPE_ALIASES),
         "description": q_props["quant_type"]["description"] + QUANT_TYPES_EXTRA_DOC,
     }
     q_props["backend"]["enum"] = [b.value for b in ns.QuantizeBackend if b.value != "NONE"]
@@ -358,7 +306,8 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
         "description": (
             "cache-dit `quantize_config` (QuantizeConfig), keys verbatim, rendered under quantize_config in "
             "cache-dit.yaml. cache-dit quantization needs CUDA; float8 types need compute capability >= 8.9, so "
-            "the operator adds node affinity on nvidia.com/gpu.compute.major/minor."
+            "the operator adds node affinity on nvidia.com/gpu.compute.major/minor. On CPU the runtime applies "
+            "the int8 types with torchao (quant_type, exclude_layers, components_to_quantize as a list)."
         ),
         "properties": dict(sorted(q_props.items(), key=lambda kv: kv[0].lower())),
         "required": ["quant_type"],
@@ -366,284 +315,54 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     return cache_dit, quantize, ns.version
 
 
-def _mask_policies(ns) -> list[str]:
-    """The predefined `steps_mask` policy names, read from cache-dit's source."""
-    import importlib
-
-    source = inspect.getsource(importlib.import_module("cache_dit.caching.cache_interface").steps_mask)
-    block = source[source.index("predefined_policies = {") :]
-    names = re.findall(r'^\s*"([a-z]+)"\s*:', block[: block.index("\n  }")], re.MULTILINE)
-    if "fast" not in names:
-        raise SystemExit("gen_crd: could not read cache-dit's steps_mask policies")
-    return names
-
-
-def _quant_types(ns) -> list[str]:
-    """quant_type values cache-dit's torchao path dispatches on, read from its source."""
-    import importlib
-
-    quantize_ao = importlib.import_module("cache_dit.quantization.torchao.quantize_ao")
-    found = re.findall(r'quant_type == "([a-z0-9_]+)"', inspect.getsource(quantize_ao))
-    ordered: list[str] = []
-    for value in found:
-        if value not in ordered and not value.startswith("svdq"):
-            ordered.append(value)
-    if "float8_per_row" not in ordered:
-        raise SystemExit("gen_crd: could not read cache-dit's quant_type values")
-    return ordered
-
-
 # ---------------------------------------------------------------------------------------------------
-# the hand-written rest of the schema
+# spec from the operator's typed model; status by hand
 
 
 def _s(kind: str, description: str, **extra) -> dict:
     return {"type": kind, "description": description, **extra}
 
 
-def _int_or_string(description: str) -> dict:
-    return {"x-kubernetes-int-or-string": True, "description": description}
+def _structural(node: dict, defs: dict) -> dict:
+    """A pydantic JSON schema node as a Kubernetes structural schema: $refs inlined, Optional[X] as X,
+    titles and `additionalProperties: false` dropped (the API server prunes unknown fields)."""
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is not None:
+        target = _structural(defs[ref.rsplit("/", 1)[-1]], defs)
+        node = {**target, **{k: v for k, v in node.items() if k != "title"}}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        arms = [a for a in any_of if a != {"type": "null"}]
+        if len(arms) != 1:
+            raise SystemExit(f"gen_crd: no structural schema for anyOf {any_of}")
+        arm = _structural(arms[0], defs)
+        node = {**arm, **{k: v for k, v in node.items() if k not in ("title",)}}
+    node.pop("title", None)
+    if node.get("default", 0) is None or node.pop(specs.NO_CRD_DEFAULT, False):
+        node.pop("default", None)
+    if node.get("additionalProperties") is False or (
+        node.get("additionalProperties") is True and node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        node.pop("additionalProperties")
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"], defs)
+    if "properties" in node:
+        node["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = _structural(node["items"], defs)
+    order = ["type", "description"]
+    return {k: node[k] for k in order if k in node} | {k: v for k, v in node.items() if k not in order}
 
 
 def spec_schema(cache_dit: dict, quantize: dict) -> dict:
-    quantity_map = {
-        "type": "object",
-        "additionalProperties": {
-            "x-kubernetes-int-or-string": True,
-            "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-        },
-    }
-    return {
-        "type": "object",
-        "description": "Desired state: the model, GPUs, cache-dit and quantization settings, warmup and server limits.",
-        "required": ["model"],
-        "properties": {
-            "model": {
-                "type": "object",
-                "description": "The diffusers model to serve.",
-                "required": ["uri"],
-                "properties": {
-                    "uri": _s(
-                        "string",
-                        "Where the model comes from: hf://org/name (Hugging Face), pvc://claim/path (a "
-                        "PersistentVolumeClaim mounted read-only), file:///abs/path or an absolute path inside the image.",
-                        pattern=r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.+|/.+)$",
-                        maxLength=512,
-                    ),
-                    "revision": _s(
-                        "string", "Hub revision (branch, tag or commit); hf:// only.", maxLength=128
-                    ),
-                    "pipeline": _s(
-                        "string",
-                        "diffusers pipeline class, e.g. FluxPipeline; when empty, model_index.json decides.",
-                        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                        maxLength=128,
-                    ),
-                    "dtype": _s(
-                        "string",
-                        "Weights dtype.",
-                        enum=["bfloat16", "float16", "float32"],
-                        default="bfloat16",
-                    ),
-                    "tokenSecretRef": {
-                        "type": "object",
-                        "description": "Secret holding the Hugging Face token; passed to the pod only as env HF_TOKEN via secretKeyRef.",
-                        "required": ["name"],
-                        "properties": {
-                            "name": _s("string", "Secret name (same namespace).", maxLength=253),
-                            "key": _s("string", "Key in the Secret.", default="token", maxLength=253),
-                        },
-                    },
-                },
-            },
-            "replicas": _s(
-                "integer",
-                "Number of serving pods (scale subresource: kubectl scale dd/NAME --replicas N). Leave unset "
-                "when spec.autoscaling is set; defaults to 1 otherwise.",
-                minimum=0,
-            ),
-            "gpu": {
-                "type": "object",
-                "description": "GPUs per pod.",
-                "default": {"count": 1},
-                "properties": {
-                    "count": _s(
-                        "integer",
-                        "nvidia.com/gpu per pod; 0 runs on CPU nodes.",
-                        minimum=0,
-                        maximum=16,
-                        default=1,
-                    ),
-                    "product": _s(
-                        "string",
-                        "Required GPU product (node label nvidia.com/gpu.product), e.g. NVIDIA-H100-80GB-HBM3.",
-                        maxLength=128,
-                    ),
-                },
-            },
-            "device": _s("string", "Runtime device.", enum=["auto", "cuda", "cpu"], default="auto"),
-            "cacheDit": cache_dit,
-            "quantize": quantize,
-            "compile": _s("boolean", "torch.compile the transformer before warmup.", default=False),
-            "warmup": {
-                "type": "object",
-                "description": "Warm generations run before the pod turns Ready.",
-                "properties": {
-                    "resolutions": {
-                        "type": "array",
-                        "description": "WIDTHxHEIGHT sizes to warm up (each compiles its own graph).",
-                        "maxItems": 16,
-                        "items": {"type": "string", "pattern": r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$"},
-                    },
-                    "steps": _s("integer", "Inference steps per warmup generation.", minimum=1, maximum=1000),
-                    "prompt": _s("string", "Warmup prompt.", maxLength=1000),
-                },
-            },
-            "server": {
-                "type": "object",
-                "description": "Runtime server limits.",
-                "properties": {
-                    "maxQueue": _s(
-                        "integer",
-                        "Bounded queue length; a full queue answers 429 with Retry-After.",
-                        minimum=1,
-                        default=16,
-                    ),
-                    "requestTimeoutSeconds": _s("integer", "Per-request timeout.", minimum=1, default=300),
-                    "maxPixels": _s("integer", "Largest width*height accepted.", minimum=1, default=4194304),
-                    "maxSteps": _s(
-                        "integer", "Largest num_inference_steps accepted.", minimum=1, default=100
-                    ),
-                    "maxN": _s("integer", "Largest n (images per request) accepted.", minimum=1, default=4),
-                },
-            },
-            "startupTimeoutSeconds": _s(
-                "integer",
-                "Time allowed for model load, compile and warmup before the startup probe fails the pod. Sized "
-                "from the spec (model, compile, warmup) when unset.",
-                minimum=60,
-                maximum=14400,
-            ),
-            "autoscaling": {
-                "type": "object",
-                "description": "Scale on the runtime's per-pod queue depth (autoscaling/v2 HPA, Pods metric diffusion_queue_depth).",
-                "required": ["maxReplicas"],
-                "properties": {
-                    "minReplicas": _s("integer", "Lowest replica count.", minimum=1, default=1),
-                    "maxReplicas": _s("integer", "Highest replica count.", minimum=1),
-                    "targetQueueDepth": _s(
-                        "number", "Average queued images per pod to aim for.", minimum=0.1, default=2
-                    ),
-                },
-                "x-kubernetes-validations": [
-                    {
-                        "rule": "self.minReplicas <= self.maxReplicas",
-                        "message": "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
-                    }
-                ],
-            },
-            "rollout": {
-                "type": "object",
-                "description": "Deployment rollout. maxSurge 0 (the default) replaces pods in place, so a rollout never needs extra GPUs.",
-                "properties": {
-                    "maxSurge": _int_or_string("Extra pods during a rollout (default 0)."),
-                    "maxUnavailable": _int_or_string("Pods that may be down during a rollout (default 1)."),
-                },
-                "x-kubernetes-validations": [
-                    {
-                        "rule": "!(has(self.maxSurge) && has(self.maxUnavailable) && (self.maxSurge == 0 || self.maxSurge == '0' || self.maxSurge == '0%') && (self.maxUnavailable == 0 || self.maxUnavailable == '0' || self.maxUnavailable == '0%'))",
-                        "message": "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
-                    }
-                ],
-            },
-            "disruption": {
-                "type": "object",
-                "description": "PodDisruptionBudget of the serving pods.",
-                "properties": {
-                    "maxUnavailable": _int_or_string("Pods a voluntary disruption may take down (default 1).")
-                },
-            },
-            "template": {
-                "type": "object",
-                "description": "Pod template overrides.",
-                "properties": {
-                    "image": _s("string", "Runtime image.", maxLength=512),
-                    "imagePullPolicy": _s(
-                        "string", "Image pull policy.", enum=["Always", "IfNotPresent", "Never"]
-                    ),
-                    "serviceAccountName": _s("string", "Service account of the pods.", maxLength=253),
-                    "nodeSelector": {
-                        "type": "object",
-                        "description": "Extra node selector labels.",
-                        "additionalProperties": {"type": "string"},
-                    },
-                    "tolerations": {
-                        "type": "array",
-                        "description": "Extra tolerations (the nvidia.com/gpu taint is tolerated already).",
-                        "items": {
-                            "type": "object",
-                            "description": "A core/v1 Toleration.",
-                            "properties": {
-                                "key": _s("string", "Taint key."),
-                                "operator": _s("string", "Exists or Equal.", enum=["Exists", "Equal"]),
-                                "value": _s("string", "Taint value."),
-                                "effect": _s(
-                                    "string",
-                                    "Taint effect.",
-                                    enum=["NoSchedule", "PreferNoSchedule", "NoExecute"],
-                                ),
-                                "tolerationSeconds": _s("integer", "NoExecute toleration time."),
-                            },
-                        },
-                    },
-                    "affinity": {
-                        "type": "object",
-                        "description": "A core/v1 Affinity, merged with the operator's GPU affinity.",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    },
-                    "resources": {
-                        "type": "object",
-                        "description": "cpu/memory requests and limits (nvidia.com/gpu comes from spec.gpu).",
-                        "properties": {
-                            "requests": {**quantity_map, "description": "Requests."},
-                            "limits": {**quantity_map, "description": "Limits."},
-                        },
-                    },
-                    "env": {
-                        "type": "array",
-                        "description": "Extra environment variables (name/value only; HF_TOKEN is set from model.tokenSecretRef).",
-                        "items": {
-                            "type": "object",
-                            "required": ["name"],
-                            "description": "A name/value variable.",
-                            "properties": {
-                                "name": _s("string", "Variable name.", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
-                                "value": _s("string", "Variable value."),
-                            },
-                        },
-                    },
-                    "shmSize": _int_or_string(
-                        "Size limit of the /dev/shm emptyDir (default 8Gi; 1Gi on CPU)."
-                    ),
-                },
-            },
-        },
-        "x-kubernetes-validations": [
-            {
-                "rule": "!(has(self.replicas) && has(self.autoscaling))",
-                "message": "spec.replicas and spec.autoscaling are mutually exclusive: with autoscaling the HPA drives the replica count",
-            },
-            {
-                "rule": "!has(self.cacheDit) || !has(self.cacheDit.parallelism_config) || "
-                "(has(self.cacheDit.parallelism_config.ulysses_size) ? self.cacheDit.parallelism_config.ulysses_size : 1) * "
-                "(has(self.cacheDit.parallelism_config.ring_size) ? self.cacheDit.parallelism_config.ring_size : 1) * "
-                "(has(self.cacheDit.parallelism_config.tp_size) ? self.cacheDit.parallelism_config.tp_size : 1) == "
-                "(has(self.gpu) && has(self.gpu.count) ? self.gpu.count : 1)",
-                "message": "cacheDit.parallelism_config: ulysses_size * ring_size * tp_size must equal gpu.count",
-                "fieldPath": ".cacheDit.parallelism_config",
-            },
-        ],
-    }
+    """`spec`: the operator's typed model, with cache-dit's generated schemas for cacheDit and quantize."""
+    schema = specs.DiffusionDeploymentSpec.model_json_schema(by_alias=True)
+    out = _structural(schema, schema.get("$defs", {}))
+    out.pop("$defs", None)
+    out["properties"]["cacheDit"] = cache_dit
+    out["properties"]["quantize"] = quantize
+    return out
 
 
 def status_schema() -> dict:

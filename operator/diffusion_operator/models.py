@@ -1,9 +1,11 @@
 """Known facts about named models and GPU products, used by the semantic checks of `spec.py`.
 
-cache-dit checks `Fn_compute_blocks` and `Bn_compute_blocks` against each cached block list of the
-transformer at load time (an assertion in the pod). The operator knows the block lists of common models
-and refuses a spec whose Fn + Bn exceeds the smallest list, so the error shows in `status` instead of a
-crash loop. Unknown models are not checked (the runtime reports it).
+cache-dit asserts `Fn_compute_blocks <= len(blocks)` and `Bn_compute_blocks <= len(blocks)` for each
+cached block list of the transformer at load time (an assertion in the pod). The block lists of known
+models, as cache-dit's adapters see them (FLUX.1: 19 + 38 joined into one list of 57), come from the
+generated cache-dit facts (`diffusion_runtime.cache_dit_facts.MODEL_BLOCK_LISTS`); this module adds the
+operator's own facts (pipeline class, startup budget) and GPU compute capabilities. Unknown models are
+not checked (the runtime reports it).
 """
 
 from __future__ import annotations
@@ -11,16 +13,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from diffusion_runtime.cache_dit_facts import MODEL_BLOCK_LISTS
+
 
 @dataclass(frozen=True)
 class ModelFacts:
     name: str
-    block_lists: tuple[int, ...]  # transformer block lists cache-dit caches, e.g. FLUX: 19 double + 38 single
     pipeline: str
     startup_seconds: int  # rough download + load budget on one GPU
 
     @property
+    def block_lists(self) -> tuple[int, ...]:
+        """The block lists cache-dit caches (FLUX.1: one joined list of 19 double + 38 single blocks)."""
+        return MODEL_BLOCK_LISTS[self.name]
+
+    @property
     def max_cache_blocks(self) -> int:
+        """The largest Fn_compute_blocks (and, separately, Bn_compute_blocks) cache-dit accepts."""
         return min(self.block_lists)
 
 
@@ -28,19 +37,19 @@ class ModelFacts:
 KNOWN_MODELS: dict[str, ModelFacts] = {
     facts.name.lower(): facts
     for facts in (
-        ModelFacts("FLUX.1-dev", (19, 38), "FluxPipeline", 900),
-        ModelFacts("FLUX.1-schnell", (19, 38), "FluxPipeline", 900),
-        ModelFacts("FLUX.1-Kontext-dev", (19, 38), "FluxKontextPipeline", 900),
-        ModelFacts("Qwen-Image", (60,), "QwenImagePipeline", 1200),
-        ModelFacts("Qwen-Image-Edit", (60,), "QwenImageEditPipeline", 1200),
-        ModelFacts("stable-diffusion-3-medium-diffusers", (24,), "StableDiffusion3Pipeline", 600),
-        ModelFacts("stable-diffusion-3.5-medium", (24,), "StableDiffusion3Pipeline", 600),
-        ModelFacts("stable-diffusion-3.5-large", (38,), "StableDiffusion3Pipeline", 900),
-        ModelFacts("stable-diffusion-3.5-large-turbo", (38,), "StableDiffusion3Pipeline", 900),
-        ModelFacts("Wan2.1-T2V-1.3B-Diffusers", (30,), "WanPipeline", 600),
-        ModelFacts("Wan2.1-T2V-14B-Diffusers", (40,), "WanPipeline", 1500),
-        ModelFacts("HunyuanVideo", (20, 40), "HunyuanVideoPipeline", 1500),
-        ModelFacts("CogVideoX-5b", (42,), "CogVideoXPipeline", 900),
+        ModelFacts("FLUX.1-dev", "FluxPipeline", 900),
+        ModelFacts("FLUX.1-schnell", "FluxPipeline", 900),
+        ModelFacts("FLUX.1-Kontext-dev", "FluxKontextPipeline", 900),
+        ModelFacts("Qwen-Image", "QwenImagePipeline", 1200),
+        ModelFacts("Qwen-Image-Edit", "QwenImageEditPipeline", 1200),
+        ModelFacts("stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline", 600),
+        ModelFacts("stable-diffusion-3.5-medium", "StableDiffusion3Pipeline", 600),
+        ModelFacts("stable-diffusion-3.5-large", "StableDiffusion3Pipeline", 900),
+        ModelFacts("stable-diffusion-3.5-large-turbo", "StableDiffusion3Pipeline", 900),
+        ModelFacts("Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", 600),
+        ModelFacts("Wan2.1-T2V-14B-Diffusers", "WanPipeline", 1500),
+        ModelFacts("HunyuanVideo", "HunyuanVideoPipeline", 1500),
+        ModelFacts("CogVideoX-5b", "CogVideoXPipeline", 900),
     )
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from diffusion_operator.spec import condition_reason
+
 READY = "Ready"
 PROGRESSING = "Progressing"
 CONFIG_VALID = "ConfigValid"
@@ -43,12 +45,11 @@ def invalid_status(old_status: dict, generation: int, errors: list) -> dict:
     """ConfigValid=False; children are left as they were (nothing half-applied)."""
     message = "; ".join(str(e) for e in errors)
     status = {k: v for k, v in (old_status or {}).items() if k != "conditions"}
-    conditions = [condition(CONFIG_VALID, False, "InvalidSpec", message, generation)]
+    reason = condition_reason(errors)  # Unsupported: valid, but the runtime does not run it (yet)
+    conditions = [condition(CONFIG_VALID, False, reason, message, generation)]
     old_types = {c.get("type"): c for c in (old_status or {}).get("conditions", [])}
     if READY not in old_types:
-        conditions.append(
-            condition(READY, False, "InvalidSpec", "the spec is invalid: see ConfigValid", generation)
-        )
+        conditions.append(condition(READY, False, reason, "the spec is invalid: see ConfigValid", generation))
     else:
         keep = dict(old_types[READY])
         keep.pop("lastTransitionTime", None)

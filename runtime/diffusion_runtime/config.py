@@ -13,14 +13,45 @@ from typing import Any
 
 import yaml
 
+from diffusion_runtime import cache_dit_facts as facts
+
 
 class ConfigError(ValueError):
-    """A setting the runtime cannot honour; the message is one line naming the setting."""
+    """A setting the runtime cannot honour; the message is one line naming the setting.
+
+    `path` is the setting (`server.max_n`, `cache_config.Fn_compute_blocks`, ...) and `reason` is
+    `Invalid`, or `Unsupported` for a valid setting this runtime does not run (the operator reports it
+    as the ConfigValid reason)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = "Invalid") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+def _error(path: str, message: str, reason: str = "Invalid") -> ConfigError:
+    return ConfigError(f"{path}: {message}", path, reason)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cuda", "cpu")
+# limits of the runtime.yaml settings: the CRD's bounds and the operator's checks come from here
+MAX_N_LIMIT = 64  # images per request
+MAX_STEPS_LIMIT = 1000  # num_inference_steps
+MIN_PIXELS = 256  # server.max_pixels floor
+SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patching need it)
+# the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); parse_size also takes
+# spaces and an upper-case X from the command line
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# quant types the runtime runs on CPU: torchao's int8 configs applied directly (cache-dit's own
+# quantization asserts CUDA), see optimize.quantize_with_torchao
+CPU_QUANT_TYPES = ("int8_per_row", "int8_per_tensor", "int8_weight_only")
+# quantize_config.backend values the runtime runs (cache-dit's QuantizeBackend.from_str aliases of AUTO
+# and TORCHAO; CACHE_DIT is SVDQuant's, which needs a CUDA extension and svdq quant types)
+QUANTIZE_BACKENDS = ("auto", "torchao", "ao")
+# quantize_config keys the CPU torchao path honours; the others need cache-dit's CUDA path
+CPU_QUANTIZE_KEYS = ("quant_type", "exclude_layers", "components_to_quantize", "backend", "verbose")
 
 
 @dataclass
@@ -128,57 +159,339 @@ def load_config_file(path: str | Path) -> RuntimeConfig:
     return config_from_dict(raw, base_dir=path.parent.resolve())
 
 
-def validate(cfg: RuntimeConfig) -> RuntimeConfig:
-    """Check types and ranges; raise ConfigError naming the first bad setting."""
+def _int_error(
+    path: str, value: Any, lo: int, hi: int | None = None, hi_name: str = ""
+) -> ConfigError | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return _error(path, f"expected an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"{hi}{f' ({hi_name})' if hi_name else ''}" if hi is not None else "inf"
+        return _error(path, f"{value} is out of range [{lo}, {bound}]")
+    return None
 
-    def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if value < lo or (hi is not None and value > hi):
-            raise ConfigError(f"{name}: {value} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-        return value
 
-    if not cfg.model.uri or not isinstance(cfg.model.uri, str):
-        raise ConfigError("model.uri: required (a folder, file:///path, hf://org/name or org/name)")
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype: {cfg.model.dtype!r} is not one of {', '.join(DTYPES)}")
+def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
+    """Every setting the runtime refuses, each naming its setting (empty: the config is valid)."""
+    errors: list[ConfigError] = []
+
+    def add(error: ConfigError | None) -> None:
+        if error is not None:
+            errors.append(error)
+
+    m = cfg.model
+    if not m.uri or not isinstance(m.uri, str):
+        add(_error("model.uri", "required (a folder, file:///path, hf://org/name or org/name)"))
+    for key in ("revision", "pipeline"):
+        value = getattr(m, key)
+        if value is not None and not isinstance(value, str):
+            add(_error(f"model.{key}", f"expected a string, got {value!r}"))
+    if m.dtype not in DTYPES:
+        add(_error("model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}"))
     if cfg.device not in DEVICES:
-        raise ConfigError(f"device: {cfg.device!r} is not one of {', '.join(DEVICES)}")
+        add(_error("device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}"))
     if not isinstance(cfg.compile, bool):
-        raise ConfigError(f"compile: expected true or false, got {cfg.compile!r}")
+        add(_error("compile", f"expected true or false, got {cfg.compile!r}"))
+    if cfg.cache_dit_config is not None and not isinstance(cfg.cache_dit_config, str):
+        add(_error("cache_dit_config", f"expected a file name, got {cfg.cache_dit_config!r}"))
     s = cfg.server
-    _int("server.port", s.port, 1, 65535)
-    _int("server.metrics_port", s.metrics_port, 0, 65535)
-    if s.metrics_port and s.metrics_port == s.port:
-        raise ConfigError(
-            f"server.metrics_port: {s.metrics_port} equals server.port; use another port or 0 (off)"
+    if not isinstance(s.host, str) or not s.host:
+        add(_error("server.host", f"expected an address, got {s.host!r}"))
+    add(_int_error("server.port", s.port, 1, 65535))
+    add(_int_error("server.metrics_port", s.metrics_port, 0, 65535))
+    if isinstance(s.port, int) and s.metrics_port and s.metrics_port == s.port:
+        add(
+            _error("server.metrics_port", f"{s.metrics_port} equals server.port; use another port or 0 (off)")
         )
-    _int("server.max_queue", s.max_queue, 1)
-    _int("server.max_pixels", s.max_pixels, 256)
-    _int("server.max_steps", s.max_steps, 1, 1000)
-    _int("server.max_n", s.max_n, 1, 64)
-    if isinstance(s.request_timeout_seconds, bool) or not isinstance(s.request_timeout_seconds, int | float):
-        raise ConfigError(
-            f"server.request_timeout_seconds: expected a number, got {s.request_timeout_seconds!r}"
-        )
-    if s.request_timeout_seconds <= 0:
-        raise ConfigError("server.request_timeout_seconds: must be > 0")
+    add(_int_error("server.max_queue", s.max_queue, 1))
+    max_pixels_error = _int_error("server.max_pixels", s.max_pixels, MIN_PIXELS)
+    add(max_pixels_error)
+    max_steps_error = _int_error("server.max_steps", s.max_steps, 1, MAX_STEPS_LIMIT)
+    add(max_steps_error)
+    add(_int_error("server.max_n", s.max_n, 1, MAX_N_LIMIT))
+    timeout = s.request_timeout_seconds
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        add(_error("server.request_timeout_seconds", f"expected a number, got {timeout!r}"))
+    elif timeout <= 0:
+        add(_error("server.request_timeout_seconds", "must be > 0"))
     w = cfg.warmup
     if not isinstance(w.resolutions, list):
-        raise ConfigError(f"warmup.resolutions: expected a list like ['1024x1024'], got {w.resolutions!r}")
-    for r in w.resolutions:
-        try:
-            width, height = parse_size(r)
-        except ValueError as e:
-            raise ConfigError(f"warmup.resolutions: {e}") from e
-        if width % 16 or height % 16 or width * height > s.max_pixels:
-            raise ConfigError(
-                f"warmup.resolutions: {r} must be multiples of 16 within server.max_pixels={s.max_pixels}"
-            )
-    _int("warmup.steps", w.steps, 1, s.max_steps)
+        add(_error("warmup.resolutions", f"expected a list like ['1024x1024'], got {w.resolutions!r}"))
+    else:
+        for r in w.resolutions:
+            try:
+                width, height = parse_size(r)
+            except ValueError as e:
+                add(_error("warmup.resolutions", str(e)))
+                continue
+            if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+                add(
+                    _error(
+                        "warmup.resolutions", f"{r}: width and height must be multiples of {SIZE_MULTIPLE}"
+                    )
+                )
+            elif max_pixels_error is None and width * height > s.max_pixels:
+                add(
+                    _error(
+                        "warmup.resolutions",
+                        f"{r} = {width * height} pixels exceeds server.max_pixels={s.max_pixels}",
+                    )
+                )
+    steps_ceiling = s.max_steps if max_steps_error is None else MAX_STEPS_LIMIT
+    add(
+        _int_error(
+            "warmup.steps", w.steps, 1, steps_ceiling, "server.max_steps" if max_steps_error is None else ""
+        )
+    )
     if not isinstance(w.prompt, str) or not w.prompt.strip():
-        raise ConfigError("warmup.prompt: must be a non-empty string")
+        add(_error("warmup.prompt", "must be a non-empty string"))
+    return errors
+
+
+def validate(cfg: RuntimeConfig) -> RuntimeConfig:
+    """Check types and ranges; raise ConfigError naming the first bad setting."""
+    errors = config_errors(cfg)
+    if errors:
+        raise errors[0]
     return cfg
+
+
+# ---- the cache-dit YAML (cache_config, parallelism_config, attention_backend, quantize_config) ----
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "string": (str,),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+def _typed(path: str, value: Any, kind: str) -> ConfigError | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind != "boolean":
+        return _error(path, f"expected {kind}, got {value!r}")
+    if not isinstance(value, _JSON_TYPES[kind]):
+        return _error(path, f"expected {kind}, got {value!r}")
+    return None
+
+
+def parallel_layout_error(sizes: dict[str, int]) -> ConfigError | None:
+    """Which parallel layouts this runtime runs: it serves one process on one device, so none.
+
+    The one place that decides it: the runtime's preflight and the operator (ConfigValid=False,
+    reason Unsupported) both ask here."""
+    total = 1
+    for value in sizes.values():
+        total *= value
+    return _error(
+        "parallelism_config",
+        f"{' * '.join(f'{k}={v}' for k, v in sizes.items())} needs {total} ranks under torch.distributed; "
+        "this runtime serves one process on one device (use gpu.count 1 per replica and scale replicas)",
+        reason="Unsupported",
+    )
+
+
+def _cache_config_errors(cc: dict) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    for key in sorted(set(cc) - set(facts.CACHE_CONFIG_FIELDS)):
+        errors.append(_error(f"cache_config.{key}", "unknown key (cache-dit would silently drop it)"))
+    for key, value in cc.items():
+        kind = facts.CACHE_CONFIG_FIELDS.get(key)
+        if kind is None or value is None:
+            continue
+        if key == "steps_computation_mask":
+            continue  # list or policy name, checked below
+        error = _typed(f"cache_config.{key}", value, kind)
+        if error is not None:
+            errors.append(error)
+            continue
+        if kind == "integer":
+            lo = 1 if key in facts.POSITIVE_INTS else 0 if key in facts.NON_NEGATIVE_INTS else None
+            if lo is not None and value < lo:
+                errors.append(_error(f"cache_config.{key}", f"must be >= {lo}, got {value}"))
+        choices = facts.FIELD_ENUMS.get(key) or facts.CALIBRATOR_ENUMS.get(key)
+        if key == "cache_type":
+            choices = facts.CACHE_TYPES
+        if choices and value not in choices:
+            errors.append(_error(f"cache_config.{key}", f"{value!r} is not one of {', '.join(choices)}"))
+    flags = [k for k in ("enable_taylorseer", "enable_dmd", "enable_foca") if cc.get(k) is True]
+    if len(flags) > 1:
+        errors.append(_error(f"cache_config.{flags[1]}", f"{', '.join(flags)} are mutually exclusive"))
+    mask = cc.get("steps_computation_mask")
+    if mask is not None:
+        path = "cache_config.steps_computation_mask"
+        steps = cc.get("num_inference_steps")
+        if isinstance(mask, str):
+            try:
+                facts.expand_mask(cc)
+            except ValueError as e:
+                errors.append(_error(path, str(e)))
+        elif (
+            not isinstance(mask, list) or not mask or any(type(x) is not int or x not in (0, 1) for x in mask)
+        ):
+            errors.append(
+                _error(path, f"must be a non-empty list of 0/1 or one of {', '.join(facts.MASK_POLICIES)}")
+            )
+        elif isinstance(steps, int) and not isinstance(steps, bool) and len(mask) != steps:
+            errors.append(_error(path, f"has {len(mask)} entries but num_inference_steps is {steps}"))
+    return errors
+
+
+def _quantize_errors(qc: dict, device_type: str, capability: tuple[int, int] | None) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    for key in sorted(set(qc) - set(facts.QUANTIZE_CONFIG_FIELDS)):
+        errors.append(_error(f"quantize_config.{key}", "unknown key"))
+    backend = qc.get("backend")
+    if backend is not None and str(backend).lower() not in QUANTIZE_BACKENDS:
+        errors.append(
+            _error(
+                "quantize_config.backend",
+                f"{backend!r}: this runtime quantizes with torchao only (backend {' or '.join(QUANTIZE_BACKENDS[:2])}); "
+                "cache-dit's own backend is for SVDQuant types",
+            )
+        )
+    raw_type = qc.get("quant_type", facts.QUANT_TYPE_DEFAULT)
+    if not isinstance(raw_type, str):
+        return [*errors, _error("quantize_config.quant_type", f"expected a string, got {raw_type!r}")]
+    quant_type = facts.canonical_quant_type(raw_type)
+    if quant_type not in facts.QUANT_TYPES:
+        return [
+            *errors,
+            ConfigError(
+                f"quantize_config.quant_type={raw_type!r} is not one of {', '.join(facts.QUANT_TYPES)}",
+                "quantize_config.quant_type",
+            ),
+        ]
+    if device_type != "cuda":
+        if quant_type not in CPU_QUANT_TYPES:
+            floor = facts.min_capability(quant_type)
+            errors.append(
+                ConfigError(
+                    f"quantize_config.quant_type={quant_type} needs a CUDA GPU"
+                    f"{f' with compute capability >= {floor[0]}.{floor[1]}' if floor else ''}; "
+                    f"this runtime runs on {device_type} (int8 types only: {', '.join(CPU_QUANT_TYPES)})",
+                    "quantize_config.quant_type",
+                )
+            )
+        for key in sorted(set(qc) - set(CPU_QUANTIZE_KEYS)):
+            if qc[key] is not None:
+                errors.append(
+                    _error(
+                        f"quantize_config.{key}", f"not supported on {device_type} (the torchao int8 path)"
+                    )
+                )
+        if isinstance(qc.get("components_to_quantize"), dict):
+            errors.append(
+                _error(
+                    "quantize_config.components_to_quantize",
+                    f"per-component quant types are not supported on {device_type}; give a list of names",
+                )
+            )
+        return errors
+    raw_plan = qc.get("precision_plan")
+    plan: dict = raw_plan if isinstance(raw_plan, dict) else {}
+    components = qc.get("components_to_quantize")
+    used: list[tuple[str, Any]] = [("quantize_config.quant_type", quant_type)]
+    used += [(f"quantize_config.precision_plan[{k}]", v) for k, v in plan.items()]
+    if isinstance(components, dict):
+        used += [
+            (f"quantize_config.components_to_quantize[{k}].quant_type", v.get("quant_type"))
+            for k, v in components.items()
+            if isinstance(v, dict) and v.get("quant_type") is not None
+        ]
+    for path, value in used:
+        if not isinstance(value, str) or facts.canonical_quant_type(value) not in facts.QUANT_TYPES:
+            if path != "quantize_config.quant_type":
+                errors.append(_error(path, f"{value!r} is not one of {', '.join(facts.QUANT_TYPES)}"))
+            continue
+        floor = facts.min_capability(value)
+        if floor is not None and capability is not None and capability < floor:
+            name = facts.canonical_quant_type(value)
+            errors.append(
+                ConfigError(
+                    f"{path}={name} needs compute capability >= {floor[0]}.{floor[1]}; "
+                    f"this GPU has {capability[0]}.{capability[1]}",
+                    path,
+                )
+            )
+    return errors
+
+
+def cache_dit_errors(
+    raw: Any, device_type: str, capability: tuple[int, int] | None = None
+) -> list[ConfigError]:
+    """Everything the runtime refuses in a cache-dit YAML mapping for `device_type` ('cpu' | 'cuda')
+    and, when known, the GPU's compute capability. Torch-free: the facts come from the generated
+    `_cache_dit_pinned` module (the pinned cache-dit's own)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [ConfigError("cache-dit config: expected a mapping at the top level", "")]
+    errors: list[ConfigError] = []
+    for key in sorted(set(raw) - set(facts.TOP_LEVEL_KEYS)):
+        errors.append(
+            ConfigError(
+                f"cache-dit config: unknown top-level key {key}; known: {', '.join(facts.TOP_LEVEL_KEYS)}",
+                key,
+            )
+        )
+    cc = raw.get("cache_config")
+    if cc is not None:
+        if isinstance(cc, dict):
+            errors += _cache_config_errors(cc)
+        else:
+            errors.append(_error("cache_config", "must be a mapping"))
+    pc = raw.get("parallelism_config")
+    if pc is not None:
+        if not isinstance(pc, dict):
+            errors.append(_error("parallelism_config", "must be a mapping"))
+        else:
+            for key in sorted(set(pc) - set(facts.PARALLELISM_CONFIG_FIELDS)):
+                errors.append(_error(f"parallelism_config.{key}", "unknown key"))
+            sizes = {k: pc[k] for k in facts.PARALLEL_SIZE_KEYS if pc.get(k) is not None}
+            bad = [k for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+            if bad:
+                errors.append(_error("parallelism_config", f"sizes must be integers >= 1, got {sizes}"))
+            elif all(v == 1 for v in sizes.values()):
+                errors.append(
+                    _error(
+                        "parallelism_config",
+                        f"{', '.join(facts.PARALLEL_SIZE_KEYS)} are all 1 (cache-dit raises on that); remove it",
+                    )
+                )
+            else:
+                layout = parallel_layout_error(sizes)
+                if layout is not None:
+                    errors.append(layout)
+    backend = raw.get("attention_backend")
+    if backend is not None and not isinstance(backend, str):
+        errors.append(_error("attention_backend", f"expected a string, got {backend!r}"))
+    qc = raw.get("quantize_config")
+    if qc is not None:
+        if isinstance(qc, dict):
+            errors += _quantize_errors(qc, device_type, capability)
+        else:
+            errors.append(_error("quantize_config", "must be a mapping"))
+    return errors
+
+
+def runtime_errors(
+    cfg: RuntimeConfig,
+    cache_dit: dict | None,
+    device_type: str,
+    capability: tuple[int, int] | None = None,
+) -> list[ConfigError]:
+    """The runtime's whole preflight for a config and its cache-dit YAML on `device_type`: what
+    `diffusion-runtime serve` refuses before it loads a model. The operator runs exactly this on the
+    runtime.yaml it renders."""
+    errors = config_errors(cfg)
+    if device_type == "cpu" and cfg.model.dtype == "float16":
+        errors.append(_error("model.dtype", "float16 is not supported on cpu; use float32 or bfloat16"))
+    if cfg.device == "cuda" and device_type != "cuda":
+        errors.append(_error("device", "cuda requested but this pod has no GPU"))
+    return errors + cache_dit_errors(cache_dit, device_type, capability)
 
 
 def apply_overrides(cfg: RuntimeConfig, **overrides: Any) -> RuntimeConfig:

@@ -12,7 +12,6 @@ cache-dit sees.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,31 +19,10 @@ from typing import Any
 
 import yaml
 
-from diffusion_runtime.config import ConfigError
+from diffusion_runtime import cache_dit_facts as facts
+from diffusion_runtime.config import ConfigError, cache_dit_errors
 
 log = logging.getLogger("diffusion_runtime")
-
-TOP_LEVEL_KEYS = ("cache_config", "parallelism_config", "attention_backend", "quantize_config")
-QUANT_TYPES = (
-    "float8_per_row",
-    "float8_per_tensor",
-    "float8_per_block",
-    "float8_weight_only",
-    "int8_per_row",
-    "int8_per_tensor",
-    "int8_weight_only",
-    "int4_weight_only",
-    "nvfp4",
-    "nvfp4_weight_only",
-)
-QUANT_ALIASES = {"float8": "float8_per_row"}  # cache-dit 1.3.0-1.3.4 name
-CPU_QUANT_TYPES = ("int8_per_row", "int8_per_tensor", "int8_weight_only")
-# keys load_cache_config understands inside cache_config besides the DBCache/DBPrune dataclass fields
-_CALIBRATOR_KEYS = {
-    "enable_taylorseer", "enable_encoder_taylorseer", "taylorseer_cache_type", "taylorseer_order",
-    "enable_dmd", "enable_encoder_dmd", "calibrator_cache_type", "dmd_history", "dmd_rank", "dmd_ridge",
-    "dmd_svd_precision", "enable_foca", "enable_encoder_foca",
-}  # fmt: skip
 
 
 @dataclass
@@ -58,7 +36,7 @@ class CacheDitPlan:
 
     @property
     def uses_cache_dit(self) -> bool:
-        return any(k in self.raw for k in TOP_LEVEL_KEYS)
+        return any(k in self.raw for k in facts.TOP_LEVEL_KEYS)
 
 
 def read_cache_dit_yaml(path: str | Path) -> dict[str, Any]:
@@ -76,106 +54,28 @@ def read_cache_dit_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _cache_config_keys() -> set[str]:
-    from cache_dit import DBCacheConfig, DBPruneConfig
-
-    fields = {f.name for f in dataclasses.fields(DBCacheConfig)} | {
-        f.name for f in dataclasses.fields(DBPruneConfig)
-    }
-    return fields | _CALIBRATOR_KEYS
-
-
-def _quantize_config_keys() -> set[str]:
-    from cache_dit import QuantizeConfig
-
-    return {f.name for f in dataclasses.fields(QuantizeConfig)}
-
-
 def plan_cache_dit(
     raw: dict[str, Any], device_type: str, capability: tuple[int, int] | None = None
 ) -> CacheDitPlan:
-    """Validate the YAML mapping for `device_type` ('cpu' | 'cuda'); nothing is applied here."""
+    """Validate the YAML mapping for `device_type` ('cpu' | 'cuda'); nothing is applied here.
+
+    The checks are `config.cache_dit_errors` (torch-free, the same function the operator runs on the
+    YAML it renders); the first error is raised."""
+    errors = cache_dit_errors(raw or {}, device_type, capability)
+    if errors:
+        raise errors[0]
     raw = copy.deepcopy(raw or {})
     notes: list[str] = []
-    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"cache-dit config: unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL_KEYS)}"
-        )
-    cc = raw.get("cache_config")
-    if cc is not None:
-        if not isinstance(cc, dict):
-            raise ConfigError("cache-dit config: cache_config must be a mapping")
-        bad = sorted(set(cc) - _cache_config_keys())
-        if bad:
-            raise ConfigError(f"cache-dit config: unknown cache_config key(s) {', '.join(bad)}")
-        for k in ("Fn_compute_blocks", "Bn_compute_blocks"):
-            if k in cc and (isinstance(cc[k], bool) or not isinstance(cc[k], int) or cc[k] < 0):
-                raise ConfigError(
-                    f"cache-dit config: cache_config.{k} must be an integer >= 0, got {cc[k]!r}"
-                )
-        mask = cc.get("steps_computation_mask")
-        if isinstance(mask, str) and not isinstance(cc.get("num_inference_steps"), int):
-            raise ConfigError(
-                f"cache-dit config: cache_config.steps_computation_mask {mask!r} needs cache_config.num_inference_steps"
-            )
-        if cc.get("steps_computation_policy", "dynamic") not in ("dynamic", "static"):
-            raise ConfigError(
-                "cache-dit config: cache_config.steps_computation_policy must be dynamic or static"
-            )
-    pc = raw.get("parallelism_config")
-    if pc is not None:
-        if not isinstance(pc, dict):
-            raise ConfigError("cache-dit config: parallelism_config must be a mapping")
-        sizes = [pc.get(k, 1) for k in ("ulysses_size", "ring_size", "tp_size")]
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ConfigError(
-                f"cache-dit config: parallelism_config sizes must be integers >= 1, got {sizes}"
-            )
-        total = sizes[0] * sizes[1] * sizes[2]
-        if total == 1:
-            raise ConfigError(
-                "cache-dit config: parallelism_config with all sizes 1 is refused by cache-dit; remove it"
-            )
-        raise ConfigError(
-            f"cache-dit config: parallelism_config needs {total} ranks under torch.distributed; "
-            "this runtime serves one process on one device"
-        )
     qc = raw.get("quantize_config")
     quant_type = None
     via_torchao = False
     if qc is not None:
-        if not isinstance(qc, dict):
-            raise ConfigError("cache-dit config: quantize_config must be a mapping")
-        bad = sorted(set(qc) - _quantize_config_keys())
-        if bad:
-            raise ConfigError(f"cache-dit config: unknown quantize_config key(s) {', '.join(bad)}")
-        quant_type = qc.get("quant_type", "float8_per_row")
-        if quant_type in QUANT_ALIASES:
-            notes.append(
-                f"quantize_config.quant_type {quant_type!r} is a legacy alias of {QUANT_ALIASES[quant_type]!r}"
-            )
-            quant_type = QUANT_ALIASES[quant_type]
+        written = qc.get("quant_type", facts.QUANT_TYPE_DEFAULT)
+        quant_type = facts.canonical_quant_type(written)
+        if quant_type != written:
+            notes.append(f"quantize_config.quant_type {written!r} is a legacy alias of {quant_type!r}")
             qc["quant_type"] = quant_type
-        if quant_type not in QUANT_TYPES:
-            raise ConfigError(
-                f"quantize_config.quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}"
-            )
-        if device_type != "cuda":
-            if quant_type not in CPU_QUANT_TYPES:
-                raise ConfigError(
-                    f"quantize_config.quant_type={quant_type} needs a CUDA GPU"
-                    f"{' with compute capability >= 8.9' if quant_type.startswith('float8') else ''}; "
-                    f"this runtime runs on {device_type} (int8 types only: {', '.join(CPU_QUANT_TYPES)})"
-                )
-            via_torchao = True
-        elif quant_type.startswith("float8") and capability is not None and capability < (8, 9):
-            raise ConfigError(
-                f"quantize_config.quant_type={quant_type} needs compute capability >= 8.9; "
-                f"this GPU has {capability[0]}.{capability[1]}"
-            )
-        elif quant_type.startswith("nvfp4") and capability is not None and capability < (10, 0):
-            raise ConfigError(f"quantize_config.quant_type={quant_type} needs compute capability >= 10.0")
+        via_torchao = device_type != "cuda"
     plan_raw = dict(raw)
     if via_torchao:
         plan_raw.pop("quantize_config")
@@ -220,13 +120,12 @@ def check_against_pipeline(plan: CacheDitPlan, pipe: Any) -> None:
 
     if not cache_dit.BlockAdapterRegister.is_supported(pipe):
         raise ConfigError(f"cache-dit config: cache-dit has no adapter for {type(pipe).__name__}")
-    fn = cc.get("Fn_compute_blocks", 8)
-    bn = cc.get("Bn_compute_blocks", 0)
+    fn = cc.get("Fn_compute_blocks", facts.DBCACHE_DEFAULTS["Fn_compute_blocks"])
+    bn = cc.get("Bn_compute_blocks", facts.DBCACHE_DEFAULTS["Bn_compute_blocks"])
     count = transformer_block_count(pipe)
-    if fn + bn > count:
+    for key, message in facts.block_limit_errors(fn, bn, (count,)):
         raise ConfigError(
-            f"cache_config.Fn_compute_blocks ({fn}) + cache_config.Bn_compute_blocks ({bn}) = {fn + bn} "
-            f"exceeds the {count} transformer blocks of {type(pipe.transformer).__name__}"
+            f"cache_config.{key}: {message} of {type(pipe.transformer).__name__}", f"cache_config.{key}"
         )
 
 

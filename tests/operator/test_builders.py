@@ -60,7 +60,7 @@ def test_configmap_runtime_yaml_follows_the_contract():
         "cache_dit_config": "cache-dit.yaml",
         "compile": True,
         "device": "auto",
-        "warmup": {"resolutions": ["1024x1024"], "steps": 28},
+        "warmup": {"resolutions": ["1024x1024"], "steps": 28, "prompt": "a photo of a cat"},
         "server": {
             "host": "0.0.0.0",
             "port": 8000,

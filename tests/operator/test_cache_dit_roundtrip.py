@@ -28,9 +28,12 @@ def load_configs():
     return load_configs
 
 
-def render(doc: dict, tmp_path: Path) -> Path:
+def render(doc: dict, tmp_path: Path, unsupported_ok: bool = False) -> Path:
     parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
-    assert parsed.ok, [str(e) for e in parsed.errors]
+    if unsupported_ok:  # valid, but not run by this runtime yet: rendered all the same
+        assert parsed.spec is not None and parsed.reason == "Unsupported", [str(e) for e in parsed.errors]
+    else:
+        assert parsed.ok, [str(e) for e in parsed.errors]
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     path = tmp_path / "cache-dit.yaml"
     path.write_text(cm["data"]["cache-dit.yaml"])
@@ -80,7 +83,10 @@ def test_legacy_float8_alias_loads_as_float8_per_row(tmp_path, load_configs):
 
 
 def test_qwen_sample_roundtrip_parallelism(tmp_path, load_configs):
-    rendered = load_configs(str(render(sample("qwen-image.yaml"), tmp_path)))
+    doc = sample("qwen-image.yaml")
+    doc["spec"]["gpu"]["count"] = 2
+    doc["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    rendered = load_configs(str(render(doc, tmp_path, unsupported_ok=True)))
     seed = load_configs(str(SEED / "parallelism.yaml"))
     for key in ("cache_config", "calibrator_config", "parallelism_config", "attention_backend"):
         assert comparable(rendered[key]) == comparable(seed[key]), key
@@ -105,8 +111,9 @@ def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
 
 def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
     from cache_dit.caching.cache_interface import steps_mask
+    from diffusion_runtime.cache_dit_facts import MASK_POLICIES
 
-    for name in specs.STEPS_MASK_POLICIES:
+    for name in MASK_POLICIES:
         assert steps_mask(total_steps=8, mask_policy=name)  # each is a policy cache-dit knows
     with pytest.raises(ValueError):
         steps_mask(total_steps=8, mask_policy="fastest")
@@ -114,3 +121,50 @@ def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
     doc["spec"]["cacheDit"]["cache_config"]["steps_computation_mask"] = "fast"
     rendered = load_configs(str(render(doc, tmp_path)))
     assert rendered["cache_config"].steps_computation_mask == steps_mask(total_steps=8, mask_policy="fast")
+
+
+def test_named_mask_tag_and_expansion_equal_cache_dits_own(tmp_path, load_configs):
+    """status.cacheTag for a named mask is what cache-dit's load_configs + strify give (not SCMfast)."""
+    from cache_dit.caching.cache_interface import steps_mask
+    from diffusion_runtime import cache_dit_facts as facts
+
+    for steps in range(1, 101):
+        for name in facts.MASK_POLICIES:
+            try:
+                theirs = steps_mask(total_steps=steps, mask_policy=name)
+            except (AssertionError, ValueError, IndexError):
+                with pytest.raises(ValueError):
+                    facts.expand_mask({"steps_computation_mask": name, "num_inference_steps": steps})
+                continue
+            ours = facts.expand_mask({"steps_computation_mask": name, "num_inference_steps": steps})
+            assert ours == theirs, (steps, name)
+    for name, steps, extra in (
+        ("fast", 8, {}),
+        ("ultra", 28, {"cache_type": "DBCache", "enable_separate_cfg": False}),
+        ("slow", 50, {"force_refresh_step_hint": 10}),
+        ("medium", 4, {"cache_type": "DBPrune"}),
+    ):
+        doc = sample("tiny-cpu.yaml")
+        cache = doc["spec"]["cacheDit"]["cache_config"]
+        cache.update(steps_computation_mask=name, num_inference_steps=steps, **extra)
+        if steps != 8:
+            doc["spec"]["warmup"]["steps"] = min(steps, doc["spec"]["server"]["maxSteps"])
+        rendered = load_configs(str(render(doc, tmp_path)))
+        tag = specs.cache_tag(doc["spec"]["cacheDit"])
+        assert tag == rendered["cache_config"].strify(), (name, steps)
+        assert "SCM" + name not in tag
+
+
+def test_facts_module_is_generated_from_the_pinned_cache_dit():
+    import importlib.util
+    import sys
+
+    from op_helpers import REPO
+
+    module_spec = importlib.util.spec_from_file_location(
+        "gen_facts", REPO / "tools" / "gen_cache_dit_facts.py"
+    )
+    gen = importlib.util.module_from_spec(module_spec)
+    sys.modules["gen_facts"] = gen
+    module_spec.loader.exec_module(gen)
+    assert gen.OUTPUT.read_text() == gen.render(), "stale: run .venv/bin/python tools/gen_cache_dit_facts.py"

@@ -1,4 +1,4 @@
-"""The ConfigMap the operator renders is read unchanged by the runtime's own config loader (docs/contracts.md)."""
+"""The ConfigMap the operator renders is read, validated and preflighted by the runtime's own code (docs/contracts.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ def test_runtime_loads_the_rendered_config(name, tmp_path):
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     for key, value in cm["data"].items():
         (tmp_path / key).write_text(value)
-    cfg = load_config_file(tmp_path / "runtime.yaml")
+    from diffusion_runtime.config import validate
+    from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
+
+    cfg = validate(load_config_file(tmp_path / "runtime.yaml"))
+    plan_cache_dit(read_cache_dit_yaml(cfg.cache_dit_config), parsed.spec.device_type)
     assert cfg.model.uri == doc["spec"]["model"]["uri"]
     assert cfg.model.dtype == doc["spec"]["model"].get("dtype", "bfloat16")
     assert str(cfg.cache_dit_config) == str(tmp_path / "cache-dit.yaml")

@@ -288,6 +288,7 @@ def test_schema_refuses_unknown_key_bad_enum_and_min_above_max(cluster, namespac
 
     par = sample("qwen-image.yaml")
     par["spec"]["gpu"]["count"] = 4
+    par["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     out = apply_doc(cluster, namespace, par, check=False)
     assert "ulysses_size * ring_size * tp_size must equal gpu.count" in out.stderr, out.stderr
 
@@ -316,7 +317,7 @@ def events_for(cluster, namespace: str, name: str) -> list[dict]:
 @pytest.mark.parametrize(
     "mutate, field",
     [
-        (lambda s: s["cacheDit"]["cache_config"].update(Fn_compute_blocks=16, Bn_compute_blocks=8),
+        (lambda s: s["cacheDit"]["cache_config"].update(Fn_compute_blocks=58, Bn_compute_blocks=8),
          "spec.cacheDit.cache_config.Fn_compute_blocks"),
         (lambda s: s.update(gpu={"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}), "spec.quantize.quant_type"),
         (lambda s: s["cacheDit"].update(parallelism_config={"ulysses_size": 1}), "spec.cacheDit.parallelism_config"),
@@ -364,7 +365,7 @@ def test_autoscaling_builds_an_hpa_and_removing_it_deletes_the_hpa(cluster, name
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
     pod_spec = get_json(cluster, "deployment", "qwen-image", "-n", namespace)["spec"]["template"]["spec"]
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
     del doc["spec"]["autoscaling"]
     doc["spec"]["replicas"] = 1
@@ -413,7 +414,7 @@ def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp
         apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
         wait_ready(cluster, namespace, "tiny")
         bad = sample("flux-dev.yaml")
-        bad["spec"]["cacheDit"]["cache_config"]["Fn_compute_blocks"] = 30
+        bad["spec"]["cacheDit"]["cache_config"]["Fn_compute_blocks"] = 60
         apply_doc(cluster, namespace, bad)
         wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 30, "the Warning event (events: create)")
         proc.assert_alive()
@@ -428,7 +429,7 @@ def test_an_invalid_update_keeps_the_running_children(cluster, namespace, operat
     versions = {k: v for k, v in children_versions(cluster, namespace, "tiny").items() if k != "dd"}
     cluster.kubectl(
         "patch", "dd", "tiny", "-n", namespace, "--type", "merge",
-        "-p", json.dumps({"spec": {"quantize": {"quant_type": "int8_weight_only"}}}),
+        "-p", json.dumps({"spec": {"quantize": {"quant_type": "float8_per_row"}}}),
     )  # fmt: skip
 
     def invalid():
@@ -438,7 +439,7 @@ def test_an_invalid_update_keeps_the_running_children(cluster, namespace, operat
 
     obj = wait_for(invalid, 30, "ConfigValid=False after the update")
     assert conditions(obj)["ConfigValid"]["message"].startswith(
-        "spec.quantize: cache-dit quantization needs CUDA"
+        "spec.quantize.quant_type: float8_per_row needs a CUDA GPU"
     )
     assert conditions(obj)["Ready"]["status"] == "True"  # the old pods keep serving
     assert obj["status"]["configHash"] == before["status"]["configHash"]

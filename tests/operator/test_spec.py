@@ -45,19 +45,19 @@ def test_float8_alias_is_normalised():
     assert spec["quantize"]["quant_type"] == "float8"  # input untouched
 
 
-def test_fn_plus_bn_above_flux_blocks_names_the_field():
+def test_flux_fn_and_bn_are_checked_separately_against_57_blocks():
+    """cache-dit 1.5.3 joins FLUX.1's 19 + 38 blocks into one list and checks Fn and Bn against it each."""
     spec = copy.deepcopy(FLUX)
-    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=12, Bn_compute_blocks=8)
-    parsed = parse(spec)
-    assert not parsed.ok
-    assert fields(parsed) == ["spec.cacheDit.cache_config.Fn_compute_blocks"]
-    assert "12 + 8 = 20 exceeds the 19 transformer blocks of FLUX.1-dev" in str(parsed.errors[0])
-
-
-def test_fn_plus_bn_at_the_limit_is_fine():
-    spec = copy.deepcopy(FLUX)
-    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=10, Bn_compute_blocks=9)
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=16, Bn_compute_blocks=8)
     assert parse(spec).ok
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=57, Bn_compute_blocks=57)
+    assert parse(spec).ok
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=58, Bn_compute_blocks=0)
+    parsed = parse(spec)
+    assert fields(parsed) == ["spec.cacheDit.cache_config.Fn_compute_blocks"]
+    assert "58 exceeds the 57 blocks" in parsed.errors[0].message and "FLUX.1-dev" in parsed.errors[0].message
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=1, Bn_compute_blocks=60)
+    assert fields(parse(spec)) == ["spec.cacheDit.cache_config.Bn_compute_blocks"]
 
 
 def test_unknown_model_is_not_block_checked():
@@ -90,10 +90,26 @@ def test_parallel_sizes_must_multiply_to_gpu_count():
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
     spec["gpu"] = {"count": 2}
     parsed = parse(spec)
-    assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-    assert "= 4 must equal spec.gpu.count = 2" in parsed.errors[0].message
-    spec["gpu"] = {"count": 4}
-    assert parse(spec).ok
+    assert set(fields(parsed)) == {"spec.cacheDit.parallelism_config"}
+    assert any("= 4 must equal spec.gpu.count = 2" in e.message for e in parsed.errors)
+    assert parsed.reason == "InvalidSpec"
+
+
+def test_parallelism_is_unsupported_until_the_runtime_runs_ranks():
+    """The runtime's one function (config.parallel_layout_error) decides; the operator follows it."""
+    from diffusion_runtime.config import parallel_layout_error
+
+    spec = copy.deepcopy(FLUX)
+    spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    spec["gpu"] = {"count": 2}
+    parsed = parse(spec)
+    runtime_says = parallel_layout_error({"ulysses_size": 2})
+    if runtime_says is None:
+        assert parsed.ok
+    else:
+        assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
+        assert parsed.reason == "Unsupported" and parsed.errors[0].reason == "Unsupported"
+        assert "needs 2 ranks" in parsed.errors[0].message
 
 
 def test_parallel_sizes_all_one_is_refused():
@@ -104,24 +120,35 @@ def test_parallel_sizes_all_one_is_refused():
     assert "all 1" in parsed.errors[0].message
 
 
-def test_quantize_on_cpu_is_refused():
+def test_quantize_on_cpu_int8_allowed_float8_refused():
+    """One behaviour end to end: the runtime runs the int8 types on CPU with torchao, nothing else."""
+    from diffusion_runtime.config import CPU_QUANT_TYPES
+
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
-    spec["quantize"] = {"quant_type": "int8_weight_only"}
-    parsed = parse(spec)
-    assert fields(parsed) == ["spec.quantize"]
-    assert "needs CUDA" in parsed.errors[0].message
+    for quant_type in CPU_QUANT_TYPES:
+        spec["quantize"] = {"quant_type": quant_type}
+        assert parse(spec).ok, quant_type
+    for quant_type in ("float8_per_row", "float8", "int4_weight_only", "nvfp4"):
+        spec["quantize"] = {"quant_type": quant_type}
+        parsed = parse(spec)
+        assert fields(parsed) == ["spec.quantize.quant_type"], quant_type
+        assert (
+            "needs a CUDA GPU" in parsed.errors[0].message and "spec.gpu.count 0" in parsed.errors[0].message
+        )
+    spec["quantize"] = {"quant_type": "int8_per_row", "precision_plan": {"proj_out": "int8_per_tensor"}}
+    assert fields(parse(spec)) == ["spec.quantize.precision_plan"]
 
 
 @pytest.mark.parametrize(
     "mutate, field",
     [
-        (lambda s: s.pop("model"), "spec.model.uri"),
+        (lambda s: s.pop("model"), "spec.model"),
         (lambda s: s["model"].update(uri="s3://bucket/x"), "spec.model.uri"),
         (lambda s: s.update(replicas="two"), "spec.replicas"),
         (lambda s: s.update(replicas=-1), "spec.replicas"),
         (lambda s: s["gpu"].update(count=True), "spec.gpu.count"),
         (lambda s: s["model"].update(dtype="int3"), "spec.model.dtype"),
-        (lambda s: s.update(warmup={"resolutions": ["big"]}), "spec.warmup.resolutions"),
+        (lambda s: s.update(warmup={"resolutions": ["big"]}), "spec.warmup.resolutions[0]"),
         (
             lambda s: s.update(autoscaling={"minReplicas": 5, "maxReplicas": 2}),
             "spec.autoscaling.minReplicas",
@@ -151,7 +178,7 @@ def test_replicas_and_autoscaling_together_refused():
 
 
 def test_model_facts_and_capabilities():
-    assert model_facts("hf://black-forest-labs/FLUX.1-dev").max_cache_blocks == 19
+    assert model_facts("hf://black-forest-labs/FLUX.1-dev").max_cache_blocks == 57  # 19 + 38, joined
     assert model_facts("hf://Qwen/Qwen-Image").max_cache_blocks == 60
     assert model_facts("file:///models/tiny-flux") is None
     assert product_capability("NVIDIA-H100-80GB-HBM3") == (9, 0)
@@ -180,7 +207,9 @@ def test_startup_budget_grows_with_compile_and_resolutions():
         ([1, 1, 0, 1], 4, None),
         ([1, 1, 0, 1], None, None),
         ("fastest", 8, "is not one of cache-dit's masks slow, medium, fast, ultra"),
-        ("fast", None, "needs cache_config.num_inference_steps"),
+        ("ultra", 50, None),
+        ("fast", None, "needs spec.cacheDit.cache_config.num_inference_steps"),
+        ("fast", 5, "cache-dit has no 'fast' mask for num_inference_steps=5"),
         ([1, 2], 2, "must be a non-empty list of 0/1"),
         ([], 2, "must be a non-empty list of 0/1"),
         ({"a": 1}, 2, "must be a non-empty list of 0/1"),
@@ -200,3 +229,61 @@ def test_steps_computation_mask_list_or_policy_name(mask, steps, message):
     else:
         assert fields(parsed) == ["spec.cacheDit.cache_config.steps_computation_mask"]
         assert message in parsed.errors[0].message
+
+
+@pytest.mark.parametrize(
+    "mutate, field, needle",
+    [
+        (lambda s: s["server"].update(maxN=100), "spec.server.maxN", "less than or equal to 64"),
+        (lambda s: s["server"].update(maxSteps=2000), "spec.server.maxSteps", "less than or equal to 1000"),
+        (lambda s: s["warmup"].update(steps=60), "spec.warmup.steps", "spec.server.maxSteps"),
+        (lambda s: s["warmup"].update(resolutions=["1000x1000"]), "spec.warmup.resolutions", "multiples of 16"),
+        (lambda s: s["warmup"].update(resolutions=["1024x1024"]), "spec.warmup.resolutions", "spec.server.maxPixels"),
+        (
+            lambda s: s.update(template={"resources": {"limits": {"memory": "-1"}}}),
+            "spec.template.resources.limits.memory",
+            "non-negative",
+        ),
+        (lambda s: s["model"].update(dtype="float16"), "spec.model.dtype", "not supported on cpu"),
+        (
+            lambda s: s["cacheDit"]["cache_config"].update(steps_computation_mask="fast", num_inference_steps=5),
+            "spec.cacheDit.cache_config.steps_computation_mask",
+            "no 'fast' mask for num_inference_steps=5",
+        ),
+    ],
+    ids=["maxN-100", "maxSteps-2000", "warmup-steps-above-max", "not-16", "above-max-pixels", "memory-1",
+         "float16-cpu", "mask-5-steps"],
+)  # fmt: skip
+def test_what_the_runtime_refuses_is_refused_naming_the_cr_field(mutate, field, needle):
+    """Issue item 2: the rendered runtime.yaml goes through the runtime's own validation."""
+    spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])  # maxSteps 50, maxPixels 262144
+    mutate(spec)
+    parsed = parse(spec)
+    assert not parsed.ok
+    assert fields(parsed) == [field], [str(e) for e in parsed.errors]
+    assert needle in parsed.errors[0].message, str(parsed.errors[0])
+
+
+def test_runtime_paths_map_back_to_cr_fields():
+    assert specs.cr_field("server.max_n") == "spec.server.maxN"
+    assert specs.cr_field("warmup.resolutions") == "spec.warmup.resolutions"
+    assert specs.cr_field("cache_config.Fn_compute_blocks") == "spec.cacheDit.cache_config.Fn_compute_blocks"
+    assert specs.cr_field("quantize_config.quant_type") == "spec.quantize.quant_type"
+    assert specs.cr_field("parallelism_config") == "spec.cacheDit.parallelism_config"
+    assert specs.cr_field("server.port") == "spec"  # set by the operator, not from the CR
+
+
+def test_server_defaults_and_bounds_are_the_runtimes():
+    from diffusion_runtime.config import MAX_N_LIMIT, MAX_STEPS_LIMIT, ServerConfig
+
+    s = parse({"model": {"uri": "hf://a/b"}}).spec
+    runtime = ServerConfig()
+    assert (s.max_queue, s.max_pixels, s.max_steps, s.max_n) == (
+        runtime.max_queue,
+        runtime.max_pixels,
+        runtime.max_steps,
+        runtime.max_n,
+    )
+    assert s.request_timeout_seconds == runtime.request_timeout_seconds
+    server = specs.ServerSpec.model_json_schema(by_alias=True)["properties"]
+    assert server["maxN"]["maximum"] == MAX_N_LIMIT and server["maxSteps"]["maximum"] == MAX_STEPS_LIMIT

@@ -161,7 +161,8 @@ def test_runtime_quant_types_are_the_crds():
     from pathlib import Path
 
     import yaml
-    from diffusion_runtime.optimize import QUANT_ALIASES, QUANT_TYPES
+    from diffusion_runtime.cache_dit_facts import QUANT_TYPE_ALIASES as QUANT_ALIASES
+    from diffusion_runtime.cache_dit_facts import QUANT_TYPES
 
     crd = yaml.safe_load(
         (Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml").read_text()

@@ -403,15 +403,15 @@ def test_float8_on_cpu_exits_nonzero_with_one_line(tiny_model_dir, tmp_path):
 
 
 def test_fn_bn_over_block_count_exits_with_fields_and_count(tiny_model_dir, tmp_path):
-    cd = {"cache_config": {"Fn_compute_blocks": 4, "Bn_compute_blocks": 3}}
+    """cache-dit's rule: Fn <= len(blocks) and Bn <= len(blocks), each on its own; the tiny FLUX's
+    2 + 4 blocks are one list of 6 (dummy blocks, cache-dit's default)."""
+    cd = {"cache_config": {"Fn_compute_blocks": 7, "Bn_compute_blocks": 0}}
     rp = start_runtime(tiny_model_dir, tmp_path, cache_dit=cd, wait=False)
     assert rp.wait_exit(120) != 0
     lines = _runtime_error_lines(rp)
     assert len(lines) == 1, rp.log_tail()
     line = lines[0]
-    assert (
-        "Fn_compute_blocks (4)" in line and "Bn_compute_blocks (3)" in line and "6 transformer blocks" in line
-    )
+    assert "cache_config.Fn_compute_blocks: 7 exceeds the 6 blocks" in line, line
 
 
 def test_missing_model_exits_with_one_line(tiny_model_dir, tmp_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from diffusion_runtime.config import ServerConfig
+
+from diffusion_operator.spec import API_VERSION, KIND
+
 MANAGED_BY = "diffusion-operator"
 FIELD_MANAGER = "diffusion-operator"
 CONFIG_HASH_ANNOTATION = "diffusion.dev/config-hash"
-HTTP_PORT = 8000
-METRICS_PORT = 9090
+HTTP_PORT = ServerConfig().port  # the runtime's defaults, rendered into runtime.yaml
+METRICS_PORT = ServerConfig().metrics_port
 
 
 def labels(name: str) -> dict[str, str]:
@@ -30,8 +34,8 @@ def owner_reference(owner: dict) -> dict:
     """The CR as controller owner: deleting it garbage-collects every child."""
     meta = owner["metadata"]
     return {
-        "apiVersion": owner.get("apiVersion", "diffusion.dev/v1alpha1"),
-        "kind": owner.get("kind", "DiffusionDeployment"),
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner.get("kind", KIND),
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": True,

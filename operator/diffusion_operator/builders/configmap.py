@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import yaml
+from diffusion_runtime.config import ModelConfig, RuntimeConfig, ServerConfig, WarmupConfig
 
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
 
 CONFIG_DIR = "/etc/diffusion"
 MODELS_DIR = "/models"
+CACHE_DIT_FILE = "cache-dit.yaml"  # beside runtime.yaml; the runtime resolves it from that folder
 
 
 def model_uri_in_pod(spec) -> str:
@@ -34,33 +36,44 @@ def render_cache_dit_yaml(spec) -> str:
     return yaml.safe_dump(render_cache_dit_config(spec), sort_keys=False)
 
 
-def render_runtime_config(spec) -> dict:
-    model = {"uri": model_uri_in_pod(spec)}
-    if spec.model.revision:
-        model["revision"] = spec.model.revision
-    if spec.model.pipeline:
-        model["pipeline"] = spec.model.pipeline
-    model["dtype"] = spec.model.dtype
-    config: dict = {"model": model}
-    if spec.has_cache_dit_file:
-        config["cache_dit_config"] = "cache-dit.yaml"
-    config["compile"] = spec.compile
-    config["device"] = spec.device
-    warmup: dict = {"resolutions": list(spec.warmup_resolutions), "steps": spec.warmup_steps}
+def runtime_config(spec) -> RuntimeConfig:
+    """runtime.yaml as the runtime's own config type (the operator validates this very object)."""
+    cfg = RuntimeConfig(
+        model=ModelConfig(
+            uri=model_uri_in_pod(spec),
+            revision=spec.model.revision,
+            pipeline=spec.model.pipeline,
+            dtype=spec.model.dtype,
+        ),
+        cache_dit_config=CACHE_DIT_FILE if spec.has_cache_dit_file else None,
+        compile=spec.compile,
+        device=spec.device,
+        warmup=WarmupConfig(resolutions=list(spec.warmup_resolutions), steps=spec.warmup_steps),
+        server=ServerConfig(
+            host="0.0.0.0",
+            port=HTTP_PORT,
+            metrics_port=METRICS_PORT,
+            max_queue=spec.max_queue,
+            request_timeout_seconds=spec.request_timeout_seconds,
+            max_pixels=spec.max_pixels,
+            max_steps=spec.max_steps,
+            max_n=spec.max_n,
+        ),
+    )
     if spec.warmup_prompt:
-        warmup["prompt"] = spec.warmup_prompt
-    config["warmup"] = warmup
-    config["server"] = {
-        "host": "0.0.0.0",
-        "port": HTTP_PORT,
-        "metrics_port": METRICS_PORT,
-        "max_queue": spec.max_queue,
-        "request_timeout_seconds": spec.request_timeout_seconds,
-        "max_pixels": spec.max_pixels,
-        "max_steps": spec.max_steps,
-        "max_n": spec.max_n,
-    }
-    return config
+        cfg.warmup.prompt = spec.warmup_prompt
+    return cfg
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def render_runtime_config(spec) -> dict:
+    """runtime.yaml's mapping: `runtime_config(spec)`, unset (None) settings left out."""
+    return _without_none(runtime_config(spec).to_dict())
 
 
 def configmap_name(spec) -> str:
@@ -70,7 +83,7 @@ def configmap_name(spec) -> str:
 def build_configmap(spec, owner: dict) -> dict:
     data = {"runtime.yaml": yaml.safe_dump(render_runtime_config(spec), sort_keys=False)}
     if spec.has_cache_dit_file:
-        data["cache-dit.yaml"] = render_cache_dit_yaml(spec)
+        data[CACHE_DIT_FILE] = render_cache_dit_yaml(spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

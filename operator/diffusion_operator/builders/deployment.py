@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 
+from diffusion_runtime.cache_dit_facts import FLOAT8_MIN_CAPABILITY
+
 from diffusion_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     HTTP_PORT,
@@ -26,17 +28,20 @@ RUNTIME_UID = 1000
 CACHE_DIR = "/var/cache/diffusion"
 
 
+def capability_node_terms(floor: tuple[int, int]) -> list[dict]:
+    """Compute capability >= floor: major > M, or major == M and minor >= m (terms are ORed)."""
+    major, minor = floor
+    terms = [{"matchExpressions": [{"key": GPU_MAJOR_LABEL, "operator": "Gt", "values": [str(major)]}]}]
+    same_major = [{"key": GPU_MAJOR_LABEL, "operator": "In", "values": [str(major)]}]
+    if minor > 0:
+        same_major.append({"key": GPU_MINOR_LABEL, "operator": "Gt", "values": [str(minor - 1)]})
+    terms.append({"matchExpressions": same_major})
+    return terms
+
+
 def float8_node_terms() -> list[dict]:
-    """Compute capability >= 8.9: major > 8, or major == 8 and minor > 8 (terms are ORed)."""
-    return [
-        {"matchExpressions": [{"key": GPU_MAJOR_LABEL, "operator": "Gt", "values": ["8"]}]},
-        {
-            "matchExpressions": [
-                {"key": GPU_MAJOR_LABEL, "operator": "In", "values": ["8"]},
-                {"key": GPU_MINOR_LABEL, "operator": "Gt", "values": ["8"]},
-            ]
-        },
-    ]
+    """Compute capability >= 8.9 (cache-dit's float8 floor)."""
+    return capability_node_terms(FLOAT8_MIN_CAPABILITY)
 
 
 def merge_required_terms(user_terms: list[dict], ours: list[dict]) -> list[dict]:
@@ -54,11 +59,12 @@ def merge_required_terms(user_terms: list[dict], ours: list[dict]) -> list[dict]
 
 def build_affinity(spec) -> dict | None:
     affinity = copy.deepcopy(spec.affinity) if spec.affinity else {}
-    if spec.needs_float8_gpu and spec.gpu_count > 0:
+    floor = spec.required_capability
+    if floor is not None and spec.gpu_count > 0:
         node = affinity.setdefault("nodeAffinity", {})
         required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
         required["nodeSelectorTerms"] = merge_required_terms(
-            required.get("nodeSelectorTerms", []), float8_node_terms()
+            required.get("nodeSelectorTerms", []), capability_node_terms(floor)
         )
     return affinity or None
 
@@ -83,7 +89,7 @@ def startup_failure_threshold(spec) -> int:
 
 
 def build_env(spec) -> list[dict]:
-    env = [
+    env: list[dict] = [
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/inductor"},
         {"name": "HOME", "value": CACHE_DIR},
@@ -101,13 +107,13 @@ def build_env(spec) -> list[dict]:
 
 def build_volumes(spec) -> tuple[list[dict], list[dict]]:
     shm = spec.shm_size or ("8Gi" if spec.gpu_count > 0 else "1Gi")
-    volumes = [
+    volumes: list[dict] = [
         {"name": "config", "configMap": {"name": configmap_name(spec)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
-    mounts = [
+    mounts: list[dict] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "cache", "mountPath": CACHE_DIR},
