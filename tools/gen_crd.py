@@ -316,7 +316,7 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# spec from the operator's typed model; status by hand
+# spec and status from the operator's typed models
 
 
 def _s(kind: str, description: str, **extra) -> dict:
@@ -366,40 +366,11 @@ def spec_schema(cache_dit: dict, quantize: dict) -> dict:
 
 
 def status_schema() -> dict:
-    return {
-        "type": "object",
-        "description": "Observed state, written by the operator.",
-        "properties": {
-            "observedGeneration": _s("integer", "The metadata.generation this status describes."),
-            "replicas": _s("integer", "Pods of the owned Deployment."),
-            "readyReplicas": _s("integer", "Ready pods (Ready means model loaded and warmed up)."),
-            "updatedReplicas": _s("integer", "Pods running the current configuration."),
-            "ready": _s("string", "readyReplicas/desired, for printing."),
-            "selector": _s("string", "Label selector of the pods (scale subresource)."),
-            "endpoint": _s("string", "In-cluster URL of the Service."),
-            "configHash": _s("string", "Hash of the rendered configuration; a change rolls the pods."),
-            "cacheTag": _s("string", "cache-dit's summary tag of the cache config (as cache_dit.strify)."),
-            "conditions": {
-                "type": "array",
-                "description": "Ready, Progressing and ConfigValid, per the Kubernetes API conventions.",
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-                "items": {
-                    "type": "object",
-                    "required": ["type", "status"],
-                    "description": "A condition.",
-                    "properties": {
-                        "type": _s("string", "Condition type."),
-                        "status": _s("string", "True, False or Unknown.", enum=["True", "False", "Unknown"]),
-                        "reason": _s("string", "CamelCase reason."),
-                        "message": _s("string", "Human-readable detail."),
-                        "lastTransitionTime": _s("string", "When status last changed.", format="date-time"),
-                        "observedGeneration": _s("integer", "Generation the condition was computed from."),
-                    },
-                },
-            },
-        },
-    }
+    """`status`: the operator's status model."""
+    schema = specs.DiffusionDeploymentStatus.model_json_schema(by_alias=True)
+    out = _structural(schema, schema.get("$defs", {}))
+    out.pop("$defs", None)
+    return out
 
 
 def build_crd() -> dict:

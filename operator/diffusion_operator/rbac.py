@@ -11,14 +11,16 @@ No pods access either: status comes from the owned Deployments.
 
 from __future__ import annotations
 
+from diffusion_operator.spec import GROUP, PLURAL
+
 NAMESPACED_RULES: list[dict] = [
     {
         # the custom resource: watch it, write its status
-        "apiGroups": ["diffusion.dev"],
-        "resources": ["diffusiondeployments"],
+        "apiGroups": [GROUP],
+        "resources": [PLURAL],
         "verbs": ["get", "list", "watch"],
     },
-    {"apiGroups": ["diffusion.dev"], "resources": ["diffusiondeployments/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     {
         # children: read, watch (drift), server-side apply (patch; create happens through apply)
         "apiGroups": [""],

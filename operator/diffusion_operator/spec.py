@@ -405,6 +405,60 @@ class DiffusionDeploymentSpec(_Model):
     template: TemplateSpec = Field(default_factory=lambda: TemplateSpec.model_validate({}))
 
 
+# ---- the status (written by the operator; the model is its CRD schema) --------------------------
+
+
+class Condition(_Model):
+    """A condition."""
+
+    type: str = Field(description="Condition type.")
+    status: Annotated[str, _one_of(("True", "False", "Unknown")), _enum(("True", "False", "Unknown"))] = (
+        Field(description="True, False or Unknown.")
+    )
+    reason: str | None = Field(None, description="CamelCase reason.")
+    message: str | None = Field(None, description="Human-readable detail.")
+    last_transition_time: str | None = Field(
+        None,
+        alias="lastTransitionTime",
+        description="When status last changed.",
+        json_schema_extra={"format": "date-time"},
+    )
+    observed_generation: int | None = Field(
+        None, alias="observedGeneration", description="Generation the condition was computed from."
+    )
+
+
+class DiffusionDeploymentStatus(_Model):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(
+        None, alias="observedGeneration", description="The metadata.generation this status describes."
+    )
+    replicas: int | None = Field(None, description="Pods of the owned Deployment.")
+    ready_replicas: int | None = Field(
+        None, alias="readyReplicas", description="Ready pods (Ready means model loaded and warmed up)."
+    )
+    updated_replicas: int | None = Field(
+        None, alias="updatedReplicas", description="Pods running the current configuration."
+    )
+    ready: str | None = Field(None, description="readyReplicas/desired, for printing.")
+    selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
+    endpoint: str | None = Field(None, description="In-cluster URL of the Service.")
+    config_hash: str | None = Field(
+        None, alias="configHash", description="Hash of the rendered configuration; a change rolls the pods."
+    )
+    cache_tag: str | None = Field(
+        None,
+        alias="cacheTag",
+        description="cache-dit's summary tag of the cache config (as cache_dit.strify).",
+    )
+    conditions: list[Condition] | None = Field(
+        None,
+        description="Ready, Progressing and ConfigValid, per the Kubernetes API conventions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
 # ---- the parsed view the builders use -----------------------------------------------------------
 
 

@@ -287,3 +287,19 @@ def test_server_defaults_and_bounds_are_the_runtimes():
     assert s.request_timeout_seconds == runtime.request_timeout_seconds
     server = specs.ServerSpec.model_json_schema(by_alias=True)["properties"]
     assert server["maxN"]["maximum"] == MAX_N_LIMIT and server["maxSteps"]["maximum"] == MAX_STEPS_LIMIT
+
+
+def test_the_operator_and_the_facts_import_without_torch():
+    """The operator image has no torch: the spec, builders, the runtime's config and the cache-dit
+    facts must import without it (cache_dit itself imports torch)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, diffusion_operator.spec, diffusion_operator.builders, diffusion_operator.rbac, "
+        "diffusion_runtime.config, diffusion_runtime.cache_dit_facts as f; "
+        "assert f.steps_mask(total_steps=8, mask_policy='fast'); "
+        "bad = [m for m in ('torch', 'cache_dit', 'diffusers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
