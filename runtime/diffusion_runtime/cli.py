@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("auto", "cuda", "cpu"))
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--compile-cache-dir", help="shared folder for torch.compile artifacts (with --compile)")
     s.add_argument("--warmup-steps", type=int)
     s.add_argument("--warmup-size", action="append", help="WxH, repeatable")
 
@@ -65,6 +66,7 @@ def _serve(a: argparse.Namespace) -> int:
         cfg, model=a.model, cache_dit_config=a.cache_dit_config, host=a.host, port=a.port,
         metrics_port=a.metrics_port, max_queue=a.max_queue, request_timeout=a.request_timeout, device=a.device,
         dtype=a.dtype, compile=a.compile, warmup_steps=a.warmup_steps, warmup_resolutions=a.warmup_size,
+        compile_cache_dir=a.compile_cache_dir,
     )  # fmt: skip
     return run_server(cfg)
 

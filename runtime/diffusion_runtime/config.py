@@ -86,6 +86,8 @@ class RuntimeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache_dit_config: str | None = None
     compile: bool = False
+    # shared folder for torch.compile artifacts (diffusion_runtime.compile_cache); None: off
+    compile_cache_dir: str | None = None
     device: str = "auto"
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -141,6 +143,8 @@ def config_from_dict(raw: dict | None, base_dir: Path | None = None) -> RuntimeC
         cfg.cache_dit_config = str(path)
     if "compile" in raw:
         cfg.compile = raw["compile"]
+    if raw.get("compile_cache_dir") not in (None, ""):
+        cfg.compile_cache_dir = raw["compile_cache_dir"]
     if "device" in raw:
         cfg.device = raw["device"]
     return cfg
@@ -193,6 +197,10 @@ def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
         add(_error("compile", f"expected true or false, got {cfg.compile!r}"))
     if cfg.cache_dit_config is not None and not isinstance(cfg.cache_dit_config, str):
         add(_error("cache_dit_config", f"expected a file name, got {cfg.cache_dit_config!r}"))
+    if cfg.compile_cache_dir is not None and (
+        not isinstance(cfg.compile_cache_dir, str) or not cfg.compile_cache_dir.startswith("/")
+    ):
+        add(_error("compile_cache_dir", f"expected an absolute path, got {cfg.compile_cache_dir!r}"))
     s = cfg.server
     if not isinstance(s.host, str) or not s.host:
         add(_error("server.host", f"expected an address, got {s.host!r}"))
@@ -507,6 +515,7 @@ def apply_overrides(cfg: RuntimeConfig, **overrides: Any) -> RuntimeConfig:
         "cache_dit_config": (cfg, "cache_dit_config"),
         "device": (cfg, "device"),
         "compile": (cfg, "compile"),
+        "compile_cache_dir": (cfg, "compile_cache_dir"),
         "warmup_steps": (cfg.warmup, "steps"),
         "warmup_resolutions": (cfg.warmup, "resolutions"),
     }

@@ -103,6 +103,29 @@ class RuntimeMetrics:
             "diffusion_model_load_seconds", "Time to load and optimize the model.", registry=r
         )
         self.warmup = Gauge("diffusion_warmup_seconds", "Time of the warmup generations.", registry=r)
+        self.model_download = Gauge(
+            "diffusion_model_download_seconds",
+            "Part of the model load spent fetching the model (0 for a local folder or a cache hit).",
+            registry=r,
+        )
+        self.compile_seconds = Gauge(
+            "diffusion_compile_seconds",
+            "Part of the warmup torch.compile spent compiling (dynamo's own timer; 0 without compile).",
+            registry=r,
+        )
+        self.compile_cache = Counter(
+            "diffusion_compile_cache_lookups",
+            "Compile-artifact cache lookups at start-up, by result (hit, miss, corrupt, error).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss", "corrupt", "error"):
+            self.compile_cache.labels(result=result)
+        self.compile_cache_saves = Counter(
+            "diffusion_compile_cache_saves",
+            "Compile artifacts this process published to the shared cache after warmup.",
+            registry=r,
+        )
         self.ready = Gauge(
             "diffusion_ready", "1 when the runtime accepts requests (loaded and warmed up).", registry=r
         )

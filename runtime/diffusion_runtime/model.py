@@ -102,6 +102,7 @@ class Model:
     load_seconds: float
     model_path: Path
     warmup_seconds: float = 0.0
+    download_seconds: float = 0.0  # part of load_seconds spent in resolve_model_uri (hub downloads)
     size_multiple: int = 16
     _accepts: frozenset[str] = field(default_factory=frozenset)
 
@@ -216,7 +217,9 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     plan = plan_cache_dit(raw, device, capability) if raw else None  # validate before any heavy work
     for note in plan.notes if plan else ():
         log.warning("%s", note)
+    t_resolve = time.perf_counter()
     model_path = resolve_model_uri(config.model.uri, config.model.revision, progress=progress)
+    download_seconds = time.perf_counter() - t_resolve
     if not (model_path / "model_index.json").is_file():
         raise ModelError(
             f"model {config.model.uri}: {model_path} has no model_index.json (not a diffusers pipeline)"
@@ -263,6 +266,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         plan=plan,
         load_seconds=time.perf_counter() - t0,
         model_path=model_path,
+        download_seconds=download_seconds,
         size_multiple=max(16, vae_scale * 2),
         _accepts=accepts,
     )

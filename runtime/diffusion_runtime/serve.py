@@ -27,6 +27,7 @@ def preflight(config: RuntimeConfig) -> None:
 
 
 def _load_and_warm(state, server) -> None:
+    from diffusion_runtime import compile_cache
     from diffusion_runtime.model import ModelError, load_model
 
     m = state.metrics
@@ -35,6 +36,7 @@ def _load_and_warm(state, server) -> None:
         state.model = model
         m.use_device(model.device)
         m.model_load.set(model.load_seconds)
+        m.model_download.set(model.download_seconds)
         m.set_info(
             model=state.config.model.uri, pipeline=model.pipeline_name, cache=model.cache_tag,
             quant=model.quant_type, compile=str(bool(state.config.compile)).lower(), device=model.device,
@@ -48,9 +50,18 @@ def _load_and_warm(state, server) -> None:
             model.cache_tag,
         )
         state.phase = "warming up"
+        cache = compile_cache.for_model(state.config, model)
+        if cache is not None:
+            m.compile_cache.labels(result=cache.restore()).inc()
+        compiled_before = compile_cache.compile_seconds()
         warm = model.warmup()
         m.warmup.set(warm)
-        log.info("warmup done in %.2fs", warm)
+        m.compile_seconds.set(compile_cache.compile_seconds() - compiled_before)
+        log.info(
+            "warmup done in %.2fs (compile %.2fs)", warm, compile_cache.compile_seconds() - compiled_before
+        )
+        if cache is not None and cache.publish():
+            m.compile_cache_saves.inc()
         state.phase = "ready"
         m.ready.set(0 if state.draining else 1)
     except (ConfigError, ModelError) as e:
