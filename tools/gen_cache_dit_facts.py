@@ -98,6 +98,18 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
 }
 
 
+def _tiny_model() -> tuple[str, dict[str, int]]:
+    """The runtime's tiny random-weight FLUX (samples/tiny-cpu.yaml: file:///models/tiny-flux)."""
+    sys.path.insert(0, str(REPO / "runtime"))
+    from diffusion_runtime.tiny import SPECS
+
+    tiny = SPECS["tiny"]
+    return (
+        "FluxTransformer2DModel",
+        {"transformer_blocks": tiny.num_layers, "single_transformer_blocks": tiny.num_single_layers},
+    )
+
+
 def _quiet_import():
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # the facts are cache-dit's defaults, not this shell's overrides
@@ -262,7 +274,7 @@ def collect() -> dict:
         "flux_dummy": flux_dummy,
         "models": {
             name: _cached_lists(transformer, lists, flux_dummy)
-            for name, (transformer, lists) in MODELS.items()
+            for name, (transformer, lists) in {**MODELS, "tiny-flux": _tiny_model()}.items()
         },
         "steps_mask_src": _function_source(interface._steps_mask, "_steps_mask")
         + "\n\n"

@@ -186,7 +186,8 @@ MODEL_BLOCK_LISTS = {'FLUX.1-dev': (57,),
  'Wan2.1-T2V-1.3B-Diffusers': (30,),
  'Wan2.1-T2V-14B-Diffusers': (40,),
  'HunyuanVideo': (20, 40),
- 'CogVideoX-5b': (42,)}
+ 'CogVideoX-5b': (42,),
+ 'tiny-flux': (6,)}
 
 
 # cache_interface._steps_mask and steps_mask

@@ -168,3 +168,18 @@ def test_facts_module_is_generated_from_the_pinned_cache_dit():
     sys.modules["gen_facts"] = gen
     module_spec.loader.exec_module(gen)
     assert gen.OUTPUT.read_text() == gen.render(), "stale: run .venv/bin/python tools/gen_cache_dit_facts.py"
+
+
+def test_block_lists_are_what_cache_dits_adapter_caches():
+    """The facts' block lists for the tiny FLUX (2 double + 4 single blocks) are what cache-dit's own
+    FLUX adapter hands its cached blocks: one joined list (dummy blocks, cache-dit's default)."""
+    import cache_dit
+    from diffusion_runtime.cache_dit_facts import FLUX_ENABLE_DUMMY_BLOCKS, MODEL_BLOCK_LISTS
+    from diffusion_runtime.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny", 0)
+    adapter = cache_dit.BlockAdapterRegister.get_adapter(pipe)
+    blocks = adapter.blocks if isinstance(adapter.blocks, list) else [adapter.blocks]
+    assert FLUX_ENABLE_DUMMY_BLOCKS
+    assert tuple(len(b) for b in blocks) == MODEL_BLOCK_LISTS["tiny-flux"] == (6,)
+    assert MODEL_BLOCK_LISTS["FLUX.1-dev"] == (19 + 38,)

@@ -180,7 +180,8 @@ def test_replicas_and_autoscaling_together_refused():
 def test_model_facts_and_capabilities():
     assert model_facts("hf://black-forest-labs/FLUX.1-dev").max_cache_blocks == 57  # 19 + 38, joined
     assert model_facts("hf://Qwen/Qwen-Image").max_cache_blocks == 60
-    assert model_facts("file:///models/tiny-flux") is None
+    assert model_facts("file:///models/tiny-flux").block_lists == (6,)  # the runtime's tiny FLUX, 2 + 4 joined
+    assert model_facts("file:///models/my-own-model") is None
     assert product_capability("NVIDIA-H100-80GB-HBM3") == (9, 0)
     assert product_capability("NVIDIA-A100-SXM4-80GB") == (8, 0)
     assert product_capability("NVIDIA-L4") == (8, 9)
@@ -303,3 +304,15 @@ def test_the_operator_and_the_facts_import_without_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_tiny_model_blocks_are_checked_like_the_pod_would():
+    from diffusion_operator.models import KNOWN_MODELS
+    from diffusion_runtime.cache_dit_facts import MODEL_BLOCK_LISTS
+
+    assert {m.name for m in KNOWN_MODELS.values()} == set(MODEL_BLOCK_LISTS)
+    spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=6, Bn_compute_blocks=6)
+    assert parse(spec).ok
+    spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=7)
+    assert fields(parse(spec)) == ["spec.cacheDit.cache_config.Fn_compute_blocks"]
