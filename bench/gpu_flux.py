@@ -11,6 +11,7 @@ Variants (each on a fresh transformer with the same seeded weights):
   float8      + float8_per_row through cache-dit's quantize_config (torchao)
   cache       + cache-dit DBCache with a static steps_computation_mask (cache_dit.steps_mask "fast")
   all         cache + float8 + compile
+  float8_compile  float8 + compile, no cache-dit
   cache_compile  cache + compile, no float8 (optional; runs on CPU too)
 Prints a table of seconds per image and the speedup against the eager baseline measured in the same
 run; a variant that fails prints its error in its row and the run goes on. `--small` runs a tiny
@@ -39,7 +40,7 @@ SMALL = dict(
     num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
     axes_dims_rope=(8, 12, 12),
 )  # fmt: skip
-VARIANTS = ("eager", "compile", "float8", "cache", "all", "cache_compile")
+VARIANTS = ("eager", "compile", "float8", "cache", "all", "cache_compile", "float8_compile")
 DEFAULT_VARIANTS = ("eager", "compile", "float8", "cache", "all")
 
 
@@ -104,8 +105,8 @@ def apply_variant(model, name: str, steps: int):
     from cache_dit import DBCacheConfig, QuantizeConfig
 
     use_cache = name in ("cache", "all", "cache_compile")
-    use_fp8 = name in ("float8", "all")
-    use_compile = name in ("compile", "all", "cache_compile")
+    use_fp8 = name in ("float8", "all", "float8_compile")
+    use_compile = name in ("compile", "all", "cache_compile", "float8_compile")
     kwargs = {}
     if use_cache:
         mask = cache_dit.steps_mask(total_steps=steps, mask_policy="fast")

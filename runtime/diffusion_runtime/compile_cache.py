@@ -59,7 +59,7 @@ def _file_digest(path: Path) -> str | None:
         return None
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
@@ -72,7 +72,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _hardware(device: str) -> dict[str, Any]:
+def hardware(device: str) -> dict[str, Any]:
     import torch
 
     if device == "cuda":
@@ -113,8 +113,8 @@ def key_facts(
         "pipeline": pipeline,
         "cache_dit": cache_dit,
         "warmup": {"resolutions": list(resolutions), "steps": steps},
-        "versions": _versions(),
-        "hardware": _hardware(device),
+        "versions": library_versions(),
+        "hardware": hardware(device),
     }
 
 
@@ -168,8 +168,8 @@ class CompileCache:
         if self.local is None:
             configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             self.local = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="inductor-"))
-            self.local.mkdir(parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.local)
+        self.local.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.local)
         return self.local
 
     def restore(self) -> str:

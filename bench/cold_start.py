@@ -1,0 +1,150 @@
+"""Cold start with and without the compile-artifact cache: two real `diffusion-runtime serve` processes.
+
+Both processes serve the same runtime.yaml (`compile: true`, `compile_cache_dir` on a shared folder)
+and each gets its own empty local inductor folder, as each pod has its own /tmp. The first process
+finds no artifacts, compiles and publishes them; the second restores them. For each: seconds from
+process start to `/ready` answering 200, and what `/metrics` says (model load, warmup, compile seconds,
+cache lookup result). The ratio first/second is the figure; both run in the same invocation.
+
+    .venv/bin/python bench/cold_start.py [--variant small] [--size 64x64] [--steps 2] [--runs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in fam.samples:
+            label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{label}}}" if label else s.name] = s.value
+    return out
+
+
+def start_to_ready(model: Path, work: Path, shared: Path, a: argparse.Namespace, name: str) -> dict:
+    work.mkdir(parents=True)
+    port = free_port()
+    cfg = {
+        "model": {"uri": str(model), "dtype": "float32"},
+        "device": "cpu",
+        "compile": True,
+        "compile_cache_dir": str(shared),
+        "warmup": {"resolutions": [a.size], "steps": a.steps},
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0},
+    }
+    (work / "runtime.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), HF_HUB_OFFLINE="1")
+    log = open(work / "runtime.log", "w")  # noqa: SIM115 - closed below
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(work / "runtime.yaml")],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(
+                    f"{name}: runtime exited {proc.returncode}:\n{(work / 'runtime.log').read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        ready = time.perf_counter() - t0
+        m = metrics(url + "/metrics")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    lookup = next(
+        (k.split("result=")[1].rstrip("}") for k, v in m.items()
+         if k.startswith("diffusion_compile_cache_lookups_total") and v),
+        "none",
+    )  # fmt: skip
+    row = {
+        "process": name,
+        "ready_s": ready,
+        "load_s": m.get("diffusion_model_load_seconds", 0.0),
+        "warmup_s": m.get("diffusion_warmup_seconds", 0.0),
+        "compile_s": m.get("diffusion_compile_seconds", 0.0),
+        "cache": lookup,
+        "saved": int(m.get("diffusion_compile_cache_saves_total", 0)),
+    }
+    print(
+        f"{name}: ready in {ready:.1f}s (load {row['load_s']:.1f}s, warmup {row['warmup_s']:.1f}s, "
+        f"compile {row['compile_s']:.1f}s, cache {lookup}, saved {row['saved']})",
+        flush=True,
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="small", choices=("tiny", "small"), help="test model size")
+    p.add_argument("--size", default="64x64")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--runs", type=int, default=1, help="repeat the cold/warm pair")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="cold-start-"))
+    try:
+        model = tmp / "model"
+        subprocess.run(
+            [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(model), "--variant", a.variant],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        rows = []
+        for run in range(a.runs):
+            shared = tmp / f"shared-{run}"
+            first = start_to_ready(model, tmp / f"r{run}-first", shared, a, "first process (empty cache)")
+            second = start_to_ready(model, tmp / f"r{run}-second", shared, a, "second process (artifacts)")
+            rows.append((first, second))
+        print()
+        print("| run | first: ready / compile | second: ready / compile | ready ratio | compile ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        for i, (f, s) in enumerate(rows):
+            print(
+                f"| {i + 1} | {f['ready_s']:.1f} s / {f['compile_s']:.1f} s ({f['cache']}) "
+                f"| {s['ready_s']:.1f} s / {s['compile_s']:.1f} s ({s['cache']}) "
+                f"| {f['ready_s'] / s['ready_s']:.2f}x | {f['compile_s'] / max(s['compile_s'], 1e-9):.2f}x |"
+            )
+        print(
+            f"\nmodel: {a.variant} test pipeline on CPU, warmup {a.size} x {a.steps} steps, compile: true; "
+            f"torch {__import__('torch').__version__}, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
+        if a.json:
+            Path(a.json).write_text(json.dumps([{"first": f, "second": s} for f, s in rows], indent=1))
+        ok = all(s["cache"] == "hit" and f["saved"] == 1 for f, s in rows)
+        return 0 if ok else 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
