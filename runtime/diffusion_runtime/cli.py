@@ -59,16 +59,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from diffusion_runtime.serve import run_server
+    from diffusion_runtime.serve import device_warmup_defaults, run_server
 
     cfg = load_config_file(a.config) if a.config else RuntimeConfig()
+    source = "the config" if a.config else "the flags"
+    if not a.config and a.warmup_steps is None and a.warmup_size is None:
+        source = device_warmup_defaults(cfg, a.device or cfg.device)
     apply_overrides(
         cfg, model=a.model, cache_dit_config=a.cache_dit_config, host=a.host, port=a.port,
         metrics_port=a.metrics_port, max_queue=a.max_queue, request_timeout=a.request_timeout, device=a.device,
         dtype=a.dtype, compile=a.compile, warmup_steps=a.warmup_steps, warmup_resolutions=a.warmup_size,
         compile_cache_dir=a.compile_cache_dir,
     )  # fmt: skip
-    return run_server(cfg)
+    return run_server(cfg, warmup_source=source)
 
 
 def _generate(a: argparse.Namespace) -> int:

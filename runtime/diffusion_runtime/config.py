@@ -39,6 +39,8 @@ DEVICES = ("auto", "cuda", "cpu")
 MAX_N_LIMIT = 64  # images per request
 MAX_STEPS_LIMIT = 1000  # num_inference_steps
 MIN_PIXELS = 256  # server.max_pixels floor
+MIN_UPLOAD_BYTES = 1024  # server.max_upload_bytes floor
+MAX_JOBS_LIMIT = 100000  # server.max_jobs
 SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patching need it)
 # the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); parse_size also takes
 # spaces and an upper-case X from the command line
@@ -79,6 +81,9 @@ class ServerConfig:
     max_pixels: int = 4194304
     max_steps: int = 100
     max_n: int = 4
+    max_upload_bytes: int = 32 << 20  # body bound of POST /v1/images/edits
+    max_jobs: int = 64  # finished async jobs and url results kept in memory ...
+    job_ttl_seconds: float = 600.0  # ... for at most this long
 
 
 @dataclass
@@ -216,6 +221,13 @@ def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
     max_steps_error = _int_error("server.max_steps", s.max_steps, 1, MAX_STEPS_LIMIT)
     add(max_steps_error)
     add(_int_error("server.max_n", s.max_n, 1, MAX_N_LIMIT))
+    add(_int_error("server.max_upload_bytes", s.max_upload_bytes, MIN_UPLOAD_BYTES))
+    add(_int_error("server.max_jobs", s.max_jobs, 1, MAX_JOBS_LIMIT))
+    ttl = s.job_ttl_seconds
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        add(_error("server.job_ttl_seconds", f"expected a number, got {ttl!r}"))
+    elif ttl <= 0:
+        add(_error("server.job_ttl_seconds", "must be > 0"))
     timeout = s.request_timeout_seconds
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         add(_error("server.request_timeout_seconds", f"expected a number, got {timeout!r}"))

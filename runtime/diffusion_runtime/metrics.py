@@ -53,8 +53,9 @@ class RuntimeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
-            "diffusion_request_duration_seconds", "End-to-end time of an image request, by HTTP status.",
-            ["status"], buckets=LATENCY_BUCKETS, registry=r,
+            "diffusion_request_duration_seconds",
+            "End-to-end time of an image request, by endpoint (generations|edits) and HTTP status.",
+            ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
             "diffusion_queue_wait_seconds", "Time an admitted request waited for the pipeline.",
@@ -69,7 +70,10 @@ class RuntimeMetrics:
             buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self.requests = Counter(
-            "diffusion_requests", "Image requests answered, by HTTP status.", ["status"], registry=r
+            "diffusion_requests",
+            "Image requests answered, by endpoint (generations|edits) and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.images = Counter("diffusion_images_generated", "Images generated and returned.", registry=r)
         self.queue_depth = Gauge(
@@ -77,6 +81,23 @@ class RuntimeMetrics:
         )
         self.in_flight = Gauge(
             "diffusion_requests_in_flight", "Generations running on the pipeline now (0 or 1).", registry=r
+        )
+        self.demand = Gauge(
+            "diffusion_demand_requests",
+            "Waiting + running image requests (sync and async jobs): the per-pod autoscaling signal.",
+            registry=r,
+        )
+        self.jobs = Counter(
+            "diffusion_jobs",
+            "Async jobs finished, by endpoint and outcome (succeeded|failed|cancelled).",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "diffusion_webhook_deliveries",
+            "Webhook deliveries, by result (ok|error).",
+            ["result"],
+            registry=r,
         )
         self.cache_steps = Counter(
             "diffusion_cache_steps",

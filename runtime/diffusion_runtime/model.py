@@ -197,12 +197,34 @@ class Model:
     def warmup(self) -> float:
         t0 = time.perf_counter()
         w = self.config.warmup
-        for res in w.resolutions:
+        for i, res in enumerate(w.resolutions, 1):
             width, height = parse_size(res)
-            log.info("warmup %dx%d, %d steps", width, height, w.steps)
-            self.generate(w.prompt, width, height, w.steps, seed=0)
+            log.info("warmup %d/%d: %dx%d, %d steps", i, len(w.resolutions), width, height, w.steps)
+            t1 = time.perf_counter()
+            self.generate(w.prompt, width, height, w.steps, seed=0, on_step=_progress_logger(w.steps))
+            log.info(
+                "warmup %d/%d: %dx%d done in %.2fs",
+                i,
+                len(w.resolutions),
+                width,
+                height,
+                time.perf_counter() - t1,
+            )
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
+
+
+def _progress_logger(total: int, every_seconds: float = 10.0) -> Callable[[int], None]:
+    """A step callback that logs progress at most every `every_seconds` (long CPU warmups)."""
+    last = [time.perf_counter()]
+
+    def on_step(step_index: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every_seconds and step_index + 1 < total:
+            last[0] = now
+            log.info("warmup progress: step %d/%d", step_index + 1, total)
+
+    return on_step
 
 
 def load_model(config: RuntimeConfig, progress: bool = True) -> Model:

@@ -70,6 +70,9 @@ def test_configmap_runtime_yaml_follows_the_contract():
             "max_pixels": 4194304,
             "max_steps": 100,
             "max_n": 4,
+            "max_upload_bytes": 33554432,
+            "max_jobs": 64,
+            "job_ttl_seconds": 600.0,
         },
     }
     cache = yaml.safe_load(cm["data"]["cache-dit.yaml"])

@@ -99,9 +99,9 @@ def test_metrics_parsed_on_both_listeners(runtime_server, tiny_model_dir):
     url = runtime_server.url
     before = scrape(url + "/metrics")
     n200 = (
-        value(before, "diffusion_request_duration_seconds_count", status="200")
+        value(before, "diffusion_request_duration_seconds_count", endpoint="generations", status="200")
         if any(
-            lab.get("status") == "200"
+            lab.get("status") == "200" and lab.get("endpoint") == "generations"
             for lab, _ in before.get("diffusion_request_duration_seconds_count", [])
         )
         else 0.0
@@ -110,13 +110,16 @@ def test_metrics_parsed_on_both_listeners(runtime_server, tiny_model_dir):
     assert generate(url, size="64x64", num_inference_steps=8, seed=3).status_code == 200
     assert generate(url, prompt="", size="64x64").status_code == 400
     m = scrape(url + "/metrics")
-    assert value(m, "diffusion_request_duration_seconds_count", status="200") == n200 + 1
-    assert value(m, "diffusion_request_duration_seconds_count", status="400") >= 1
-    assert value(m, "diffusion_requests_total", status="200") >= n200 + 1
+    assert (
+        value(m, "diffusion_request_duration_seconds_count", endpoint="generations", status="200") == n200 + 1
+    )
+    assert value(m, "diffusion_request_duration_seconds_count", endpoint="generations", status="400") >= 1
+    assert value(m, "diffusion_requests_total", endpoint="generations", status="200") >= n200 + 1
     assert value(m, "diffusion_cache_steps_total", result="cached") == cached0 + 3  # mask 11101001
     assert value(m, "diffusion_cache_steps_total", result="computed") > 0
     assert value(m, "diffusion_queue_depth") == 0
     assert value(m, "diffusion_requests_in_flight") == 0
+    assert value(m, "diffusion_demand_requests") == 0
     assert value(m, "diffusion_model_load_seconds") > 0
     assert value(m, "diffusion_warmup_seconds") > 0
     assert value(m, "diffusion_images_generated_total") >= 1
@@ -145,7 +148,7 @@ def test_health_ready_openapi(runtime_server):
     assert httpx.get(url + "/ready").status_code == 200
     schema = httpx.get(url + "/openapi.json").json()
     assert GEN in schema["paths"]
-    props = schema["components"]["schemas"]["ImageRequest"]["properties"]
+    props = schema["components"]["schemas"]["ImageGenerationRequest"]["properties"]
     for f in (
         "prompt",
         "n",
@@ -182,7 +185,9 @@ def test_health_ready_openapi(runtime_server):
         (json.dumps({"prompt": "a", "n": 5}).encode(), "n:"),
         (json.dumps({"prompt": "a", "n": 0}).encode(), "n:"),
         (json.dumps({"prompt": "a", "seed": -1}).encode(), "seed"),
-        (json.dumps({"prompt": "a", "response_format": "url"}).encode(), "response_format"),
+        (json.dumps({"prompt": "a", "response_format": "file"}).encode(), "response_format"),
+        (json.dumps({"prompt": "a", "output_format": "gif"}).encode(), "output_format"),
+        (json.dumps({"prompt": "a", "seed": True}).encode(), "seed"),
         (json.dumps({"prompt": "a", "guidance_scale": "high"}).encode(), "guidance_scale"),
         (json.dumps({"prompt": "a", "num_steps": 4}).encode(), "num_steps"),
         (b'{"prompt": "a", "guidance_scale": NaN}', "guidance_scale"),

@@ -1,0 +1,166 @@
+"""Async jobs (`Prefer: respond-async`) and served results (`response_format: url`), in memory.
+
+Both stores are bounded: an unfinished job is never dropped (their number is bounded by the queue),
+finished jobs and results are kept for at most `server.job_ttl_seconds` and at most
+`server.max_jobs` of them (results: `max_jobs * max_n` images), oldest first out. A job or result
+the pod no longer knows answers 404 with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusion_runtime.scheduler import Scheduler, Work
+
+log = logging.getLogger("diffusion_runtime")
+FINAL = ("succeeded", "failed", "cancelled")
+WEBHOOK_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(eq=False)
+class Job:
+    endpoint: str
+    work: Work
+    webhook: str | None = None
+    id: str = field(default_factory=lambda: "imgjob_" + uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    final: str | None = None  # succeeded | failed | cancelled once finished
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancel_requested: bool = False
+    task: asyncio.Task | None = None
+
+    def finish(self, status: str, result: dict | None = None, error: dict | None = None) -> None:
+        self.final, self.result, self.error = status, result, error
+        self.finished_at = time.time()
+
+    def view(self, scheduler: Scheduler) -> dict[str, Any]:
+        """The JobStatus body."""
+        w = self.work
+        if self.final:
+            status = self.final
+        elif scheduler.running is w:
+            status = "running"
+        else:
+            status = "queued"
+        if w.started and self.started_at is None:
+            self.started_at = self.created_at + (w.started - w.enqueued)
+        return {
+            "id": self.id,
+            "object": "image.job",
+            "endpoint": self.endpoint,
+            "status": status,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "queue_position": scheduler.position(w) if status == "queued" else None,
+            "progress": {"step": w.step, "total_steps": w.total_steps},
+            "cancel_requested": self.cancel_requested,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+class JobStore:
+    def __init__(self, max_finished: int, ttl_seconds: float):
+        self.max_finished = max_finished
+        self.ttl = ttl_seconds
+        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+
+    def add(self, job: Job) -> None:
+        self.prune()
+        self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        self.prune()
+        return self._jobs.get(job_id)
+
+    def prune(self) -> None:
+        now = time.time()
+        finished = [j for j in self._jobs.values() if j.final]
+        expired = {j.id for j in finished if j.finished_at is not None and now - j.finished_at > self.ttl}
+        keep = [j for j in finished if j.id not in expired]
+        keep.sort(key=lambda j: j.finished_at or 0.0)
+        expired |= {j.id for j in keep[: max(0, len(keep) - self.max_finished)]}
+        for job_id in expired:
+            del self._jobs[job_id]
+
+    def unknown_reason(self, job_id: str) -> str:
+        return (
+            f"job {job_id!r} is not known to this pod: never submitted here, or finished more than "
+            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent (server.job_ttl_seconds, "
+            "server.max_jobs)"
+        )
+
+
+class ResultStore:
+    """Encoded images served at /v1/images/results/{id} for `response_format: url`."""
+
+    def __init__(self, max_items: int, ttl_seconds: float):
+        self.max_items = max_items
+        self.ttl = ttl_seconds
+        self._items: collections.OrderedDict[str, tuple[bytes, str, float]] = collections.OrderedDict()
+
+    def put(self, data: bytes, fmt: str) -> str:
+        self.prune()
+        rid = f"img_{uuid.uuid4().hex}.{fmt}"
+        self._items[rid] = (data, fmt, time.time())
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+        return rid
+
+    def get(self, rid: str) -> tuple[bytes, str] | None:
+        self.prune()
+        item = self._items.get(rid)
+        return (item[0], item[1]) if item else None
+
+    def prune(self) -> None:
+        now = time.time()
+        while self._items:
+            rid, (_, _, t) = next(iter(self._items.items()))
+            if now - t <= self.ttl:
+                break
+            del self._items[rid]
+
+    def unknown_reason(self, rid: str) -> str:
+        return (
+            f"result {rid!r} is not known to this pod: results are kept {self.ttl:g}s and at most "
+            f"{self.max_items} images (server.job_ttl_seconds, server.max_jobs)"
+        )
+
+
+def _post_json(url: str, body: bytes) -> int:
+    req = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", "user-agent": "diffusion-runtime"},
+    )
+    with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT_SECONDS) as resp:  # noqa: S310 - http(s) only
+        return int(resp.status)
+
+
+async def deliver_webhook(url: str, payload: dict[str, Any], on_done: Any = None) -> bool:
+    """POST the finished job to `url` (one try, WEBHOOK_TIMEOUT_SECONDS); failures are logged."""
+    body = json.dumps(payload).encode()
+    try:
+        status = await asyncio.to_thread(_post_json, url, body)
+        ok = 200 <= status < 300
+        if not ok:
+            log.warning("webhook %s answered %d for job %s", url, status, payload.get("id"))
+    except Exception as e:  # noqa: BLE001 - a receiver's failure is its own; log one line
+        log.warning("webhook %s failed for job %s: %s: %s", url, payload.get("id"), type(e).__name__, e)
+        ok = False
+    if on_done is not None:
+        on_done(ok)
+    return ok
