@@ -16,12 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from diffusion_runtime.config import RuntimeConfig
+from diffusion_runtime.config import SIZE_MULTIPLE, SIZE_PATTERN, RuntimeConfig
 
 PROMPT_MAX_CHARS = 32000  # OpenAI's limit for GPT image models
-SIZE_MULTIPLE = 16  # latent patches of 2x2 over the VAE's 8x downscale (FLUX, SD3, Qwen-Image)
 SIZE_FORMAT = "image-size"
-SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 RESPONSE_FORMATS = ("b64_json", "url")
 UPLOAD_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
