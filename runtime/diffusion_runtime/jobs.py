@@ -1,9 +1,9 @@
 """Async jobs (`Prefer: respond-async`) and served results (`response_format: url`), in memory.
 
 Both stores are bounded: an unfinished job is never dropped (their number is bounded by the queue),
-finished jobs and results are kept for at most `server.job_ttl_seconds` and at most
-`server.max_jobs` of them (results: `max_jobs * max_n` images), oldest first out. A job or result
-the pod no longer knows answers 404 with that reason.
+finished jobs and results are kept for at most `server.job_ttl_seconds`, at most `server.max_jobs`
+of them (results: `max_jobs * max_n` images) and at most `STORE_MAX_BYTES` of image data each,
+oldest first out. A job or result the pod no longer knows answers 404 with that reason.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from diffusion_runtime.scheduler import Scheduler, Work
 log = logging.getLogger("diffusion_runtime")
 FINAL = ("succeeded", "failed", "cancelled")
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+STORE_MAX_BYTES = 512 << 20  # image data kept by each store (finished jobs' results, url results)
+
+
+def _result_bytes(result: dict[str, Any] | None) -> int:
+    if not result:
+        return 0
+    return sum(len(d.get("b64_json") or "") for d in result.get("data", []))
 
 
 @dataclass(eq=False)
@@ -39,10 +46,12 @@ class Job:
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
     task: asyncio.Task | None = None
+    nbytes: int = 0
 
     def finish(self, status: str, result: dict | None = None, error: dict | None = None) -> None:
         self.final, self.result, self.error = status, result, error
         self.finished_at = time.time()
+        self.nbytes = _result_bytes(result)
 
     def view(self, scheduler: Scheduler) -> dict[str, Any]:
         """The JobStatus body."""
@@ -72,9 +81,10 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, max_finished: int, ttl_seconds: float):
+    def __init__(self, max_finished: int, ttl_seconds: float, max_bytes: int = STORE_MAX_BYTES):
         self.max_finished = max_finished
         self.ttl = ttl_seconds
+        self.max_bytes = max_bytes
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
 
     def add(self, job: Job) -> None:
@@ -92,32 +102,46 @@ class JobStore:
         keep = [j for j in finished if j.id not in expired]
         keep.sort(key=lambda j: j.finished_at or 0.0)
         expired |= {j.id for j in keep[: max(0, len(keep) - self.max_finished)]}
+        held = sum(j.nbytes for j in keep if j.id not in expired)
+        for j in keep:  # oldest first, until the results fit the byte budget
+            if held <= self.max_bytes:
+                break
+            if j.id not in expired:
+                expired.add(j.id)
+                held -= j.nbytes
         for job_id in expired:
             del self._jobs[job_id]
 
     def unknown_reason(self, job_id: str) -> str:
         return (
             f"job {job_id!r} is not known to this pod: never submitted here, or finished more than "
-            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent (server.job_ttl_seconds, "
-            "server.max_jobs)"
+            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent or {self.max_bytes >> 20} MiB "
+            "of results (server.job_ttl_seconds, server.max_jobs)"
         )
 
 
 class ResultStore:
     """Encoded images served at /v1/images/results/{id} for `response_format: url`."""
 
-    def __init__(self, max_items: int, ttl_seconds: float):
+    def __init__(self, max_items: int, ttl_seconds: float, max_bytes: int = STORE_MAX_BYTES):
         self.max_items = max_items
         self.ttl = ttl_seconds
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._items: collections.OrderedDict[str, tuple[bytes, str, float]] = collections.OrderedDict()
 
     def put(self, data: bytes, fmt: str) -> str:
         self.prune()
         rid = f"img_{uuid.uuid4().hex}.{fmt}"
         self._items[rid] = (data, fmt, time.time())
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        self.nbytes += len(data)
+        while len(self._items) > 1 and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
+            self._drop_oldest()
         return rid
+
+    def _drop_oldest(self) -> None:
+        _, (data, _, _) = self._items.popitem(last=False)
+        self.nbytes -= len(data)
 
     def get(self, rid: str) -> tuple[bytes, str] | None:
         self.prune()
@@ -127,15 +151,15 @@ class ResultStore:
     def prune(self) -> None:
         now = time.time()
         while self._items:
-            rid, (_, _, t) = next(iter(self._items.items()))
+            _, (_, _, t) = next(iter(self._items.items()))
             if now - t <= self.ttl:
                 break
-            del self._items[rid]
+            self._drop_oldest()
 
     def unknown_reason(self, rid: str) -> str:
         return (
-            f"result {rid!r} is not known to this pod: results are kept {self.ttl:g}s and at most "
-            f"{self.max_items} images (server.job_ttl_seconds, server.max_jobs)"
+            f"result {rid!r} is not known to this pod: results are kept {self.ttl:g}s, at most "
+            f"{self.max_items} images and {self.max_bytes >> 20} MiB (server.job_ttl_seconds, server.max_jobs)"
         )
 
 
