@@ -73,7 +73,11 @@ class Job:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "queue_position": scheduler.position(w) if status == "queued" else None,
-            "progress": {"step": w.step, "total_steps": w.total_steps},
+            "progress": {
+                "step": w.step,
+                "total_steps": w.total_steps,
+                "cancel_requested_at_step": w.cancel_step,
+            },
             "cancel_requested": self.cancel_requested,
             "result": self.result,
             "error": self.error,

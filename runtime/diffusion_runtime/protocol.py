@@ -113,6 +113,9 @@ class ImagesResponse(BaseModel):
 class JobProgress(BaseModel):
     step: int = Field(description="denoising steps finished")
     total_steps: int
+    cancel_requested_at_step: int | None = Field(
+        None, description="`step` when DELETE arrived; a running job stops after at most one more step"
+    )
 
 
 class JobStatus(BaseModel):

@@ -48,6 +48,7 @@ class Work:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     step: int = 0
+    cancel_step: int | None = None  # `step` when the cancel was requested
     cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -119,6 +120,8 @@ class Scheduler:
         """Nobody wants this item any more: out of the queue (True), or stop it at its next step."""
         from diffusion_runtime.model import Cancelled
 
+        if work.cancel_step is None:
+            work.cancel_step = work.step
         work.cancel.set()
         try:
             self.queue.remove(work)

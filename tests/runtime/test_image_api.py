@@ -257,7 +257,14 @@ def test_async_jobs_positions_progress_cancel_and_results(api_server):
     assert d.status_code == 200, d.text
     cancelled = d.json()
     assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"] is True
-    assert cancelled["progress"]["step"] <= seen + 3, (seen, cancelled["progress"])
+    progress = cancelled["progress"]
+    assert (
+        seen
+        <= progress["cancel_requested_at_step"]
+        <= progress["step"]
+        <= progress["cancel_requested_at_step"] + 1
+    )
+    assert progress["step"] < progress["total_steps"]
     assert "cancelled" in cancelled["error"]["message"] and cancelled["result"] is None
 
     last_pos = {j: i + 1 for i, j in enumerate(short_ids)}
@@ -278,7 +285,7 @@ def test_async_jobs_positions_progress_cancel_and_results(api_server):
     for j in short_ids:
         st = done[j]
         assert st["status"] == "succeeded", st
-        assert st["progress"] == {"step": 4, "total_steps": 4}
+        assert st["progress"] == {"step": 4, "total_steps": 4, "cancel_requested_at_step": None}
         res = st["result"]
         assert res["size"] == "64x64" and res["num_inference_steps"] == 4 and len(res["data"]) == 1
         decode(res["data"][0]["b64_json"], "png")
@@ -303,13 +310,18 @@ def test_async_edit_job_and_queued_cancel(api_server, source_png):
     q = httpx.post(url + GEN, json={"prompt": "never", "size": "64x64"}, headers=ASYNC, timeout=10).json()
     gone = httpx.delete(f"{url}{JOBS}/{q['id']}", timeout=10).json()
     assert gone["status"] == "cancelled" and gone["progress"]["step"] == 0  # left the queue unrun
+    assert gone["progress"]["cancel_requested_at_step"] == 0
     httpx.delete(f"{url}{JOBS}/{a['id']}", timeout=30)
     deadline = time.monotonic() + 60
     while (st := _job(url, e.json()["id"]))["status"] not in ("succeeded", "failed"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert st["status"] == "succeeded", st
-    assert st["progress"] == {"step": 3, "total_steps": 3}  # strength 0.6 of 4: 4 - int(4 * 0.4) steps run
+    assert st["progress"] == {
+        "step": 3,
+        "total_steps": 3,
+        "cancel_requested_at_step": None,
+    }  # strength 0.6 of 4: 4 - int(4 * 0.4) steps run
     decode(st["result"]["data"][0]["b64_json"], "png")
 
 
