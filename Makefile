@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo       bootstrap, then run the end-to-end demo (local control plane, operator, tiny CPU model)"
 	@echo "make test       bootstrap, ruff, then the whole test suite (python -m pytest)"
-	@echo "make lint       ruff check ."
+	@echo "make lint       ruff check ., then mypy on both packages"
 	@echo "make pytest     only the tests (PYTEST_ARGS='-x tests/chart' to narrow)"
 	@echo "make sync-crds  copy crds/ into the Helm chart"
 
@@ -23,8 +23,10 @@ test: bootstrap lint pytest
 demo: bootstrap
 	$(VENV)/bin/diffusion-operator demo
 
+# mypy reads the packages from this checkout (pyproject: mypy_path), not from the editable install
 lint:
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy operator/diffusion_operator runtime/diffusion_runtime
 
 format:
 	$(VENV)/bin/ruff format .

@@ -34,13 +34,14 @@ def test_ci_run_is_an_executable_strict_bash_script_running_make_test():
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
 
 
-def test_make_test_is_bootstrap_ruff_then_pytest():
+def test_make_test_is_bootstrap_ruff_mypy_then_pytest():
     proc = _make("-n", "test")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines[0] == "scripts/bootstrap.sh"
     assert lines[1] == ".venv/bin/ruff check ."
-    assert ".venv/bin/python -m pytest" in lines[2]
+    assert lines[2] == ".venv/bin/mypy operator/diffusion_operator runtime/diffusion_runtime"
+    assert ".venv/bin/python -m pytest" in lines[3]
 
 
 def test_make_pytest_passes_when_tests_pass():

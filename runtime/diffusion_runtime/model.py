@@ -62,13 +62,13 @@ def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = Tr
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
         (enable_progress_bars if progress else disable_progress_bars)()
-        path = snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN") or None)
+        downloaded = snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN") or None)
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
             f"model {uri}: download from the Hugging Face Hub failed ({type(e).__name__}: {reason})"
         ) from e
-    return Path(path)
+    return Path(downloaded)
 
 
 def pick_device(setting: str) -> str:
@@ -249,7 +249,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     dtype = getattr(torch, config.model.dtype)
     if device == "cpu" and dtype == torch.float16:
         raise ConfigError("model.dtype: float16 is not supported on cpu; use float32 or bfloat16")
-    cls = DiffusionPipeline
+    cls: Any = DiffusionPipeline
     if config.model.pipeline:
         import diffusers
 

@@ -121,7 +121,7 @@ def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
     # diffusers zero-initialises the output projections (adaLN-zero); random weights everywhere
     # make the image depend on the prompt and the seed like a trained model's would.
     with torch.no_grad():
-        for p in transformer.parameters():
+        for p in transformer.parameters():  # type: ignore[attr-defined]
             if torch.count_nonzero(p) == 0 and p.dim() >= 1:
                 p.normal_(0.0, 0.02)
     torch.manual_seed(seed + 1)
@@ -141,7 +141,7 @@ def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
         scaling_factor=1.5035,
     )
     clip_vocab, clip_merges = _clip_vocab()
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges)
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges)  # type: ignore[arg-type]
     tokenizer.model_max_length = 77
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
@@ -170,7 +170,7 @@ def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
             num_layers=2,
             num_heads=2,
             relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
+            decoder_start_token_id=0,  # type: ignore[call-arg]
             pad_token_id=0,
             eos_token_id=1,
         )

@@ -85,7 +85,7 @@ def node_object(spec: NodeSpec) -> dict:
     if p.gpus:
         labels |= {
             "nvidia.com/gpu.present": "true",
-            "nvidia.com/gpu.product": p.gpu_product,
+            "nvidia.com/gpu.product": p.gpu_product or "",
             "nvidia.com/gpu.memory": str(p.gpu_memory_mib),
             "nvidia.com/gpu.count": str(p.gpus),
             "nvidia.com/gpu.compute.major": str(p.compute[0]),
