@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from typing import Any
+from typing import Any, Protocol
 
 from diffusion_operator import metrics
 from diffusion_operator.builders.common import FIELD_MANAGER
@@ -32,19 +32,56 @@ API_PATHS = {
 
 
 class ApiError(Exception):
+    """A refused request: `reason` is the API server's message, `code` its Status reason (Invalid, ...)."""
+
     def __init__(self, status: int, body: str, method: str, path: str) -> None:
         self.status = status
         self.body = body
+        self.kind_name = ""  # the object it was about ("Deployment web"), set by the reconciler
+        self.reason: str = body
+        self.code: str = ""
         try:
-            self.reason = json.loads(body).get("message", body)
+            parsed = json.loads(body)
         except ValueError:
-            self.reason = body
+            parsed = None
+        if isinstance(parsed, dict):
+            self.reason = str(parsed.get("message", body))
+            self.code = str(parsed.get("reason", ""))
+        if not self.code:
+            self.code = STATUS_REASONS.get(status, f"HTTP{status}")
         super().__init__(f"{method} {path}: HTTP {status}: {self.reason}")
 
     @property
     def permanent(self) -> bool:
         """4xx other than conflicts and throttling will not fix themselves by retrying."""
         return 400 <= self.status < 500 and self.status not in (409, 429)
+
+
+STATUS_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    422: "Invalid",
+    429: "TooManyRequests",
+}
+
+
+class KubeClient(Protocol):
+    """What the reconciler needs from the API server: `Kube` here, an in-memory fake in the tests."""
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None: ...
+
+    def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]: ...
+
+    def apply(self, obj: dict, dry_run: bool = False) -> dict: ...
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
+    def patch_status(self, namespace: str, name: str, status: dict) -> dict: ...
+
+    def post_event(self, owner: dict, event_type: str, reason: str, message: str) -> None: ...
 
 
 def load_configuration():
@@ -108,9 +145,20 @@ class Kube:
             raise ApiError(response.status, text, method, path)
         return json.loads(text) if text else {}
 
+    def _write(self, method: str, path: str, **kwargs: Any) -> dict:
+        """A write whose answer is the object (the API server always sends one back)."""
+        out = self.request(method, path, **kwargs)
+        if out is None:  # only GET and DELETE map 404 to None
+            raise ApiError(404, "", method, path)
+        return out
+
     @staticmethod
-    def collection(api_version: str, kind: str, namespace: str) -> str:
-        return API_PATHS[(api_version, kind)].format(ns=urllib.parse.quote(namespace))
+    def collection(api_version: str, kind: str, namespace: str | None) -> str:
+        """The collection path; namespace None: across every namespace."""
+        template = API_PATHS[(api_version, kind)]
+        if namespace is None:
+            return template.replace("/namespaces/{ns}", "")
+        return template.format(ns=urllib.parse.quote(namespace))
 
     def path(self, api_version: str, kind: str, namespace: str, name: str) -> str:
         return f"{self.collection(api_version, kind, namespace)}/{urllib.parse.quote(name)}"
@@ -118,14 +166,26 @@ class Kube:
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         return self.request("GET", self.path(api_version, kind, namespace, name))
 
-    def apply(self, obj: dict) -> dict:
-        """Server-side apply under the operator's one field manager (force: we own these objects)."""
+    def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]:
+        out = self.request("GET", self.collection(api_version, kind, namespace)) or {}
+        items: list[dict] = out.get("items") or []
+        kind_api = {"apiVersion": api_version, "kind": kind}
+        return [{**kind_api, **item} for item in items]  # list items carry no kind
+
+    def apply(self, obj: dict, dry_run: bool = False) -> dict:
+        """Server-side apply under the operator's one field manager (force: we own these objects).
+
+        Fields this manager applied before and no longer sends are removed by the API server.
+        """
         meta = obj["metadata"]
-        return self.request(
+        query = {"fieldManager": FIELD_MANAGER, "force": "true"}
+        if dry_run:
+            query["dryRun"] = "All"
+        return self._write(
             "PATCH",
             self.path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
             body=obj,
-            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            query=query,
             content_type="application/apply-patch+yaml",
         )
 
@@ -134,7 +194,7 @@ class Kube:
 
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path("diffusion.dev/v1alpha1", "DiffusionDeployment", namespace, name) + "/status"
-        return self.request(
+        return self._write(
             "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
         )
 

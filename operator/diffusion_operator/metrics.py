@@ -11,7 +11,7 @@ RECONCILE_DURATION = Histogram(
 )
 RECONCILE_TOTAL = Counter(
     "diffusion_operator_reconciles_total", "Reconciles by result.", ["result"]
-)  # ok | invalid | error | gone
+)  # ok | invalid | refused (a child refused by the API server: see the Synced condition) | error | gone
 RECONCILE_ERRORS = Counter(
     "diffusion_operator_reconcile_errors_total",
     "Reconciles that failed (API errors), by kind of error.",
@@ -27,4 +27,11 @@ MANAGED_OBJECTS = Gauge(
 )
 INVALID_SPECS = Gauge(
     "diffusion_operator_invalid_specs", "DiffusionDeployments whose spec is invalid (ConfigValid=False)."
+)
+QUEUE_DEPTH = Gauge(
+    "diffusion_operator_queue_depth", "DiffusionDeployments waiting for a reconcile (coalesced per object)."
+)
+RECONCILES_SKIPPED = Counter(
+    "diffusion_operator_reconciles_skipped_total",
+    "Queued reconciles skipped: the CR and its children were at the versions the last reconcile ended with.",
 )

@@ -30,7 +30,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--resync-seconds", type=float, default=300.0, help="periodic level-triggered resync (0 = off)"
     )
-    parser.add_argument("--workers", type=int, default=16, help="threads running reconciles")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=16,
+        help="threads running reconciles (one object never runs twice at once)",
+    )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
@@ -48,8 +53,9 @@ def main(argv: list[str]) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    from diffusion_operator import handlers
+    from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
     from diffusion_operator.kube import Kube
+    from diffusion_operator.reconciler import Reconciler
 
     kopf.configure(
         verbose=args.verbose,
@@ -59,19 +65,21 @@ def main(argv: list[str]) -> int:
     if not args.verbose:  # kopf logs every handled event at INFO: keep warnings and errors only
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
-        handlers._kube = Kube()
+        client = Kube()
     except Exception as error:  # no kubeconfig, no service account
         print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
         return 1
     import threading
 
+    reconciler = Reconciler(client)
+    reconciler.start(args.workers)
     stop = threading.Event()
-    handlers.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)
+    reconciler.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):
         settings.posting.enabled = False  # events are posted by the handlers, only on real problems
-        settings.execution.max_workers = args.workers
+        settings.execution.max_workers = 4  # the handlers only queue; the reconciler's workers work
         settings.watching.server_timeout = 600
         # namespaced mode needs no cluster-scoped read: no namespace or CRD scanning (the CRD must exist
         # when the operator starts, as the chart and the tests ensure); cluster-wide mode keeps it
@@ -95,6 +103,8 @@ def main(argv: list[str]) -> int:
         clusterwide=args.all_namespaces,
         namespaces=[] if args.all_namespaces else args.namespace,
         liveness_endpoint=liveness,
+        memo=kopf.Memo(reconciler=reconciler),
     )
     stop.set()
+    reconciler.stop()
     return 0

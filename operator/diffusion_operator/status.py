@@ -9,6 +9,10 @@ from diffusion_operator.spec import condition_reason
 READY = "Ready"
 PROGRESSING = "Progressing"
 CONFIG_VALID = "ConfigValid"
+SYNCED = "Synced"
+# API-server refusals that mean "this object is invalid": the spec rendered into something the server
+# refuses (a negative memory limit), so ConfigValid is False as well as Synced
+INVALID_CODES = ("Invalid", "BadRequest")
 
 
 def now() -> str:
@@ -17,7 +21,7 @@ def now() -> str:
 
 def condition(type_: str, status: bool | str, reason: str, message: str, generation: int | None) -> dict:
     value = status if isinstance(status, str) else ("True" if status else "False")
-    cond = {"type": type_, "status": value, "reason": reason, "message": message}
+    cond: dict[str, str | int] = {"type": type_, "status": value, "reason": reason, "message": message}
     if generation is not None:
         cond["observedGeneration"] = generation
     return cond
@@ -68,7 +72,10 @@ def valid_status(
     endpoint: str,
     config_hash: str,
     cache_tag: str,
+    apply_error: tuple[str, str] | None = None,
 ) -> dict:
+    """Status of a parsed spec. `apply_error` (Status reason, message): a child the API server refused:
+    Synced=False with the server's message (and ConfigValid=False when the server calls it invalid)."""
     dstatus = (deployment or {}).get("status", {})
     dspec = (deployment or {}).get("spec", {})
     desired = desired_replicas if desired_replicas is not None else int(dspec.get("replicas", 1) or 0)
@@ -117,6 +124,12 @@ def valid_status(
             PROGRESSING, True, reason, f"{updated}/{desired} pods updated, {ready} ready", generation
         )
     valid = condition(CONFIG_VALID, True, "Valid", "the spec is valid and rendered", generation)
+    synced = condition(SYNCED, True, "Applied", "every child is applied", generation)
+    if apply_error is not None:
+        code, message = apply_error
+        synced = condition(SYNCED, False, code or "ApiError", message, generation)
+        if code in INVALID_CODES:
+            valid = condition(CONFIG_VALID, False, "RejectedByAPIServer", message, generation)
     status = {
         "observedGeneration": generation,
         "replicas": replicas,
@@ -128,7 +141,7 @@ def valid_status(
         "configHash": config_hash,
         "cacheTag": cache_tag,
         "conditions": merge_conditions(
-            (old_status or {}).get("conditions"), [ready_cond, progressing, valid]
+            (old_status or {}).get("conditions"), [ready_cond, progressing, valid, synced]
         ),
     }
     return status

@@ -1,0 +1,487 @@
+"""The controller: one `Reconciler` holds every piece of state (caches, work queue, counters).
+
+`reconcile` is level-triggered: read the CR, parse, build every child, server-side apply the children
+that drifted, delete an HPA no longer wanted, write status only if it changed.
+
+Drift: each desired child carries `diffusion.dev/spec-hash` (hash of the whole desired object, as
+CloudNativePG does for its poolers). A child is applied when that hash differs (the CR changed,
+including a field that was removed: server-side apply under our one field manager then drops the
+fields we no longer send) or when a value we set differs in the live object (someone else edited or
+removed it; the forced apply puts it back). An idle reconcile makes no write.
+
+Errors: a child the API server refuses for good (422 invalid, 403 forbidden, ...) becomes
+`Synced=False` (and `ConfigValid=False` for invalid objects) with the server's message, plus one
+Warning event per distinct message; transient errors (conflict, throttling, 5xx, connection) are
+retried with backoff. When children already exist, changes are first sent as a dry run, so a refused
+change leaves the running children exactly as they were.
+
+Events: kopf delivers watch events to `on_cr_event` / `on_child_event`, which only queue the CR's key.
+The queue coalesces: the echo of our own write is not queued at all (same resourceVersion as the
+apply answer we cached), and a burst of child events within `child_delay` runs one reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from diffusion_operator import builders, metrics
+from diffusion_operator import spec as specs
+from diffusion_operator import status as statuses
+from diffusion_operator.builders.common import MANAGED_BY
+from diffusion_operator.diff import is_subset
+from diffusion_operator.hashing import stable_hash
+from diffusion_operator.kube import ApiError, KubeClient
+from diffusion_operator.workqueue import WorkQueue
+
+log = logging.getLogger("diffusion_operator")
+
+GROUP, VERSION, PLURAL = "diffusion.dev", "v1alpha1", "diffusiondeployments"
+CR_API = f"{GROUP}/{VERSION}"
+CR_KIND = "DiffusionDeployment"
+CHILD_KINDS = (
+    ("v1", "ConfigMap", "configmaps"),
+    ("v1", "Service", "services"),
+    ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    ("apps/v1", "Deployment", "deployments"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+)
+MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+OWNER_LABEL = "diffusion.dev/deployment"
+SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
+
+CrKey = tuple[str, str]  # (namespace, name)
+ChildKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def plain(value: Any) -> Any:
+    """kopf hands bodies as Mapping views: plain dicts and lists for comparisons and the caches."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def resource_version(obj: Mapping | None) -> int:
+    value = ((obj or {}).get("metadata") or {}).get("resourceVersion", "")
+    return int(value) if str(value).isdigit() else -1
+
+
+def with_spec_hash(obj: dict) -> dict:
+    """`obj` with the hash of its whole desired content in an annotation (computed without it)."""
+    digest = stable_hash(obj)
+    meta = obj["metadata"]
+    meta["annotations"] = {**meta.get("annotations", {}), SPEC_HASH_ANNOTATION: digest}
+    return obj
+
+
+def needs_apply(desired: dict, observed: dict | None) -> bool:
+    """Apply when missing, when the desired object changed (hash), or when a value we set was edited."""
+    if observed is None:
+        return True
+    want = desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    have = ((observed.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+    return want != have or not is_subset(desired, observed)
+
+
+def owned_by(obj: Mapping, owner: Mapping) -> bool:
+    uid = owner["metadata"].get("uid")
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def condition_message(status: Mapping | None, type_: str) -> str:
+    for cond in (status or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "False":
+            return str(cond.get("message", ""))
+    return ""
+
+
+class Reconciler:
+    """State and logic of the controller. Thread-safe: one lock per CR, short locks for the caches."""
+
+    def __init__(
+        self, client: KubeClient | None = None, *, child_delay: float = 0.25, max_backoff: float = 60.0
+    ) -> None:
+        self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
+        self.child_delay = child_delay
+        self.max_backoff = max_backoff
+        self.queue = WorkQueue()
+        self._guard = threading.Lock()
+        self._locks: dict[CrKey, threading.Lock] = {}
+        self._crs: dict[CrKey, dict] = {}  # newest CR seen (watch events, our status writes)
+        self._children: dict[ChildKey, dict] = {}  # newest child seen (watch events, our applies)
+        self._fresh: set[CrKey] = set()  # queued keys whose next run reads everything fresh
+        self._failures: dict[CrKey, int] = {}
+        self._invalid: set[CrKey] = set()
+        self._managed: dict[CrKey, int] = {}
+        self._child_keys: dict[CrKey, list[ChildKey]] = {}
+        self._seen: dict[CrKey, tuple[int, ...]] = {}  # versions the last reconcile ended with
+        self.reconciles = 0
+        self.skipped = 0
+        self._workers: list[threading.Thread] = []
+
+    @property
+    def client(self) -> KubeClient:
+        if self._client is None:
+            from diffusion_operator.kube import Kube
+
+            self._client = Kube()
+        return self._client
+
+    # ---- caches --------------------------------------------------------------------------------
+
+    def _lock(self, key: CrKey) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _remember(self, cache: dict, key: tuple, obj: dict) -> bool:
+        """Keep the newest version; False when the cache already held this version (an echo)."""
+        with self._guard:
+            old = cache.get(key)
+            if old is not None and resource_version(obj) >= 0:
+                if resource_version(obj) == resource_version(old):
+                    return False
+                if resource_version(obj) < resource_version(old):
+                    return False  # an older event arriving after our own write's answer
+            cache[key] = obj
+            return True
+
+    def remember_child(self, obj: dict) -> bool:
+        meta = obj.get("metadata") or {}
+        return self._remember(
+            self._children, (obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")), obj
+        )
+
+    def forget_child(self, kind: str, namespace: str, name: str) -> None:
+        with self._guard:
+            self._children.pop((kind, namespace, name), None)
+
+    def remember_cr(self, obj: dict) -> bool:
+        meta = obj.get("metadata") or {}
+        return self._remember(self._crs, (meta.get("namespace", ""), meta.get("name", "")), obj)
+
+    def forget_cr(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self._guard:
+            self._crs.pop(key, None)
+            self._failures.pop(key, None)
+            self._invalid.discard(key)
+            self._managed.pop(key, None)
+            self._child_keys.pop(key, None)
+            self._seen.pop(key, None)
+        self._update_gauges()
+
+    def cached_child(self, kind: str, namespace: str, name: str) -> dict | None:
+        with self._guard:
+            return self._children.get((kind, namespace, name))
+
+    # ---- events (kopf calls these; they only queue) ---------------------------------------------
+
+    def on_cr_event(self, event_type: str | None, body: Mapping) -> None:
+        obj = plain(body)
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        if event_type == "DELETED":
+            self.forget_cr(namespace, name)
+            return
+        obj.setdefault("apiVersion", CR_API)
+        obj.setdefault("kind", CR_KIND)
+        if self.remember_cr(obj):
+            self.enqueue(namespace, name)
+
+    def on_child_event(self, event_type: str | None, body: Mapping) -> None:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(OWNER_LABEL)
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == CR_KIND]
+        if not owner or not refs:
+            return
+        namespace = meta.get("namespace", "")
+        if event_type == "DELETED":
+            self.forget_child(body.get("kind", ""), namespace, meta.get("name", ""))
+            self.enqueue(namespace, owner)
+            return
+        if self.remember_child(plain(body)):  # not the echo of our own apply
+            self.enqueue(namespace, owner, delay=self.child_delay)
+
+    def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
+        if fresh:
+            with self._guard:
+                self._fresh.add((namespace, name))
+        self.queue.add((namespace, name), delay)
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    # ---- workers --------------------------------------------------------------------------------
+
+    def start(self, workers: int) -> None:
+        for i in range(workers):
+            thread = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+
+    def stop(self) -> None:
+        self.queue.close()
+
+    def _work(self) -> None:
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            self.process(key)  # type: ignore[arg-type]
+
+    def _versions(self, key: CrKey) -> tuple[int, ...]:
+        """resourceVersions of the CR and its children as cached (the inputs of a reconcile)."""
+        with self._guard:
+            children = self._child_keys.get(key, [])
+            return (
+                resource_version(self._crs.get(key)),
+                *(resource_version(self._children.get(c)) for c in children),
+            )
+
+    def process(self, key: CrKey) -> None:
+        """Run one queued key (by a worker, or a test's `drain`), requeueing on transient errors.
+
+        A key whose CR and children are at the versions the last reconcile ended with is skipped:
+        that run was queued by the watch echo of our own writes (the event can arrive before the
+        write's answer, so the echo is not always recognised when it arrives)."""
+        namespace, name = key
+        with self._guard:
+            fresh = key in self._fresh
+            self._fresh.discard(key)
+            seen = self._seen.get(key)
+        try:
+            if not fresh and seen is not None and seen == self._versions(key):
+                self.skipped += 1
+                metrics.RECONCILES_SKIPPED.inc()
+                return
+            self.reconcile(namespace, name, fresh=fresh)
+            versions = self._versions(key)
+            with self._guard:
+                self._failures.pop(key, None)
+                self._seen[key] = versions
+        except ApiError as error:
+            with self._guard:
+                self._seen.pop(key, None)
+                attempt = self._failures.get(key, 0) + 1
+                self._failures[key] = attempt
+            delay = min(self.max_backoff, 0.5 * 2 ** (attempt - 1))
+            log.warning(
+                f"reconcile of {namespace}/{name} failed (attempt {attempt}, retry in {delay:.1f}s): {error}"
+            )
+            self.enqueue(namespace, name, delay=delay, fresh=True)
+        except Exception as error:  # a bug: never let one object take the operator down
+            with self._guard:
+                self._seen.pop(key, None)
+            log.exception(f"reconcile of {namespace}/{name} crashed: {error}")
+        finally:
+            self.queue.done(key)
+            metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    def drain(self, timeout: float = 10.0) -> int:
+        """Run queued keys in this thread until the queue is empty (tests); returns how many reconciles
+        ran (queued keys skipped as echoes of our own writes not counted)."""
+        before = self.reconciles
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = self.queue.next_due()
+            if wait is None:
+                return self.reconciles - before
+            key = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            if key is None:
+                raise TimeoutError(f"queue not drained within {timeout}s")
+            self.process(key)  # type: ignore[arg-type]
+
+    def resync(self, namespaces: list[str] | None) -> None:
+        """Queue every DiffusionDeployment for a fresh, level-triggered pass (writes only on drift)."""
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        for ns in scopes:
+            try:
+                items = self.client.list(CR_API, CR_KIND, ns)
+            except Exception as error:  # the API server may be briefly away
+                log.warning(f"resync list failed: {error}")
+                continue
+            for item in items:
+                meta = item["metadata"]
+                self.remember_cr(item)
+                self.enqueue(meta["namespace"], meta["name"], fresh=True)
+
+    def start_resync(
+        self, namespaces: list[str] | None, interval: float, stop: threading.Event
+    ) -> threading.Thread | None:
+        """A periodic resync in a plain thread (kopf timers would put a finalizer on every object)."""
+        if interval <= 0:
+            return None
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                self.resync(namespaces)
+
+        thread = threading.Thread(target=loop, name="resync", daemon=True)
+        thread.start()
+        return thread
+
+    # ---- one reconcile ----------------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str, fresh: bool = True) -> str:
+        """One reconcile of one DiffusionDeployment; returns ok | invalid | refused | gone. Raises on transient
+        API errors (the caller retries); permanent child errors are reported in status."""
+        with self._lock((namespace, name)):
+            started = time.perf_counter()
+            self.reconciles += 1
+            try:
+                result = self._reconcile(namespace, name, fresh)
+                metrics.RECONCILE_TOTAL.labels(result=result).inc()
+                return result
+            except ApiError as error:
+                metrics.RECONCILE_TOTAL.labels(result="error").inc()
+                metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
+                raise
+            except Exception as error:
+                metrics.RECONCILE_TOTAL.labels(result="error").inc()
+                metrics.RECONCILE_ERRORS.labels(error=type(error).__name__).inc()
+                raise
+            finally:
+                metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+
+    def _read_cr(self, namespace: str, name: str, fresh: bool) -> dict | None:
+        if not fresh:
+            with self._guard:
+                cached = self._crs.get((namespace, name))
+            if cached is not None:
+                return cached
+        cr = self.client.get(CR_API, CR_KIND, namespace, name)
+        if cr is not None:
+            self.remember_cr(cr)
+        return cr
+
+    def _observed(self, obj: dict, fresh: bool) -> dict | None:
+        meta = obj["metadata"]
+        if not fresh:
+            cached = self.cached_child(obj["kind"], meta["namespace"], meta["name"])
+            if cached is not None:
+                return cached
+        observed = self.client.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        if observed is None:
+            self.forget_child(obj["kind"], meta["namespace"], meta["name"])
+        else:
+            self.remember_child(observed)
+        return observed
+
+    def _write_status(self, cr: dict, status: dict) -> None:
+        meta = cr["metadata"]
+        written = self.client.patch_status(meta["namespace"], meta["name"], status)
+        if written:
+            self.remember_cr(written)
+
+    def _reconcile(self, namespace: str, name: str, fresh: bool) -> str:
+        key = (namespace, name)
+        cr = self._read_cr(namespace, name, fresh)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            self.forget_cr(namespace, name)
+            return "gone"  # children are garbage-collected through their owner references
+        generation = cr["metadata"].get("generation", 1)
+        old_status = cr.get("status") or {}
+        parsed = specs.parse(name, namespace, cr.get("spec"))
+        if not parsed.ok or parsed.spec is None:
+            new_status = statuses.invalid_status(old_status, generation, parsed.errors)
+            if not statuses.same_status(old_status, new_status):
+                self._write_status(cr, new_status)
+                self._event_once(cr, old_status, new_status, statuses.CONFIG_VALID, "InvalidSpec")
+                log.warning(
+                    "invalid spec",
+                    extra={
+                        "dd": f"{namespace}/{name}",
+                        "errors": condition_message(new_status, statuses.CONFIG_VALID),
+                    },
+                )
+            with self._guard:
+                self._invalid.add(key)
+            self._update_gauges()
+            return "invalid"
+        with self._guard:
+            self._invalid.discard(key)
+        spec = parsed.spec
+        desired = [with_spec_hash(obj) for obj in builders.build_all(spec, cr)]
+        # a CR never reconciled before (no status yet) has no children: apply without reading first
+        first = not old_status.get("observedGeneration")
+        observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
+        stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
+        apply_error: tuple[str, str] | None = None
+        applied: list[str] = []
+        try:
+            if any(observed[obj["kind"]] is not None for obj in stale):
+                for obj in stale:  # the running children stay as they are unless every change passes
+                    self._apply(obj, dry_run=True)
+            for obj in stale:
+                observed[obj["kind"]] = self._apply(obj)
+                applied.append(obj["kind"])
+        except ApiError as error:
+            if not error.permanent:
+                raise
+            apply_error = (error.code, f"{error.kind_name}: {error.reason}")
+            metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
+        if apply_error is None and spec.autoscaling is None:
+            self._delete_unwanted_hpa(cr, fresh)
+        with self._guard:
+            self._managed[key] = len(desired)
+            self._child_keys[key] = [
+                (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
+            ]
+        configmap = desired[0]
+        new_status = statuses.valid_status(
+            old_status,
+            generation,
+            None if spec.autoscaling else spec.replicas,
+            observed.get("Deployment"),
+            builders.selector_string(name),
+            builders.endpoint(spec),
+            builders.deployment.config_hash(configmap["data"]),
+            specs.cache_tag(spec.cache_dit),
+            apply_error=apply_error,
+        )
+        if not statuses.same_status(old_status, new_status):
+            self._write_status(cr, new_status)
+            self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")
+            log.debug("status written", extra={"dd": f"{namespace}/{name}", "status": new_status})
+        if applied:
+            log.info("applied children", extra={"dd": f"{namespace}/{name}", "applied": applied})
+        if apply_error is not None:
+            log.warning("a child was refused", extra={"dd": f"{namespace}/{name}", "error": apply_error[1]})
+        self._update_gauges()
+        return "ok" if apply_error is None else "refused"
+
+    def _apply(self, obj: dict, dry_run: bool = False) -> dict:
+        try:
+            answer = self.client.apply(obj, dry_run=dry_run)
+        except ApiError as error:
+            error.kind_name = f"{obj['kind']} {obj['metadata']['name']}"
+            raise
+        if not dry_run:
+            self.remember_child(answer)
+        return answer
+
+    def _delete_unwanted_hpa(self, cr: dict, fresh: bool) -> None:
+        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+        if fresh:
+            hpa = self.client.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+        else:  # every HPA of ours is in the cache: kopf lists and watches them
+            hpa = self.cached_child("HorizontalPodAutoscaler", namespace, name)
+        if hpa is not None and owned_by(hpa, cr):
+            self.client.delete("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
+            self.forget_child("HorizontalPodAutoscaler", namespace, name)
+
+    def _event_once(self, cr: dict, old_status: dict, new_status: dict, type_: str, reason: str) -> None:
+        """A Warning event when the condition's failure message is new (once per distinct message)."""
+        message = condition_message(new_status, type_)
+        if message and message != condition_message(old_status, type_):
+            self.client.post_event(cr, "Warning", reason, message)
+
+    def _update_gauges(self) -> None:
+        with self._guard:
+            invalid, managed = len(self._invalid), dict(self._managed)
+        metrics.INVALID_SPECS.set(invalid)
+        metrics.MANAGED_OBJECTS.labels(kind=CR_KIND).set(len(managed) + invalid)
+        metrics.MANAGED_OBJECTS.labels(kind="children").set(sum(managed.values()))
