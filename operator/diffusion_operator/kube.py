@@ -11,6 +11,8 @@ import logging
 import urllib.parse
 from typing import Any, Protocol
 
+import urllib3
+
 from diffusion_operator import metrics
 from diffusion_operator.builders.common import FIELD_MANAGER
 
@@ -103,8 +105,6 @@ class Kube:
         self.api_client = ApiClient(self.configuration)
         self.pool = self.api_client.rest_client.pool_manager
         if not self.configuration.verify_ssl:  # insecure-skip-tls-verify: warned once here, not per request
-            import urllib3
-
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             logging.getLogger("diffusion_operator").warning("TLS verification of the API server is disabled")
 
@@ -133,9 +133,12 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         if body is not None and content_type is None:
             content_type = "application/json"
-        response = self.pool.request(
-            method, url, body=data, headers=self._headers(content_type), timeout=30.0, retries=False
-        )
+        try:
+            response = self.pool.request(
+                method, url, body=data, headers=self._headers(content_type), timeout=30.0, retries=False
+            )
+        except (OSError, urllib3.exceptions.HTTPError) as error:  # the API server away: retried
+            raise ApiError(503, f"connection to the API server failed: {error}", method, path) from error
         if method != "GET":
             metrics.API_WRITES.labels(verb=method).inc()
         text = response.data.decode() if response.data else ""

@@ -12,7 +12,8 @@ removed it; the forced apply puts it back). An idle reconcile makes no write.
 Errors: a child the API server refuses for good (422 invalid, 403 forbidden, ...) becomes
 `Synced=False` (and `ConfigValid=False` for invalid objects) with the server's message, plus one
 Warning event per distinct message; transient errors (conflict, throttling, 5xx, connection) are
-retried with backoff. When children already exist, changes are first sent as a dry run, so a refused
+retried with backoff, and reported the same way once they failed `REPORT_TRANSIENT_AFTER` times.
+When children already exist, changes are first sent as a dry run, so a refused
 change leaves the running children exactly as they were.
 
 Events: kopf delivers watch events to `on_cr_event` / `on_child_event`, which only queue the CR's key.
@@ -52,6 +53,9 @@ CHILD_KINDS = (
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 OWNER_LABEL = "diffusion.dev/deployment"
 SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
+# a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
+# in status (Synced=False) and by one event, while the retries go on
+REPORT_TRANSIENT_AFTER = 3
 
 CrKey = tuple[str, str]  # (namespace, name)
 ChildKey = tuple[str, str, str]  # (kind, namespace, name)
@@ -410,6 +414,7 @@ class Reconciler:
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
         stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
         apply_error: tuple[str, str] | None = None
+        retry: ApiError | None = None
         applied: list[str] = []
         try:
             if any(observed[obj["kind"]] is not None for obj in stale):
@@ -420,7 +425,11 @@ class Reconciler:
                 applied.append(obj["kind"])
         except ApiError as error:
             if not error.permanent:
-                raise
+                with self._guard:
+                    attempts = self._failures.get(key, 0)
+                if attempts < REPORT_TRANSIENT_AFTER - 1:
+                    raise  # retried with backoff; reported in status once it keeps failing
+                retry = error
             apply_error = (error.code, f"{error.kind_name}: {error.reason}")
             metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
         if apply_error is None and spec.autoscaling is None:
@@ -451,6 +460,8 @@ class Reconciler:
         if apply_error is not None:
             log.warning("a child was refused", extra={"dd": f"{namespace}/{name}", "error": apply_error[1]})
         self._update_gauges()
+        if retry is not None:
+            raise retry
         return "ok" if apply_error is None else "refused"
 
     def _apply(self, obj: dict, dry_run: bool = False) -> dict:

@@ -447,3 +447,130 @@ def test_an_invalid_update_keeps_the_running_children(cluster, namespace, operat
     time.sleep(3)
     after = {k: v for k, v in children_versions(cluster, namespace, "tiny").items() if k != "dd"}
     assert after == versions, "children were touched by an invalid spec"
+
+
+REMOVABLE_TEMPLATE = {
+    "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "10Gi"}},
+    "nodeSelector": {"diffusion.dev/node-profile": "h100"},
+    "tolerations": [{"key": "team", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 1,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "flux-dev"}},
+                    },
+                }
+            ]
+        }
+    },
+    "serviceAccountName": "runner",
+}
+
+
+def test_fields_removed_from_the_cr_leave_the_deployment_and_edits_are_put_back(cluster, namespace, operator):
+    cluster.kubectl("create", "serviceaccount", "runner", "-n", namespace)
+    doc = sample("flux-dev.yaml")
+    doc["spec"]["gpu"] = {"count": 1, "product": "NVIDIA-H100-80GB-HBM3"}
+    doc["spec"]["template"] = copy.deepcopy(REMOVABLE_TEMPLATE)
+    apply_doc(cluster, namespace, doc)
+    obj = wait_ready(cluster, namespace, "flux-dev")
+    pod = get_json(cluster, "deployment", "flux-dev", "-n", namespace)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "diffusion.dev/node-profile": "h100",
+        "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+    }
+    assert pod["containers"][0]["resources"]["limits"]["memory"] == "10Gi"
+    assert {"key": "team", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert "podAntiAffinity" in pod["affinity"] and pod["serviceAccountName"] == "runner"
+
+    # someone else edits fields the operator owns: they are put back
+    cluster.kubectl(
+        "patch", "deployment", "flux-dev", "-n", namespace, "--type", "json", "-p", json.dumps([
+            {"op": "remove", "path": "/spec/template/spec/nodeSelector/nvidia.com~1gpu.product"},
+            {"op": "replace", "path": "/spec/template/spec/serviceAccountName", "value": "default"},
+        ]),
+    )  # fmt: skip
+
+    def restored():
+        pod = get_json(cluster, "deployment", "flux-dev", "-n", namespace)["spec"]["template"]["spec"]
+        return (
+            pod.get("nodeSelector", {}).get("nvidia.com/gpu.product") == "NVIDIA-H100-80GB-HBM3"
+            and pod.get("serviceAccountName") == "runner"
+        )
+
+    wait_for(restored, 30, "the edited fields to be put back")
+
+    # the same CR re-applied without them (kubectl apply computes the removal from its annotation)
+    del doc["spec"]["gpu"]["product"]
+    del doc["spec"]["template"]
+    apply_doc(cluster, namespace, doc)
+
+    def removed():
+        dep = get_json(cluster, "deployment", "flux-dev", "-n", namespace)
+        pod = dep["spec"]["template"]["spec"]
+        limits = pod["containers"][0].get("resources", {}).get("limits", {})
+        return (
+            "nodeSelector" not in pod
+            and "memory" not in limits
+            and "requests" not in pod["containers"][0].get("resources", {})
+            and all(t.get("key") != "team" for t in pod.get("tolerations", []))
+            and "podAntiAffinity" not in pod.get("affinity", {})
+            and pod.get("serviceAccountName", "default") == "default"
+            and dep
+        )
+
+    dep = wait_for(removed, 30, "the removed fields to leave the Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    # what the operator still sets stays: the GPU limit, toleration and float8 affinity
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nodeAffinity" in pod["affinity"]
+    after = wait_ready(cluster, namespace, "flux-dev")
+    assert after["metadata"]["generation"] > obj["metadata"]["generation"]
+    assert conditions(after)["Synced"]["status"] == "True"
+
+
+def test_a_child_the_api_server_refuses_is_a_condition_with_its_message_and_one_event(
+    cluster, namespace, operator
+):
+    doc = sample("tiny-cpu.yaml")
+    doc["spec"]["template"]["resources"] = {"limits": {"memory": -1}}
+    out = apply_doc(cluster, namespace, doc, check=False)
+    assert out.returncode == 0, f"admission refused it, nothing for the operator to report: {out.stderr}"
+
+    def refused():
+        obj = dd(cluster, namespace, "tiny")
+        cond = conditions(obj).get("Synced")
+        return obj if cond and cond["status"] == "False" else None
+
+    obj = wait_for(refused, 30, "Synced=False")
+    cond = conditions(obj)
+    assert cond["Synced"]["reason"] == "Invalid", cond
+    message = cond["Synced"]["message"]
+    assert message.startswith("Deployment tiny: "), message
+    # the API server's own words, naming the field
+    assert 'Deployment.apps "tiny" is invalid' in message, message
+    assert "resources.limits[memory]" in message and "must be greater than or equal to 0" in message
+    assert cond["ConfigValid"]["status"] == "False" and cond["ConfigValid"]["reason"] == "RejectedByAPIServer"
+    assert cond["Ready"]["status"] == "False"
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    table = cluster.kubectl("get", "dd", "tiny", "-n", namespace).stdout.splitlines()
+    assert table[1].split()[5] == "False", table  # the STATUS column shows it
+
+    events = wait_for(lambda: events_for(cluster, namespace, "tiny"), 15, "the Warning event")
+    assert [(e["type"], e["reason"], e["message"]) for e in events] == [("Warning", "ApplyFailed", message)]
+    # resyncs (every 2 s) retry without a second event or a status write
+    version = obj["metadata"]["resourceVersion"]
+    time.sleep(6)
+    assert len(events_for(cluster, namespace, "tiny")) == 1
+    assert dd(cluster, namespace, "tiny")["metadata"]["resourceVersion"] == version
+    operator.assert_alive()
+
+    doc["spec"]["template"]["resources"] = {"limits": {"memory": "1Gi"}}
+    apply_doc(cluster, namespace, doc)
+    fixed = wait_ready(cluster, namespace, "tiny")
+    assert conditions(fixed)["Synced"]["status"] == "True"
+    assert conditions(fixed)["ConfigValid"]["status"] == "True"

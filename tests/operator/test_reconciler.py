@@ -291,6 +291,21 @@ def test_transient_errors_are_retried_with_backoff():
     assert kube.get("v1", "Service", NS, "tiny") is not None
 
 
+def test_a_transient_error_that_persists_is_reported_and_still_retried():
+    kube, rec = setup()
+    kube.refuse("PATCH", "Deployment", 500, "Internal error: failed to create typed patch object")
+    kube.create(cr_doc())
+    for attempt in range(1, 4):
+        rec.process(("ns", "tiny"))
+        synced = conditions(cr(kube)).get("Synced")
+        assert (synced is not None) == (attempt >= 3), (attempt, synced)
+    assert synced["reason"] == "HTTP500" and "failed to create typed patch object" in synced["message"]
+    assert len(kube.events) == 1 and len(rec.queue) == 1  # and it goes on retrying
+    kube.allow("PATCH", "Deployment")
+    rec.drain()
+    assert conditions(cr(kube))["Synced"]["status"] == "True"
+
+
 def test_an_invalid_spec_writes_status_once_and_no_child():
     kube, rec = setup()
     doc = cr_doc()
@@ -422,3 +437,27 @@ def test_queue_serves_several_workers():
     for t in threads:
         t.join()
     assert set(seen) == {str(i) for i in range(10)} and len(seen) <= 100
+
+
+def test_the_kopf_handlers_only_hand_events_to_the_reconciler():
+    import asyncio
+
+    import kopf
+    from diffusion_operator import handlers
+
+    kube, rec = setup()
+    doc = kube.create(cr_doc())
+    rec.drain()
+    memo = kopf.Memo(reconciler=rec)
+    child = kube.get("apps/v1", "Deployment", NS, "tiny")
+    assert child is not None
+    child["status"] = {"replicas": 1}
+    child["metadata"]["resourceVersion"] = "99999"
+    asyncio.run(handlers.on_child(event={"type": "MODIFIED", "object": child}, body=child, memo=memo))
+    asyncio.run(handlers.on_diffusiondeployment(event={"type": None, "object": doc}, body=doc, memo=memo))
+    assert len(rec.queue) == 1  # one key for both (the CR body was the version already seen)
+    assert rec.reconciles == 1  # nothing ran in the handlers
+    asyncio.run(
+        handlers.on_diffusiondeployment(event={"type": "DELETED", "object": doc}, body=doc, memo=memo)
+    )
+    assert rec.cached_child("Deployment", NS, "tiny")["metadata"]["resourceVersion"] == "99999"
