@@ -1,0 +1,286 @@
+"""The operator against the real control plane under abuse: 500 generated broken CRs, and a SIGKILL
+while 50 new CRs are being reconciled. API calls are batched (one `kubectl create` of a List, one
+`kubectl get -o json` per poll) so the suite stays fast on a small machine."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from diffusion_operator.devcluster import wait_for
+from op_helpers import OperatorProcess, get_json, sample
+
+pytestmark = pytest.mark.cluster
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml"
+CHILD_KINDS = ("configmaps", "deployments", "services", "poddisruptionbudgets")
+
+
+def spec_schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def schema_leaves(schema: dict, path: tuple = ()) -> list[tuple[tuple, dict]]:
+    """Every property of the spec schema with its own schema (objects too)."""
+    out = [(path, schema)] if path else []
+    for key, sub in (schema.get("properties") or {}).items():
+        out += schema_leaves(sub, (*path, key))
+    return out
+
+
+def set_at(spec: dict, path: tuple, value) -> None:
+    node = spec
+    for key in path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[path[-1]] = value
+
+
+Mutation = Callable[[dict, random.Random], str]
+
+
+def schema_mutations() -> list[Mutation]:
+    """Broken by the CRD's own schema: wrong types, out of range, unknown keys, huge values."""
+    out: list[Mutation] = []
+    for path, sch in schema_leaves(spec_schema()):
+        t = sch.get("type")
+        wrong = {
+            "integer": "seven",
+            "number": "a lot",
+            "boolean": "yes",
+            "string": {"nested": 1},
+            "array": "not-a-list",
+            "object": 42,
+        }.get(t)
+        if wrong is not None:
+            out.append(lambda s, r, p=path, v=wrong: (set_at(s, p, v), f"wrong type {'.'.join(p)}")[1])
+        if "minimum" in sch:
+            out.append(
+                lambda s, r, p=path, v=sch["minimum"] - 1: (set_at(s, p, v), f"below minimum {'.'.join(p)}")[
+                    1
+                ]
+            )
+        if "maximum" in sch:
+            out.append(
+                lambda s, r, p=path, v=sch["maximum"] + 1: (set_at(s, p, v), f"above maximum {'.'.join(p)}")[
+                    1
+                ]
+            )
+        if "enum" in sch:
+            out.append(lambda s, r, p=path: (set_at(s, p, "not-in-the-enum"), f"enum {'.'.join(p)}")[1])
+        if "maxLength" in sch:
+            v = "a" * (sch["maxLength"] + 1)
+            out.append(lambda s, r, p=path, v=v: (set_at(s, p, v), f"too long {'.'.join(p)}")[1])
+        if "maxItems" in sch:
+            v = ["64x64"] * (sch["maxItems"] + 1)
+            out.append(lambda s, r, p=path, v=v: (set_at(s, p, v), f"too many items {'.'.join(p)}")[1])
+        if t == "integer":
+            out.append(lambda s, r, p=path: (set_at(s, p, 10**30), f"huge integer {'.'.join(p)}")[1])
+        if t == "object" and sch.get("properties") and not sch.get("x-kubernetes-preserve-unknown-fields"):
+            out.append(
+                lambda s, r, p=path: (set_at(s, (*p, "zzUnknownKey"), 1), f"unknown key {'.'.join(p)}")[1]
+            )
+    return out
+
+
+def semantic_and_child_mutations() -> list[Mutation]:
+    """Valid by the schema: the operator refuses them (ConfigValid=False), or the API server refuses
+    the child they render into (ConfigValid=False, reason RejectedByAPIServer)."""
+
+    def tmpl(key, value):
+        return lambda s, r: (s.setdefault("template", {}).__setitem__(key, value), f"template.{key}")[1]
+
+    def cache(key, value):
+        return lambda s, r: (s["cacheDit"]["cache_config"].__setitem__(key, value), f"cache_config.{key}")[1]
+
+    def float8_on_a100(s, r):
+        s.update(gpu={"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}, device="cuda")
+        s["quantize"] = {"quant_type": "float8_per_row"}
+        return "float8 on an A100"
+
+    return [
+        cache("Fn_compute_blocks", 0),
+        cache("steps_computation_mask", "fastest"),
+        cache("steps_computation_mask", [2, 3]),
+        float8_on_a100,
+        tmpl("resources", {"limits": {"memory": "-1"}}),
+        tmpl("resources", {"requests": {"cpu": "-5"}}),
+        tmpl(
+            "affinity",
+            {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{"key": "k", "operator": "Near"}]}]
+                    }
+                }
+            },
+        ),
+        tmpl("tolerations", [{"key": "", "operator": "Equal", "value": "x"}]),
+        tmpl("tolerations", [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]),
+        tmpl("serviceAccountName", "Not_A_Valid_Name!"),
+        tmpl("nodeSelector", {"bad key!": "v"}),
+        lambda s, r: (s.__setitem__("rollout", {"maxSurge": "200"}), "rollout.maxSurge not a percent")[1],
+        lambda s, r: (s.__setitem__("disruption", {"maxUnavailable": "x%"}), "disruption.maxUnavailable")[1],
+        lambda s, r: (s.__setitem__("replicas", 2**40), "replicas above int32")[1],
+    ]
+
+
+def broken_crs(count: int, seed: int = 8) -> dict[str, tuple[dict, list[str]]]:
+    rnd = random.Random(seed)
+    schema_side, operator_side = schema_mutations(), semantic_and_child_mutations()
+    base = sample("tiny-cpu.yaml")
+    out = {}
+    for i in range(count):
+        doc = copy.deepcopy(base)
+        name = f"broken-{i}"
+        doc["metadata"] = {"name": name}
+        # every third CR is broken only past the schema (the operator's and the API server's checks)
+        pool = operator_side if i % 3 == 0 else schema_side
+        whats = [pool[(i // 3 if pool is operator_side else i) % len(pool)](doc["spec"], rnd)]
+        if rnd.random() < 0.3:  # sometimes a second, random problem
+            whats.append(rnd.choice(pool)(doc["spec"], rnd))
+        out[name] = (doc, whats)
+    return out
+
+
+def dd_items(cluster, namespace: str) -> list[dict]:
+    return get_json(cluster, "dd", "-n", namespace)["items"]
+
+
+def conditions(obj: dict) -> dict:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
+
+
+def test_500_broken_crs_are_refused_or_reported_invalid_and_nothing_crashes(cluster, namespace, operator):
+    crs = broken_crs(500)
+    items = [doc for doc, _ in crs.values()]
+    out = cluster.kubectl(
+        "create", "-n", namespace, "-f", "-", "-o", "name",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        check=False, timeout=600,
+    )  # fmt: skip
+    refused = {}
+    for line in out.stderr.splitlines():
+        match = re.search(r'"(broken-\d+)"', line)
+        if match:
+            refused[match.group(1)] = line
+    stored = {o["metadata"]["name"] for o in dd_items(cluster, namespace)}
+    assert not set(refused) & stored
+    assert set(refused) | stored == set(crs), sorted(set(crs) - set(refused) - stored)[:10]
+    unexplained = {n: m for n, m in refused.items() if "is invalid" not in m and "unknown field" not in m}
+    assert not unexplained, list(unexplained.items())[:5]
+    assert stored, "every CR was refused at admission: the operator was not exercised"
+
+    def all_reported():
+        pending = []
+        for obj in dd_items(cluster, namespace):
+            valid = conditions(obj).get("ConfigValid", {})
+            done = obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"]
+            if not done or valid.get("status") != "False":
+                pending.append((obj["metadata"]["name"], valid))
+        return None if pending else True
+
+    try:
+        wait_for(all_reported, 240, "every stored broken CR reported ConfigValid=False", interval=2)
+    except TimeoutError:
+        objs = {o["metadata"]["name"]: o for o in dd_items(cluster, namespace)}
+        wrong = {
+            n: (crs[n][1], conditions(o).get("ConfigValid"), conditions(o).get("Synced"))
+            for n, o in objs.items()
+            if conditions(o).get("ConfigValid", {}).get("status") != "False"
+        }
+        pytest.fail(f"{len(wrong)} broken CRs not reported invalid, e.g. {list(wrong.items())[:5]}")
+    operator.assert_alive()
+    log = operator.log()
+    assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+    # how each was caught (printed for the record)
+    reasons: dict[str, int] = {}
+    for obj in dd_items(cluster, namespace):
+        reason = conditions(obj)["ConfigValid"]["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    print(f"\n500 broken CRs: {len(refused)} refused at admission, stored ones by reason: {reasons}")
+    assert set(reasons) <= {"InvalidSpec", "RejectedByAPIServer"}
+
+
+def test_sigkill_while_50_crs_reconcile_then_restart_converges_with_one_set_each(
+    cluster, namespace, crd, tmp_path, record_property
+):
+    proc = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-1.log").start()
+    names = [f"crash-{i}" for i in range(50)]
+    items = []
+    for name in names:
+        doc = sample("tiny-cpu.yaml")
+        doc["metadata"] = {"name": name}
+        items.append(doc)
+    try:
+        cluster.kubectl(
+            "create", "-n", namespace, "-f", "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), timeout=300,
+        )  # fmt: skip
+
+        def some_started():
+            deployments = get_json(cluster, "deployments", "-n", namespace)["items"]
+            return len(deployments) >= 3
+
+        wait_for(some_started, 60, "the operator to start on the new CRs", interval=0.05)
+        assert proc.proc is not None
+        os.killpg(proc.proc.pid, signal.SIGKILL)
+        proc.proc.wait(timeout=10)
+    finally:
+        proc.stop()
+    at_kill = dd_items(cluster, namespace)
+    ready_at_kill = sum(1 for o in at_kill if conditions(o).get("Ready", {}).get("status") == "True")
+
+    restarted_at = time.monotonic()
+    proc2 = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-2.log").start()
+    try:
+
+        def converged():
+            objs = dd_items(cluster, namespace)
+            ok = [
+                o
+                for o in objs
+                if o.get("status", {}).get("observedGeneration") == o["metadata"]["generation"]
+                and conditions(o).get("Ready", {}).get("status") == "True"
+                and conditions(o).get("Synced", {}).get("status") == "True"
+            ]
+            return len(ok) == len(names) and objs
+
+        objs = wait_for(converged, 180, "all 50 CRs Ready after the restart", interval=0.25)
+        seconds = time.monotonic() - restarted_at
+        record_property("converge_after_restart_s", round(seconds, 2))
+        print(f"\nSIGKILL with {ready_at_kill}/50 Ready: all 50 converged {seconds:.1f} s after the restart")
+
+        uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
+        for kind in CHILD_KINDS:
+            children = [
+                c
+                for c in get_json(cluster, kind, "-n", namespace)["items"]
+                if c["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") == "diffusion-operator"
+            ]
+            owners = []
+            for c in children:
+                refs = [r for r in c["metadata"].get("ownerReferences", []) if r.get("controller")]
+                assert len(refs) == 1 and refs[0]["uid"] in uids, (kind, c["metadata"]["name"], refs)
+                owners.append(uids[refs[0]["uid"]])
+            assert sorted(owners) == sorted(names), (kind, len(children))  # exactly one per CR
+        replicasets = get_json(cluster, "replicasets", "-n", namespace)["items"]
+        assert len(replicasets) == 50, [r["metadata"]["name"] for r in replicasets]
+        pods = get_json(cluster, "pods", "-n", namespace)["items"]
+        assert len(pods) == 50
+        proc2.assert_alive()
+        for log in (proc2.log(),):
+            assert "Traceback" not in log and "crashed" not in log, log[-3000:]
+    finally:
+        proc2.stop()
