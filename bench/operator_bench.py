@@ -215,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         count = m.get("diffusion_operator_reconcile_duration_seconds_count", 0)
         mean = m.get("diffusion_operator_reconcile_duration_seconds_sum", 0) / max(1, count)
         writes = sum(v for k, v in m.items() if k.startswith("diffusion_operator_api_writes_total"))
+        skipped = m.get("diffusion_operator_reconciles_skipped_total", 0)
+        crs = args.latency_crs + args.converge_crs
         print(
-            f"\noperator: {count:.0f} reconciles, mean {mean * 1000:.1f} ms each, {writes:.0f} API writes "
-            f"for {args.latency_crs + args.converge_crs} CRs"
+            f"\noperator: {count:.0f} reconciles for {crs} CRs ({count / crs:.2f} per CR, target <= 3), "
+            f"mean {mean * 1000:.1f} ms each; {skipped:.0f} queued runs skipped as echoes; "
+            f"{writes:.0f} API writes ({writes / crs:.2f} per CR)"
         )
         rss, peak = rss_mib(operator.pid)
         print(

@@ -258,7 +258,8 @@ class Reconciler:
             seen = self._seen.get(key)
         try:
             if not fresh and seen is not None and seen == self._versions(key):
-                self.skipped += 1
+                with self._guard:
+                    self.skipped += 1
                 metrics.RECONCILES_SKIPPED.inc()
                 return
             self.reconcile(namespace, name, fresh=fresh)
@@ -334,7 +335,8 @@ class Reconciler:
         API errors (the caller retries); permanent child errors are reported in status."""
         with self._lock((namespace, name)):
             started = time.perf_counter()
-            self.reconciles += 1
+            with self._guard:
+                self.reconciles += 1
             try:
                 result = self._reconcile(namespace, name, fresh)
                 metrics.RECONCILE_TOTAL.labels(result=result).inc()

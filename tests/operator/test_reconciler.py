@@ -146,7 +146,7 @@ REMOVABLE = {
     ),
     "template.serviceAccountName": (
         lambda s: s["template"].update(serviceAccountName="runner"),
-        lambda p: p.get("serviceAccountName"),
+        lambda p: p.get("serviceAccountName") == "runner",  # "default" when none is given
     ),
 }
 

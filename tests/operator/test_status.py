@@ -69,3 +69,29 @@ def test_invalid_status_names_the_field_and_keeps_the_rest():
     assert bad["configHash"] == "h1" and bad["observedGeneration"] == 4
     again = st.invalid_status(bad, 4, [FieldError("spec.quantize.quant_type", "needs 8.9")])
     assert st.same_status(bad, again)
+
+
+def test_a_refused_child_is_synced_false_and_invalid_only_when_the_server_says_invalid():
+    ok = conds(make({}, deployment()))
+    assert ok["Synced"]["status"] == "True" and ok["Synced"]["reason"] == "Applied"
+    invalid = st.valid_status(
+        {},
+        2,
+        1,
+        None,
+        "a=b",
+        "e",
+        "h",
+        "t",
+        apply_error=("Invalid", 'Deployment x: Deployment.apps "x" is invalid'),
+    )
+    c = conds(invalid)
+    assert (c["Synced"]["status"], c["Synced"]["reason"]) == ("False", "Invalid")
+    assert c["Synced"]["message"] == 'Deployment x: Deployment.apps "x" is invalid'
+    assert (c["ConfigValid"]["status"], c["ConfigValid"]["reason"]) == ("False", "RejectedByAPIServer")
+    assert c["Ready"]["reason"] == "DeploymentMissing" and invalid["observedGeneration"] == 2
+    forbidden = conds(
+        st.valid_status({}, 2, 1, deployment(), "a=b", "e", "h", "t", apply_error=("Forbidden", "no"))
+    )
+    assert forbidden["Synced"]["reason"] == "Forbidden" and forbidden["ConfigValid"]["status"] == "True"
+    assert forbidden["Ready"]["status"] == "True"  # the running pods are reported as they are

@@ -188,8 +188,9 @@ def build_deployment(spec, owner: dict, configmap: dict) -> dict:
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.service_account:
-        pod_spec["serviceAccountName"] = spec.service_account
+    # always sent: the API server mirrors it into the deprecated `serviceAccount`, which would bring a
+    # removed serviceAccountName back (server-side apply cannot remove a field that has an alias)
+    pod_spec["serviceAccountName"] = spec.service_account or "default"
     node_selector = dict(spec.node_selector)
     if spec.gpu_product and spec.gpu_count > 0:
         node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
