@@ -454,7 +454,7 @@ class DiffusionDeploymentStatus(_Model):
     )
     conditions: list[Condition] | None = Field(
         None,
-        description="Ready, Progressing and ConfigValid, per the Kubernetes API conventions.",
+        description="Ready, Progressing, ConfigValid and Synced (children applied), per the Kubernetes API conventions.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
 

@@ -11,7 +11,7 @@ PROGRESSING = "Progressing"
 CONFIG_VALID = "ConfigValid"
 SYNCED = "Synced"
 # API-server refusals that mean "this object is invalid": the spec rendered into something the server
-# refuses (a negative memory limit), so ConfigValid is False as well as Synced
+# refuses (an unknown node affinity operator), so ConfigValid is False as well as Synced
 INVALID_CODES = ("Invalid", "BadRequest")
 
 

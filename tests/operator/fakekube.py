@@ -9,8 +9,8 @@ Honest where the reconciler depends on it:
 - resourceVersion (one counter for every write), generation (bumped when `spec` changes), uid,
   creationTimestamp; dry runs answer the merged object and store nothing;
 - a watch: every stored change is handed to the subscribers as (type, object);
-- validation of container resource quantities like the API server's (a negative or malformed
-  quantity: 422 with the server's message shape); `refuse` injects any other answer (403, 500, ...).
+- validation of a Deployment's container resource quantities and node affinity operators like the
+  API server's (422 with the server's message shape); `refuse` injects any other answer (403, 500, ...).
 Counts every write by verb and kind.
 """
 
@@ -38,6 +38,7 @@ PLURALS = {
     "DiffusionDeployment": "diffusiondeployments.diffusion.dev",
     "Event": "events",
 }
+NODE_SELECTOR_OPERATORS = {"In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"}
 SERVER_OWNED = ("resourceVersion", "uid", "generation", "creationTimestamp", "managedFields")
 
 
@@ -283,6 +284,20 @@ class FakeKube:
                         problems.append(
                             f'{path}: Invalid value: "{value}": must be greater than or equal to 0'
                         )
+        terms = (
+            pod.get("affinity", {})
+            .get("nodeAffinity", {})
+            .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+            .get("nodeSelectorTerms", [])
+        )
+        for t, term in enumerate(terms):
+            for e, expr in enumerate(term.get("matchExpressions", [])):
+                if expr.get("operator") not in NODE_SELECTOR_OPERATORS:
+                    problems.append(
+                        "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                        f".nodeSelectorTerms[{t}].matchExpressions[{e}].operator: Invalid value: "
+                        f'"{expr.get("operator")}": not a valid selector operator'
+                    )
         if problems:
             group = PLURALS.get(kind, "").partition(".")[2]
             qualified = f"{kind}.{group}" if group else kind

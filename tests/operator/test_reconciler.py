@@ -200,10 +200,20 @@ def test_edits_by_someone_else_are_put_back_and_their_additions_kept():
     assert kube.total_writes() == writes
 
 
+# valid for the CRD and the operator (affinity is free-form), refused by the API server's validation
+BAD_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]
+        }
+    }
+}
+
+
 def test_a_child_refused_as_invalid_is_a_condition_with_the_servers_message_and_one_event():
     kube, rec = setup()
     doc = cr_doc()
-    doc["spec"]["template"]["resources"] = {"limits": {"memory": -1}}
+    doc["spec"]["template"]["affinity"] = BAD_AFFINITY
     kube.create(doc)
     rec.drain()
     obj = cr(kube)
@@ -211,8 +221,8 @@ def test_a_child_refused_as_invalid_is_a_condition_with_the_servers_message_and_
     assert cond["Synced"]["status"] == "False" and cond["Synced"]["reason"] == "Invalid"
     assert "Deployment tiny: " in cond["Synced"]["message"]
     assert (
-        'resources.limits[memory]: Invalid value: "-1": must be greater than or equal to 0'
-        in (cond["Synced"]["message"])
+        'matchExpressions[0].operator: Invalid value: "Near": not a valid selector operator'
+        in cond["Synced"]["message"]
     )
     assert cond["ConfigValid"]["status"] == "False" and cond["ConfigValid"]["reason"] == "RejectedByAPIServer"
     assert cond["Ready"]["status"] == "False"
@@ -230,12 +240,33 @@ def test_a_child_refused_as_invalid_is_a_condition_with_the_servers_message_and_
     assert kube.total_writes("DiffusionDeployment/status") == writes
 
     fixed = copy.deepcopy(doc["spec"])
-    fixed["template"]["resources"] = {"limits": {"memory": "1Gi"}}
+    fixed["template"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"][0].update(operator="In", values=["a"])
     update_spec(kube, "tiny", fixed)
     rec.drain()
     cond = conditions(cr(kube))
     assert cond["Synced"]["status"] == "True" and cond["ConfigValid"]["status"] == "True"
-    assert pod_spec(kube)["containers"][0]["resources"]["limits"]["memory"] == "1Gi"
+    assert "nodeAffinity" in pod_spec(kube)["affinity"]
+
+
+def test_the_fake_refuses_a_negative_quantity_like_the_api_server():
+    kube = FakeKube()
+    dep = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d", "namespace": NS},
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "c", "resources": {"limits": {"memory": "-1"}}}]}}
+        },
+    }
+    with pytest.raises(Exception) as refused:
+        kube.apply(dep)
+    assert getattr(refused.value, "status", None) == 422
+    assert 'Deployment.apps "d" is invalid: spec.template.spec.containers[0].resources.limits[memory]' in str(
+        refused.value
+    )
+    assert kube.get("apps/v1", "Deployment", NS, "d") is None
 
 
 def test_a_refused_update_leaves_every_running_child_as_it_was():
@@ -245,7 +276,7 @@ def test_a_refused_update_leaves_every_running_child_as_it_was():
     before = {k: kube.get("", k, NS, "tiny-config" if k == "ConfigMap" else "tiny") for k in CHILDREN}
     spec = cr_doc()["spec"]
     spec["cacheDit"]["cache_config"]["residual_diff_threshold"] = 0.3  # changes the ConfigMap too
-    spec["template"]["resources"] = {"limits": {"memory": "-1"}}
+    spec["template"]["affinity"] = BAD_AFFINITY
     update_spec(kube, "tiny", spec)
     rec.drain()
     after = {k: kube.get("", k, NS, "tiny-config" if k == "ConfigMap" else "tiny") for k in CHILDREN}
@@ -309,11 +340,12 @@ def test_a_transient_error_that_persists_is_reported_and_still_retried():
 def test_an_invalid_spec_writes_status_once_and_no_child():
     kube, rec = setup()
     doc = cr_doc()
-    doc["spec"]["quantize"] = {"quant_type": "int8_weight_only"}
+    doc["spec"]["cacheDit"]["cache_config"]["steps_computation_mask"] = "fastest"  # no such policy
     kube.create(doc)
     rec.drain()
     cond = conditions(cr(kube))["ConfigValid"]
-    assert cond["status"] == "False" and cond["message"].startswith("spec.quantize")
+    assert cond["status"] == "False"
+    assert cond["message"].startswith("spec.cacheDit.cache_config.steps_computation_mask"), cond
     assert [k for (_, k) in kube.writes] == ["DiffusionDeployment/status", "Event"]
     rec.resync([NS])
     rec.drain()

@@ -180,7 +180,9 @@ def test_replicas_and_autoscaling_together_refused():
 def test_model_facts_and_capabilities():
     assert model_facts("hf://black-forest-labs/FLUX.1-dev").max_cache_blocks == 57  # 19 + 38, joined
     assert model_facts("hf://Qwen/Qwen-Image").max_cache_blocks == 60
-    assert model_facts("file:///models/tiny-flux").block_lists == (6,)  # the runtime's tiny FLUX, 2 + 4 joined
+    assert model_facts("file:///models/tiny-flux").block_lists == (
+        6,
+    )  # the runtime's tiny FLUX, 2 + 4 joined
     assert model_facts("file:///models/my-own-model") is None
     assert product_capability("NVIDIA-H100-80GB-HBM3") == (9, 0)
     assert product_capability("NVIDIA-A100-SXM4-80GB") == (8, 0)
