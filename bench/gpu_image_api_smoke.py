@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import importlib.metadata
 import io
 import json
 import os
@@ -85,6 +86,9 @@ def main() -> int:
         except httpx.HTTPError:
             time.sleep(0.5)
     summary: dict = {"device": args.device, "quant": args.quant, "ready_s": round(time.monotonic() - t, 2)}
+    summary["versions"] = {
+        p: importlib.metadata.version(p) for p in ("torch", "diffusers", "cache-dit", "fastapi")
+    }
     if check("ready", ready, f"{summary['ready_s']}s"):
         gen = {"prompt": "a red fox in snow", "size": "256x256", "seed": 3, "num_inference_steps": 8}
         first = c.post("/v1/images/generations", json=gen).json()
@@ -109,11 +113,8 @@ def main() -> int:
         m = c.post(
             "/v1/images/edits", files={**files, "mask": ("m.png", buf.getvalue(), "image/png")}, data=form
         )
-        check(
-            "inpaint 200, cached",
-            m.status_code == 200 and m.json()["cache"]["cached_steps"] == 3,
-            m.text[:300],
-        )
+        ok = m.status_code == 200 and m.json()["cache"]["cached_steps"] == 3
+        check("inpaint 200, cached", ok, "" if ok else m.text[:300])
         again = c.post("/v1/images/generations", json=gen).json()
         check("generation unchanged after edits", again["data"] == first["data"])
 
