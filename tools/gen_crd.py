@@ -149,6 +149,8 @@ def _type_schema(hint, name: str, ns) -> dict | None:
             schema["minimum"] = 0
         if name in facts.POSITIVE_INTS:
             schema["minimum"] = 1
+        if name in facts.INT_MAXIMUMS:
+            schema["maximum"] = facts.INT_MAXIMUMS[name]
         return schema
     if hint is float:
         return {"type": "number"}

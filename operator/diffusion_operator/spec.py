@@ -24,17 +24,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import (
-    DEVICES,
-    DTYPES,
-    MAX_N_LIMIT,
-    MAX_STEPS_LIMIT,
-    MIN_PIXELS,
-    SIZE_PATTERN,
-    ConfigError,
-    RuntimeConfig,
-    runtime_errors,
-)
+from diffusion_runtime.config import DEVICES, DTYPES, ConfigError, RuntimeConfig, runtime_errors
+from diffusion_runtime.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT, MIN_PIXELS, SIZE_PATTERN
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from diffusion_operator.models import ModelFacts, model_facts, product_capability
@@ -561,8 +552,9 @@ class Spec:
         components = self.quantize.get("components_to_quantize")
         if isinstance(components, dict):
             types += [str(v.get("quant_type", "")) for v in components.values() if isinstance(v, dict)]
-        plan = self.quantize.get("precision_plan") or {}
-        types += [str(v) for v in plan.values()]
+        plan = self.quantize.get("precision_plan")
+        if isinstance(plan, dict):
+            types += [str(v) for v in plan.values()]
         return types
 
     @property
@@ -673,9 +665,10 @@ def _loc_path(loc: tuple) -> str:
     names in brackets (`spec.template.nodeSelector[example.com/zone]`)."""
     path = "spec"
     for part in loc:
-        if isinstance(part, int) or not _PLAIN_KEY.match(str(part)):
-            if not _UNION_TAG.match(str(part)):
-                path += f"[{part}]"
+        if isinstance(part, str) and _UNION_TAG.match(part):
+            continue  # the arm of a union (int | str), not a field
+        if isinstance(part, int) or not _PLAIN_KEY.match(part):
+            path += f"[{part}]"
         else:
             path += f".{part}"
     return path
@@ -737,6 +730,7 @@ def semantic_errors(s: Spec) -> list[FieldError]:
         errors.append(FieldError("spec.template.env", "HF_TOKEN comes only from spec.model.tokenSecretRef"))
     if s.device == "cuda" and s.gpu_count == 0:
         errors.append(FieldError("spec.device", "cuda needs spec.gpu.count >= 1"))
+    errors += _affinity_errors(s.affinity)
 
     cache = s.cache_dit.get("cache_config")
     model = s.facts
@@ -771,6 +765,31 @@ def semantic_errors(s: Spec) -> list[FieldError]:
     return errors
 
 
+def _affinity_errors(affinity: dict | None) -> list[FieldError]:
+    """The parts of template.affinity the operator merges its GPU terms into must have their
+    core/v1 shape (the rest is the API server's to check when the Deployment is applied)."""
+    path = "spec.template.affinity.nodeAffinity"
+    node = (affinity or {}).get("nodeAffinity")
+    if node is None:
+        return []
+    if not isinstance(node, dict):
+        return [FieldError(path, "must be an object (core/v1 NodeAffinity)")]
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return []
+    path += ".requiredDuringSchedulingIgnoredDuringExecution"
+    if not isinstance(required, dict):
+        return [FieldError(path, "must be an object (core/v1 NodeSelector)")]
+    terms = required.get("nodeSelectorTerms", [])
+    if not isinstance(terms, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("matchExpressions", []), list) for t in terms
+    ):
+        return [
+            FieldError(path + ".nodeSelectorTerms", "must be a list of terms with matchExpressions lists")
+        ]
+    return []
+
+
 # runtime.yaml / cache-dit.yaml settings -> the CR fields they are rendered from
 RUNTIME_TO_CR: dict[str, str] = {
     "model.uri": "spec.model.uri",
@@ -803,7 +822,7 @@ def cr_field(runtime_path: str) -> str:
     """The CR field a runtime setting is rendered from (`server.max_n` -> `spec.server.maxN`,
     `cache_config.Fn_compute_blocks` -> `spec.cacheDit.cache_config.Fn_compute_blocks`)."""
     for key in sorted(RUNTIME_TO_CR, key=len, reverse=True):
-        if runtime_path == key or runtime_path.startswith(key + "."):
+        if runtime_path == key or runtime_path.startswith((key + ".", key + "[")):
             return RUNTIME_TO_CR[key] + runtime_path[len(key) :]
     return "spec"
 

@@ -36,6 +36,7 @@ from diffusion_runtime._cache_dit_pinned import (
     dbprune_strify,
     steps_mask,
 )
+from diffusion_runtime.limits import MAX_STEPS_LIMIT
 
 __all__ = [
     "CACHE_CONFIG_FIELDS",
@@ -46,6 +47,7 @@ __all__ = [
     "FIELD_ENUMS",
     "FLOAT8_MIN_CAPABILITY",
     "FLUX_ENABLE_DUMMY_BLOCKS",
+    "INT_MAXIMUMS",
     "MASK_POLICIES",
     "MODEL_BLOCK_LISTS",
     "NON_NEGATIVE_INTS",
@@ -91,6 +93,10 @@ POSITIVE_INTS = frozenset(
 )
 
 
+# upper bounds (the runtime's own limits): a named mask is expanded into num_inference_steps digits
+INT_MAXIMUMS = {"num_inference_steps": MAX_STEPS_LIMIT}
+
+
 def canonical_quant_type(quant_type: str) -> str:
     """The current name: cache-dit lower-cases quant_type; `float8` is the 1.3.0-1.3.4 alias of
     `float8_per_row`."""
@@ -122,6 +128,8 @@ def expand_mask(cache_config: dict[str, Any]) -> list[int] | None:
         raise ValueError(f"the named mask {mask!r} needs cache_config.num_inference_steps")
     if mask not in MASK_POLICIES:
         raise ValueError(f"{mask!r} is not one of cache-dit's masks {', '.join(MASK_POLICIES)}")
+    if not 1 <= steps <= MAX_STEPS_LIMIT:
+        raise ValueError(f"num_inference_steps={steps} is out of range [1, {MAX_STEPS_LIMIT}]")
     try:
         return steps_mask(total_steps=steps, mask_policy=mask)
     except (AssertionError, ValueError, IndexError) as e:

@@ -15,6 +15,15 @@ import yaml
 
 from diffusion_runtime import cache_dit_facts as facts
 
+# the limits live in diffusion_runtime.limits; re-exported here for readers of the config
+from diffusion_runtime.limits import MAX_JOBS_LIMIT as MAX_JOBS_LIMIT
+from diffusion_runtime.limits import MAX_N_LIMIT as MAX_N_LIMIT
+from diffusion_runtime.limits import MAX_STEPS_LIMIT as MAX_STEPS_LIMIT
+from diffusion_runtime.limits import MIN_PIXELS as MIN_PIXELS
+from diffusion_runtime.limits import MIN_UPLOAD_BYTES as MIN_UPLOAD_BYTES
+from diffusion_runtime.limits import SIZE_MULTIPLE as SIZE_MULTIPLE
+from diffusion_runtime.limits import SIZE_PATTERN as SIZE_PATTERN
+
 
 class ConfigError(ValueError):
     """A setting the runtime cannot honour; the message is one line naming the setting.
@@ -35,16 +44,6 @@ def _error(path: str, message: str, reason: str = "Invalid") -> ConfigError:
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cuda", "cpu")
-# limits of the runtime.yaml settings: the CRD's bounds and the operator's checks come from here
-MAX_N_LIMIT = 64  # images per request
-MAX_STEPS_LIMIT = 1000  # num_inference_steps
-MIN_PIXELS = 256  # server.max_pixels floor
-MIN_UPLOAD_BYTES = 1024  # server.max_upload_bytes floor
-MAX_JOBS_LIMIT = 100000  # server.max_jobs
-SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patching need it)
-# the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); parse_size also takes
-# spaces and an upper-case X from the command line
-SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 # quant types the runtime runs on CPU: torchao's int8 configs applied directly (cache-dit's own
 # quantization asserts CUDA), see optimize.quantize_with_torchao
@@ -287,6 +286,16 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][\w-]*$")
+
+
+def _key(prefix: str, key: Any) -> str:
+    """`prefix.key`, or `prefix[key]` for a key that is not a plain name (so paths stay unambiguous)."""
+    if isinstance(key, str) and _PLAIN_KEY.match(key):
+        return f"{prefix}.{key}" if prefix else key
+    return f"{prefix}[{key}]"
+
+
 def _typed(path: str, value: Any, kind: str) -> ConfigError | None:
     if value is None:
         return None
@@ -316,7 +325,7 @@ def parallel_layout_error(sizes: dict[str, int]) -> ConfigError | None:
 def _cache_config_errors(cc: dict) -> list[ConfigError]:
     errors: list[ConfigError] = []
     for key in sorted(set(cc) - set(facts.CACHE_CONFIG_FIELDS)):
-        errors.append(_error(f"cache_config.{key}", "unknown key (cache-dit would silently drop it)"))
+        errors.append(_error(_key("cache_config", key), "unknown key (cache-dit would silently drop it)"))
     for key, value in cc.items():
         kind = facts.CACHE_CONFIG_FIELDS.get(key)
         if kind is None or value is None:
@@ -329,8 +338,11 @@ def _cache_config_errors(cc: dict) -> list[ConfigError]:
             continue
         if kind == "integer":
             lo = 1 if key in facts.POSITIVE_INTS else 0 if key in facts.NON_NEGATIVE_INTS else None
+            hi = facts.INT_MAXIMUMS.get(key)
             if lo is not None and value < lo:
                 errors.append(_error(f"cache_config.{key}", f"must be >= {lo}, got {value}"))
+            elif hi is not None and value > hi:
+                errors.append(_error(f"cache_config.{key}", f"must be <= {hi}, got {value}"))
         choices = facts.FIELD_ENUMS.get(key) or facts.CALIBRATOR_ENUMS.get(key)
         if key == "cache_type":
             choices = facts.CACHE_TYPES
@@ -362,7 +374,7 @@ def _cache_config_errors(cc: dict) -> list[ConfigError]:
 def _quantize_errors(qc: dict, device_type: str, capability: tuple[int, int] | None) -> list[ConfigError]:
     errors: list[ConfigError] = []
     for key in sorted(set(qc) - set(facts.QUANTIZE_CONFIG_FIELDS)):
-        errors.append(_error(f"quantize_config.{key}", "unknown key"))
+        errors.append(_error(_key("quantize_config", key), "unknown key"))
     backend = qc.get("backend")
     if backend is not None and str(backend).lower() not in QUANTIZE_BACKENDS:
         errors.append(
@@ -454,7 +466,7 @@ def cache_dit_errors(
         errors.append(
             ConfigError(
                 f"cache-dit config: unknown top-level key {key}; known: {', '.join(facts.TOP_LEVEL_KEYS)}",
-                key,
+                _key("", key),
             )
         )
     cc = raw.get("cache_config")
@@ -469,7 +481,7 @@ def cache_dit_errors(
             errors.append(_error("parallelism_config", "must be a mapping"))
         else:
             for key in sorted(set(pc) - set(facts.PARALLELISM_CONFIG_FIELDS)):
-                errors.append(_error(f"parallelism_config.{key}", "unknown key"))
+                errors.append(_error(_key("parallelism_config", key), "unknown key"))
             sizes = {k: pc[k] for k in facts.PARALLEL_SIZE_KEYS if pc.get(k) is not None}
             bad = [k for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
             if bad:

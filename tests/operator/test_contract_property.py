@@ -153,22 +153,19 @@ def names_a_cr_field(path: str) -> bool:
         return False
     node = SPEC_SCHEMA
     for part in re.findall(r"\.([A-Za-z_][\w-]*)|\[[^\]]+\]", path[len("spec") :]):
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            return True  # free-form below here (template.affinity, steps_computation_mask)
         if not part:  # a list index or a map key
             if isinstance(node.get("items"), dict):
                 node = node["items"]
             elif isinstance(node.get("additionalProperties"), dict):
                 node = node["additionalProperties"]
-            elif node.get("x-kubernetes-preserve-unknown-fields"):
-                node = {}
             else:
                 return False
-            continue
-        if part in node.get("properties", {}):
+        elif part in node.get("properties", {}):
             node = node["properties"][part]
-        elif isinstance(node.get("additionalProperties"), dict) or node.get(
-            "x-kubernetes-preserve-unknown-fields"
-        ):
-            node = node.get("additionalProperties") or {}
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
         else:
             return False
     return True
@@ -231,3 +228,61 @@ def test_every_valid_spec_runs_and_every_refusal_names_a_cr_field(tmp_path, load
     assert total >= EXAMPLES, seen
     # both sides of the property were exercised, not one
     assert seen["valid"] >= total // 10 and seen["refused"] >= total // 10, seen
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _mutations(spec: dict) -> st.SearchStrategy:
+    """A schema-valid spec with one node replaced by arbitrary JSON (wrong types, huge values)."""
+    paths: list[tuple] = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, k))
+
+    walk(spec, ())
+    return st.tuples(st.sampled_from(paths), JSON | st.sampled_from([10**18, -1, "", "fast", [], {}]))
+
+
+def _replace(spec: dict, path: tuple, value) -> dict:
+    if not path:
+        return value
+    out = copy.deepcopy(spec)
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return out
+
+
+def test_parse_never_raises_on_broken_specs():
+    """Wrong types, out-of-range and huge values anywhere (a CR the schema did not check): an error
+    naming a CR field, never an exception, never a hang (a named mask with 10**18 steps is refused
+    before cache-dit's table would expand it)."""
+    counts = {"refused": 0, "valid": 0}
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(strategy(SPEC_SCHEMA).map(apply_cel).flatmap(lambda s: st.tuples(st.just(s), _mutations(s))))
+    def check(drawn) -> None:
+        spec, (path, value) = drawn
+        broken = _replace(spec, path, value)
+        parsed = specs.parse("x", "ns", broken)
+        counts["valid" if parsed.ok else "refused"] += 1
+        for error in parsed.errors:
+            field = error.field
+            if error.message.startswith("unknown"):  # a key the CR does not have, under one it has
+                field = re.sub(r"(\.[^.\[\]]+|\[[^\]]+\])$", "", field)
+            assert field == "spec" or names_a_cr_field(field), (error.field, str(error), broken)
+        if parsed.ok:
+            specs.cache_tag(parsed.spec.cache_dit)
+            builders.build_all(parsed.spec, OWNER)
+
+    check()
+    assert counts["refused"] >= 100, counts

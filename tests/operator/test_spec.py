@@ -277,7 +277,8 @@ def test_runtime_paths_map_back_to_cr_fields():
 
 
 def test_server_defaults_and_bounds_are_the_runtimes():
-    from diffusion_runtime.config import MAX_N_LIMIT, MAX_STEPS_LIMIT, ServerConfig
+    from diffusion_runtime.config import ServerConfig
+    from diffusion_runtime.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
 
     s = parse({"model": {"uri": "hf://a/b"}}).spec
     runtime = ServerConfig()
@@ -318,3 +319,10 @@ def test_tiny_model_blocks_are_checked_like_the_pod_would():
     assert parse(spec).ok
     spec["cacheDit"]["cache_config"].update(Fn_compute_blocks=7)
     assert fields(parse(spec)) == ["spec.cacheDit.cache_config.Fn_compute_blocks"]
+
+
+def test_huge_step_count_with_a_named_mask_is_refused_fast():
+    spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
+    spec["cacheDit"]["cache_config"].update(steps_computation_mask="fast", num_inference_steps=10**12)
+    parsed = parse(spec)
+    assert "spec.cacheDit.cache_config.num_inference_steps" in fields(parsed)

@@ -1,0 +1,17 @@
+"""Limits of the runtime, in one place: the runtime's config validation and request checks, the
+cache-dit facts' rules, the operator's CR model and so the generated CRD all read them from here.
+Torch-free."""
+
+from __future__ import annotations
+
+MAX_N_LIMIT = 64  # images per request (server.max_n)
+MAX_STEPS_LIMIT = (
+    1000  # num_inference_steps (server.max_steps, warmup.steps, cache_config.num_inference_steps)
+)
+MIN_PIXELS = 256  # server.max_pixels floor
+MIN_UPLOAD_BYTES = 1024  # server.max_upload_bytes floor
+MAX_JOBS_LIMIT = 100000  # server.max_jobs
+SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patching need it)
+# the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); config.parse_size also
+# takes spaces and an upper-case X from the command line
+SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
