@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 
-from diffusion_runtime.config import ConfigError, RuntimeConfig, validate
+from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
 from diffusion_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger("diffusion_runtime")
@@ -46,17 +46,22 @@ def log_warmup_plan(config: RuntimeConfig, source: str) -> None:
 
 
 def preflight(config: RuntimeConfig) -> None:
-    """Checks that need no model: config ranges, the cache-dit YAML against the device."""
+    """Checks that need no model: `config.runtime_errors` (config ranges, the device, the cache-dit
+    YAML against the device), the same function the operator runs on the runtime.yaml it renders."""
     from diffusion_runtime.model import pick_device
-    from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
+    from diffusion_runtime.optimize import read_cache_dit_yaml
 
     validate(config)
     device = pick_device(config.device)
-    if config.cache_dit_config:
+    raw = read_cache_dit_yaml(config.cache_dit_config) if config.cache_dit_config else None
+    capability = None
+    if device == "cuda":
         import torch
 
-        capability = torch.cuda.get_device_capability() if device == "cuda" else None
-        plan_cache_dit(read_cache_dit_yaml(config.cache_dit_config), device, capability)
+        capability = torch.cuda.get_device_capability()
+    errors = runtime_errors(config, raw, device, capability)
+    if errors:
+        raise errors[0]
 
 
 def _load_and_warm(state, server) -> None:

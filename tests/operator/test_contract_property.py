@@ -21,7 +21,7 @@ from diffusion_operator import builders
 from diffusion_operator import spec as specs
 from diffusion_operator.models import KNOWN_MODELS, product_capability
 from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import load_config_file, validate
+from diffusion_runtime.config import load_config_file, runtime_errors, validate
 from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -180,9 +180,12 @@ def runtime_accepts(parsed: specs.Parsed, tmp_path, load_configs) -> None:
         (tmp_path / key).write_text(text)
     cfg = validate(load_config_file(tmp_path / "runtime.yaml"))
     assert cfg.server.max_n == s.max_n and cfg.warmup.steps == s.warmup_steps
-    if cfg.cache_dit_config:
-        capability = product_capability(s.gpu_product) if s.gpu_product and s.device_type == "cuda" else None
-        plan = plan_cache_dit(read_cache_dit_yaml(cfg.cache_dit_config), s.device_type, capability)
+    capability = product_capability(s.gpu_product) if s.gpu_product and s.device_type == "cuda" else None
+    raw = read_cache_dit_yaml(cfg.cache_dit_config) if cfg.cache_dit_config else None
+    # serve's preflight on the pod's device
+    assert runtime_errors(cfg, raw, s.device_type, capability) == []
+    if raw is not None:
+        plan = plan_cache_dit(raw, s.device_type, capability)
         if plan.uses_cache_dit:
             loaded = load_configs(copy.deepcopy(plan.raw))
             if "cache_config" in plan.raw:
