@@ -24,11 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from diffusion_operator.spec import API_VERSION as CR_API
+from diffusion_operator.spec import KIND
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
 SAMPLE = REPO / "samples" / "tiny-cpu.yaml"
-CR_API = "diffusion.dev/v1alpha1"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,7 +51,7 @@ def direct_deployment(name: str, namespace: str) -> dict:
     from diffusion_operator import spec as specs
 
     parsed = specs.parse(name, namespace, cr_body(name, namespace)["spec"])
-    owner = {"apiVersion": CR_API, "kind": "DiffusionDeployment", "metadata": {"name": name, "uid": "none"}}
+    owner = {"apiVersion": CR_API, "kind": KIND, "metadata": {"name": name, "uid": "none"}}
     dep = builders.build_deployment(parsed.spec, owner, builders.build_configmap(parsed.spec, owner))
     dep["metadata"].pop("ownerReferences")
     return dep
@@ -74,9 +75,7 @@ def create_one(kube, namespace: str, name: str, direct: bool) -> None:
             body=direct_deployment(name, namespace),
         )
     else:
-        kube.request(
-            "POST", kube.collection(CR_API, "DiffusionDeployment", namespace), body=cr_body(name, namespace)
-        )
+        kube.request("POST", kube.collection(CR_API, KIND, namespace), body=cr_body(name, namespace))
 
 
 def latency(kube, namespace: str, count: int, direct: bool) -> list[float]:
@@ -102,7 +101,7 @@ def converge(kube, namespace: str, count: int, direct: bool, timeout: float = 60
             items = kube.request("GET", kube.collection("apps/v1", "Deployment", namespace))["items"]
             done = sum(1 for d in items if (d.get("status") or {}).get("availableReplicas", 0) >= 1)
         else:
-            items = kube.request("GET", kube.collection(CR_API, "DiffusionDeployment", namespace))["items"]
+            items = kube.request("GET", kube.collection(CR_API, KIND, namespace))["items"]
             done = sum(
                 1
                 for d in items

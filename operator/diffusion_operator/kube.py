@@ -15,6 +15,7 @@ import urllib3
 
 from diffusion_operator import metrics
 from diffusion_operator.builders.common import FIELD_MANAGER
+from diffusion_operator.spec import API_VERSION, KIND, PLURAL
 
 API_PATHS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
@@ -26,10 +27,7 @@ API_PATHS = {
         "autoscaling/v2",
         "HorizontalPodAutoscaler",
     ): "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
-    (
-        "diffusion.dev/v1alpha1",
-        "DiffusionDeployment",
-    ): "/apis/diffusion.dev/v1alpha1/namespaces/{ns}/diffusiondeployments",
+    (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
 
 
@@ -196,7 +194,7 @@ class Kube:
         self.request("DELETE", self.path(api_version, kind, namespace, name))
 
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
-        path = self.path("diffusion.dev/v1alpha1", "DiffusionDeployment", namespace, name) + "/status"
+        path = self.path(API_VERSION, KIND, namespace, name) + "/status"
         return self._write(
             "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
         )
@@ -211,8 +209,8 @@ class Kube:
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
-                "apiVersion": owner.get("apiVersion", "diffusion.dev/v1alpha1"),
-                "kind": owner.get("kind", "DiffusionDeployment"),
+                "apiVersion": owner.get("apiVersion", API_VERSION),
+                "kind": owner.get("kind", KIND),
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "uid": meta.get("uid"),

@@ -40,9 +40,9 @@ from diffusion_operator.workqueue import WorkQueue
 
 log = logging.getLogger("diffusion_operator")
 
-GROUP, VERSION, PLURAL = "diffusion.dev", "v1alpha1", "diffusiondeployments"
-CR_API = f"{GROUP}/{VERSION}"
-CR_KIND = "DiffusionDeployment"
+GROUP, VERSION, PLURAL = specs.GROUP, specs.VERSION, specs.PLURAL  # defined once, in spec.py
+CR_API = specs.API_VERSION
+CR_KIND = specs.KIND
 CHILD_KINDS = (
     ("v1", "ConfigMap", "configmaps"),
     ("v1", "Service", "services"),

@@ -172,3 +172,15 @@ def test_int8_on_cpu_is_valid_and_float8_on_cpu_is_refused(cluster, namespace, o
     obj = _wait_config_invalid(cluster, namespace, "tiny", 2)
     message = conditions(obj)["ConfigValid"]["message"]
     assert message.startswith("spec.quantize.quant_type:") and "needs a CUDA GPU" in message, message
+
+
+def test_kubectl_explain_shows_the_models_descriptions(cluster, crd):
+    """The CRD is generated from the spec model: `kubectl explain` shows its descriptions and bounds."""
+    from diffusion_operator import spec as specs
+
+    out = cluster.kubectl("explain", "dd.spec.server.maxN").stdout
+    assert specs.ServerSpec.model_fields["max_n"].description in out, out
+    out = cluster.kubectl("explain", "dd.spec.warmup.resolutions").stdout
+    assert "multiples of 16" in out, out
+    out = cluster.kubectl("explain", "dd.spec.cacheDit.cache_config.Fn_compute_blocks").stdout
+    assert out.strip(), out
