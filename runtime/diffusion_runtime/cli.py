@@ -15,6 +15,7 @@ from diffusion_runtime.config import (
     parse_size,
     validate,
 )
+from diffusion_runtime.tiny import VARIANTS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,12 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny-model", help="write the random-weight tiny FluxPipeline into DIR")
     t.add_argument("dir")
-    t.add_argument("--variant", choices=("tiny", "small"), default="tiny")
+    t.add_argument("--variant", choices=VARIANTS, default="tiny")
     t.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _serve(a: argparse.Namespace) -> int:
+def _serve(a: argparse.Namespace, argv: list[str]) -> int:
+    from diffusion_runtime.distributed import run_worker, worker_rank
     from diffusion_runtime.serve import device_warmup_defaults, run_server
 
     cfg = load_config_file(a.config) if a.config else RuntimeConfig()
@@ -71,7 +73,9 @@ def _serve(a: argparse.Namespace) -> int:
         dtype=a.dtype, compile=a.compile, warmup_steps=a.warmup_steps, warmup_resolutions=a.warmup_size,
         compile_cache_dir=a.compile_cache_dir,
     )  # fmt: skip
-    return run_server(cfg, warmup_source=source)
+    if worker_rank() is not None:  # a rank that rank 0 started: same command line, no HTTP
+        return run_worker(cfg)
+    return run_server(cfg, argv, warmup_source=source)
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -86,6 +90,16 @@ def _generate(a: argparse.Namespace) -> int:
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise ConfigError(f"--size {a.size}: width and height must be positive multiples of 16")
     validate(cfg)
+    if a.cache_dit_config:
+        from diffusion_runtime.optimize import read_cache_dit_yaml
+        from diffusion_runtime.parallel import layout_of
+
+        layout = layout_of(read_cache_dit_yaml(a.cache_dit_config))
+        if layout.world_size > 1:
+            raise ConfigError(
+                f"parallelism_config: {layout.describe()}; `generate` runs one process, "
+                "`diffusion-runtime serve` starts the ranks"
+            )
     model = load_model(cfg)
     result = model.generate(a.prompt, width, height, a.steps, a.seed, guidance_scale=a.guidance_scale)
     out = Path(a.output)
@@ -107,13 +121,14 @@ def _tiny(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from diffusion_runtime.model import ModelError
 
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         if args.command == "generate":
             return _generate(args)
         return _tiny(args)

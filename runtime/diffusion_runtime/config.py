@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from diffusion_runtime import cache_dit_facts as facts
+from diffusion_runtime.parallel import layout_refusal
 
 # the limits live in diffusion_runtime.limits; re-exported here for readers of the config
 from diffusion_runtime.limits import MAX_JOBS_LIMIT as MAX_JOBS_LIMIT
@@ -306,20 +307,19 @@ def _typed(path: str, value: Any, kind: str) -> ConfigError | None:
     return None
 
 
-def parallel_layout_error(sizes: dict[str, int]) -> ConfigError | None:
-    """Which parallel layouts this runtime runs: it serves one process on one device, so none.
+def parallel_layout_error(
+    parallelism_config: dict[str, Any], device_type: str, dtype: str | None = None
+) -> ConfigError | None:
+    """Which parallel layouts this runtime runs on `device_type` (docs/multi-gpu.md): the runtime
+    starts one rank per device; `parallel.layout_refusal` holds the rules.
 
     The one place that decides it: the runtime's preflight and the operator (ConfigValid=False,
     reason Unsupported) both ask here."""
-    total = 1
-    for value in sizes.values():
-        total *= value
-    return _error(
-        "parallelism_config",
-        f"{' * '.join(f'{k}={v}' for k, v in sizes.items())} needs {total} ranks under torch.distributed; "
-        "this runtime serves one process on one device (use gpu.count 1 per replica and scale replicas)",
-        reason="Unsupported",
-    )
+    refusal = layout_refusal(parallelism_config, device_type, dtype)
+    if refusal is None:
+        return None
+    key, message = refusal
+    return _error(f"parallelism_config.{key}", message, reason="Unsupported")
 
 
 def _cache_config_errors(cc: dict) -> list[ConfigError]:
@@ -452,10 +452,10 @@ def _quantize_errors(qc: dict, device_type: str, capability: tuple[int, int] | N
 
 
 def cache_dit_errors(
-    raw: Any, device_type: str, capability: tuple[int, int] | None = None
+    raw: Any, device_type: str, capability: tuple[int, int] | None = None, dtype: str | None = None
 ) -> list[ConfigError]:
     """Everything the runtime refuses in a cache-dit YAML mapping for `device_type` ('cpu' | 'cuda')
-    and, when known, the GPU's compute capability. Torch-free: the facts come from the generated
+    and, when known, the GPU's compute capability and model.dtype. Torch-free: the facts come from the generated
     `_cache_dit_pinned` module (the pinned cache-dit's own)."""
     if raw is None:
         return []
@@ -494,7 +494,7 @@ def cache_dit_errors(
                     )
                 )
             else:
-                layout = parallel_layout_error(sizes)
+                layout = parallel_layout_error(pc, device_type, dtype)
                 if layout is not None:
                     errors.append(layout)
     backend = raw.get("attention_backend")
@@ -523,7 +523,7 @@ def runtime_errors(
         errors.append(_error("model.dtype", "float16 is not supported on cpu; use float32 or bfloat16"))
     if cfg.device == "cuda" and device_type != "cuda":
         errors.append(_error("device", "cuda requested but this pod has no GPU"))
-    return errors + cache_dit_errors(cache_dit, device_type, capability)
+    return errors + cache_dit_errors(cache_dit, device_type, capability, cfg.model.dtype)
 
 
 def apply_overrides(cfg: RuntimeConfig, **overrides: Any) -> RuntimeConfig:

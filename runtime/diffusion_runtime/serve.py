@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.distributed import RankedModel, RankGroup
 from diffusion_runtime.metrics import RuntimeMetrics
+from diffusion_runtime.parallel import SINGLE, Layout, layout_of
 
 log = logging.getLogger("diffusion_runtime")
 
@@ -45,9 +49,12 @@ def log_warmup_plan(config: RuntimeConfig, source: str) -> None:
     )
 
 
-def preflight(config: RuntimeConfig) -> None:
+def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
     """Checks that need no model: `config.runtime_errors` (config ranges, the device, the cache-dit
-    YAML against the device), the same function the operator runs on the runtime.yaml it renders."""
+    YAML against the device, the parallel layout), the same function the operator runs on the
+    runtime.yaml it renders; then enough GPUs for the layout. Returns the device and the layout
+    (world size 1: one process)."""
+    from diffusion_runtime.distributed import check_devices
     from diffusion_runtime.model import pick_device
     from diffusion_runtime.optimize import read_cache_dit_yaml
 
@@ -62,15 +69,22 @@ def preflight(config: RuntimeConfig) -> None:
     errors = runtime_errors(config, raw, device, capability)
     if errors:
         raise errors[0]
+    layout = layout_of(raw)
+    check_devices(layout, device)
+    return device, layout
 
 
-def _load_and_warm(state, server) -> None:
+def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
     from diffusion_runtime import compile_cache
     from diffusion_runtime.model import ModelError, load_model
 
     m = state.metrics
     try:
-        model = load_model(state.config)
+        if ranks is not None:
+            ranks.join()
+        local = load_model(state.config)
+        # with ranks, pipeline calls run on every rank
+        model: Any = RankedModel(local, ranks) if ranks is not None else local
         state.model = model
         m.use_device(model.device)
         m.model_load.set(model.load_seconds)
@@ -78,7 +92,7 @@ def _load_and_warm(state, server) -> None:
         m.set_info(
             model=state.config.model.uri, pipeline=model.pipeline_name, cache=model.cache_tag,
             quant=model.quant_type, compile=str(bool(state.config.compile)).lower(), device=model.device,
-            dtype=state.config.model.dtype,
+            dtype=state.config.model.dtype, **(ranks.layout if ranks else SINGLE).labels(),
         )  # fmt: skip
         log.info(
             "model loaded in %.2fs (%s on %s, cache %s)",
@@ -100,6 +114,8 @@ def _load_and_warm(state, server) -> None:
         )
         if cache is not None and cache.publish():
             m.compile_cache_saves.inc()
+        if ranks is not None:
+            ranks.serving()
         state.phase = "ready"
         m.ready.set(0 if state.draining else 1)
     except (ConfigError, ModelError) as e:
@@ -115,14 +131,16 @@ def _fail(state, server, line: str) -> None:
     server.should_exit = True
 
 
-def run_server(config: RuntimeConfig, warmup_source: str = "the config") -> int:
+def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: str = "the config") -> int:
+    """Serve HTTP. With a parallel layout this process is rank 0 and starts the other ranks with the
+    same command line (`argv`, without the program name)."""
     from prometheus_client import start_http_server
 
     from diffusion_runtime.model import ModelError
     from diffusion_runtime.server import RuntimeState, create_app, make_server
 
     try:
-        preflight(config)
+        device, layout = preflight(config)
     except (ConfigError, ModelError) as e:
         print(f"diffusion-runtime: {e}", file=sys.stderr)
         return 2
@@ -130,7 +148,7 @@ def run_server(config: RuntimeConfig, warmup_source: str = "the config") -> int:
     metrics = RuntimeMetrics()
     metrics.set_info(
         model=config.model.uri, pipeline="", cache="", quant="", compile=str(config.compile).lower(), device="",
-        dtype=config.model.dtype,
+        dtype=config.model.dtype, **layout.labels(),
     )  # fmt: skip
     state = RuntimeState(config=config, metrics=metrics)
     app = create_app(state)
@@ -146,13 +164,19 @@ def run_server(config: RuntimeConfig, warmup_source: str = "the config") -> int:
                 file=sys.stderr,
             )
             return 2
-    loader = threading.Thread(target=_load_and_warm, args=(state, server), name="loader", daemon=True)
+    ranks = None
+    if layout.world_size > 1:
+        ranks = RankGroup(layout, device, argv, config)
+        ranks.start()
+    loader = threading.Thread(target=_load_and_warm, args=(state, server, ranks), name="loader", daemon=True)
     loader.start()
     try:
         server.run()  # uvloop + httptools when installed (uvicorn "auto")
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+        if ranks is not None:
+            ranks.shutdown(clean=state.phase in ("ready", "draining"))
     if state.phase == "failed":
         print(f"diffusion-runtime: {state.error}", file=sys.stderr)
         return 1

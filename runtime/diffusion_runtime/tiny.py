@@ -13,8 +13,6 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-VARIANTS = ("tiny", "small")
-
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -35,7 +33,10 @@ SPECS = {
     "tiny": TinySpec(2, 4, 2, 16, (4, 6, 6), 32, 32, (8, 8, 8, 8), 4, 32),
     # heavier transformer so that cached steps dominate the time (benchmarks)
     "small": TinySpec(4, 8, 4, 64, (16, 24, 24), 256, 64, (16, 16, 16, 16), 4, 64),
+    # "tiny" with 4 heads of 8: divisible by ulysses_size x tp_size = 2 x 2 (hybrid parallel tests)
+    "tiny-heads4": TinySpec(2, 4, 4, 8, (2, 2, 4), 32, 32, (8, 8, 8, 8), 4, 32),
 }
+VARIANTS = tuple(SPECS)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

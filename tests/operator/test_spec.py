@@ -95,21 +95,25 @@ def test_parallel_sizes_must_multiply_to_gpu_count():
     assert parsed.reason == "InvalidSpec"
 
 
-def test_parallelism_is_unsupported_until_the_runtime_runs_ranks():
-    """The runtime's one function (config.parallel_layout_error) decides; the operator follows it."""
+def test_parallelism_follows_the_runtime_layout_rules():
+    """The runtime's one function (config.parallel_layout_error) decides; the operator follows it:
+    Ulysses on GPUs is valid, what the runtime refuses is Unsupported naming the key."""
     from diffusion_runtime.config import parallel_layout_error
 
     spec = copy.deepcopy(FLUX)
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     spec["gpu"] = {"count": 2}
+    assert parallel_layout_error({"ulysses_size": 2}, "cuda", "bfloat16") is None
+    assert parse(spec).ok
+
+    spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ulysses_float8": True}
+    spec["model"]["dtype"] = "float16"
+    runtime_says = parallel_layout_error(spec["cacheDit"]["parallelism_config"], "cuda", "float16")
+    assert runtime_says is not None
     parsed = parse(spec)
-    runtime_says = parallel_layout_error({"ulysses_size": 2})
-    if runtime_says is None:
-        assert parsed.ok
-    else:
-        assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-        assert parsed.reason == "Unsupported" and parsed.errors[0].reason == "Unsupported"
-        assert "needs 2 ranks" in parsed.errors[0].message
+    assert fields(parsed) == ["spec.cacheDit.parallelism_config.ulysses_float8"]
+    assert parsed.reason == "Unsupported" and parsed.errors[0].reason == "Unsupported"
+    assert "needs spec.model.dtype bfloat16, got float16" in parsed.errors[0].message
 
 
 def test_parallel_sizes_all_one_is_refused():

@@ -135,7 +135,7 @@ def test_plan_cpu_int8_goes_through_torchao():
         ({"quantize_config": {"quant_type": "int3"}}, "quant_type"),
         ({"quantize_config": {"quant_type": "int4_weight_only"}}, "int4_weight_only"),
         ({"parallelism_config": {"ulysses_size": 1}}, "parallelism_config"),
-        ({"parallelism_config": {"ulysses_size": 2}}, "2 ranks"),
+        ({"parallelism_config": {"ring_size": 2}}, "ring_size=2"),
     ],
 )
 def test_plan_rejects(raw, needle):
