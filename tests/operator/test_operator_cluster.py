@@ -365,7 +365,7 @@ def test_autoscaling_builds_an_hpa_and_removing_it_deletes_the_hpa(cluster, name
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
     pod_spec = get_json(cluster, "deployment", "qwen-image", "-n", namespace)["spec"]["template"]["spec"]
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"  # ulysses_size 2
 
     del doc["spec"]["autoscaling"]
     doc["spec"]["replicas"] = 1

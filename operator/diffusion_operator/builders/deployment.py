@@ -105,8 +105,16 @@ def build_env(spec) -> list[dict]:
     return env
 
 
+def shm_size(spec) -> str:
+    """/dev/shm follows the layout: one rank per GPU, each with NCCL's shared-memory buffers and
+    pinned host copies, so 8Gi per GPU (1Gi on CPU, where gloo talks TCP); template.shmSize wins."""
+    if spec.shm_size:
+        return spec.shm_size
+    return f"{8 * spec.gpu_count}Gi" if spec.gpu_count > 0 else "1Gi"
+
+
 def build_volumes(spec) -> tuple[list[dict], list[dict]]:
-    shm = spec.shm_size or ("8Gi" if spec.gpu_count > 0 else "1Gi")
+    shm = shm_size(spec)
     volumes: list[dict] = [
         {"name": "config", "configMap": {"name": configmap_name(spec)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
