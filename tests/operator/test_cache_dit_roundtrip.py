@@ -28,12 +28,9 @@ def load_configs():
     return load_configs
 
 
-def render(doc: dict, tmp_path: Path, unsupported_ok: bool = False) -> Path:
+def render(doc: dict, tmp_path: Path) -> Path:
     parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
-    if unsupported_ok:  # valid, but not run by this runtime yet: rendered all the same
-        assert parsed.spec is not None and parsed.reason == "Unsupported", [str(e) for e in parsed.errors]
-    else:
-        assert parsed.ok, [str(e) for e in parsed.errors]
+    assert parsed.ok, [str(e) for e in parsed.errors]
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     path = tmp_path / "cache-dit.yaml"
     path.write_text(cm["data"]["cache-dit.yaml"])
