@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from diffusion_runtime.config import ConfigError, RuntimeConfig
 from diffusion_runtime.parallel import Layout
@@ -128,6 +128,24 @@ class _Collectives:
         return hook
 
 
+def collective_failure(error: BaseException | None) -> bool:
+    """A collective that timed out or lost a peer: the ranks are out of step for good. gloo raises
+    plain RuntimeErrors naming its transport, NCCL and the store raise torch's DistError."""
+    if error is None:
+        return False
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(m in text for m in ("/gloo/", "NCCL", "ProcessGroup"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _call(model: Any, method: str, args: Sequence[Any], kwargs: dict[str, Any], hook: Callable) -> Any:
     if method == "generate":
         kwargs = dict(kwargs, cancel=None, on_step=hook)  # stops only when all ranks agree
@@ -204,9 +222,7 @@ class RankGroup:
                 )
             time.sleep(0.2)
 
-    def _die(self, line: str) -> None:
-        if self.stopping:
-            return
+    def _die(self, line: str) -> NoReturn:
         self.stopping = True
         for proc in self.procs.values():
             with contextlib.suppress(OSError):
@@ -249,7 +265,16 @@ class RankGroup:
                 error = e
             from diffusion_runtime.model import Cancelled
 
-            failed = self.coll.failed_ranks(error is not None and not isinstance(error, Cancelled))
+            if collective_failure(error):
+                assert error is not None
+                time.sleep(1.0)  # a rank that died is the better reason: let the watchdog report it first
+                self._die(
+                    f"a collective failed during {method} ({_first_line(error)}); ranks are out of step, stopping"
+                )
+            try:
+                failed = self.coll.failed_ranks(error is not None and not isinstance(error, Cancelled))
+            except Exception as e:  # noqa: BLE001 - a rank is gone or stuck
+                self._die(f"ranks did not agree after {method} ({_first_line(e)}); stopping")
             self.store.delete_key(key)
             mine = error is not None and not isinstance(error, Cancelled)
             if failed and failed != self.world:
@@ -378,6 +403,13 @@ def run_worker(config: RuntimeConfig) -> int:
             pass
         except Exception as e:  # noqa: BLE001 - voted on below
             error = e
+        if collective_failure(error):
+            assert error is not None
+            print(
+                f"diffusion-runtime: rank {rank}: a collective failed during {method} ({_first_line(error)})",
+                file=sys.stderr,
+            )
+            return 1
         failed = coll.failed_ranks(error is not None)
         if failed and failed != world:
             reason = f"{type(error).__name__}: {error}" if error else "another rank failed"

@@ -9,6 +9,7 @@ within float tolerance (one 8-bit level after PNG quantisation).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -136,7 +137,7 @@ def ulysses_cached(tiny_model_dir, tmp_path_factory):
 # ---------------------------------------------------------------- same image as one process
 
 
-def test_ulysses2_gives_the_single_process_image(tiny_model_dir, tmp_path):
+def test_ulysses2_gives_the_single_process_image_and_ranks_go_with_rank0(tiny_model_dir, tmp_path):
     rp = start_ranked(tiny_model_dir, tmp_path / "u2", {"parallelism_config": {"ulysses_size": 2}})
     try:
         r = post(rp.url, size="64x64", num_inference_steps=8, seed=11)
@@ -151,12 +152,17 @@ def test_ulysses2_gives_the_single_process_image(tiny_model_dir, tmp_path):
         pids = rank_pids(rp)
         assert list(pids) == [1] and alive(pids[1])
         assert "rank 1/2 loaded FluxPipeline" in rp.log()
+        rp.proc.kill()  # rank 0 gone without a word (OOM kill): rank 1 must not linger
+        rp.wait_exit(timeout=30)
+        deadline = time.monotonic() + 20
+        while alive(pids[1]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pids[1]), "rank 1 outlived rank 0"
     finally:
-        assert rp.stop(timeout=60) == 0, rp.log_tail()
+        rp.stop(timeout=10)
     assert_same_image(got, reference_png(tiny_model_dir, tmp_path / "ref", 11, None))
     other = reference_png(tiny_model_dir, tmp_path / "ref", 12, None)
     assert np.abs(pixels(got) - pixels(other)).max() > 8, "another seed gives another image"
-    assert not alive(pids[1]), "rank 1 exits with rank 0"
 
 
 def test_ulysses2_with_dbcache_gives_the_single_process_image(ulysses_cached, tiny_model_dir, tmp_path):
@@ -186,6 +192,29 @@ def test_timeout_stops_every_rank_at_the_same_step(ulysses_cached):
     assert all(alive(p) for p in rank_pids(ulysses_cached).values())
 
 
+def test_a_stuck_rank_ends_the_serve_process_after_the_collective_timeout(ulysses_cached):
+    """A rank that stops answering (SIGSTOP) never hangs the pod: rank 0's collective times out after
+    request_timeout_seconds + 60 s and the pod ends with one line. Runs last on this server."""
+    rp = ulysses_cached
+    pid = rank_pids(rp)[1]
+    worker = threading.Thread(target=lambda: post(rp.url, seed=6, **LONG), daemon=True)
+    worker.start()
+    _in_flight(rp.url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        code = rp.wait_exit(timeout=150)
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    last = [ln for ln in rp.log().splitlines() if ln.strip()][-1]
+    assert code == 1
+    assert 60 <= took <= 120, took  # the collective timeout: 3 s + 60 s
+    assert last.startswith("diffusion-runtime: a collective failed during generate"), last
+    assert "ranks are out of step, stopping" in last
+
+
 def test_hybrid_ulysses2_tp2_on_four_ranks(tiny_heads4_dir, tmp_path):
     cd = {**STATIC_CACHE_DIT, "parallelism_config": {"ulysses_size": 2, "tp_size": 2}}
     rp = start_ranked(tiny_heads4_dir, tmp_path / "hybrid", cd)
@@ -208,13 +237,13 @@ def test_hybrid_ulysses2_tp2_on_four_ranks(tiny_heads4_dir, tmp_path):
 @pytest.mark.parametrize(
     ("pc", "needle"),
     [
-        ({"ring_size": 2}, "parallelism_config.ring_size=2: ring attention needs CUDA kernels"),
-        ({"tp_size": 2}, "parallelism_config.tp_size=2 alone"),
+        ({"ring_size": 2}, "parallelism_config.ring_size: ring attention (ring_size=2) needs CUDA kernels"),
+        ({"tp_size": 2}, "parallelism_config.tp_size: tensor parallelism alone (tp_size=2)"),
         (
             {"ulysses_size": 2, "ulysses_float8": True},
-            "parallelism_config.ulysses_float8 needs bfloat16 CUDA GPUs",
+            "parallelism_config.ulysses_float8: needs bfloat16 CUDA GPUs",
         ),
-        ({"ulysses_size": 2, "use_ray": True}, "parallelism_config.use_ray"),
+        ({"ulysses_size": 2, "use_ray": True}, "parallelism_config.use_ray: the runtime starts one rank"),
     ],
 )
 def test_layouts_cpu_cannot_run_are_refused_in_one_line(tiny_model_dir, tmp_path, pc, needle):
