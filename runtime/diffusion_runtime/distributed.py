@@ -146,9 +146,20 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+_EDIT_PIPES: dict[int, Any] = {}  # per process: the local model's edit variants (pipelines.EditPipelines)
+
+
 def _call(model: Any, method: str, args: Sequence[Any], kwargs: dict[str, Any], hook: Callable) -> Any:
+    """Run one shipped call on this rank. Cancellation is the hook's: stop only when all ranks agree."""
     if method == "generate":
-        kwargs = dict(kwargs, cancel=None, on_step=hook)  # stops only when all ranks agree
+        return model.generate(*args, **dict(kwargs, cancel=None, on_step=hook))
+    if method == "edit":
+        from diffusion_runtime.pipelines import EditPipelines, run_edit
+
+        (p,) = args
+        pipes = _EDIT_PIPES.setdefault(id(model), EditPipelines(model))
+        pipe = pipes.get("inpaint" if p.get("mask") is not None else "img2img")
+        return run_edit(model, pipe, p, threading.Event(), hook)
     return getattr(model, method)(*args, **kwargs)
 
 
@@ -333,6 +344,15 @@ class RankedModel:
         **kwargs: Any,
     ) -> Any:
         return self._group.run("generate", args, kwargs, cancel=cancel, on_step=on_step)
+
+    def edit(
+        self,
+        p: dict[str, Any],
+        cancel: threading.Event | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> Any:
+        """An edit (pipelines.run_edit) on every rank; `p` carries the decoded image and mask."""
+        return self._group.run("edit", (p,), {}, cancel=cancel, on_step=on_step)
 
     def warmup(self) -> float:
         seconds = self._group.run("warmup", (), {})

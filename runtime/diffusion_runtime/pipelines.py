@@ -175,27 +175,38 @@ def generation_call(model: Any, p: dict[str, Any]) -> PipelineCall:
     return run
 
 
+def run_edit(
+    model: Any, pipe: Any, p: dict[str, Any], cancel: threading.Event, on_step: Callable[[int], None]
+) -> dict[str, Any]:
+    """One image-to-image (or, with p['mask'], inpaint) pipeline call; images not encoded yet."""
+    import torch
+
+    accepts = set(inspect.signature(pipe.__call__).parameters)
+    kwargs: dict[str, Any] = dict(
+        prompt=p["prompt"], image=p["image"], strength=p["strength"], width=p["width"],
+        height=p["height"], num_inference_steps=p["steps"], num_images_per_prompt=p["n"],
+        generator=torch.Generator("cpu").manual_seed(p["seed"]),
+    )  # fmt: skip
+    if p.get("mask") is not None:
+        kwargs["mask_image"] = p["mask"]
+    if p["guidance_scale"] is not None:
+        kwargs["guidance_scale"] = p["guidance_scale"]
+    if p["negative_prompt"] and "negative_prompt" in accepts:
+        kwargs["negative_prompt"] = p["negative_prompt"]
+        if "true_cfg_scale" in accepts:
+            kwargs["true_cfg_scale"] = p["true_cfg_scale"] if p["true_cfg_scale"] is not None else 4.0
+    return _timed_call(model, pipe, kwargs, p["run_steps"], cancel, on_step)
+
+
 def edit_call(model: Any, pipe: Any, p: dict[str, Any]) -> PipelineCall:
-    """An image-to-image (or, with p['mask'], inpaint) call on a variant built by EditPipelines."""
+    """An image-to-image (or, with p['mask'], inpaint) call on a variant built by EditPipelines.
+    On a parallel replica (`model.edit`, diffusion_runtime.distributed) every rank runs it."""
 
     def run(cancel: threading.Event, on_step: Callable[[int], None]) -> dict[str, Any]:
-        import torch
-
-        accepts = set(inspect.signature(pipe.__call__).parameters)
-        kwargs: dict[str, Any] = dict(
-            prompt=p["prompt"], image=p["image"], strength=p["strength"], width=p["width"],
-            height=p["height"], num_inference_steps=p["steps"], num_images_per_prompt=p["n"],
-            generator=torch.Generator("cpu").manual_seed(p["seed"]),
-        )  # fmt: skip
-        if p.get("mask") is not None:
-            kwargs["mask_image"] = p["mask"]
-        if p["guidance_scale"] is not None:
-            kwargs["guidance_scale"] = p["guidance_scale"]
-        if p["negative_prompt"] and "negative_prompt" in accepts:
-            kwargs["negative_prompt"] = p["negative_prompt"]
-            if "true_cfg_scale" in accepts:
-                kwargs["true_cfg_scale"] = p["true_cfg_scale"] if p["true_cfg_scale"] is not None else 4.0
-        raw = _timed_call(model, pipe, kwargs, p["run_steps"], cancel, on_step)
+        if hasattr(model, "edit"):
+            raw = model.edit(p, cancel=cancel, on_step=on_step)
+        else:
+            raw = run_edit(model, pipe, p, cancel, on_step)
         return _encoded(raw, p["seed"], p["output_format"], p["output_compression"])
 
     return run

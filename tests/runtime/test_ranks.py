@@ -192,6 +192,24 @@ def test_timeout_stops_every_rank_at_the_same_step(ulysses_cached):
     assert all(alive(p) for p in rank_pids(ulysses_cached).values())
 
 
+def test_an_edit_on_ulysses2_gives_the_single_process_edit(ulysses_cached, runtime_server):
+    """/v1/images/edits (image-to-image) ships the decoded image to every rank: the same image as
+    one process with the same cache-dit config (`runtime_server`: STATIC_CACHE_DIT, no ranks)."""
+    source = base64.b64decode(
+        post(ulysses_cached.url, size="64x64", num_inference_steps=8, seed=9).json()["data"][0]["b64_json"]
+    )
+    form = {"prompt": "a dog", "num_inference_steps": "8", "strength": "0.75", "seed": "4", "size": "64x64"}
+    edits = []
+    for url in (ulysses_cached.url, runtime_server.url):
+        r = httpx.post(
+            url + "/v1/images/edits", files={"image": ("in.png", source, "image/png")}, data=form, timeout=120
+        )
+        assert r.status_code == 200, r.text[:300]
+        edits.append(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    assert_same_image(edits[0], edits[1])
+    assert np.abs(pixels(edits[0]) - pixels(source)).max() > 8, "the edit changed the image"
+
+
 def test_a_stuck_rank_ends_the_serve_process_after_the_collective_timeout(ulysses_cached):
     """A rank that stops answering (SIGSTOP) never hangs the pod: rank 0's collective times out after
     request_timeout_seconds + 60 s and the pod ends with one line. Runs last on this server."""
