@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.parallel import layout_refusal
 
 # the limits live in diffusion_runtime.limits; re-exported here for readers of the config
 from diffusion_runtime.limits import MAX_JOBS_LIMIT as MAX_JOBS_LIMIT
@@ -24,6 +23,7 @@ from diffusion_runtime.limits import MIN_PIXELS as MIN_PIXELS
 from diffusion_runtime.limits import MIN_UPLOAD_BYTES as MIN_UPLOAD_BYTES
 from diffusion_runtime.limits import SIZE_MULTIPLE as SIZE_MULTIPLE
 from diffusion_runtime.limits import SIZE_PATTERN as SIZE_PATTERN
+from diffusion_runtime.parallel import layout_refusal
 
 
 class ConfigError(ValueError):
