@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from diffusion_operator import builders, metrics
@@ -92,6 +93,34 @@ def needs_apply(desired: dict, observed: dict | None) -> bool:
     return want != have or not is_subset(desired, observed)
 
 
+# what a reconcile reads from a Deployment's status (status.valid_status)
+DEPLOYMENT_STATUS_INPUTS = (
+    "observedGeneration",
+    "replicas",
+    "readyReplicas",
+    "updatedReplicas",
+    "availableReplicas",
+)
+
+
+def inputs_of(child: Mapping) -> tuple:
+    """The parts of a child a reconcile depends on: when an event changes none of them (another
+    controller's annotation, timestamps in status conditions), it queues nothing."""
+    meta = child.get("metadata") or {}
+    status = child.get("status") or {}
+    return (
+        meta.get("generation"),
+        meta.get("labels"),
+        (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+        meta.get("ownerReferences"),
+        meta.get("deletionTimestamp"),
+        child.get("spec"),
+        child.get("data"),
+        child.get("binaryData"),
+        [status.get(k) for k in DEPLOYMENT_STATUS_INPUTS] if child.get("kind") == "Deployment" else None,
+    )
+
+
 def owned_by(obj: Mapping, owner: Mapping) -> bool:
     uid = owner["metadata"].get("uid")
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
@@ -127,6 +156,7 @@ class Reconciler:
         self.reconciles = 0
         self.skipped = 0
         self._workers: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def client(self) -> KubeClient:
@@ -208,8 +238,13 @@ class Reconciler:
             self.forget_child(body.get("kind", ""), namespace, meta.get("name", ""))
             self.enqueue(namespace, owner)
             return
-        if self.remember_child(plain(body)):  # not the echo of our own apply
-            self.enqueue(namespace, owner, delay=self.child_delay)
+        obj = plain(body)
+        before = self.cached_child(obj.get("kind", ""), namespace, meta.get("name", ""))
+        if not self.remember_child(obj):
+            return  # the echo of our own apply (or an older version)
+        if before is not None and inputs_of(before) == inputs_of(obj):
+            return  # nothing a reconcile reads changed (another controller's annotation, conditions)
+        self.enqueue(namespace, owner, delay=self.child_delay)
 
     def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
         if fresh:
@@ -228,6 +263,8 @@ class Reconciler:
 
     def stop(self) -> None:
         self.queue.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def _work(self) -> None:
         while True:
@@ -419,12 +456,17 @@ class Reconciler:
         retry: ApiError | None = None
         applied: list[str] = []
         try:
-            if any(observed[obj["kind"]] is not None for obj in stale):
-                for obj in stale:  # the running children stay as they are unless every change passes
-                    self._apply(obj, dry_run=True)
-            for obj in stale:
-                observed[obj["kind"]] = self._apply(obj)
-                applied.append(obj["kind"])
+            if first:  # nothing exists yet: every child at once (one round trip, not four)
+                answers = self._apply_parallel(stale)
+                observed.update(answers)
+                applied += list(answers)
+            else:
+                if any(observed[obj["kind"]] is not None for obj in stale):
+                    for obj in stale:  # running children stay as they are unless every change passes
+                        self._apply(obj, dry_run=True)
+                for obj in stale:
+                    observed[obj["kind"]] = self._apply(obj)
+                    applied.append(obj["kind"])
         except ApiError as error:
             if not error.permanent:
                 with self._guard:
@@ -475,6 +517,30 @@ class Reconciler:
         if not dry_run:
             self.remember_child(answer)
         return answer
+
+    def _apply_parallel(self, objs: list[dict]) -> dict[str, dict]:
+        """Apply independent objects concurrently; on errors, the first failing one in `objs` order
+        is raised (after every request finished), so a permanent error wins over nothing."""
+        if len(objs) <= 1:
+            return {o["kind"]: self._apply(o) for o in objs}
+        with self._guard:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="apply")
+            pool = self._pool
+        futures = [(o["kind"], pool.submit(self._apply, o)) for o in objs]
+        answers: dict[str, dict] = {}
+        errors: list[ApiError] = []
+        for kind, future in futures:
+            try:
+                answers[kind] = future.result()
+            except ApiError as error:
+                errors.append(error)
+        transient = [e for e in errors if not e.permanent]
+        if transient:
+            raise transient[0]
+        if errors:
+            raise errors[0]
+        return answers
 
     def _delete_unwanted_hpa(self, cr: dict, fresh: bool) -> None:
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]

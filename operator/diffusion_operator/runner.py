@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         # namespaced mode needs no cluster-scoped read: no namespace or CRD scanning (the CRD must exist
         # when the operator starts, as the chart and the tests ensure); cluster-wide mode keeps it
         settings.scanning.disabled = not args.all_namespaces
-        settings.batching.batch_window = 0.02  # react fast; reconciles are idempotent anyway
+        settings.batching.batch_window = 0.005  # react fast: the reconciler's queue coalesces
         settings.networking.request_timeout = 60
         settings.persistence.finalizer = "diffusion.dev/kopf-finalizer"  # unused: no on.delete handlers
 

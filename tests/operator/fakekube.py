@@ -17,8 +17,10 @@ Counts every write by verb and kind.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -93,10 +95,20 @@ def _user_fields(obj: dict) -> dict:
     return out
 
 
+def _locked(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: FakeKube, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:  # the reconciler applies a new CR's children from several threads
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class FakeKube:
-    """The `KubeClient` the reconciler needs, in memory."""
+    """The `KubeClient` the reconciler needs, in memory (thread-safe: one lock)."""
 
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self.objects: dict[Key, dict] = {}
         self.owners: dict[Key, dict[str, set[Path]]] = {}
         self.events: list[dict] = []
@@ -122,6 +134,7 @@ class FakeKube:
     def total_writes(self, kind: str | None = None) -> int:
         return sum(n for (verb, k), n in self.writes.items() if kind is None or k == kind)
 
+    @_locked
     def create(self, obj: dict, manager: str = "kubectl") -> dict:
         """A client's create (kubectl apply of a new CR)."""
         meta = obj["metadata"]
@@ -131,6 +144,7 @@ class FakeKube:
         self.owners[key] = {manager: set(leaves(_user_fields(obj)))}
         return self._store(key, _user_fields(obj), None, "ADDED")
 
+    @_locked
     def edit(
         self, kind: str, namespace: str, name: str, mutate: Callable[[dict], None], manager: str
     ) -> dict:
@@ -149,12 +163,14 @@ class FakeKube:
         status = new.get("status")
         return self._store(key, _user_fields(new), status, "MODIFIED")
 
+    @_locked
     def set_status(self, kind: str, namespace: str, name: str, status: dict) -> dict:
         """A controller's status update (the Deployment controller, kwok)."""
         key = (kind, namespace, name)
         obj = self.objects[key]
         return self._store(key, _user_fields(obj), copy.deepcopy(status), "MODIFIED")
 
+    @_locked
     def delete_object(self, kind: str, namespace: str, name: str) -> None:
         """A client's delete (kubectl delete); owner references cascade like the garbage collector."""
         key = (kind, namespace, name)
@@ -170,11 +186,13 @@ class FakeKube:
 
     # ---- the KubeClient protocol -----------------------------------------------------------------
 
+    @_locked
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         self.reads[("GET", kind)] += 1
         obj = self.objects.get((kind, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
+    @_locked
     def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]:
         self.reads[("LIST", kind)] += 1
         return [
@@ -183,6 +201,7 @@ class FakeKube:
             if k == kind and (namespace is None or ns == namespace)
         ]
 
+    @_locked
     def apply(self, obj: dict, dry_run: bool = False, manager: str = FIELD_MANAGER) -> dict:
         self._check_refused("PATCH", obj["kind"])
         meta = obj["metadata"]
@@ -219,11 +238,13 @@ class FakeKube:
         status = copy.deepcopy(old.get("status")) if old is not None else None
         return self._store(key, merged, status, "MODIFIED" if old is not None else "ADDED")
 
+    @_locked
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._check_refused("DELETE", kind)
         self.writes[("DELETE", kind)] += 1
         self.delete_object(kind, namespace, name)
 
+    @_locked
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         self._check_refused("PATCH", "DiffusionDeployment/status")
         key = ("DiffusionDeployment", namespace, name)
@@ -234,6 +255,7 @@ class FakeKube:
         merged = _merge_patch(copy.deepcopy(obj.get("status") or {}), status)
         return self._store(key, _user_fields(obj), merged, "MODIFIED")
 
+    @_locked
     def post_event(self, owner: dict, event_type: str, reason: str, message: str) -> None:
         self._check_refused("POST", "Event")
         self.writes[("POST", "Event")] += 1

@@ -173,6 +173,23 @@ def test_a_field_removed_from_the_cr_leaves_the_deployment(field):
     assert cr(kube)["status"]["observedGeneration"] == 2
 
 
+def test_child_events_that_change_nothing_a_reconcile_reads_queue_nothing():
+    kube, rec = setup()
+    kube.create(cr_doc())
+    rec.drain()
+
+    def revision(obj: dict) -> None:  # what the Deployment controller adds after a create
+        obj["metadata"].setdefault("annotations", {})["deployment.kubernetes.io/revision"] = "1"
+
+    kube.edit("Deployment", NS, "tiny", revision, manager="kube-controller-manager")
+    kube.set_status("Deployment", NS, "tiny", {"conditions": [{"type": "Available", "status": "False"}]})
+    assert len(rec.queue) == 0
+    kube.set_status("Deployment", NS, "tiny", {"replicas": 1, "observedGeneration": 1})
+    assert len(rec.queue) == 1  # replicas is read into the CR's status
+    rec.drain()
+    assert cr(kube)["status"]["replicas"] == 1
+
+
 def test_edits_by_someone_else_are_put_back_and_their_additions_kept():
     kube, rec = setup()
     doc = cr_doc()
