@@ -54,11 +54,6 @@ CONFIG_INVALID = [
     ({"warmup": {"steps": 60}}, "spec.warmup.steps", "spec.server.maxSteps"),
     ({"warmup": {"resolutions": ["1000x1000"]}}, "spec.warmup.resolutions", "multiples of 16"),
     ({"warmup": {"resolutions": ["1024x1024"]}}, "spec.warmup.resolutions", "spec.server.maxPixels"),
-    (
-        {"cacheDit": {"parallelism_config": {"ulysses_size": 2}}, "gpu": {"count": 2}},
-        "spec.cacheDit.parallelism_config",
-        "needs 2 ranks",
-    ),
 ]
 
 
@@ -86,8 +81,7 @@ def test_what_the_runtime_refuses_never_reaches_the_children(cluster, namespace,
         obj = _wait_config_invalid(cluster, namespace, "tiny", generation)
         cond = conditions(obj)["ConfigValid"]
         assert cond["message"].startswith(field + ":") and needle in cond["message"], cond
-        expected_reason = "Unsupported" if "parallelism_config" in field else "InvalidSpec"
-        assert cond["reason"] == expected_reason, cond
+        assert cond["reason"] == "InvalidSpec", cond
         assert conditions(obj)["Ready"]["status"] == "True"  # the old pods keep serving
         assert _versions_without_cr(cluster, namespace, "tiny") == versions, f"children touched by {patch}"
 
@@ -184,3 +178,32 @@ def test_kubectl_explain_shows_the_models_descriptions(cluster, crd):
     assert "multiples of 16" in out, out
     out = cluster.kubectl("explain", "dd.spec.cacheDit.cache_config.Fn_compute_blocks").stdout
     assert out.strip(), out
+
+
+def test_a_parallel_layout_is_what_the_runtime_says(cluster, namespace, operator):
+    """`cacheDit.parallelism_config`: the runtime's one function decides (config.parallel_layout_error,
+    reached through cache_dit_errors); the operator reports its answer with no change of its own."""
+    from diffusion_operator import spec as specs
+    from diffusion_operator.builders.configmap import render_cache_dit_config, runtime_config
+    from diffusion_runtime.config import runtime_errors
+
+    doc = sample("tiny-cpu.yaml")
+    doc["spec"]["gpu"] = {"count": 2}
+    doc["spec"]["device"] = "auto"
+    doc["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    view = specs.parse("tiny", namespace, doc["spec"]).spec
+    runtime_says = [
+        e
+        for e in runtime_errors(runtime_config(view), render_cache_dit_config(view), "cuda")
+        if e.reason == "Unsupported"
+    ]
+    apply_doc(cluster, namespace, doc)
+    if runtime_says:
+        obj = _wait_config_invalid(cluster, namespace, "tiny", 1)
+        cond = conditions(obj)["ConfigValid"]
+        assert cond["reason"] == "Unsupported", cond
+        assert cond["message"].startswith("spec.cacheDit.parallelism_config"), cond
+        assert get_json(cluster, "deployment", "tiny", "-n", namespace) is None  # nothing applied
+    else:
+        obj = wait_ready(cluster, namespace, "tiny")
+        assert conditions(obj)["ConfigValid"]["status"] == "True"
