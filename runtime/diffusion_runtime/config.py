@@ -86,6 +86,25 @@ class ServerConfig:
     job_ttl_seconds: float = 600.0  # ... for at most this long
 
 
+# quality gate: defaults and bounds (the CR's qualityGate fields come from here)
+QUALITY_GATE_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk, oil painting")
+QUALITY_GATE_MIN_PSNR = 25.0  # dB, optimized vs plain pipeline, worst canary
+QUALITY_GATE_MIN_SSIM = 0.75  # worst canary
+QUALITY_GATE_MAX_CANARIES = 16  # prompts x seeds
+
+
+@dataclass
+class QualityGateConfig:
+    """Canary images from the plain and the optimized pipeline, compared before the pod turns Ready."""
+
+    prompts: list[str] = field(default_factory=lambda: list(QUALITY_GATE_PROMPTS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int | None = None  # default: warmup.steps
+    size: str | None = None  # default: the first warmup resolution
+    min_psnr: float = QUALITY_GATE_MIN_PSNR
+    min_ssim: float = QUALITY_GATE_MIN_SSIM
+
+
 @dataclass
 class RuntimeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -96,6 +115,7 @@ class RuntimeConfig:
     device: str = "auto"
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    quality_gate: QualityGateConfig | None = None  # None: no gate
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +172,8 @@ def config_from_dict(raw: dict | None, base_dir: Path | None = None) -> RuntimeC
         cfg.compile_cache_dir = raw["compile_cache_dir"]
     if "device" in raw:
         cfg.device = raw["device"]
+    if raw.get("quality_gate") is not None:
+        cfg.quality_gate = _section(raw, "quality_gate", QualityGateConfig, "")
     return cfg
 
 
@@ -177,6 +199,68 @@ def _int_error(
         bound = f"{hi}{f' ({hi_name})' if hi_name else ''}" if hi is not None else "inf"
         return _error(path, f"{value} is out of range [{lo}, {bound}]")
     return None
+
+
+def _size_error(path: str, text: Any, max_pixels: int | None) -> ConfigError | None:
+    """A WIDTHxHEIGHT setting: parseable, multiples of SIZE_MULTIPLE, within max_pixels (None: unchecked)."""
+    try:
+        width, height = parse_size(text)
+    except ValueError as e:
+        return _error(path, str(e))
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        return _error(path, f"{text}: width and height must be multiples of {SIZE_MULTIPLE}")
+    if max_pixels is not None and width * height > max_pixels:
+        return _error(path, f"{text} = {width * height} pixels exceeds server.max_pixels={max_pixels}")
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _quality_gate_errors(
+    g: QualityGateConfig, max_pixels: int | None, steps_ceiling: int, steps_bound: str
+) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    if (
+        not isinstance(g.prompts, list)
+        or not g.prompts
+        or not all(isinstance(p, str) and p.strip() for p in g.prompts)
+    ):
+        errors.append(
+            _error("quality_gate.prompts", f"expected a non-empty list of prompts, got {g.prompts!r}")
+        )
+    if (
+        not isinstance(g.seeds, list)
+        or not g.seeds
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in g.seeds)
+    ):
+        errors.append(
+            _error("quality_gate.seeds", f"expected a non-empty list of integers >= 0, got {g.seeds!r}")
+        )
+    elif isinstance(g.prompts, list) and len(g.prompts) * len(g.seeds) > QUALITY_GATE_MAX_CANARIES:
+        errors.append(
+            _error(
+                "quality_gate.seeds",
+                f"{len(g.prompts)} prompts x {len(g.seeds)} seeds = {len(g.prompts) * len(g.seeds)} canaries; "
+                f"at most {QUALITY_GATE_MAX_CANARIES} (each is generated twice during warmup)",
+            )
+        )
+    if g.steps is not None:
+        error = _int_error("quality_gate.steps", g.steps, 1, steps_ceiling, steps_bound)
+        if error is not None:
+            errors.append(error)
+    if g.size is not None:
+        error = _size_error("quality_gate.size", g.size, max_pixels)
+        if error is not None:
+            errors.append(error)
+    if not _number(g.min_psnr) or g.min_psnr < 0:
+        errors.append(
+            _error("quality_gate.min_psnr", f"expected a number of decibels >= 0, got {g.min_psnr!r}")
+        )
+    if not _number(g.min_ssim) or not -1 <= g.min_ssim <= 1:
+        errors.append(_error("quality_gate.min_ssim", f"expected a number in [-1, 1], got {g.min_ssim!r}"))
+    return errors
 
 
 def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
@@ -234,34 +318,17 @@ def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
     elif timeout <= 0:
         add(_error("server.request_timeout_seconds", "must be > 0"))
     w = cfg.warmup
+    pixels = s.max_pixels if max_pixels_error is None else None
     if not isinstance(w.resolutions, list):
         add(_error("warmup.resolutions", f"expected a list like ['1024x1024'], got {w.resolutions!r}"))
     else:
         for r in w.resolutions:
-            try:
-                width, height = parse_size(r)
-            except ValueError as e:
-                add(_error("warmup.resolutions", str(e)))
-                continue
-            if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-                add(
-                    _error(
-                        "warmup.resolutions", f"{r}: width and height must be multiples of {SIZE_MULTIPLE}"
-                    )
-                )
-            elif max_pixels_error is None and width * height > s.max_pixels:
-                add(
-                    _error(
-                        "warmup.resolutions",
-                        f"{r} = {width * height} pixels exceeds server.max_pixels={s.max_pixels}",
-                    )
-                )
+            add(_size_error("warmup.resolutions", r, pixels))
     steps_ceiling = s.max_steps if max_steps_error is None else MAX_STEPS_LIMIT
-    add(
-        _int_error(
-            "warmup.steps", w.steps, 1, steps_ceiling, "server.max_steps" if max_steps_error is None else ""
-        )
-    )
+    steps_bound = "server.max_steps" if max_steps_error is None else ""
+    add(_int_error("warmup.steps", w.steps, 1, steps_ceiling, steps_bound))
+    if cfg.quality_gate is not None:
+        errors.extend(_quality_gate_errors(cfg.quality_gate, pixels, steps_ceiling, steps_bound))
     if not isinstance(w.prompt, str) or not w.prompt.strip():
         add(_error("warmup.prompt", "must be a non-empty string"))
     return errors

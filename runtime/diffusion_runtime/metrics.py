@@ -9,7 +9,15 @@ from __future__ import annotations
 import resource
 import sys
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 disable_created_metrics()  # no *_created series: half the scrape size, nothing dashboards use
 
@@ -145,6 +153,28 @@ class RuntimeMetrics:
         self.compile_cache_saves = Counter(
             "diffusion_compile_cache_saves",
             "Compile artifacts this process published to the shared cache after warmup.",
+            registry=r,
+        )
+        self.quality_gate_psnr = Gauge(
+            "diffusion_quality_gate_psnr_decibels",
+            "Quality gate: worst canary PSNR of the optimized vs the plain pipeline (set when the gate ran).",
+            registry=r,
+        )
+        self.quality_gate_ssim = Gauge(
+            "diffusion_quality_gate_ssim",
+            "Quality gate: worst canary SSIM of the optimized vs the plain pipeline (set when the gate ran).",
+            registry=r,
+        )
+        self.quality_gate_state = Enum(
+            "diffusion_quality_gate",
+            "Quality gate outcome: off (not configured), skipped (nothing optimized), passed, failed "
+            "(the pod then exits).",
+            states=["off", "skipped", "passed", "failed"],
+            registry=r,
+        )
+        self.quality_gate_seconds = Gauge(
+            "diffusion_quality_gate_seconds",
+            "Quality gate: start-up time it added (plain and optimized canaries, comparison).",
             registry=r,
         )
         self.ready = Gauge(

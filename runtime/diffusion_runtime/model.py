@@ -27,6 +27,7 @@ from diffusion_runtime.optimize import (
     plan_cache_dit,
     read_cache_dit_yaml,
 )
+from diffusion_runtime.quality_gate import GatePlan, QualityGate
 
 log = logging.getLogger("diffusion_runtime")
 
@@ -104,6 +105,7 @@ class Model:
     warmup_seconds: float = 0.0
     download_seconds: float = 0.0  # part of load_seconds spent in resolve_model_uri (hub downloads)
     size_multiple: int = 16
+    quality_gate: QualityGate | None = None  # holds the plain pipeline's canaries until warmup ends
     _accepts: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -263,6 +265,16 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         raise ModelError(f"model {config.model.uri}: loading failed ({type(e).__name__}: {msg})") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    accepts = frozenset(inspect.signature(pipe.__call__).parameters)
+    gate = None
+    gate_plan = GatePlan.from_config(config)
+    if gate_plan is not None and (plan is not None or config.compile):
+        # the reference: the plain pipeline, before cache-dit, quantization and compile change it
+        gate = QualityGate(gate_plan)
+        plain = Model(pipe, config, device, None, 0.0, model_path, _accepts=accepts)
+        gate.render_reference(plain.generate)
+    elif gate_plan is not None:
+        log.info("quality gate: no cache-dit, quantization or compile to check; skipped")
     if plan is not None:
         check_against_pipeline(plan, pipe)
         apply_plan(pipe, plan, raw.get("quantize_config"))
@@ -279,7 +291,6 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
             transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
         else:
             transformer.compile()
-    accepts = frozenset(inspect.signature(pipe.__call__).parameters)
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     return Model(
         pipe=pipe,
@@ -290,5 +301,6 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         model_path=model_path,
         download_seconds=download_seconds,
         size_multiple=max(16, vae_scale * 2),
+        quality_gate=gate,
         _accepts=accepts,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -14,6 +16,8 @@ from diffusion_runtime.metrics import RuntimeMetrics
 from diffusion_runtime.parallel import SINGLE, Layout, layout_of
 
 log = logging.getLogger("diffusion_runtime")
+# Kubernetes' default terminationMessagePath: kubelet mounts it into every container
+TERMINATION_LOG = "/dev/termination-log"
 
 
 # Without a config, a CPU warms up with one small generation: it proves the pipeline runs, and CPU
@@ -114,6 +118,19 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
         )
         if cache is not None and cache.publish():
             m.compile_cache_saves.inc()
+        gate = local.quality_gate  # the plain pipeline's canaries, rendered in load_model
+        if state.config.quality_gate is not None and gate is None:
+            m.quality_gate_state.state("skipped")
+        if gate is not None:
+            result = gate.check(model.generate)  # optimized canaries: through every rank
+            m.quality_gate_psnr.set(result.psnr)
+            m.quality_gate_ssim.set(result.ssim)
+            m.quality_gate_seconds.set(result.seconds)
+            m.quality_gate_state.state("passed" if result.passed else "failed")
+            local.quality_gate = None  # the reference images are not needed any more
+            if not result.passed:
+                _fail(state, server, f"quality gate failed: {result.summary()}")
+                return
         if ranks is not None:
             ranks.serving()
         state.phase = "ready"
@@ -123,6 +140,16 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - any load failure: one line, exit non-zero
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _fail(state, server, f"model load failed: {type(e).__name__}: {msg}")
+
+
+def exit_line(line: str, code: int) -> int:
+    """Print the one-line reason and, in a Kubernetes container, make it the termination message."""
+    print(f"diffusion-runtime: {line}", file=sys.stderr)
+    with contextlib.suppress(OSError):
+        if os.path.exists(TERMINATION_LOG):
+            with open(TERMINATION_LOG, "w") as f:
+                f.write(line[:4000])
+    return code
 
 
 def _fail(state, server, line: str) -> None:
@@ -142,8 +169,7 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
     try:
         device, layout = preflight(config)
     except (ConfigError, ModelError) as e:
-        print(f"diffusion-runtime: {e}", file=sys.stderr)
-        return 2
+        return exit_line(str(e), 2)
     log_warmup_plan(config, warmup_source)
     metrics = RuntimeMetrics()
     metrics.set_info(
@@ -159,11 +185,7 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
         try:
             metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics.registry)
         except OSError as e:
-            print(
-                f"diffusion-runtime: server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})",
-                file=sys.stderr,
-            )
-            return 2
+            return exit_line(f"server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})", 2)
     ranks = None
     if layout.world_size > 1:
         ranks = RankGroup(layout, device, argv, config)
@@ -178,9 +200,7 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
         if ranks is not None:
             ranks.shutdown(clean=state.phase in ("ready", "draining"))
     if state.phase == "failed":
-        print(f"diffusion-runtime: {state.error}", file=sys.stderr)
-        return 1
+        return exit_line(str(state.error), 1)
     if not server.started:
-        print(f"diffusion-runtime: cannot listen on {s.host}:{s.port}", file=sys.stderr)
-        return 2
+        return exit_line(f"cannot listen on {s.host}:{s.port}", 2)
     return 0
