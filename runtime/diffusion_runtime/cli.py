@@ -1,4 +1,4 @@
-"""`diffusion-runtime` command line: serve, generate, tiny-model. A flag overrides the config file."""
+"""`diffusion-runtime` command line: serve, generate, download, tiny-model. A flag overrides the config file."""
 
 from __future__ import annotations
 
@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     g.add_argument("--output", required=True, help="FILE.png")
+
+    d = sub.add_parser(
+        "download",
+        help="fill a model cache folder from the Hugging Face Hub (the pipeline's files only; "
+        "progress as JSON lines; a completion marker only when whole and verified)",
+    )
+    d.add_argument("--model", required=True, help="hf://org/name or org/name")
+    d.add_argument("--revision", help="branch, tag or commit (default main); resolved to one commit")
+    d.add_argument("--dest", required=True, help="the cache folder (the model's files land here)")
+    d.add_argument("--variant", help="weight variant (fp16, ...); default: the plain weights")
+    d.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
+    d.add_argument("--termination-log", help="also write the last progress line here (/dev/termination-log)")
 
     t = sub.add_parser("tiny-model", help="write the random-weight tiny FluxPipeline into DIR")
     t.add_argument("dir")
@@ -131,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args, argv)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "download":
+            from diffusion_runtime.download import run
+
+            return run(args)
         return _tiny(args)
     except (ConfigError, ModelError, ValueError) as e:
         print(f"diffusion-runtime: {e}", file=sys.stderr)

@@ -40,13 +40,24 @@ class Cancelled(Exception):
     """Raised inside the pipeline's step callback to stop a generation early."""
 
 
+def _served_folder(uri: str, path: Path) -> Path:
+    """A local folder as is, unless it is a `diffusion-runtime download` target that is not complete."""
+    from diffusion_runtime.download import check_complete
+
+    why_not = check_complete(path)
+    if why_not is not None:
+        raise ModelError(f"model {uri}: {why_not}")
+    return path
+
+
 def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = True) -> Path:
-    """A local folder for the model: a path / file:// as is; hf://org/name or org/name downloaded."""
+    """A local folder for the model: a path / file:// as is (a download cache folder only when its
+    completion marker is there); hf://org/name or org/name downloaded (HF_HUB_OFFLINE=1: never)."""
     if uri.startswith("file://"):
         path = Path(uri[len("file://") :])
         if not path.is_dir():
             raise ModelError(f"model {uri}: folder {path} does not exist")
-        return path
+        return _served_folder(uri, path)
     if uri.startswith("pvc://"):
         raise ModelError(f"model {uri}: pvc:// URIs are mounted by the operator; pass the mount path instead")
     local = Path(uri)
@@ -54,7 +65,7 @@ def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = Tr
         local = local.expanduser()
         if not local.is_dir():
             raise ModelError(f"model {uri}: folder does not exist")
-        return local
+        return _served_folder(uri, local)
     repo_id = uri[len("hf://") :] if uri.startswith("hf://") else uri
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelError(f"model {uri}: not a folder and not a Hugging Face id (org/name)")
