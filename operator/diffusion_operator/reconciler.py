@@ -57,6 +57,9 @@ SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
 # a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
 # in status (Synced=False) and by one event, while the retries go on
 REPORT_TRANSIENT_AFTER = 3
+# a child refused for good is tried again after 5 s, doubling up to max_backoff (no new event or
+# status write while the message stays the same)
+REFUSED_RETRY = 5.0
 
 CrKey = tuple[str, str]  # (namespace, name)
 ChildKey = tuple[str, str, str]  # (kind, namespace, name)
@@ -293,17 +296,22 @@ class Reconciler:
             fresh = key in self._fresh
             self._fresh.discard(key)
             seen = self._seen.get(key)
+            retrying = key in self._failures  # a retry folded into this run must not be skipped
         try:
-            if not fresh and seen is not None and seen == self._versions(key):
+            if not fresh and not retrying and seen is not None and seen == self._versions(key):
                 with self._guard:
                     self.skipped += 1
                 metrics.RECONCILES_SKIPPED.inc()
                 return
-            self.reconcile(namespace, name, fresh=fresh)
+            result = self.reconcile(namespace, name, fresh=fresh)
             versions = self._versions(key)
             with self._guard:
-                self._failures.pop(key, None)
                 self._seen[key] = versions
+                attempt = self._failures.pop(key, 0) + 1 if result == "refused" else 0
+                if attempt:
+                    self._failures[key] = attempt
+            if attempt:  # a refused child (RBAC may be fixed, a webhook may change): retried, slowly
+                self.enqueue(namespace, name, delay=min(self.max_backoff, REFUSED_RETRY * 2 ** (attempt - 1)))
         except ApiError as error:
             with self._guard:
                 self._seen.pop(key, None)
@@ -322,14 +330,14 @@ class Reconciler:
             self.queue.done(key)
             metrics.QUEUE_DEPTH.set(len(self.queue))
 
-    def drain(self, timeout: float = 10.0) -> int:
-        """Run queued keys in this thread until the queue is empty (tests); returns how many reconciles
-        ran (queued keys skipped as echoes of our own writes not counted)."""
+    def drain(self, timeout: float = 10.0, horizon: float = 1.0) -> int:
+        """Run queued keys in this thread until none is due within `horizon` seconds (tests); returns
+        how many reconciles ran (queued keys skipped as echoes of our own writes not counted)."""
         before = self.reconciles
         deadline = time.monotonic() + timeout
         while True:
             wait = self.queue.next_due()
-            if wait is None:
+            if wait is None or wait > horizon:
                 return self.reconciles - before
             key = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             if key is None:

@@ -326,7 +326,9 @@ class TemplateSpec(_Model):
         },
     )
     shm_size: Quantity | None = Field(
-        None, alias="shmSize", description="Size limit of the /dev/shm emptyDir (default 8Gi per GPU, one rank each; 1Gi on CPU)."
+        None,
+        alias="shmSize",
+        description="Size limit of the /dev/shm emptyDir (default 8Gi per GPU, one rank each; 1Gi on CPU).",
     )
 
 

@@ -418,7 +418,8 @@ def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp
         apply_doc(cluster, namespace, bad)
         wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 30, "the Warning event (events: create)")
         proc.assert_alive()
-        assert "403" not in proc.log() and "Forbidden" not in proc.log(), proc.log()[-3000:]
+        # (not a bare "403": log timestamps carry microseconds)
+        assert "HTTP 403" not in proc.log() and "Forbidden" not in proc.log(), proc.log()[-3000:]
     finally:
         proc.stop()
 
@@ -612,3 +613,57 @@ def test_a_child_the_api_server_refuses_is_a_condition_with_its_message_and_one_
     fixed = wait_ready(cluster, namespace, "tiny")
     assert conditions(fixed)["Synced"]["status"] == "True"
     assert conditions(fixed)["ConfigValid"]["status"] == "True"
+
+
+def test_a_child_rbac_forbids_is_a_synced_condition_with_the_servers_message(
+    cluster, namespace, crd, tmp_path
+):
+    """RBAC missing one verb (patch on PodDisruptionBudgets): Synced=False, reason Forbidden, the API
+    server's message, one Warning event; granting it heals on the next resync."""
+    full = rbac.role("diffusion-operator", namespace)
+    narrowed = copy.deepcopy(full)
+    for rule in narrowed["rules"]:
+        if "poddisruptionbudgets" in rule["resources"]:
+            rule["verbs"] = ["get", "list", "watch"]
+    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
+    cluster.apply(narrowed)
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator", "-n", namespace,
+        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    token = cluster.token_for(namespace, "diffusion-operator")
+    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
+    try:
+        apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))
+
+        def forbidden():
+            cond = conditions(dd(cluster, namespace, "tiny")).get("Synced", {})
+            return cond if cond.get("status") == "False" else None
+
+        cond = wait_for(forbidden, 30, "Synced=False")
+        assert cond["reason"] == "Forbidden", cond
+        assert cond["message"].startswith("PodDisruptionBudget tiny: "), cond
+        assert 'poddisruptionbudgets.policy "tiny" is forbidden' in cond["message"], cond
+        assert f"system:serviceaccount:{namespace}:diffusion-operator" in cond["message"], cond
+        assert conditions(dd(cluster, namespace, "tiny"))["ConfigValid"]["status"] == "True"
+        events = wait_for(lambda: events_for(cluster, namespace, "tiny"), 15, "the Warning event")
+        time.sleep(5)  # resyncs every 2 s: retried, no second event
+        events = events_for(cluster, namespace, "tiny")
+        assert [(e["type"], e["reason"], e["message"]) for e in events] == [
+            ("Warning", "ApplyFailed", cond["message"])
+        ]
+
+        cluster.apply(full)
+
+        def healed():
+            obj = dd(cluster, namespace, "tiny")
+            return obj if conditions(obj).get("Synced", {}).get("status") == "True" else None
+
+        wait_for(healed, 60, "Synced=True after the Role was fixed")
+        wait_ready(cluster, namespace, "tiny")
+        assert get_json(cluster, "pdb", "tiny", "-n", namespace) is not None
+        proc.assert_alive()
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()

@@ -247,8 +247,9 @@ def test_a_child_refused_as_invalid_is_a_condition_with_the_servers_message_and_
     assert [(e["type"], e["reason"]) for e in kube.events] == [("Warning", "ApplyFailed")]
     assert kube.events[0]["message"] == cond["Synced"]["message"]
     assert kube.get("apps/v1", "Deployment", NS, "tiny") is None
+    assert len(rec.queue) == 1 and rec.queue.next_due() > 4  # tried again in 5 s, not in a loop
 
-    # resyncs retry, but post no second event and write no status
+    # retries post no second event and write no status
     writes = kube.total_writes("DiffusionDeployment/status")
     for _ in range(3):
         rec.resync([NS])
