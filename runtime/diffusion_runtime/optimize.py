@@ -131,22 +131,14 @@ def check_against_pipeline(plan: CacheDitPlan, pipe: Any) -> None:
 
 
 def check_parallel_heads(plan: CacheDitPlan, pipe: Any) -> None:
-    """cache-dit splits attention heads over ulysses_size x tp_size ranks (unless ulysses_anything);
-    otherwise it fails only at the first generation, with an assertion about padding heads."""
-    from diffusion_runtime.parallel import layout_of
+    """The loaded transformer's heads against the layout (parallel.heads_refusal)."""
+    from diffusion_runtime.parallel import heads_refusal
 
-    pc = plan.raw.get("parallelism_config")
-    if not isinstance(pc, dict) or pc.get("ulysses_anything"):
-        return
-    layout = layout_of(plan.raw)
-    split = layout.ulysses_size * layout.tp_size
     transformer = getattr(pipe, "transformer", None)
     heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
-    if isinstance(heads, int) and split > 1 and heads % split:
-        raise ConfigError(
-            f"cache-dit config: parallelism_config: {type(transformer).__name__} has {heads} attention heads, "
-            f"not divisible by ulysses_size x tp_size = {split} (or set ulysses_anything: true)"
-        )
+    refusal = heads_refusal(plan.raw, type(transformer).__name__, heads)
+    if refusal is not None:
+        raise ConfigError(refusal)
 
 
 def _exclude_filter(exclude: list[str]):

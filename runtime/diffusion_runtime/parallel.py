@@ -85,3 +85,34 @@ def layout_refusal(
             f"accelerator; on {device_type} combine it with ulysses_size (hybrid) or run on GPUs"
         )
     return None
+
+
+def heads_refusal(cache_dit: dict[str, Any] | None, transformer: str, heads: Any) -> str | None:
+    """cache-dit splits attention heads over ulysses_size x tp_size ranks (unless ulysses_anything);
+    otherwise it fails only at the first generation, with an assertion about padding heads."""
+    pc = (cache_dit or {}).get("parallelism_config")
+    if not isinstance(pc, dict) or pc.get("ulysses_anything") or not isinstance(heads, int):
+        return None
+    layout = layout_of(cache_dit)
+    split = layout.ulysses_size * layout.tp_size
+    if split > 1 and heads % split:
+        return (
+            f"cache-dit config: parallelism_config: {transformer} has {heads} attention heads, "
+            f"not divisible by ulysses_size x tp_size = {split} (or set ulysses_anything: true)"
+        )
+    return None
+
+
+def local_transformer_config(uri: str) -> dict[str, Any] | None:
+    """The transformer's config.json of a model in a local folder (None for hub ids or other layouts):
+    lets the layout be checked against the model before any rank starts."""
+    import json
+    from pathlib import Path
+
+    folder = uri[len("file://") :] if uri.startswith("file://") else uri
+    path = Path(folder).expanduser() / "transformer" / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None

@@ -13,7 +13,7 @@ from typing import Any
 from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
 from diffusion_runtime.distributed import RankedModel, RankGroup
 from diffusion_runtime.metrics import RuntimeMetrics
-from diffusion_runtime.parallel import SINGLE, Layout, layout_of
+from diffusion_runtime.parallel import SINGLE, Layout, heads_refusal, layout_of, local_transformer_config
 
 log = logging.getLogger("diffusion_runtime")
 # Kubernetes' default terminationMessagePath: kubelet mounts it into every container
@@ -75,6 +75,13 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
         raise errors[0]
     layout = layout_of(raw)
     check_devices(layout, device)
+    local = local_transformer_config(config.model.uri) if layout.world_size > 1 else None
+    if local is not None:  # a local model: its heads against the layout before any rank starts
+        refusal = heads_refusal(
+            raw, str(local.get("_class_name", "the transformer")), local.get("num_attention_heads")
+        )
+        if refusal is not None:
+            raise ConfigError(refusal)
     return device, layout
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from diffusion_runtime.config import ConfigError, parallel_layout_error
 from diffusion_runtime.optimize import plan_cache_dit
-from diffusion_runtime.parallel import SINGLE, Layout, layout_of, layout_refusal
+from diffusion_runtime.parallel import (
+    SINGLE,
+    Layout,
+    heads_refusal,
+    layout_of,
+    layout_refusal,
+    local_transformer_config,
+)
 
 
 def test_layout_world_size_labels_and_description():
@@ -69,3 +76,25 @@ def test_plan_cache_dit_accepts_runnable_layouts_and_names_the_key_of_the_rest()
     assert plan_cache_dit({"parallelism_config": {"ring_size": 2}}, "cuda").raw["parallelism_config"]
     with pytest.raises(ConfigError, match="all 1"):
         plan_cache_dit({"parallelism_config": {"ulysses_size": 1}}, "cpu")
+
+
+def test_heads_must_split_over_ulysses_x_tp(tmp_path):
+    hybrid = {"parallelism_config": {"ulysses_size": 2, "tp_size": 2}}
+    assert heads_refusal(hybrid, "FluxTransformer2DModel", 4) is None
+    assert heads_refusal(hybrid, "FluxTransformer2DModel", 24) is None
+    reason = heads_refusal(hybrid, "FluxTransformer2DModel", 2)
+    assert (
+        reason is not None and "has 2 attention heads, not divisible by ulysses_size x tp_size = 4" in reason
+    )
+    assert (
+        heads_refusal({"parallelism_config": {"ring_size": 2}}, "X", 3) is None
+    )  # ring splits the sequence only
+    anything = {"parallelism_config": {"ulysses_size": 2, "ulysses_anything": True}}
+    assert heads_refusal(anything, "X", 3) is None
+    assert heads_refusal(hybrid, "X", None) is None  # unknown: checked on the loaded model
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "T", "num_attention_heads": 6}')
+    assert local_transformer_config(str(tmp_path))["num_attention_heads"] == 6
+    assert local_transformer_config(f"file://{tmp_path}")["_class_name"] == "T"
+    assert local_transformer_config("hf://org/model") is None
