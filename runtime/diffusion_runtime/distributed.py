@@ -287,13 +287,12 @@ class RankGroup:
             except Exception as e:  # noqa: BLE001 - a rank is gone or stuck
                 self._die(f"ranks did not agree after {method} ({_first_line(e)}); stopping")
             self.store.delete_key(key)
-            mine = error is not None and not isinstance(error, Cancelled)
-            if failed and failed != self.world:
-                msg = f"{failed} of {self.world} ranks failed {method}" + (f" ({error})" if mine else "")
-                if not mine:
-                    self._die(f"{msg}; ranks out of step cannot continue, stopping")
-                log.error("%s", msg)
-            if error is not None:
+            if failed and failed != self.world:  # some ranks failed, others did not: out of step
+                mine = f", rank 0: {_first_line(error)}" if error is not None else ""
+                self._die(
+                    f"{failed} of {self.world} ranks failed {method}{mine}; ranks out of step, stopping"
+                )
+            if error is not None:  # every rank failed alike: the request's error, the ranks stay in step
                 raise error
             return result
 
