@@ -94,10 +94,6 @@ def check_devices(layout: Layout, device: str) -> None:
 class _Collectives:
     """What every rank does in the same order: the per-step stop flag and the per-call error vote."""
 
-    def __init__(self, rank: int, world: int):
-        self.rank = rank
-        self.world = world
-
     def stop_flag(self, stop: bool) -> bool:
         import torch
         import torch.distributed as dist
@@ -180,7 +176,7 @@ class RankGroup:
         self.store: Any = None
         self.model: Any = None  # the local Model, set by RankedModel
         self.joined = False
-        self.coll = _Collectives(0, self.world)
+        self.coll = _Collectives()
 
     # ------------------------------------------------------------------ processes
 
@@ -404,7 +400,7 @@ def run_worker(config: RuntimeConfig) -> int:
     _init_process_group(rank, world, device, store)
     model = load_model(config, progress=False)
     log.info("rank %d/%d loaded %s on %s", rank, world, model.pipeline_name, device)
-    coll = _Collectives(rank, world)
+    coll = _Collectives()
     serving = False
     seq = 0
     while True:
