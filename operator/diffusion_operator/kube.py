@@ -6,6 +6,7 @@ service account); requests go through its urllib3 pool. Every write is counted i
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import urllib.parse
@@ -28,6 +29,9 @@ API_PATHS = {
         "HorizontalPodAutoscaler",
     ): "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
     (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{ns}}/{PLURAL}",
+    ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
+    ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
 }
 
 
@@ -82,6 +86,10 @@ class KubeClient(Protocol):
     def patch_status(self, namespace: str, name: str, status: dict) -> dict: ...
 
     def post_event(self, owner: dict, event_type: str, reason: str, message: str) -> None: ...
+
+    def pods(self, namespace: str, label_selector: str) -> builtins.list[dict]: ...
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None: ...
 
 
 def load_configuration():
@@ -192,6 +200,27 @@ class Kube:
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self.request("DELETE", self.path(api_version, kind, namespace, name))
+
+    def pods(self, namespace: str, label_selector: str) -> builtins.list[dict]:
+        """Pods by label (the download Job's: read-only, for their termination messages)."""
+        out = self.request(
+            "GET", self.collection("v1", "Pod", namespace), query={"labelSelector": label_selector}
+        )
+        return list((out or {}).get("items") or [])
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None:
+        """The last lines of a container's log (plain text); None when there is none (yet)."""
+        url = self.configuration.host.rstrip("/") + self.path("v1", "Pod", namespace, name) + "/log?"
+        url += urllib.parse.urlencode({"container": container, "tailLines": tail_lines})
+        headers = self._headers(None)
+        headers["Accept"] = "text/plain"
+        try:
+            response = self.pool.request("GET", url, headers=headers, timeout=10.0, retries=False)
+        except (OSError, urllib3.exceptions.HTTPError) as error:
+            raise ApiError(503, f"connection to the API server failed: {error}", "GET", url) from error
+        if response.status >= 300:  # no log yet (container creating), or a node that serves none
+            return None
+        return response.data.decode(errors="replace") if response.data else ""
 
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path(API_VERSION, KIND, namespace, name) + "/status"

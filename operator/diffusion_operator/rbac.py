@@ -6,7 +6,9 @@ nothing cluster-scoped (kopf's namespace/CRD scanning is switched off in this mo
 exist when the operator starts). Cluster-wide mode (`--all-namespaces`): a ClusterRole with
 NAMESPACED_RULES + CLUSTER_RULES (kopf lists/watches namespaces and CRDs there).
 No access to Secrets: the HF token reaches the pods only by secretKeyRef, which the kubelet resolves.
-No pods access either: status comes from the owned Deployments.
+Pods: read-only (get, list) and their logs (get), for one purpose: the model download's progress
+lines (the download Job's pod log tail while it runs, its termination message after). No writes to
+pods, no exec. Serving status comes from the owned Deployments.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ NAMESPACED_RULES: list[dict] = [
         "resources": ["horizontalpodautoscalers"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
+    {
+        # spec.model.cache: the claim and the download Job (a new Job per change, never edited or deleted:
+        # both go with the DiffusionDeployment through their owner references)
+        "apiGroups": [""],
+        "resources": ["persistentvolumeclaims"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
+    },
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # the download's progress: its pod's log tail and termination message (read-only)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 

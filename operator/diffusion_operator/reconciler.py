@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from diffusion_operator import builders, metrics
+from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
 from diffusion_operator.builders.common import MANAGED_BY
@@ -50,7 +51,12 @@ CHILD_KINDS = (
     ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     ("apps/v1", "Deployment", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+    ("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),  # spec.model.cache
+    ("batch/v1", "Job", "jobs"),  # the model download
 )
+# while the model cache downloads, status (bytes) is refreshed this often; Job events cover the phases
+MODEL_CACHE_POLL_SECONDS = 10.0
+DOWNLOAD_LOG_TAIL_LINES = 20
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 OWNER_LABEL = "diffusion.dev/deployment"
 SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
@@ -121,6 +127,11 @@ def inputs_of(child: Mapping) -> tuple:
         child.get("data"),
         child.get("binaryData"),
         [status.get(k) for k in DEPLOYMENT_STATUS_INPUTS] if child.get("kind") == "Deployment" else None,
+        # the download Job's counts and conditions decide the cache phase; a claim's phase too
+        {k: v for k, v in status.items() if k in ("active", "succeeded", "failed", "conditions")}
+        if child.get("kind") == "Job"
+        else None,
+        status.get("phase") if child.get("kind") == "PersistentVolumeClaim" else None,
     )
 
 
@@ -144,6 +155,8 @@ class Reconciler:
     ) -> None:
         self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
         self.child_delay = child_delay
+        # while a model cache downloads, look again this often (None: only on events, as tests drive it)
+        self.cache_poll: float | None = MODEL_CACHE_POLL_SECONDS
         self.max_backoff = max_backoff
         self.queue = WorkQueue()
         self._guard = threading.Lock()
@@ -455,11 +468,18 @@ class Reconciler:
         with self._guard:
             self._invalid.discard(key)
         spec = parsed.spec
-        desired = [with_spec_hash(obj) for obj in builders.build_all(spec, cr)]
         # a CR never reconciled before (no status yet) has no children: apply without reading first
         first = not old_status.get("observedGeneration")
+        cache = self._model_cache(spec, cr, old_status, fresh, first) if spec.model_cache else None
+        cache_ready = cache is None or cache["phase"] == cache_statuses.CACHE_READY
+        desired = [with_spec_hash(obj) for obj in builders.build_all(spec, cr, model_cache_ready=cache_ready)]
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
         stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
+        serving = observed.get("Deployment")
+        if not cache_ready and serving is not None and (serving.get("spec") or {}).get("replicas", 1):
+            # a new model (revision, variant) is downloading while pods serve the previous one from the
+            # same claim: they keep their configuration until the new folder is complete
+            stale = [obj for obj in stale if obj["kind"] not in ("ConfigMap", "Deployment")]
         apply_error: tuple[str, str] | None = None
         retry: ApiError | None = None
         applied: list[str] = []
@@ -503,18 +523,86 @@ class Reconciler:
             specs.cache_tag(spec.cache_dit),
             apply_error=apply_error,
         )
+        if cache is not None:
+            new_status = cache_statuses.gate_ready_condition(
+                {**new_status, "modelCache": cache}, cache, generation
+            )
         if not statuses.same_status(old_status, new_status):
             self._write_status(cr, new_status)
             self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")
+            if cache is not None:
+                for type_, reason, message in cache_statuses.cache_events(
+                    old_status.get("modelCache"), cache
+                ):
+                    self.client.post_event(cr, type_, reason, message)
             log.debug("status written", extra={"dd": f"{namespace}/{name}", "status": new_status})
         if applied:
             log.info("applied children", extra={"dd": f"{namespace}/{name}", "applied": applied})
         if apply_error is not None:
             log.warning("a child was refused", extra={"dd": f"{namespace}/{name}", "error": apply_error[1]})
         self._update_gauges()
+        if (
+            cache is not None
+            and self.cache_poll is not None
+            and cache["phase"] in (cache_statuses.PENDING, cache_statuses.DOWNLOADING)
+        ):
+            # bytes move without any event: look again (fresh, so the echo check does not skip it)
+            self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
         if retry is not None:
             raise retry
         return "ok" if apply_error is None else "refused"
+
+    def _model_cache(self, spec: specs.Spec, cr: dict, old_status: dict, fresh: bool, first: bool) -> dict:
+        """status.modelCache: the download Job's phase, with bytes from its pods' progress lines."""
+        from diffusion_operator.builders import modelcache
+
+        job_obj = builders.build_download_job(spec, cr)
+        pvc_obj = builders.build_model_cache_pvc(spec, cr)
+        job_name = job_obj["metadata"]["name"]
+        job = pvc = None
+        if not first:
+            job, pvc = self._observed(job_obj, fresh), self._observed(pvc_obj, fresh)
+        old = old_status.get("modelCache") or {}
+        done = job is not None and cache_statuses.job_finished(job)
+        if (
+            done
+            and old.get("jobName") == job_name
+            and old.get("phase")
+            in (
+                cache_statuses.CACHE_READY,
+                cache_statuses.FAILED,
+            )
+        ):
+            pods: list[dict] | None = None  # finished before: the figures in status stay as they were
+        else:
+            pods = self._download_pods(spec.namespace, job_name) if job is not None else None
+        tail = None
+        running = [p for p in pods or [] if (p.get("status") or {}).get("phase") == "Running"]
+        if running:
+            try:
+                tail = self.client.pod_log(
+                    spec.namespace, running[-1]["metadata"]["name"], modelcache.DOWNLOAD_CONTAINER,
+                    DOWNLOAD_LOG_TAIL_LINES,
+                )  # fmt: skip
+            except ApiError as error:
+                log.debug(f"download log of {job_name} unreadable: {error}")
+        status = cache_statuses.model_cache_status(
+            pvc_obj["metadata"]["name"], job_name, modelcache.model_path_in_pod(spec), job, pvc, pods, tail
+        )
+        if pods is None and old.get("jobName") == job_name and old.get("phase") == status["phase"]:
+            status = {
+                **old,
+                **{k: v for k, v in status.items() if k in ("phase", "message", "failedAttempts")},
+            }
+        return status
+
+    def _download_pods(self, namespace: str, job_name: str) -> list[dict] | None:
+        """The Job's pods (read-only; None when they cannot be read: the phase does not need them)."""
+        try:
+            return self.client.pods(namespace, f"job-name={job_name}")
+        except ApiError as error:
+            log.debug(f"pods of {job_name} unreadable: {error}")
+            return None
 
     def _apply(self, obj: dict, dry_run: bool = False) -> dict:
         try:

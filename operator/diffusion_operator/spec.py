@@ -116,8 +116,69 @@ class TokenSecretRef(_Model):
     key: str = Field("token", description="Key in the Secret.", max_length=253)
 
 
+CACHE_ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany")
+CacheAccessMode = Annotated[str, _one_of(CACHE_ACCESS_MODES), _enum(CACHE_ACCESS_MODES)]
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class ModelCacheSpec(_Model):
+    """A PersistentVolumeClaim the operator creates and fills once with a download Job (the runtime image's
+    `diffusion-runtime download`: the pipeline's files at the revision, verified); serving pods start only
+    when it is complete and mount it read-only with the Hub offline. hf:// models only."""
+
+    size: Quantity = Field(
+        description="Requested storage, e.g. 60Gi (FLUX.1-dev's pipeline files are about 54 GiB).",
+    )
+    storage_class_name: str | None = Field(
+        None,
+        alias="storageClassName",
+        description="StorageClass of the claim (the cluster default when unset).",
+        max_length=253,
+    )
+    access_mode: CacheAccessMode = Field(
+        "ReadWriteOnce",
+        alias="accessMode",
+        description="ReadWriteMany (NFS, CephFS, EFS, Filestore ...) lets replicas on any node share the "
+        "cache; ReadWriteOnce (any block storage) keeps every replica on the node that holds the volume "
+        "(the operator adds a required pod affinity on kubernetes.io/hostname).",
+    )
+    variant: str | None = Field(
+        None,
+        description="Weight variant to download (fp16, ...); default: the plain weights.",
+        pattern=r"^[A-Za-z0-9_]+$",
+        max_length=32,
+    )
+    backoff_limit: int = Field(
+        4, alias="backoffLimit", description="Download retries (the Job's backoffLimit).", ge=0, le=20
+    )
+
+
+class CompileCacheSpec(_Model):
+    """A shared PersistentVolumeClaim (yours) for torch.compile artifacts: mounted read-write into every pod and
+    rendered as compile_cache_dir in runtime.yaml; use ReadWriteMany to share it across nodes."""
+
+    claim_name: str = Field(
+        alias="claimName",
+        description="PersistentVolumeClaim name (same namespace).",
+        pattern=DNS_LABEL_PATTERN,
+        max_length=253,
+    )
+
+
 class ModelSpec(_Model):
     """The diffusers model to serve."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.cache) || self.uri.startsWith('hf://')",
+                    "message": "model.cache is only for hf:// models",
+                    "fieldPath": ".cache",
+                }
+            ]
+        }
+    )
 
     uri: str = Field(
         description="Where the model comes from: hf://org/name (Hugging Face), pvc://claim/path (a "
@@ -136,6 +197,7 @@ class ModelSpec(_Model):
     )
     dtype: Dtype = Field(_RUNTIME_DEFAULTS.model.dtype, description="Weights dtype.")
     token_secret_ref: TokenSecretRef | None = Field(None, alias="tokenSecretRef")
+    cache: ModelCacheSpec | None = None
 
 
 class GpuSpec(_Model):
@@ -396,6 +458,7 @@ class DiffusionDeploymentSpec(_Model):
     rollout: RolloutSpec = Field(default_factory=lambda: RolloutSpec.model_validate({}))
     disruption: DisruptionSpec = Field(default_factory=lambda: DisruptionSpec.model_validate({}))
     template: TemplateSpec = Field(default_factory=lambda: TemplateSpec.model_validate({}))
+    compile_cache: CompileCacheSpec | None = Field(None, alias="compileCache")
 
 
 # ---- the status (written by the operator; the model is its CRD schema) --------------------------
@@ -419,6 +482,35 @@ class Condition(_Model):
     observed_generation: int | None = Field(
         None, alias="observedGeneration", description="Generation the condition was computed from."
     )
+
+
+MODEL_CACHE_PHASES = ("Pending", "Downloading", "Ready", "Failed")
+
+
+class ModelCacheStatus(_Model):
+    """The model cache (spec.model.cache): phase from the download Job, bytes from its progress lines."""
+
+    phase: Annotated[str, _one_of(MODEL_CACHE_PHASES), _enum(MODEL_CACHE_PHASES)] = Field(
+        description="Pending (claim or Job not started), Downloading, Ready (complete and verified) or Failed "
+        "(the Job ran out of retries)."
+    )
+    claim_name: str | None = Field(None, alias="claimName", description="The cache's PersistentVolumeClaim.")
+    job_name: str | None = Field(None, alias="jobName", description="The download Job.")
+    path: str | None = Field(None, description="Where the pods find the model (model.uri in runtime.yaml).")
+    bytes_done: int | None = Field(
+        None, alias="bytesDone", description="Bytes of the pipeline's files on the volume."
+    )
+    bytes_total: int | None = Field(None, alias="bytesTotal", description="Bytes of the pipeline's files.")
+    files_done: int | None = Field(None, alias="filesDone", description="Files complete.")
+    files_total: int | None = Field(None, alias="filesTotal", description="Files to download.")
+    commit: str | None = Field(None, description="The commit the revision resolved to.")
+    download_seconds: float | None = Field(
+        None, alias="downloadSeconds", description="Duration of the download that completed the cache."
+    )
+    failed_attempts: int | None = Field(
+        None, alias="failedAttempts", description="Download pods that failed."
+    )
+    message: str | None = Field(None, description="The last error, or where the download stands.")
 
 
 class DiffusionDeploymentStatus(_Model):
@@ -445,6 +537,7 @@ class DiffusionDeploymentStatus(_Model):
         alias="cacheTag",
         description="cache-dit's summary tag of the cache config (as cache_dit.strify).",
     )
+    model_cache: ModelCacheStatus | None = Field(None, alias="modelCache")
     conditions: list[Condition] | None = Field(
         None,
         description="Ready, Progressing, ConfigValid and Synced (children applied), per the Kubernetes API conventions.",
@@ -488,6 +581,15 @@ class Model:
             return None
         claim, _, path = self.uri[len("pvc://") :].partition("/")
         return claim, path
+
+
+@dataclass
+class ModelCache:
+    size: str
+    storage_class_name: str | None
+    access_mode: str
+    variant: str | None
+    backoff_limit: int
 
 
 @dataclass
@@ -535,6 +637,8 @@ class Spec:
     env: list[dict]
     shm_size: str | None
     cr: DiffusionDeploymentSpec | None = field(default=None, repr=False)
+    model_cache: ModelCache | None = None  # spec.model.cache
+    compile_cache_claim: str | None = None  # spec.compileCache.claimName
 
     @property
     def facts(self) -> ModelFacts | None:
@@ -653,6 +757,16 @@ def _view(name: str, namespace: str, cr: DiffusionDeploymentSpec) -> Spec:
         env=[{"name": e.name, "value": e.value or ""} for e in (t.env or [])],
         shm_size=str(t.shm_size) if t.shm_size is not None else None,
         cr=cr,
+        model_cache=ModelCache(
+            size=str(m.cache.size),
+            storage_class_name=m.cache.storage_class_name,
+            access_mode=m.cache.access_mode,
+            variant=m.cache.variant,
+            backoff_limit=m.cache.backoff_limit,
+        )
+        if m.cache
+        else None,
+        compile_cache_claim=cr.compile_cache.claim_name if cr.compile_cache else None,
     )
 
 
@@ -730,6 +844,12 @@ def semantic_errors(s: Spec) -> list[FieldError]:
         errors.append(FieldError("spec.rollout", "maxSurge and maxUnavailable cannot both be 0"))
     if any(e["name"] == "HF_TOKEN" for e in s.env):
         errors.append(FieldError("spec.template.env", "HF_TOKEN comes only from spec.model.tokenSecretRef"))
+    if s.model_cache is not None and not s.model.uri.startswith("hf://"):
+        errors.append(
+            FieldError(
+                "spec.model.cache", "only for hf:// models (a pvc:// or file:// model is on a volume already)"
+            )
+        )
     if s.device == "cuda" and s.gpu_count == 0:
         errors.append(FieldError("spec.device", "cuda needs spec.gpu.count >= 1"))
     errors += _affinity_errors(s.affinity)

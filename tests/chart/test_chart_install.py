@@ -212,6 +212,9 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
             ("create", "rolebindings", ns),
             ("create", "pods", ns, "--subresource=exec"),
             ("create", "pods", ns),
+            ("delete", "pods", ns),
+            ("patch", "pods", ns),
+            ("delete", "jobs", ns),
             ("delete", "namespaces", None),
             ("impersonate", "serviceaccounts", ns),
         ]:

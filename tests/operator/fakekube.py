@@ -112,6 +112,7 @@ class FakeKube:
         self.objects: dict[Key, dict] = {}
         self.owners: dict[Key, dict[str, set[Path]]] = {}
         self.events: list[dict] = []
+        self.logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> log text
         self.writes: Counter[tuple[str, str]] = Counter()  # (verb, kind)
         self.reads: Counter[tuple[str, str]] = Counter()
         self.watchers: list[Callable[[str, dict], None]] = []
@@ -262,6 +263,25 @@ class FakeKube:
         self.events.append(
             {"object": owner["metadata"]["name"], "type": event_type, "reason": reason, "message": message}
         )
+
+    @_locked
+    def pods(self, namespace: str, label_selector: str) -> list[dict]:
+        """Pods whose labels match `k=v,k2=v2` (what the reconciler asks of the download Job's pods)."""
+        self.reads[("LIST", "Pod")] += 1
+        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
+        return [
+            copy.deepcopy(o)
+            for (k, ns, _), o in sorted(self.objects.items())
+            if k == "Pod"
+            and ns == namespace
+            and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+
+    @_locked
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None:
+        self.reads[("LOG", "Pod")] += 1
+        text = self.logs.get((namespace, name))
+        return None if text is None else "\n".join(text.splitlines()[-tail_lines:])
 
     # ---- internals ----------------------------------------------------------------------------------
 

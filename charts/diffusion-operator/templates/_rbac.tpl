@@ -2,7 +2,8 @@
 The operator's permissions. The source of truth is operator/diffusion_operator/rbac.py
 (NAMESPACED_RULES, CLUSTER_RULES); tests/chart checks that these rules grant exactly the same
 (group, resource, verb) set, and a cluster test runs the operator with a token bound to them.
-No Secrets (the HF token reaches pods by secretKeyRef only), no pods, no RBAC objects.
+No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; pods read-only (the
+model download's progress: log tail and termination message).
 */}}
 
 {{/* Rules needed in every watched namespace (a Role each), or cluster-wide (in the ClusterRole). */}}
@@ -28,6 +29,20 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no pods, no RBAC ob
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# spec.model.cache: the claim and the download Job
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# the download's progress: its pod's log tail and termination message (read-only)
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
 # events about real problems (invalid spec, failed apply) on the DiffusionDeployment
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]

@@ -10,6 +10,7 @@ from diffusion_operator.builders.configmap import (
 )
 from diffusion_operator.builders.deployment import build_deployment
 from diffusion_operator.builders.hpa import build_hpa
+from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
 from diffusion_operator.builders.pdb import build_pdb
 from diffusion_operator.builders.service import build_service, endpoint
 
@@ -17,6 +18,8 @@ __all__ = [
     "build_all",
     "build_configmap",
     "build_deployment",
+    "build_download_job",
+    "build_model_cache_pvc",
     "build_hpa",
     "build_pdb",
     "build_service",
@@ -30,16 +33,20 @@ __all__ = [
 ]
 
 
-def build_all(spec, owner: dict) -> list[dict]:
+def build_all(spec, owner: dict, model_cache_ready: bool = True) -> list[dict]:
     """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
-    then the Deployment (the slow part: scheduling, image pull, model load), then the rest."""
+    then the Deployment (the slow part: scheduling, image pull, model load), then the rest; with
+    spec.model.cache its claim and download Job last. Until that cache is complete
+    (`model_cache_ready` False) the Deployment has 0 replicas and there is no HPA to scale it up."""
     configmap = build_configmap(spec, owner)
     children = [
         configmap,
-        build_deployment(spec, owner, configmap),
+        build_deployment(spec, owner, configmap, model_cache_ready=model_cache_ready),
         build_service(spec, owner),
         build_pdb(spec, owner),
     ]
-    if spec.autoscaling is not None:
+    if spec.autoscaling is not None and model_cache_ready:
         children.append(build_hpa(spec, owner))
+    if spec.model_cache is not None:
+        children += [build_model_cache_pvc(spec, owner), build_download_job(spec, owner)]
     return children

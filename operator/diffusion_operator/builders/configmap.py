@@ -12,8 +12,16 @@ MODELS_DIR = "/models"
 CACHE_DIT_FILE = "cache-dit.yaml"  # beside runtime.yaml; the runtime resolves it from that folder
 
 
+COMPILE_CACHE_MOUNT = "/var/cache/diffusion-compile"  # spec.compileCache's claim, read-write
+
+
 def model_uri_in_pod(spec) -> str:
-    """pvc://claim/path is mounted at /models/claim; the runtime sees a plain path."""
+    """pvc://claim/path is mounted at /models/claim; the runtime sees a plain path. With spec.model.cache
+    the model is the folder the download Job filled (builders.modelcache)."""
+    if getattr(spec, "model_cache", None) is not None:
+        from diffusion_operator.builders.modelcache import model_path_in_pod
+
+        return model_path_in_pod(spec)
     pvc = spec.model.pvc
     if pvc is None:
         return spec.model.uri
@@ -62,6 +70,8 @@ def runtime_config(spec) -> RuntimeConfig:
     )
     if spec.warmup_prompt:
         cfg.warmup.prompt = spec.warmup_prompt
+    if getattr(spec, "compile_cache_claim", None):
+        cfg.compile_cache_dir = COMPILE_CACHE_MOUNT
     return cfg
 
 

@@ -15,7 +15,8 @@ from diffusion_operator.builders.common import (
     metadata,
     selector,
 )
-from diffusion_operator.builders.configmap import CONFIG_DIR, MODELS_DIR, configmap_name
+from diffusion_operator.builders.configmap import COMPILE_CACHE_MOUNT, CONFIG_DIR, MODELS_DIR, configmap_name
+from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
 from diffusion_operator.hashing import config_hash
 from diffusion_operator.spec import startup_budget_seconds
 
@@ -101,6 +102,8 @@ def build_env(spec) -> list[dict]:
                 "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret, "key": spec.model.token_key}},
             }
         )
+    if spec.model_cache is not None:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the cache is complete: never download
     env += copy.deepcopy(spec.env)
     return env
 
@@ -132,10 +135,40 @@ def build_volumes(spec) -> tuple[list[dict], list[dict]]:
         claim, _ = pvc
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+    if spec.model_cache is not None:
+        volumes.append(
+            {
+                "name": "model-cache",
+                "persistentVolumeClaim": {"claimName": claim_name(spec), "readOnly": True},
+            }
+        )
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
+    if spec.compile_cache_claim:
+        volumes.append(
+            {"name": "compile-cache", "persistentVolumeClaim": {"claimName": spec.compile_cache_claim}}
+        )
+        mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_MOUNT})
     return volumes, mounts
 
 
-def build_deployment(spec, owner: dict, configmap: dict) -> dict:
+def same_node_affinity(spec, affinity: dict | None) -> dict | None:
+    """A ReadWriteOnce model cache attaches to one node: every replica goes where the others are (the
+    first one may go anywhere: a pod that matches its own required term schedules alone)."""
+    if spec.model_cache is None or spec.model_cache.access_mode != "ReadWriteOnce":
+        return affinity
+    out = copy.deepcopy(affinity) if affinity else {}
+    required = out.setdefault("podAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", []
+    )
+    required.append(
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector(spec.name)}}
+    )
+    return out
+
+
+def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool = True) -> dict:
+    """`model_cache_ready` False (spec.model.cache not complete yet): 0 replicas, so no pod holds a GPU
+    waiting for the model, and none ever serves a partial download."""
     volumes, mounts = build_volumes(spec)
     container = {
         "name": "runtime",
@@ -207,7 +240,7 @@ def build_deployment(spec, owner: dict, configmap: dict) -> dict:
     tolerations = build_tolerations(spec)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = build_affinity(spec)
+    affinity = same_node_affinity(spec, build_affinity(spec))
     if affinity:
         pod_spec["affinity"] = affinity
 
@@ -225,7 +258,9 @@ def build_deployment(spec, owner: dict, configmap: dict) -> dict:
             "spec": pod_spec,
         },
     }
-    if spec.autoscaling is None:
+    if not model_cache_ready:
+        deployment_spec = {"replicas": 0, **deployment_spec}
+    elif spec.autoscaling is None:
         deployment_spec = {"replicas": spec.replicas, **deployment_spec}
     return {
         "apiVersion": "apps/v1",
