@@ -25,6 +25,12 @@ async def on_child(event: Any, body: Any, memo: Any, **_: Any) -> None:
     memo.reconciler.on_child_event(event.get("type"), _object(event, body))
 
 
+@kopf.on.event("", "v1", "pods", labels=MANAGED_LABELS)
+async def on_pod(event: Any, body: Any, memo: Any, **_: Any) -> None:
+    """Serving pods (read-only): a failed quality gate shows in their termination message."""
+    memo.reconciler.on_pod_event(event.get("type"), _object(event, body))
+
+
 for _api, _kind, _plural in CHILD_KINDS:
     _group, _, _version = _api.rpartition("/")
     kopf.on.event(

@@ -6,8 +6,9 @@ nothing cluster-scoped (kopf's namespace/CRD scanning is switched off in this mo
 exist when the operator starts). Cluster-wide mode (`--all-namespaces`): a ClusterRole with
 NAMESPACED_RULES + CLUSTER_RULES (kopf lists/watches namespaces and CRDs there).
 No access to Secrets: the HF token reaches the pods only by secretKeyRef, which the kubelet resolves.
-Pods: read-only (get, list) and their logs (get), for one purpose: the model download's progress
-lines (the download Job's pod log tail while it runs, its termination message after). No writes to
+Pods: read-only (get, list, watch) and their logs (get), for two purposes: the model download's
+progress lines (the download Job's pod log tail while it runs, its termination message after), and
+a failed quality gate (a serving pod's termination message, the QualityGate condition). No writes to
 pods, no exec. Serving status comes from the owned Deployments.
 """
 
@@ -53,8 +54,9 @@ NAMESPACED_RULES: list[dict] = [
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    # the download's progress: its pod's log tail and termination message (read-only)
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    # pods, read-only: the download's progress (its pod's log tail and termination message), and the
+    # serving pods' termination messages (a failed quality gate: the QualityGate condition)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]

@@ -135,6 +135,18 @@ def inputs_of(child: Mapping) -> tuple:
     )
 
 
+def pod_gate_view(pod: Mapping) -> dict:
+    """The part of a pod the QualityGate condition reads (status.gate_failure, the config-hash
+    annotation), as a small pod-shaped dict."""
+    meta = pod.get("metadata") or {}
+    obj = plain({"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations")}})
+    obj["metadata"]["labels"] = obj["metadata"]["labels"] or {}
+    obj["failure"] = statuses.gate_failure(plain(pod))
+    if obj["failure"] is not None:
+        obj["status"] = {"containerStatuses": [{"lastState": {"terminated": {"message": obj["failure"]}}}]}
+    return obj
+
+
 def owned_by(obj: Mapping, owner: Mapping) -> bool:
     uid = owner["metadata"].get("uid")
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
@@ -163,6 +175,8 @@ class Reconciler:
         self._locks: dict[CrKey, threading.Lock] = {}
         self._crs: dict[CrKey, dict] = {}  # newest CR seen (watch events, our status writes)
         self._children: dict[ChildKey, dict] = {}  # newest child seen (watch events, our applies)
+        # serving pods by (namespace, name): only what the QualityGate condition reads (pod_gate_view)
+        self._pods: dict[tuple[str, str], dict] = {}
         self._fresh: set[CrKey] = set()  # queued keys whose next run reads everything fresh
         self._failures: dict[CrKey, int] = {}
         self._invalid: set[CrKey] = set()
@@ -261,6 +275,31 @@ class Reconciler:
         if before is not None and inputs_of(before) == inputs_of(obj):
             return  # nothing a reconcile reads changed (another controller's annotation, conditions)
         self.enqueue(namespace, owner, delay=self.child_delay)
+
+    def on_pod_event(self, event_type: str | None, body: Mapping) -> None:
+        """Serving pods matter only for the quality gate: a reconcile is queued when a pod's gate view
+        (its configuration hash, a gate failure in its termination message) appears, changes or goes."""
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(OWNER_LABEL)
+        if not owner:
+            return
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        view = None if event_type == "DELETED" else pod_gate_view(body)
+        with self._guard:
+            before = self._pods.pop(key, None)
+            if view is not None:
+                self._pods[key] = view
+        if before != view and (view or before or {}).get("failure") is not None:
+            # fresh: pods are no input of the skip check (the CR's and children's versions did not move)
+            self.enqueue(key[0], owner, delay=self.child_delay, fresh=True)
+
+    def pods_of(self, namespace: str, name: str) -> list[dict]:
+        with self._guard:
+            return [
+                p
+                for (ns, _), p in self._pods.items()
+                if ns == namespace and p["metadata"]["labels"].get(OWNER_LABEL) == name
+            ]
 
     def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
         if fresh:
@@ -522,6 +561,7 @@ class Reconciler:
             builders.deployment.config_hash(configmap["data"]),
             specs.cache_tag(spec.cache_dit),
             apply_error=apply_error,
+            gate_pods=self.pods_of(namespace, name) if spec.quality_gate is not None else None,
         )
         if cache is not None:
             new_status = cache_statuses.gate_ready_condition(
@@ -530,6 +570,7 @@ class Reconciler:
         if not statuses.same_status(old_status, new_status):
             self._write_status(cr, new_status)
             self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")
+            self._event_once(cr, old_status, new_status, statuses.QUALITY_GATE, "QualityGateFailed")
             if cache is not None:
                 for type_, reason, message in cache_statuses.cache_events(
                     old_status.get("modelCache"), cache

@@ -24,8 +24,21 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import DEVICES, DTYPES, ConfigError, RuntimeConfig, runtime_errors
-from diffusion_runtime.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT, MIN_PIXELS, SIZE_PATTERN
+from diffusion_runtime.config import (
+    DEVICES,
+    DTYPES,
+    ConfigError,
+    QualityGateConfig,
+    RuntimeConfig,
+    runtime_errors,
+)
+from diffusion_runtime.limits import (
+    MAX_N_LIMIT,
+    MAX_STEPS_LIMIT,
+    MIN_PIXELS,
+    QUALITY_GATE_MAX_CANARIES,
+    SIZE_PATTERN,
+)
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from diffusion_operator.models import ModelFacts, model_facts, product_capability
@@ -310,7 +323,11 @@ class RolloutSpec(_Model):
         0, alias="maxSurge", description="Extra pods during a rollout (default 0)."
     )
     max_unavailable: IntOrPercent = Field(
-        1, alias="maxUnavailable", description="Pods that may be down during a rollout (default 1)."
+        1,
+        alias="maxUnavailable",
+        description="Pods that may be down during a rollout (default 1; 0 when qualityGate is on and "
+        "maxSurge allows a surge, so a setting that fails the gate never takes a serving pod down).",
+        json_schema_extra={NO_CRD_DEFAULT: True},  # the operator decides the default (quality gate)
     )
 
 
@@ -394,6 +411,61 @@ class TemplateSpec(_Model):
     )
 
 
+_GATE_DEFAULTS = QualityGateConfig()
+
+
+class QualityGateSpec(_Model):
+    """Canaries rendered during warmup by the plain and the optimized pipeline, compared (PSNR, SSIM)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.prompts) || !has(self.seeds) || "
+                    f"size(self.prompts) * size(self.seeds) <= {QUALITY_GATE_MAX_CANARIES}",
+                    "message": f"qualityGate: prompts x seeds must be at most {QUALITY_GATE_MAX_CANARIES} canaries",
+                }
+            ]
+        }
+    )
+
+    enabled: bool = Field(True, description="false turns the gate off (same as leaving qualityGate out).")
+    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=lambda: list(_GATE_DEFAULTS.prompts),
+        description="Canary prompts.",
+        min_length=1,
+        max_length=QUALITY_GATE_MAX_CANARIES,
+        json_schema_extra={"default": list(_GATE_DEFAULTS.prompts)},
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: list(_GATE_DEFAULTS.seeds),
+        description=f"Seeds; every prompt is rendered with every seed (at most {QUALITY_GATE_MAX_CANARIES} "
+        "canaries in all).",
+        min_length=1,
+        max_length=QUALITY_GATE_MAX_CANARIES,
+        json_schema_extra={"default": list(_GATE_DEFAULTS.seeds)},
+    )
+    steps: int | None = Field(
+        None, description="Inference steps of each canary (default warmup.steps).", ge=1, le=MAX_STEPS_LIMIT
+    )
+    size: Resolution | None = Field(
+        None, description="WIDTHxHEIGHT of the canaries (default: the first warmup resolution)."
+    )
+    min_psnr: float = Field(
+        _GATE_DEFAULTS.min_psnr,
+        alias="minPSNR",
+        description="Lowest PSNR in dB of an optimized canary against its plain twin.",
+        ge=0,
+    )
+    min_ssim: float = Field(
+        _GATE_DEFAULTS.min_ssim,
+        alias="minSSIM",
+        description="Lowest SSIM of an optimized canary against its plain twin.",
+        ge=-1,
+        le=1,
+    )
+
+
 class CacheDitSpec(_Model):
     """cache-dit's own YAML, keys verbatim (the CRD's schema of each section is generated from cache-dit)."""
 
@@ -459,6 +531,7 @@ class DiffusionDeploymentSpec(_Model):
     disruption: DisruptionSpec = Field(default_factory=lambda: DisruptionSpec.model_validate({}))
     template: TemplateSpec = Field(default_factory=lambda: TemplateSpec.model_validate({}))
     compile_cache: CompileCacheSpec | None = Field(None, alias="compileCache")
+    quality_gate: QualityGateSpec | None = Field(None, alias="qualityGate")
 
 
 # ---- the status (written by the operator; the model is its CRD schema) --------------------------
@@ -636,6 +709,7 @@ class Spec:
     resources: dict
     env: list[dict]
     shm_size: str | None
+    quality_gate: QualityGateConfig | None = None  # rendered into runtime.yaml as it is
     cr: DiffusionDeploymentSpec | None = field(default=None, repr=False)
     model_cache: ModelCache | None = None  # spec.model.cache
     compile_cache_claim: str | None = None  # spec.compileCache.claimName
@@ -745,7 +819,7 @@ def _view(name: str, namespace: str, cr: DiffusionDeploymentSpec) -> Spec:
         if cr.autoscaling
         else None,
         max_surge=cr.rollout.max_surge,
-        max_unavailable=cr.rollout.max_unavailable,
+        max_unavailable=_max_unavailable(cr),
         pdb_max_unavailable=cr.disruption.max_unavailable,
         image=t.image,
         image_pull_policy=t.image_pull_policy,
@@ -756,6 +830,7 @@ def _view(name: str, namespace: str, cr: DiffusionDeploymentSpec) -> Spec:
         resources=_plain(t.resources) if t.resources else {},
         env=[{"name": e.name, "value": e.value or ""} for e in (t.env or [])],
         shm_size=str(t.shm_size) if t.shm_size is not None else None,
+        quality_gate=_quality_gate(cr.quality_gate),
         cr=cr,
         model_cache=ModelCache(
             size=str(m.cache.size),
@@ -767,6 +842,37 @@ def _view(name: str, namespace: str, cr: DiffusionDeploymentSpec) -> Spec:
         if m.cache
         else None,
         compile_cache_claim=cr.compile_cache.claim_name if cr.compile_cache else None,
+    )
+
+
+def _is_zero(value: int | str) -> bool:
+    return str(value) in ("0", "0%")
+
+
+def _max_unavailable(cr: DiffusionDeploymentSpec) -> int | str:
+    """rollout.maxUnavailable; with an enabled quality gate and room to surge, 0 unless set: a new pod
+    that fails the gate never turns Ready, so the old pods keep serving and the rollout stops there."""
+    rollout, gate = cr.rollout, cr.quality_gate
+    if (
+        gate is not None
+        and gate.enabled
+        and "max_unavailable" not in rollout.model_fields_set
+        and not _is_zero(rollout.max_surge)
+    ):
+        return 0
+    return rollout.max_unavailable
+
+
+def _quality_gate(gate: QualityGateSpec | None) -> QualityGateConfig | None:
+    if gate is None or not gate.enabled:
+        return None
+    return QualityGateConfig(
+        prompts=list(gate.prompts),
+        seeds=list(gate.seeds),
+        steps=gate.steps,
+        size=gate.size,
+        min_psnr=gate.min_psnr,
+        min_ssim=gate.min_ssim,
     )
 
 
@@ -932,6 +1038,9 @@ RUNTIME_TO_CR: dict[str, str] = {
     "parallelism_config": "spec.cacheDit.parallelism_config",
     "attention_backend": "spec.cacheDit.attention_backend",
     "quantize_config": "spec.quantize",
+    "quality_gate": "spec.qualityGate",
+    "quality_gate.min_psnr": "spec.qualityGate.minPSNR",
+    "quality_gate.min_ssim": "spec.qualityGate.minSSIM",
 }
 _RUNTIME_NAMES = re.compile(
     r"(?<![\w.])("

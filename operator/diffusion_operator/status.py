@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 
+from diffusion_runtime.quality_gate import FAILED as GATE_FAILED
+
+from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
 from diffusion_operator.spec import condition_reason
 
 READY = "Ready"
 PROGRESSING = "Progressing"
 CONFIG_VALID = "ConfigValid"
 SYNCED = "Synced"
+QUALITY_GATE = "QualityGate"
 # API-server refusals that mean "this object is invalid": the spec rendered into something the server
 # refuses (an unknown node affinity operator), so ConfigValid is False as well as Synced
 INVALID_CODES = ("Invalid", "BadRequest")
@@ -73,9 +77,11 @@ def valid_status(
     config_hash: str,
     cache_tag: str,
     apply_error: tuple[str, str] | None = None,
+    gate_pods: list[dict] | None = None,
 ) -> dict:
     """Status of a parsed spec. `apply_error` (Status reason, message): a child the API server refused:
-    Synced=False with the server's message (and ConfigValid=False when the server calls it invalid)."""
+    Synced=False with the server's message (and ConfigValid=False when the server calls it invalid).
+    `gate_pods`: the CR's pods when its quality gate is on (None: off)."""
     dstatus = (deployment or {}).get("status", {})
     dspec = (deployment or {}).get("spec", {})
     desired = desired_replicas if desired_replicas is not None else int(dspec.get("replicas", 1) or 0)
@@ -130,6 +136,15 @@ def valid_status(
         synced = condition(SYNCED, False, code or "ApiError", message, generation)
         if code in INVALID_CODES:
             valid = condition(CONFIG_VALID, False, "RejectedByAPIServer", message, generation)
+    conditions = merge_conditions(
+        (old_status or {}).get("conditions"), [ready_cond, progressing, valid, synced]
+    )
+    # QualityGate: with `gate_pods` (the gate is on), from them; without, the condition is dropped
+    if gate_pods is None:
+        conditions = [c for c in conditions if c.get("type") != QUALITY_GATE]
+    else:
+        gate = quality_gate_condition(gate_pods, config_hash, ready_cond["status"] == "True", generation)
+        conditions = merge_conditions(conditions, [gate])
     status = {
         "observedGeneration": generation,
         "replicas": replicas,
@@ -140,11 +155,48 @@ def valid_status(
         "endpoint": endpoint,
         "configHash": config_hash,
         "cacheTag": cache_tag,
-        "conditions": merge_conditions(
-            (old_status or {}).get("conditions"), [ready_cond, progressing, valid, synced]
-        ),
+        "conditions": conditions,
     }
     return status
+
+
+def gate_failure(pod: dict) -> str | None:
+    """The runtime's one-line gate failure from a pod's containers (current or last termination)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state in (cs.get("state"), cs.get("lastState")):
+            message = ((state or {}).get("terminated") or {}).get("message") or ""
+            for line in message.splitlines():
+                if GATE_FAILED in line:
+                    return line[line.index(GATE_FAILED) :].strip()
+    return None
+
+
+def quality_gate_condition(pods: list[dict], config_hash: str, ready: bool, generation: int | None) -> dict:
+    """QualityGate from the pods of the current configuration: False with the runtime's figures when one
+    of them failed the gate, True once the configuration is ready, Unknown while pods warm up."""
+    current = [
+        p
+        for p in pods
+        if ((p.get("metadata") or {}).get("annotations") or {}).get(CONFIG_HASH_ANNOTATION) == config_hash
+    ]
+    for pod in sorted(current, key=lambda p: p["metadata"].get("name", "")):
+        line = gate_failure(pod)
+        if line is not None:
+            return condition(
+                QUALITY_GATE,
+                False,
+                "Failed",
+                f"{line[len(GATE_FAILED) :]} (pod {pod['metadata'].get('name')}; it never turns Ready, pods "
+                "of the previous configuration keep serving)",
+                generation,
+            )
+    if ready:
+        return condition(
+            QUALITY_GATE, True, "Passed", "the pods of this configuration passed the quality gate", generation
+        )
+    return condition(
+        QUALITY_GATE, "Unknown", "Pending", "pods of this configuration are loading or warming up", generation
+    )
 
 
 def same_status(a: dict | None, b: dict | None) -> bool:

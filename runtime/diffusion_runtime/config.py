@@ -21,6 +21,7 @@ from diffusion_runtime.limits import MAX_N_LIMIT as MAX_N_LIMIT
 from diffusion_runtime.limits import MAX_STEPS_LIMIT as MAX_STEPS_LIMIT
 from diffusion_runtime.limits import MIN_PIXELS as MIN_PIXELS
 from diffusion_runtime.limits import MIN_UPLOAD_BYTES as MIN_UPLOAD_BYTES
+from diffusion_runtime.limits import QUALITY_GATE_MAX_CANARIES as QUALITY_GATE_MAX_CANARIES
 from diffusion_runtime.limits import SIZE_MULTIPLE as SIZE_MULTIPLE
 from diffusion_runtime.limits import SIZE_PATTERN as SIZE_PATTERN
 from diffusion_runtime.parallel import layout_refusal
@@ -90,7 +91,6 @@ class ServerConfig:
 QUALITY_GATE_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk, oil painting")
 QUALITY_GATE_MIN_PSNR = 25.0  # dB, optimized vs plain pipeline, worst canary
 QUALITY_GATE_MIN_SSIM = 0.75  # worst canary
-QUALITY_GATE_MAX_CANARIES = 16  # prompts x seeds
 
 
 @dataclass

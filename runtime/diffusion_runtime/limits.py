@@ -15,3 +15,4 @@ SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patchi
 # the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); config.parse_size also
 # takes spaces and an upper-case X from the command line
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+QUALITY_GATE_MAX_CANARIES = 16  # quality_gate prompts x seeds (each rendered twice during warmup)

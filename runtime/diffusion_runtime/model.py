@@ -308,7 +308,8 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         config=config,
         device=device,
         plan=plan,
-        load_seconds=time.perf_counter() - t0,
+        # the gate's reference canaries are the gate's cost (diffusion_quality_gate_seconds), not loading
+        load_seconds=time.perf_counter() - t0 - (gate.reference_seconds if gate else 0.0),
         model_path=model_path,
         download_seconds=download_seconds,
         size_multiple=max(16, vae_scale * 2),

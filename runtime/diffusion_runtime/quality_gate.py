@@ -21,6 +21,8 @@ from typing import Any
 from diffusion_runtime.config import QualityGateConfig, RuntimeConfig, parse_size
 
 log = logging.getLogger("diffusion_runtime")
+# how a failed gate's one line starts (the pod's termination message; the operator looks for it)
+FAILED = "quality gate failed: "
 
 
 @dataclass(frozen=True)

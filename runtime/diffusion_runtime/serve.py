@@ -86,7 +86,7 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
 
 
 def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
-    from diffusion_runtime import compile_cache
+    from diffusion_runtime import compile_cache, quality_gate
     from diffusion_runtime.model import ModelError, load_model
 
     m = state.metrics
@@ -136,7 +136,7 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
             m.quality_gate_state.state("passed" if result.passed else "failed")
             local.quality_gate = None  # the reference images are not needed any more
             if not result.passed:
-                _fail(state, server, f"quality gate failed: {result.summary()}")
+                _fail(state, server, f"{quality_gate.FAILED}{result.summary()}")
                 return
         if ranks is not None:
             ranks.serving()

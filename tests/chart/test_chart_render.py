@@ -117,8 +117,8 @@ def test_cluster_wide_rbac_is_bound_to_the_service_account(render):
         assert "rbac.authorization.k8s.io" not in rule["apiGroups"], rule
         # the only pod subresource: reading the model download's log (no exec, attach, proxy, ...)
         assert not any(r.startswith("pods/") and r != "pods/log" for r in rule["resources"]), rule
-        if "pods" in rule["resources"] or "pods/log" in rule["resources"]:
-            assert set(rule["verbs"]) <= {"get", "list"}, rule
+        if "pods" in rule["resources"] or "pods/log" in rule["resources"]:  # read-only
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
 
 

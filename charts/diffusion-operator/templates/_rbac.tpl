@@ -36,10 +36,11 @@ model download's progress: log tail and termination message).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# the download's progress: its pod's log tail and termination message (read-only)
+# pods, read-only: the download's progress (log tail, termination message) and the serving pods'
+# termination messages (a failed quality gate: the QualityGate condition)
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]

@@ -72,6 +72,7 @@ def runtime_config(spec) -> RuntimeConfig:
         cfg.warmup.prompt = spec.warmup_prompt
     if getattr(spec, "compile_cache_claim", None):
         cfg.compile_cache_dir = COMPILE_CACHE_MOUNT
+    cfg.quality_gate = spec.quality_gate
     return cfg
 
 
