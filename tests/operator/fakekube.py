@@ -11,7 +11,10 @@ Honest where the reconciler depends on it:
 - a watch: every stored change is handed to the subscribers as (type, object);
 - validation of a Deployment's container resource quantities and node affinity operators like the
   API server's (422 with the server's message shape); `refuse` injects any other answer (403, 500, ...).
-Counts every write by verb and kind.
+Counts every write by verb and kind. Not modelled: defaulting and field aliases (the real server
+mirrors `serviceAccountName` into the deprecated `serviceAccount`, which brings a removed one back:
+the cluster test found that, the builder now always sends it). test_fakekube_honesty.py runs one
+apply / edit / apply sequence on both and compares.
 """
 
 from __future__ import annotations
