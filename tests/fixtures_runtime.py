@@ -127,6 +127,7 @@ def start_runtime(
     extra_args: list[str] | None = None,
     wait: bool = True,
     metrics_port: bool = True,
+    extra_env: dict[str, str] | None = None,
     **top: Any,
 ) -> RuntimeProcess:
     """Write runtime.yaml (+ cache-dit.yaml) into `workdir` and start `diffusion-runtime serve`."""
@@ -153,6 +154,7 @@ def start_runtime(
     log_path = workdir / "runtime.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed by stop()/wait_exit()
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra_env or {})  # e.g. a test Hub: HF_ENDPOINT, HF_HUB_OFFLINE=0
     env.setdefault("OMP_NUM_THREADS", "1")  # shared 2-core machines: one pipeline thread per server
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(config_path), *(extra_args or [])],

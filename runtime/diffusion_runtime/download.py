@@ -313,6 +313,12 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def local_folder(repo_id: str, revision: str | None) -> str:
+    """`org--name/revision`: a model's folder inside a cache (the operator's claim uses the same shape)."""
+    parts = [repo_id.replace("/", "--"), revision or "main"]
+    return "/".join(re.sub(r"[^A-Za-z0-9._-]", "_", p).strip(".") or "_" for p in parts)
+
+
 def repo_id_of(uri: str) -> str:
     repo_id = uri[len("hf://") :] if uri.startswith("hf://") else uri
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):

@@ -129,12 +129,16 @@ class RuntimeMetrics:
             registry=r,
         )
         self.model_load = Gauge(
-            "diffusion_model_load_seconds", "Time to load and optimize the model.", registry=r
+            "diffusion_model_load_seconds",
+            "Time to load and optimize the model from local files (without the download: "
+            "diffusion_model_download_seconds; compiling happens in the warmup: diffusion_compile_seconds).",
+            registry=r,
         )
         self.warmup = Gauge("diffusion_warmup_seconds", "Time of the warmup generations.", registry=r)
         self.model_download = Gauge(
             "diffusion_model_download_seconds",
-            "Part of the model load spent fetching the model (0 for a local folder or a cache hit).",
+            "Time this process spent fetching the model from the Hugging Face Hub (about 0 for a folder, "
+            "a model cache volume or a complete local copy).",
             registry=r,
         )
         self.compile_seconds = Gauge(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -69,18 +68,37 @@ def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = Tr
     repo_id = uri[len("hf://") :] if uri.startswith("hf://") else uri
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelError(f"model {uri}: not a folder and not a Hugging Face id (org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    return _hub_model(uri, repo_id, revision, progress)
 
-        (enable_progress_bars if progress else disable_progress_bars)()
-        downloaded = snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN") or None)
-    except Exception as e:  # noqa: BLE001 - every hub failure becomes one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"model {uri}: download from the Hugging Face Hub failed ({type(e).__name__}: {reason})"
-        ) from e
-    return Path(downloaded)
+
+def _hub_model(uri: str, repo_id: str, revision: str | None, progress: bool) -> Path:
+    """An hf:// model in this process: `diffusion-runtime download`'s own code (the pipeline's files at
+    one commit, verified, a completion marker) into HF_HOME/diffusion-models/<org>--<name>/<revision>; a
+    complete folder there is used without any request. Offline (HF_HUB_OFFLINE=1) and not there: the
+    standard Hugging Face cache, local files only."""
+    from huggingface_hub import constants, snapshot_download
+
+    from diffusion_runtime.download import DownloadError, download, local_folder
+
+    dest = Path(constants.HF_HOME) / "diffusion-models" / local_folder(repo_id, revision)
+    last = [0.0]
+
+    def emit(line: str) -> None:  # the progress lines, at most every 10 s, in the server's log
+        now = time.monotonic()
+        if progress and (now - last[0] >= 10 or '"Complete"' in line or '"Failed"' in line):
+            last[0] = now
+            log.info("model download: %s", line)
+
+    try:
+        download(uri, dest, revision, emit=emit)
+        return dest
+    except DownloadError as e:
+        if constants.HF_HUB_OFFLINE:
+            try:
+                return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not in the standard cache either: the line below
+                pass
+        raise ModelError(f"model {uri}: download from the Hugging Face Hub failed ({e})") from e
 
 
 def pick_device(setting: str) -> str:
@@ -114,7 +132,7 @@ class Model:
     load_seconds: float
     model_path: Path
     warmup_seconds: float = 0.0
-    download_seconds: float = 0.0  # part of load_seconds spent in resolve_model_uri (hub downloads)
+    download_seconds: float = 0.0  # resolve_model_uri: fetching from the Hub (not part of load_seconds)
     size_multiple: int = 16
     quality_gate: QualityGate | None = None  # holds the plain pipeline's canaries until warmup ends
     _accepts: frozenset[str] = field(default_factory=frozenset)
@@ -308,8 +326,9 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         config=config,
         device=device,
         plan=plan,
-        # the gate's reference canaries are the gate's cost (diffusion_quality_gate_seconds), not loading
-        load_seconds=time.perf_counter() - t0 - (gate.reference_seconds if gate else 0.0),
+        # reading + optimizing: not fetching (download_seconds), nor the gate's reference canaries
+        # (the gate's cost, diffusion_quality_gate_seconds)
+        load_seconds=time.perf_counter() - t0 - download_seconds - (gate.reference_seconds if gate else 0.0),
         model_path=model_path,
         download_seconds=download_seconds,
         size_multiple=max(16, vae_scale * 2),

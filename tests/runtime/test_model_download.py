@@ -169,3 +169,35 @@ def test_download_without_the_token_fails_clearly_and_writes_no_marker(hub_folde
     record = last_progress(term.read_text())
     assert record is not None and record["modelDownload"] == "Failed" and REPO in record["error"]
     assert not (dest / COMPLETE_MARKER).exists()
+
+
+def test_serve_metrics_split_download_and_load_and_a_complete_copy_is_used_without_a_request(
+    hub_folder, tmp_path
+):
+    """`serve` on hf:// (no model cache): the runtime's own download path, then the same folder again."""
+    from fixtures_runtime import start_runtime
+    from test_runtime_server import scrape, value
+
+    hf_home = tmp_path / "hf-home"
+    with HubServer(hub_folder, REPO, token=TOKEN) as hub:
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(hf_home)}
+        first = start_runtime(f"hf://{REPO}", tmp_path / "first", extra_env=env)
+        try:
+            m = scrape(first.metrics_url)
+            downloaded = value(m, "diffusion_model_download_seconds")
+            assert downloaded > 0 and value(m, "diffusion_model_load_seconds") > 0
+            assert value(m, "diffusion_compile_seconds") == 0  # no compile in this config
+        finally:
+            first.stop()
+        fetched = sorted(a.path.split("/resolve/", 1)[1].split("/", 1)[1] for a in hub.hub.file_gets())
+        assert "README.md" not in fetched and UNNEEDED[1] not in fetched  # the pipeline's files only
+        assert len(fetched) == len(set(fetched))
+        requests = len(hub.hub.access_log)
+        # a second process (a restarted pod with the same HF_HOME): the copy is complete, no request
+        second = start_runtime(f"hf://{REPO}", tmp_path / "second", extra_env=env)
+        try:
+            m = scrape(second.metrics_url)
+            assert value(m, "diffusion_model_download_seconds") < downloaded
+        finally:
+            second.stop()
+        assert len(hub.hub.access_log) == requests, hub.hub.access_log[requests:]

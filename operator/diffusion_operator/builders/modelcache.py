@@ -10,7 +10,7 @@ immutable) and a finished one is never rerun. The serving pods mount the claim r
 
 from __future__ import annotations
 
-import re
+from diffusion_runtime.download import local_folder
 
 from diffusion_operator.builders.common import MANAGED_BY, metadata, selector
 from diffusion_operator.hashing import stable_hash
@@ -27,17 +27,12 @@ def claim_name(spec) -> str:
     return f"{spec.name}-model-cache"
 
 
-def _segment(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
-
-
 def cache_subpath(spec) -> str:
-    """Folder of this model inside the claim: org--name/revision[/variant] (several revisions can coexist)."""
-    repo = spec.model.uri[len("hf://") :]
-    parts = [_segment(repo.replace("/", "--")), _segment(spec.model.revision or "main")]
-    if spec.model_cache.variant:
-        parts.append(_segment(spec.model_cache.variant))
-    return "/".join(parts)
+    """Folder of this model inside the claim: org--name/revision[/variant] (the runtime's own layout,
+    `diffusion_runtime.download.local_folder`; several revisions can coexist)."""
+    path = local_folder(spec.model.uri[len("hf://") :], spec.model.revision)
+    variant = spec.model_cache.variant
+    return f"{path}/{variant}" if variant else path  # the spec's pattern keeps it one plain segment
 
 
 def model_path_in_pod(spec) -> str:
