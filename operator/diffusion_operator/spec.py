@@ -1104,8 +1104,8 @@ def startup_budget_seconds(s: Spec) -> int:
         return s.startup_timeout_seconds
     model = s.facts
     load = model.startup_seconds if model else 600
-    if not s.model.uri.startswith("hf://"):
-        load = load // 2  # no download
+    if not s.model.uri.startswith("hf://") or s.model_cache is not None:
+        load = load // 2  # no download in the pod (a volume, or the model cache filled by its Job)
     per_resolution = 60 + s.warmup_steps * 2
     if s.compile:
         per_resolution += 300

@@ -348,3 +348,32 @@ def test_a_new_revision_downloads_while_the_running_pods_keep_serving_the_old_fo
     rec.drain()
     cm = yaml.safe_load(kube.get("v1", "ConfigMap", NS, "tiny-config")["data"]["runtime.yaml"])
     assert cm["model"]["uri"].endswith("/v2")
+
+
+def test_startup_budget_has_no_download_in_the_pod_with_a_cache():
+    from diffusion_operator.spec import startup_budget_seconds
+
+    with_cache = parsed(cached_doc())
+    doc = cached_doc()
+    del doc["spec"]["model"]["cache"]
+    assert startup_budget_seconds(with_cache) < startup_budget_seconds(parsed(doc))
+
+
+def test_a_failed_job_deleted_by_the_user_is_created_again():
+    kube, rec = setup()
+    rec.cache_poll = None
+    kube.create(cached_doc())
+    rec.drain()
+    name = _job_of(kube)["metadata"]["name"]
+    failed = {
+        "failed": 5,
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+    }
+    kube.set_status("Job", NS, name, failed)
+    rec.drain()
+    assert cr(kube)["status"]["modelCache"]["phase"] == cs.FAILED
+    assert "ModelDownloadFailed" in [e["reason"] for e in kube.events]
+    kube.delete_object("Job", NS, name)
+    rec.drain()
+    assert _job_of(kube)["metadata"]["name"] == name and not _job_of(kube).get("status")
+    assert cr(kube)["status"]["modelCache"]["phase"] == cs.PENDING
