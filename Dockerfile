@@ -3,78 +3,76 @@
 # Two images from one source tree, one target each:
 #   docker build --target operator -t diffusion-operator:dev .
 #   docker build --target runtime  -t diffusion-runtime:dev  .
+# (`diffusion-dev images` builds both with buildah on a local Debian base: PYTHON_IMAGE below.)
 #
 # Versions come from pyproject.toml only: each image installs the project with its extra
-# (`./[operator]`, `./[runtime]`), so the pins live in one place. The operator image never
-# installs torch. Both images run as uid/gid 1000 (numeric, so `runAsNonRoot` can verify it).
+# (`[operator]`, `[runtime]`), so the pins live in one place. The operator image never installs
+# torch. Both images run as uid/gid 1000 (numeric, so `runAsNonRoot` can verify it).
 #
-# The torch wheel from PyPI bundles its own CUDA user-space libraries; the nvidia/cuda base image
-# supplies the NVIDIA container-runtime conventions (NVIDIA_* env) and a matching libc. Override
-# CUDA_IMAGE to follow your node driver (e.g. --build-arg CUDA_IMAGE=nvidia/cuda:<tag>).
+# Layers: the dependencies are installed from pyproject.toml alone (empty package folders and
+# README), then the sources are copied and installed without dependencies, so a source or README
+# change rebuilds only a small layer and never downloads or unpacks torch again. pip's wheel cache is a build cache
+# mount, not part of any layer.
+#
+# No nvidia/cuda base: torch's PyPI wheels bring their own CUDA user-space libraries (the
+# nvidia-* wheels), and the NVIDIA container toolkit injects the driver libraries into any image
+# when NVIDIA_VISIBLE_DEVICES is set (the device plugin sets it per container; the ENV below is the
+# default the CUDA images also carry). A CUDA runtime base would only add a second copy of them.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
-# ---------------------------------------------------------------- source (shared by both builds)
-FROM ${PYTHON_IMAGE} AS source
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
-COPY runtime/ runtime/
-
-# ---------------------------------------------------------------- operator: slim Python, no torch
-FROM ${PYTHON_IMAGE} AS operator-build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:${PATH}
-COPY --from=source /src /src
-WORKDIR /src
-RUN pip install --no-cache-dir "./[operator]"
-
-FROM ${PYTHON_IMAGE} AS operator
-LABEL org.opencontainers.image.title="diffusion-operator" \
-      org.opencontainers.image.description="Kubernetes operator (kopf) for DiffusionDeployment resources"
+# ---------------------------------------------------------------- shared base: user, Python env
+FROM ${PYTHON_IMAGE} AS python-base
 RUN groupadd --gid 1000 diffusion \
-    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin diffusion
-COPY --from=operator-build /opt/venv /opt/venv
+    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/diffusion --shell /usr/sbin/nologin diffusion
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+COPY pyproject.toml /src/
+
+# ---------------------------------------------------------------- operator: no torch
+FROM python-base AS operator-deps
+RUN --mount=type=cache,id=pip,target=/root/.cache/pip,sharing=locked \
+    mkdir -p /src/operator /src/runtime \
+    && touch /src/README.md \
+    && python3 -m venv /opt/venv \
+    && pip install "/src/[operator]"
+
+FROM operator-deps AS operator
+LABEL org.opencontainers.image.title="diffusion-operator" \
+      org.opencontainers.image.description="Kubernetes operator (kopf) for DiffusionDeployment resources"
+COPY README.md /src/
+COPY operator/ /src/operator/
+COPY runtime/ /src/runtime/
+RUN pip install --no-cache-dir --no-deps --force-reinstall /src \
+    && rm -rf /src
+ENV HOME=/tmp
 USER 1000:1000
 # 8080: kopf liveness (/healthz), 9090: operator metrics
 EXPOSE 8080 9090
 ENTRYPOINT ["diffusion-operator", "run"]
 
-# ---------------------------------------------------------------- runtime: CUDA base with torch
-FROM ${CUDA_IMAGE} AS runtime-base
-ARG DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+# ---------------------------------------------------------------- runtime: torch from PyPI
+FROM python-base AS runtime-deps
+RUN --mount=type=cache,id=pip,target=/root/.cache/pip,sharing=locked \
+    mkdir -p /src/operator /src/runtime \
+    && touch /src/README.md \
+    && python3 -m venv /opt/venv \
+    && pip install "/src/[runtime]"
 
-FROM runtime-base AS runtime-build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:${PATH}
-COPY --from=source /src /src
-WORKDIR /src
-RUN pip install --no-cache-dir "./[runtime]"
-
-FROM runtime-base AS runtime
+FROM runtime-deps AS runtime
 LABEL org.opencontainers.image.title="diffusion-runtime" \
       org.opencontainers.image.description="diffusers + cache-dit + torchao image server (OpenAI images API)"
-# Ubuntu images ship a user `ubuntu` with uid 1000: replace it by ours.
-RUN (userdel --remove ubuntu 2>/dev/null || true) \
-    && (groupdel ubuntu 2>/dev/null || true) \
-    && groupadd --gid 1000 diffusion \
-    && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/diffusion --shell /usr/sbin/nologin diffusion
-COPY --from=runtime-build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:${PATH} \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/home/diffusion \
-    HF_HOME=/home/diffusion/.cache/huggingface
+COPY README.md /src/
+COPY operator/ /src/operator/
+COPY runtime/ /src/runtime/
+RUN pip install --no-cache-dir --no-deps --force-reinstall /src \
+    && rm -rf /src
+ENV HOME=/home/diffusion \
+    HF_HOME=/home/diffusion/.cache/huggingface \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 1000:1000
 WORKDIR /home/diffusion
 # 8000: API, /health, /ready, /metrics; 9090: metrics only
