@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help bootstrap test demo lint format pytest sync-crds
 
 help:
-	@echo "make demo       bootstrap, then run the end-to-end demo (local control plane, operator, tiny CPU model)"
+	@echo "make demo       bootstrap, then the end-to-end demo on real pods (local cluster, chart, tiny CPU model)"
 	@echo "make test       bootstrap, ruff, then the whole test suite (python -m pytest)"
 	@echo "make lint       ruff check ., then mypy on both packages"
 	@echo "make pytest     only the tests (PYTEST_ARGS='-x tests/chart' to narrow)"
@@ -21,7 +21,7 @@ bootstrap:
 test: bootstrap lint pytest
 
 demo: bootstrap
-	$(VENV)/bin/diffusion-operator demo
+	$(VENV)/bin/diffusion-dev demo
 
 # mypy reads the packages from this checkout (pyproject: mypy_path), not from the editable install
 lint:

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from diffusion_operator.devcluster import LocalCluster
+    from diffusion_dev import LocalCluster
 
     work = Path(tempfile.mkdtemp(prefix="operator-bench-"))
     print(f"starting the local control plane ({args.nodes}) ...", flush=True)

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Prepare this checkout for `make test` and `make demo`. Idempotent: a second run only checks.
 #
-#  1. Python venv in .venv (Python >= 3.11), the project installed editable with every extra
-#     (`pip install -e '.[operator,runtime,dev]'`); skipped while pyproject.toml is unchanged.
-#  2. Debian tools the tests need (openssl) and promtool (alert-rule tests), the latter extracted
-#     from Debian's `prometheus` package into the user cache, so no Prometheus service is
-#     installed or started.
-#  3. The control-plane binaries (etcd, kube-apiserver, controller manager, scheduler, kwok, helm),
-#     built from the Go module proxy into the user cache by `diffusion-operator dev build`.
+#  1. Python venv in .venv (Python >= 3.11), the project installed editable with every extra and
+#     the dev tooling (`pip install -e '.[operator,runtime,dev]' -e ./dev`); skipped while
+#     pyproject.toml and dev/pyproject.toml are unchanged.
+#  2. Debian tools: openssl (the cluster's certificates); for the real node runc,
+#     containernetworking-plugins and iptables; for images buildah and mmdebstrap; and promtool
+#     (alert-rule tests), extracted from Debian's `prometheus` package into the user cache, so no
+#     Prometheus service is installed or started.
+#  3. The cluster binaries (etcd, kube-apiserver, controller manager, scheduler, kubelet,
+#     kube-proxy, containerd, crictl, kwok, helm), built from the Go module proxy into the user
+#     cache by `diffusion-dev build`.
+#  4. The images of the Dockerfile (`operator`, `runtime`), built with buildah on a local Debian
+#     base by `diffusion-dev images --no-import` (cached by content hash).
 #
 # Environment: PYTHON (interpreter to create the venv with), XDG_CACHE_HOME (cache root),
-# BOOTSTRAP_SKIP_GO=1 (skip step 3), PIP_CACHE_DIR (pip's cache, reused across runs).
+# BOOTSTRAP_SKIP_GO=1 (skip steps 3 and 4), BOOTSTRAP_SKIP_IMAGES=1 (skip step 4),
+# DIFFUSION_DEV_REAL_NODE=0 (fake nodes only: no node packages, no images),
+# PIP_CACHE_DIR (pip's cache, reused across runs and by the image builds).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,22 +63,31 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp="$venv/.bootstrap-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml dev/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/diffusion-operator" ]; then
   step "python packages up to date (pyproject.toml unchanged)"
 else
-  step "pip install -e '.[operator,runtime,dev]' (first run downloads torch, ~3 GB; pip cache reused)"
+  step "pip install -e '.[operator,runtime,dev]' -e ./dev (first run downloads torch, ~3 GB; pip cache reused)"
   pip_start=$(date +%s)
   "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
-    -e '.[operator,runtime,dev]'
+    -e '.[operator,runtime,dev]' -e ./dev
   echo "$want" > "$stamp"
   step "python packages installed in $(( $(date +%s) - pip_start ))s"
 fi
 
 # ---------------------------------------------------------------- 2. Debian tools, promtool
-# openssl: the local control plane's certificates (devcluster/pki.py)
+# openssl: the local cluster's certificates (dev/diffusion_dev/pki.py)
+real_node="${DIFFUSION_DEV_REAL_NODE:-}"
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ "$real_node" != "0" ] && [ "$(id -u)" -eq 0 ]; then
+  # the real node (runc, CNI plugins, iptables) and the image builds (buildah, mmdebstrap)
+  [ -x /usr/sbin/runc ] || missing+=(runc)
+  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+  command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   step "installing Debian packages: ${missing[*]}"
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get: install them"
@@ -115,8 +131,12 @@ if [ "${BOOTSTRAP_SKIP_GO:-0}" = "1" ]; then
   step "control plane binaries: skipped (BOOTSTRAP_SKIP_GO=1)"
 else
   command -v go >/dev/null 2>&1 || die "go not found on PATH (Go >= 1.26 is needed to build the control plane: Kubernetes 1.37 requires it)"
-  step "control plane binaries: diffusion-operator dev build (cold: tens of minutes; cached afterwards)"
-  "$venv/bin/diffusion-operator" dev build
+  step "cluster binaries: diffusion-dev build (cold: tens of minutes; cached afterwards)"
+  "$venv/bin/diffusion-dev" build
+  if [ "$real_node" != "0" ] && [ "${BOOTSTRAP_SKIP_IMAGES:-0}" != "1" ] && [ "$(id -u)" -eq 0 ]; then
+    step "images: diffusion-dev images --no-import (cold: base + operator + runtime with torch; cached afterwards)"
+    "$venv/bin/diffusion-dev" images --no-import
+  fi
 fi
 
 step "done"

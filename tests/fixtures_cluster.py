@@ -1,33 +1,61 @@
-"""Fixtures for the local control plane (owned by the cluster work).
+"""Fixtures for the local cluster (owned by the cluster work).
 
 `cluster`: one LocalCluster for the whole session (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, kwok with fake GPU nodes). If any component cannot be built or started the tests
-FAIL with the component's name and log tail; they are never skipped.
+kube-scheduler, kwok with fake GPU nodes and, when the real node is on, containerd + kubelet +
+kube-proxy). If any component cannot be built or started the tests FAIL with the component's
+name and log tail; they are never skipped. With the real node the session also records the host
+state before the cluster starts and fails at teardown if anything was left behind.
 `namespace`: a fresh namespace per test (with its `default` ServiceAccount), deleted afterwards.
+`node`: the real node (tests that need real pods; skipped only when the real node was turned off
+with DIFFUSION_DEV_REAL_NODE=0).
+`operator_image`, `runtime_image`: the Dockerfile's targets built with buildah and imported into
+the node (cached by content hash).
+`tiny_model`: the tiny model as the PVC `tiny-model` in a namespace (the sample's pvc:// source).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
-from diffusion_operator.devcluster import BuildError, ComponentError, LocalCluster, wait_for
 
-__all__ = ["cluster", "namespace"]
+# the dev tooling of this checkout (dev/diffusion_dev), ahead of any installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+
+from diffusion_dev import (  # noqa: E402
+    BuildError,
+    ComponentError,
+    LocalCluster,
+    hoststate,
+    wait_for,
+)
+from diffusion_dev.node import NodeError  # noqa: E402
+
+REAL_NODE_OFF = (
+    "the real node is off: DIFFUSION_DEV_REAL_NODE=1 turns it on (root, runc, CNI plugins, buildah)"
+)
+
+__all__ = ["cluster", "namespace", "node", "operator_image", "runtime_image", "tiny_model"]
 
 
 @pytest.fixture(scope="session")
 def cluster():
     local = LocalCluster(timeout=120)
+    before = hoststate.snapshot() if local.real_node else None
     try:
         local.start()
-    except (BuildError, ComponentError) as exc:
-        pytest.fail(f"local control plane failed to start: {exc}", pytrace=False)
+    except (BuildError, ComponentError, NodeError) as exc:
+        pytest.fail(f"local cluster failed to start: {exc}", pytrace=False)
     try:
         yield local
     finally:
         local.stop()
+    if before is not None:
+        left = hoststate.diff(before, hoststate.snapshot())
+        assert not left, f"the real node left host state behind: {left}"
 
 
 @pytest.fixture
@@ -43,3 +71,44 @@ def namespace(cluster, request):
     )
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def node(cluster):
+    if cluster.node is None:
+        pytest.skip(REAL_NODE_OFF)
+    return cluster.node
+
+
+def _image(cluster, target: str):
+    from diffusion_dev import images
+
+    if cluster.node is None:
+        pytest.skip(REAL_NODE_OFF)
+    try:
+        return images.ensure((target,), node=cluster.node)[target]
+    except images.ImageError as exc:
+        pytest.fail(f"image {target} could not be built: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def operator_image(cluster):
+    return _image(cluster, "operator")
+
+
+@pytest.fixture(scope="session")
+def runtime_image(cluster):
+    return _image(cluster, "runtime")
+
+
+@pytest.fixture
+def tiny_model(cluster, namespace):
+    """The PVC `tiny-model` in `namespace`, holding `tiny-flux/` (pvc://tiny-model/tiny-flux)."""
+    from diffusion_dev.workloads import model_volume, tiny_model_root
+
+    if cluster.node is None:
+        pytest.skip(REAL_NODE_OFF)
+    objects = model_volume(namespace, tiny_model_root())
+    cluster.apply(objects)
+    yield objects[1]["metadata"]["name"]
+    cluster.kubectl("delete", "pv", objects[0]["metadata"]["name"], "--wait=false", check=False)

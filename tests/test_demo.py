@@ -1,11 +1,13 @@
-"""The README's demo command, end to end: `diffusion-operator demo` (what `make demo` runs after bootstrap).
+"""The README's demo command, end to end: `diffusion-dev demo` (what `make demo` runs after bootstrap).
 
-A real subprocess: its own local control plane, the operator, the tiny CPU sample applied with
-kubectl, the rendered ConfigMap served by the real runtime, one image generated over HTTP.
+A real subprocess: its own local cluster with the real node, the Dockerfile's images, the chart's
+operator in the cluster, the tiny CPU sample applied with kubectl and running as a real pod, one
+image generated through `kubectl port-forward` of its Service.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,16 +15,18 @@ from pathlib import Path
 
 from PIL import Image
 
-BIN = Path(sys.executable).parent / "diffusion-operator"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_generates_an_image_from_the_operator_rendered_config(tmp_path):
+def test_demo_generates_an_image_on_real_pods(tmp_path):
     output = tmp_path / "demo.png"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "dev"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [str(BIN), "demo", "--output", str(output)],
+        [sys.executable, "-m", "diffusion_dev", "demo", "--output", str(output)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
+        env=env,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -32,4 +36,10 @@ def test_demo_generates_an_image_from_the_operator_rendered_config(tmp_path):
     # the config the runtime served is the one the operator rendered: the sample's static mask caches steps
     cached = re.search(r'diffusion_cache_steps_total\{result="cached"\} ([0-9.]+)', proc.stdout)
     assert cached and float(cached.group(1)) > 0, proc.stdout[-2000:]
-    assert "stopping the runtime, the operator and the control plane" in proc.stdout
+    # real pods: the operator from the chart and the runtime pod ran on the real node
+    assert re.search(r"^diffusion-operator-\S+\s+1/1\s+Running.*diffusion-dev-node", proc.stdout, re.M), (
+        proc.stdout
+    )
+    assert re.search(r"^pod/tiny-\S+\s+1/1\s+Running.*diffusion-dev-node", proc.stdout, re.M), proc.stdout
+    assert "warmup done in" in proc.stdout  # kubectl logs of the runtime pod
+    assert "stopping the port-forward, the pods, the node and the control plane" in proc.stdout

@@ -65,7 +65,7 @@ def test_fresh_machine_needs_exactly_two_commands():
     assert block.split("\n")[:-1] == ["make demo", "make test"]
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^test: bootstrap lint pytest$", makefile, re.M)
-    assert re.search(r"^demo: bootstrap\n\t\$\(VENV\)/bin/diffusion-operator demo$", makefile, re.M)
+    assert re.search(r"^demo: bootstrap\n\t\$\(VENV\)/bin/diffusion-dev demo$", makefile, re.M)
 
 
 def test_benchmark_section_is_marked_for_the_lead():

@@ -1,13 +1,19 @@
-"""Local Kubernetes control plane with fake GPU nodes (etcd, apiserver, controller manager,
-scheduler and kwok built from the Go module proxy), for tests and the demo."""
+"""diffusion-dev: the developer tooling of diffusion-operator.
+
+A local Kubernetes cluster (etcd, kube-apiserver, controller manager, scheduler built from the Go
+module proxy; kwok fake GPU nodes; optionally one real node: containerd + runc + kubelet +
+kube-proxy), image builds from the repository's Dockerfile with buildah, and the demo.
+"""
 
 from .build import BuildError, ensure_binaries
-from .cluster import ComponentError, KubectlError, LocalCluster, find_kubectl, wait_for
-from .nodes import DEFAULT_POOL, PROFILES, NodeSpec, node_object, parse_pool
+from .cluster import KubectlError, LocalCluster, find_kubectl
+from .components import ComponentError, wait_for
+from .nodes import DEFAULT_POOL, PROFILES, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 
 __all__ = [
     "DEFAULT_POOL",
     "PROFILES",
+    "REAL_NODE_POOL",
     "BuildError",
     "ComponentError",
     "KubectlError",

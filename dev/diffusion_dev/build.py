@@ -1,23 +1,27 @@
 """Build the control plane binaries from the Go module proxy into a per-user cache.
 
-The Go tools modules live in `tests/cluster/tools/<name>/` (one module per upstream project, so
-each keeps the dependency versions it was released with):
+The Go tools modules live in `dev/tools/<name>/` (one module per upstream project, so each keeps
+the dependency versions it was released with):
 
 - `k8s`: requires `k8s.io/kubernetes` and replaces every staging module `k8s.io/<name>` with
   `k8s.io/<name> v0.Y.Z`. That replace list is generated from k8s.io/kubernetes's own go.mod
   (`go mod download -json`, then `go mod edit -json`) by `sync_k8s_replaces`; the build checks
   that the committed list still matches and refuses to build if it does not.
 - `etcd`: a wrapper main calling `etcdmain.Main(os.Args)`.
-- `kwok`, `helm`: `tool` directives pinning the upstream commands.
+- `kwok`, `helm`, `containerd`, `crictl`: `tool` directives pinning the upstream commands.
+- `pause`: the pod sandbox binary of the real node (a few lines of Go, built static).
 
-Binaries land in `$XDG_CACHE_HOME/diffusion-operator/bin/<key>/`, where the key names every pinned
-version plus a hash of the tools modules, so a second run builds nothing. The environment
-variables `DIFFUSION_OPERATOR_ASSETS` (then `KUBEBUILDER_ASSETS`) point at prebuilt binaries
-instead.
+Each module builds into `$XDG_CACHE_HOME/diffusion-operator/bin/modules/<name>-<version>-<hash>/`
+(hash of that module's go.mod, go.sum and .go files), so changing one module rebuilds only it; the
+set the cluster uses is `bin/<key>/` (hard links to the module outputs plus a manifest), where the
+key names every pinned version plus a hash of all modules. A second run builds nothing. The
+environment variables `DIFFUSION_OPERATOR_ASSETS` (then `KUBEBUILDER_ASSETS`) point at prebuilt
+binaries instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -35,7 +39,9 @@ from pathlib import Path
 
 ASSETS_ENV = ("DIFFUSION_OPERATOR_ASSETS", "KUBEBUILDER_ASSETS")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-ALL_BINARIES = (*CONTROL_PLANE, "helm")
+# the real node: kubelet and kube-proxy (same Kubernetes module), containerd, crictl, the pause binary
+NODE = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "crictl", "pause")
+ALL_BINARIES = (*CONTROL_PLANE, "helm", *NODE)
 MANIFEST = "manifest.json"
 
 Progress = Callable[[str], None]
@@ -47,10 +53,11 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class ToolModule:
-    name: str  # folder under tests/cluster/tools
-    upstream: str  # the module whose version is pinned
+    name: str  # folder under dev/tools
+    upstream: str  # the module whose version is pinned ("" for a module of our own)
     packages: tuple[str, ...]  # what `go build` builds
     binaries: tuple[str, ...]  # what lands in the bin dir
+    cgo: bool = True  # False: CGO_ENABLED=0, a static binary (containerd's own release builds do so)
 
 
 MODULES = (
@@ -61,23 +68,40 @@ MODULES = (
             "k8s.io/kubernetes/cmd/kube-apiserver",
             "k8s.io/kubernetes/cmd/kube-controller-manager",
             "k8s.io/kubernetes/cmd/kube-scheduler",
+            "k8s.io/kubernetes/cmd/kubelet",
+            "k8s.io/kubernetes/cmd/kube-proxy",
         ),
-        ("kube-apiserver", "kube-controller-manager", "kube-scheduler"),
+        ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"),
     ),
     ToolModule("etcd", "go.etcd.io/etcd/server/v3", (".",), ("etcd",)),
     ToolModule("kwok", "sigs.k8s.io/kwok", ("sigs.k8s.io/kwok/cmd/kwok",), ("kwok",)),
     ToolModule("helm", "helm.sh/helm/v3", ("helm.sh/helm/v3/cmd/helm",), ("helm",)),
+    ToolModule(
+        "containerd",
+        "github.com/containerd/containerd/v2",
+        tuple(
+            f"github.com/containerd/containerd/v2/cmd/{c}"
+            for c in ("containerd", "containerd-shim-runc-v2", "ctr")
+        ),
+        ("containerd", "containerd-shim-runc-v2", "ctr"),
+        cgo=False,
+    ),
+    ToolModule(
+        "crictl", "sigs.k8s.io/cri-tools", ("sigs.k8s.io/cri-tools/cmd/crictl",), ("crictl",), cgo=False
+    ),
+    ToolModule("pause", "", (".",), ("pause",), cgo=False),
 )
+VERSIONED = tuple(m.name for m in MODULES if m.upstream)
 
 
 def repo_root() -> Path:
-    # operator/diffusion_operator/devcluster/build.py -> repo root
-    return Path(__file__).resolve().parents[3]
+    # dev/diffusion_dev/build.py -> repo root
+    return Path(__file__).resolve().parents[2]
 
 
 def tools_dir() -> Path:
     override = os.environ.get("DIFFUSION_OPERATOR_TOOLS")
-    path = Path(override) if override else repo_root() / "tests" / "cluster" / "tools"
+    path = Path(override) if override else repo_root() / "dev" / "tools"
     if not (path / "k8s" / "go.mod").is_file():
         raise BuildError(
             f"Go tools modules not found at {path} (expected k8s/go.mod); run from a source checkout "
@@ -156,6 +180,10 @@ def ldflags(module: ToolModule, version: str, release_time: str) -> str:
             ]
     elif module.name == "helm":
         flags.append(f"-X helm.sh/helm/v3/internal/version.version={version}")
+    elif module.name == "containerd":
+        flags.append(f"-X github.com/containerd/containerd/v2/version.Version={version}")
+    elif module.name == "crictl":
+        flags.append(f"-X sigs.k8s.io/cri-tools/pkg/version.Version={version}")
     return " ".join(flags)
 
 
@@ -222,6 +250,8 @@ def sync_k8s_replaces(module_dir: Path, write: bool) -> tuple[str, dict[str, str
 def module_versions(tools: Path) -> dict[str, str]:
     out = {}
     for module in MODULES:
+        if not module.upstream:
+            continue
         text = (tools / module.name / "go.mod").read_text()
         m = re.search(rf"^\s*(?:require\s+)?{re.escape(module.upstream)}\s+(v\S+)", text, re.M)
         if not m:
@@ -230,15 +260,25 @@ def module_versions(tools: Path) -> dict[str, str]:
     return out
 
 
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def cache_key(tools: Path) -> str:
     """Pinned versions plus a hash of the tools modules; finding cached binaries needs no Go."""
-    h = hashlib.sha256()
-    for path in sorted(tools.rglob("*")):
-        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
-            h.update(str(path.relative_to(tools)).encode() + b"\0" + path.read_bytes())
     versions = module_versions(tools)
-    parts = [f"{name}-{versions[name]}" for name in ("k8s", "etcd", "kwok", "helm")]
-    return "_".join(parts) + "_" + h.hexdigest()[:10]
+    parts = [f"{name}-{versions[name]}" for name in ("k8s", "etcd", "kwok", "helm", "containerd")]
+    return "_".join(parts) + "_" + _tree_hash(tools)
+
+
+def module_key(tools: Path, module: ToolModule) -> str:
+    """`<name>-<version>-<hash of the module's folder>`: the per-module build output folder."""
+    version = module_versions(tools).get(module.name, "local")
+    return f"{module.name}-{version}-{_tree_hash(tools / module.name)}"
 
 
 def go_version() -> str:
@@ -287,18 +327,30 @@ def _stderr_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _build_one(module: ToolModule, tools: Path, out: Path, progress: Progress, logs: Path) -> float:
+def _build_one(module: ToolModule, tools: Path, progress: Progress) -> float:
+    """Build one module into its own cached folder (if not there yet); returns seconds spent."""
+    out = bin_root() / "modules" / module_key(tools, module)
+    if all(os.access(out / b, os.X_OK) for b in module.binaries):
+        return 0.0
     module_dir = tools / module.name
-    mod = read_gomod(module_dir)
-    version = required_version(mod, module.upstream)
-    info, _ = upstream_gomod(module.upstream, version)
-    release_time = json.loads(Path(info["Info"]).read_text()).get("Time", "1970-01-01T00:00:00Z")
+    if module.upstream:
+        version = required_version(read_gomod(module_dir), module.upstream)
+        info, _ = upstream_gomod(module.upstream, version)
+        release_time = json.loads(Path(info["Info"]).read_text()).get("Time", "1970-01-01T00:00:00Z")
+    else:
+        version, release_time = "local", "1970-01-01T00:00:00Z"
+    staging = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     cmd = [_go(), "build", "-trimpath", "-ldflags", ldflags(module, version, release_time), "-o"]
     if module.packages == (".",):
-        cmd += [str(out / module.binaries[0]), "."]
+        cmd += [str(staging / module.binaries[0]), "."]
     else:
-        cmd += [str(out) + os.sep, *module.packages]
-    log = logs / f"go-build-{module.name}.log"
+        cmd += [str(staging) + os.sep, *module.packages]
+    env = dict(os.environ)
+    if not module.cgo:
+        env["CGO_ENABLED"] = "0"
+    log = staging.with_name(staging.name + ".log")
     start = time.monotonic()
     progress(f"[build] {module.name} {version}: {', '.join(module.binaries)} ...")
     done = threading.Event()
@@ -310,15 +362,20 @@ def _build_one(module: ToolModule, tools: Path, out: Path, progress: Progress, l
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
         with open(log, "w") as fh:
-            rc = subprocess.run(cmd, cwd=module_dir, stdout=fh, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, cwd=module_dir, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     finally:
         done.set()
     elapsed = time.monotonic() - start
     if rc != 0:
         tail = log.read_text()[-4000:]
         raise BuildError(
-            f"go build of {module.name} ({', '.join(module.binaries)}) failed (rc={rc}):\n{tail}"
+            f"go build of {module.name} ({', '.join(module.binaries)}) failed (rc={rc}):\n{tail}\n"
+            f"(full log: {log})"
         )
+    log.unlink()
+    (staging / "build_seconds").write_text(f"{elapsed:.1f}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     progress(f"[build] {module.name}: done in {elapsed:.0f}s")
     return elapsed
 
@@ -330,12 +387,12 @@ def build(progress: Progress = _stderr_progress, jobs: int = 2) -> tuple[Path, d
     if is_complete(bin_dir):
         return bin_dir, json.loads((bin_dir / MANIFEST).read_text())
     bin_dir.parent.mkdir(parents=True, exist_ok=True)
-    # one build at a time per key: a second process (another pytest session) waits, then reuses it
-    with open(bin_dir.with_name(bin_dir.name + ".lock"), "w") as lock:
+    # one build at a time: a second process (another pytest session) waits, then reuses it
+    with open(bin_root() / ".build.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress(f"[build] another process is building {bin_dir.name}; waiting for it")
+            progress("[build] another process is building the binaries; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(bin_dir):
             return bin_dir, json.loads((bin_dir / MANIFEST).read_text())
@@ -344,13 +401,11 @@ def build(progress: Progress = _stderr_progress, jobs: int = 2) -> tuple[Path, d
 
 def _build_locked(tools: Path, bin_dir: Path, progress: Progress, jobs: int) -> tuple[Path, dict]:
     sync_k8s_replaces(tools / "k8s", write=False)
-    staging = bin_dir.with_name(bin_dir.name + f".partial-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    progress(f"[build] building control plane binaries into {bin_dir} (cold builds take a while)")
+    progress(f"[build] binaries for {bin_dir} (modules not cached yet are built; cold builds take a while)")
     timings: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {m.name: pool.submit(_build_one, m, tools, staging, progress, staging) for m in MODULES}
+        futures = {m.name: pool.submit(_build_one, m, tools, progress) for m in MODULES}
         errors = []
         for name, fut in futures.items():
             try:
@@ -358,22 +413,30 @@ def _build_locked(tools: Path, bin_dir: Path, progress: Progress, jobs: int) -> 
             except BuildError as exc:
                 errors.append(str(exc))
     if errors:
-        raise BuildError("\n\n".join(errors) + f"\n(build logs kept in {staging})")
+        raise BuildError("\n\n".join(errors))
+    staging = bin_dir.with_name(bin_dir.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    module_seconds = {}
+    for module in MODULES:
+        out = bin_root() / "modules" / module_key(tools, module)
+        for name in module.binaries:
+            os.link(out / name, staging / name)
+        with contextlib.suppress(OSError, ValueError):
+            module_seconds[module.name] = float((out / "build_seconds").read_text())
     total = round(time.monotonic() - start, 1)
     manifest = {
         "versions": module_versions(tools),
         "go": go_version(),
         "build_seconds": total,
-        "module_seconds": timings,
+        "module_seconds": module_seconds,  # when each module was built cold (cached since)
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    for log in staging.glob("go-build-*.log"):
-        log.unlink()
     if bin_dir.exists():
         shutil.rmtree(bin_dir)
     staging.rename(bin_dir)
-    progress(f"[build] all binaries built in {total:.0f}s")
+    progress(f"[build] all binaries ready in {total:.0f}s")
     return bin_dir, manifest
 
 

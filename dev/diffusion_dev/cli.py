@@ -1,4 +1,4 @@
-"""`diffusion-operator dev build | up | env | down | status`."""
+"""`diffusion-dev build | up | env | status | down | images | demo`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from .build import BuildError, assets_override, build, cache_home, sync_k8s_replaces, tools_dir
-from .nodes import DEFAULT_POOL, parse_pool
+from .cluster import real_node_default
+from .node import NodeClient, NodeError, lock_path, recover_stale
+from .nodes import DEFAULT_POOL, REAL_NODE_POOL, parse_pool
 
 
 def state_dir() -> Path:
@@ -96,7 +98,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"already running (pid {st['pid']}): {st['server']}")
         print(f"kubeconfig: {st['kubeconfig']}")
         return 0
-    parse_pool(args.nodes)  # fail fast on a bad pool, before building anything
+    real = real_node_default() if args.real_node is None else args.real_node
+    nodes = args.nodes or (REAL_NODE_POOL if real else DEFAULT_POOL)
+    parse_pool(nodes)  # fail fast on a bad pool, before building anything
+    if real:
+        from .node import check_host
+
+        check_host()
     t0 = time.monotonic()
     bin_dir, how = _binaries()
     build_s = time.monotonic() - t0
@@ -106,8 +114,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     t1 = time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "diffusion_operator.devcluster.supervisor", "--state-dir", str(d),
-             "--bin-dir", str(bin_dir), "--nodes", args.nodes, "--timeout", str(args.timeout)],
+            [sys.executable, "-m", "diffusion_dev.supervisor", "--state-dir", str(d),
+             "--bin-dir", str(bin_dir), "--nodes", nodes, "--real-node", str(int(real)),
+             "--timeout", str(args.timeout)],
             stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
             start_new_session=True,  # survives this command; `dev down` stops it
         )  # fmt: skip
@@ -130,21 +139,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"(supervisor log: {log})", file=sys.stderr)
         return 1
     t = st.get("timings", {})
-    print(f"cluster running: {st['server']} (supervisor pid {st['pid']}, nodes {args.nodes})")
+    real_s = f" + real node {t.get('real-node')}s" if real else ""
+    print(
+        f"cluster running: {st['server']} (supervisor pid {st['pid']}, kwok nodes {nodes}"
+        f"{', real node diffusion-dev-node' if real else ''})"
+    )
     print(f"kubeconfig: {st['kubeconfig']}")
     print(f"binaries: {how} [{build_s:.1f}s in this command]")
     print(
         f"start: {start_s:.1f}s (pki {t.get('pki')}s, etcd {t.get('etcd')}s, apiserver {t.get('apiserver')}s, "
-        f"controllers {t.get('controllers')}s, nodes {t.get('nodes')}s)"
+        f"controllers {t.get('controllers')}s, nodes {t.get('nodes')}s{real_s})"
     )
-    print('next: eval "$(diffusion-operator dev env)"; kubectl get nodes; diffusion-operator dev down')
+    print('next: eval "$(diffusion-dev env)"; kubectl get nodes; diffusion-dev down')
     return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     st = _running_state(state_dir())
     if not st:
-        print("no local cluster is running: start one with `diffusion-operator dev up`", file=sys.stderr)
+        print("no local cluster is running: start one with `diffusion-dev up`", file=sys.stderr)
         return 1
     path = [st["bin_dir"], str(Path(st["kubectl"]).parent)]
     print(f"export KUBECONFIG={shlex.quote(st['kubeconfig'])}")
@@ -171,7 +184,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("no local cluster is running")
         return 0
     pid = int(st["pid"])
-    if _alive(pid) and "devcluster.supervisor" in _cmdline(pid):
+    if _alive(pid) and "diffusion_dev.supervisor" in _cmdline(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
         while _alive(pid) and time.monotonic() < deadline:
@@ -186,6 +199,7 @@ def cmd_down(args: argparse.Namespace) -> int:
             leftovers.append(name)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(cpid, signal.SIGKILL)
+    _recover_node()
     final = _read_state(d) or {}
     if final.get("status") != "stopped":
         (d / "state.json").write_text(json.dumps({"status": "stopped", "pid": pid}) + "\n")
@@ -193,9 +207,57 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def _recover_node() -> None:
+    """A real node whose owner died without stopping it: put the host back (under the node lock)."""
+    import fcntl
+
+    path = lock_path()
+    if os.geteuid() != 0 or not path.exists():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live node owns it
+        for line in recover_stale(lambda m: print(m, file=sys.stderr)):
+            print(f"recovered: {line}", file=sys.stderr)
+    finally:
+        os.close(fd)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from . import images
+
+    node = None
+    st = _running_state(state_dir())
+    if not args.no_import:
+        if st and st.get("containerd_socket"):
+            node = NodeClient(Path(st["bin_dir"]), Path(st["containerd_socket"]))
+        else:
+            print("no running cluster with a real node: building only (start one with `diffusion-dev up`)",
+                  file=sys.stderr)  # fmt: skip
+    built = images.ensure(tuple(args.target or images.TARGETS), node=node)
+    for image in built.values():
+        how = f"built in {image.built_seconds:.0f}s" if image.built_seconds else "cached"
+        imported = (
+            f", imported in {image.imported_seconds:.0f}s" if image.imported_seconds else ", in the node"
+        ) if node is not None else ""  # fmt: skip
+        print(f"{image.target}: {image.ref} ({how}{imported}; {image.size_bytes / 1e9:.2f} GB)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
-        prog="diffusion-operator dev", description="local control plane with fake GPU nodes"
+        prog="diffusion-dev",
+        description="local Kubernetes cluster (control plane, kwok GPU nodes, one real node), images, demo",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the binaries (if not cached) and print their directory")
@@ -206,8 +268,19 @@ def main(argv: list[str]) -> int:
     b.set_defaults(func=cmd_build)
     u = sub.add_parser("up", help="start the cluster in the background; prints the kubeconfig path")
     u.add_argument(
-        "--nodes", default=DEFAULT_POOL, help=f"node pool, profiles h100/a100/l4/cpu (default {DEFAULT_POOL})"
+        "--nodes",
+        default=None,
+        help=f"kwok node pool, profiles h100/a100/l4/cpu (default {REAL_NODE_POOL} with the real node, "
+        f"{DEFAULT_POOL} without)",
     )
+    u.add_argument(
+        "--real-node", dest="real_node", action="store_true", default=None,
+        help="one real node (containerd + kubelet + kube-proxy) that runs CPU pods for real",
+    )  # fmt: skip
+    u.add_argument(
+        "--no-real-node", dest="real_node", action="store_false",
+        help="fake nodes only (kwok): the fast path",
+    )  # fmt: skip
     u.add_argument("--timeout", type=float, default=90, help="readiness timeout per component, seconds")
     u.set_defaults(func=cmd_up)
     e = sub.add_parser("env", help="print shell exports (KUBECONFIG, PATH with kubectl and helm)")
@@ -217,9 +290,20 @@ def main(argv: list[str]) -> int:
     dn = sub.add_parser("down", help="stop the cluster and every component")
     dn.add_argument("--timeout", type=float, default=30)
     dn.set_defaults(func=cmd_down)
+    im = sub.add_parser(
+        "images", help="build the Dockerfile's images with buildah; import them into the node"
+    )
+    im.add_argument("--target", action="append", choices=("operator", "runtime"), help="default: both")
+    im.add_argument("--no-import", action="store_true", help="build only")
+    im.set_defaults(func=cmd_images)
+    de = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)", add_help=False)
+    de.add_argument("rest", nargs=argparse.REMAINDER)
+    de.set_defaults(func=cmd_demo)
     args = ap.parse_args(argv)
+    from .images import ImageError
+
     try:
         return args.func(args)
-    except (BuildError, ValueError) as exc:
-        print(f"diffusion-operator dev {args.cmd}: {exc}", file=sys.stderr)
+    except (BuildError, ValueError, NodeError, ImageError) as exc:
+        print(f"diffusion-dev {args.cmd}: {exc}", file=sys.stderr)
         return 1

@@ -10,12 +10,9 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,54 +29,37 @@ from pathlib import Path
 import yaml
 
 from .build import CONTROL_PLANE, ensure_binaries
-from .nodes import DEFAULT_POOL, KWOK_SELECTOR, NodeSpec, node_object, parse_pool
+from .components import Component, ComponentError, free_port, log_tail
+from .node import NODE_IP, RealNode
+from .nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 from .pki import PKI, make_pki
 
 SERVICE_CIDR = "10.0.0.0/24"
+REAL_NODE_ENV = "DIFFUSION_DEV_REAL_NODE"
+# Off by default until it has proven reliable end to end; `DIFFUSION_DEV_REAL_NODE=1` or
+# `diffusion-dev up --real-node` turns it on.
+REAL_NODE_DEFAULT = False
+
+
+def real_node_default() -> bool:
+    """Whether a cluster gets the real node when the caller does not say (environment, then default)."""
+    value = os.environ.get(REAL_NODE_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return REAL_NODE_DEFAULT
+
+
 POD_CIDR = "10.244.0.1/16"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 NOT_READY_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
 STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 
 
-class ComponentError(RuntimeError):
-    """A control plane component failed to start or become ready. Names it, with its log tail."""
-
-    def __init__(self, component: str, reason: str, log_tail: str = "") -> None:
-        self.component = component
-        self.reason = reason
-        self.log_tail = log_tail
-        msg = f"{component}: {reason}"
-        if log_tail:
-            msg += f"\n--- last lines of the {component} log ---\n{log_tail}"
-        super().__init__(msg)
-
-
 class KubectlError(subprocess.CalledProcessError):
     def __str__(self) -> str:
         return f"kubectl {' '.join(self.cmd[1:])} exited {self.returncode}: {(self.stderr or '').strip()}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        data = path.read_bytes()[-64 * 1024 :].decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort; atexit and stop() still apply
-        pass
 
 
 def find_kubectl(bin_dir: Path | None = None) -> str:
@@ -96,50 +76,6 @@ def find_kubectl(bin_dir: Path | None = None) -> str:
     return found
 
 
-@dataclass
-class Component:
-    name: str
-    argv: list[str]
-    log: Path
-    proc: subprocess.Popen | None = None
-    health: Callable[[], bool] | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # own process group: stop() kills the whole group
-                # The parent-death signal fires when the *thread* that forked exits, so it is only
-                # armed from the main thread; elsewhere atexit and stop() do the cleanup.
-                preexec_fn=_pdeathsig if threading.current_thread() is threading.main_thread() else None,
-            )
-
-    def check_running(self) -> None:
-        if self.proc is None:
-            raise ComponentError(self.name, "was never started")
-        rc = self.proc.poll()
-        if rc is not None:
-            raise ComponentError(self.name, f"exited with code {rc}", log_tail(self.log))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 _LIVE: set[LocalCluster] = set()
 
 
@@ -152,18 +88,29 @@ def _stop_all() -> None:
 
 @dataclass(eq=False)
 class LocalCluster:
-    """A local control plane with fake GPU nodes. Use as a context manager, or start()/stop()."""
+    """A local control plane with fake GPU nodes (kwok) and, with `real_node`, one real node
+    (containerd + kubelet + kube-proxy, see `node.py`). Use as a context manager, or start()/stop().
 
-    nodes: str | list[NodeSpec] = DEFAULT_POOL
+    `nodes` is the kwok pool; by default GPU nodes plus, without the real node, one CPU-only node
+    (with the real node, CPU pods land on it instead).
+    """
+
+    nodes: str | list[NodeSpec] | None = None
     bin_dir: Path | None = None
     workdir: Path | None = None
     timeout: float = 60.0
     progress: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    real_node: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.real_node is None:
+            self.real_node = real_node_default()
+        if self.nodes is None:
+            self.nodes = REAL_NODE_POOL if self.real_node else DEFAULT_POOL
         self.node_specs: list[NodeSpec] = (
             parse_pool(self.nodes) if isinstance(self.nodes, str) else list(self.nodes)
         )
+        self.node: RealNode | None = None
         self._own_workdir = self.workdir is None
         self.components: dict[str, Component] = {}
         self.timings: dict[str, float] = {}
@@ -222,11 +169,20 @@ class LocalCluster:
         w = self.workdir
         assert w is not None and self.bin_dir is not None
         t = time.monotonic()
-        self.pki = make_pki(w / "pki")
+        if self.real_node:
+            # lock, record the host state, create the bridge whose address the apiserver binds
+            self.node = RealNode(self.bin_dir, w, self.progress, timeout=max(self.timeout, 90))
+            self.node.prepare()
+        # with the real node the apiserver listens on the node's bridge address (pods reach it
+        # through the `kubernetes` Service); otherwise on loopback only
+        host = NODE_IP if self.node is not None else "127.0.0.1"
+        self.pki = make_pki(w / "pki", hosts=("127.0.0.1", "localhost", NODE_IP))
+        if self.node is not None:
+            self.node.make_certs(self.pki)
         self.timings["pki"] = round(time.monotonic() - t, 2)
         ports = {n: free_port() for n in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
         self.ports = ports
-        self.server = f"https://127.0.0.1:{ports['apiserver']}"
+        self.server = f"https://{host}:{ports['apiserver']}"
         self.kubeconfig = self._write_client_kubeconfig("admin", w / "kubeconfig")
         kubeconfigs = {n: self._write_client_kubeconfig(n, w / f"{n}.kubeconfig") for n in self.pki.clients}
         (w / "kwok.yaml").write_text(resources.files(__package__).joinpath("stages.yaml").read_text())
@@ -265,9 +221,9 @@ class LocalCluster:
                 [
                     str(b / "kube-apiserver"),
                     f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    "--endpoint-reconciler-type=none",  # 1.37 refuses loopback with the lease reconciler
+                    f"--bind-address={host}",
+                    f"--advertise-address={host}",
+                    *self._apiserver_node_flags(),
                     f"--secure-port={ports['apiserver']}",
                     f"--cert-dir={w / 'apiserver-certs'}",
                     f"--tls-cert-file={p.serving_cert}",
@@ -369,11 +325,28 @@ class LocalCluster:
         )
         self._wait_nodes_ready()
         self.timings["nodes"] = round(time.monotonic() - t - self.timings["controllers"], 2)
+        if self.node is not None:
+            t = time.monotonic()
+            self.node.start(self.pki, self._write_kubeconfig, self.api_get, env, SERVICE_CIDR)
+            self.timings["real-node"] = round(time.monotonic() - t, 2)
         self.timings["start"] = round(time.monotonic() - t0 - self.timings["binaries"], 2)
         self.progress(
-            f"[cluster] up in {self.timings['start']:.1f}s: {self.server}, {len(self.node_specs)} nodes, "
+            f"[cluster] up in {self.timings['start']:.1f}s: {self.server}, {len(self.node_specs)} kwok nodes"
+            f"{' + the real node' if self.node is not None else ''}, "
             f"kubeconfig {self.kubeconfig}"
         )
+
+    def _apiserver_node_flags(self) -> list[str]:
+        if self.node is None:
+            return ["--endpoint-reconciler-type=none"]  # 1.37 refuses loopback with the lease reconciler
+        assert self.pki is not None
+        client = self.node.certs.apiserver_kubelet_client
+        return [
+            f"--kubelet-client-certificate={client.cert}",
+            f"--kubelet-client-key={client.key}",
+            f"--kubelet-certificate-authority={self.pki.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _start_and_wait(self, comps: list[Component], env: dict[str, str], label: str) -> None:
         t = time.monotonic()
@@ -423,6 +396,9 @@ class LocalCluster:
             time.sleep(0.2)
 
     def _stop_components(self) -> None:
+        if self.node is not None:
+            self.node.stop()  # first: its pods, processes and host changes, while the apiserver runs
+            self.node = None
         for name in STOP_ORDER:
             comp = self.components.get(name)
             if comp is not None:
@@ -436,8 +412,37 @@ class LocalCluster:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             self._started = False
 
+    def stop_node(self) -> RealNode:
+        """Stop the real node alone (its pods, processes and host changes); the control plane stays.
+
+        Returns the stopped node: its `baseline`, `restored` and `leftovers` say what it put back.
+        """
+        assert self.node is not None, "this cluster has no real node"
+        node, self.node = self.node, None
+        node.stop()
+        return node
+
+    def start_node(self) -> RealNode:
+        """Start a real node again after `stop_node()` (same name, address and certificates)."""
+        assert self.node is None and self.pki is not None and self.workdir is not None and self.bin_dir
+        node = RealNode(self.bin_dir, self.workdir, self.progress, timeout=max(self.timeout, 90))
+        node.prepare()
+        node.make_certs(self.pki)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECONFIG", "ETCD"))}
+        env["HOME"] = str(self.workdir)
+        try:
+            node.start(self.pki, self._write_kubeconfig, self.api_get, env, SERVICE_CIDR)
+        except BaseException:
+            node.stop()
+            raise
+        self.node = node
+        return node
+
+    def all_components(self) -> dict[str, Component]:
+        return {**self.components, **(self.node.components if self.node is not None else {})}
+
     def pids(self) -> dict[str, int]:
-        return {n: c.proc.pid for n, c in self.components.items() if c.proc is not None}
+        return {n: c.proc.pid for n, c in self.all_components().items() if c.proc is not None}
 
     # ------------------------------------------------------------------ clients
     def _http_ok(self, url: str, ctx: ssl.SSLContext | None, needle: bytes) -> bool:
@@ -530,25 +535,6 @@ class LocalCluster:
         self.kubectl(
             "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         )
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25) -> object:
-    """Poll `condition` until it returns something truthy; raise TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while True:
-        try:
-            result = condition()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - remembered for the timeout message
-            last_exc = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"timed out after {timeout:.0f}s waiting for {what}"
-                + (f" (last error: {last_exc})" if last_exc else "")
-            )
-        time.sleep(interval)
 
 
 def _b64(data: bytes) -> str:

@@ -1,13 +1,15 @@
-"""`diffusion-operator demo`: the whole flow on this machine, no GPU and no model hub needed.
+"""`diffusion-dev demo` (what `make demo` runs): the README's quickstart on real pods, on this machine.
 
-1. start the local control plane (etcd, kube-apiserver, controller manager, scheduler, kwok GPU nodes);
-2. install the CRD and start the operator as a subprocess;
-3. `kubectl apply` the tiny CPU sample and wait for its `Ready` condition (kwok runs the pods);
-4. read back the ConfigMap the operator rendered (runtime.yaml + cache-dit.yaml) and serve it with the
-   real runtime on CPU, pointed at a tiny random-weight FLUX pipeline generated locally;
-5. POST one image generation over HTTP, save the PNG, print where it is and a few metrics.
+1. start the local cluster with its real node (containerd + kubelet + kube-proxy) and kwok GPU nodes;
+2. build the Dockerfile's `operator` and `runtime` images with buildah (cached) and load them into
+   the node under the names the chart and the CRD use;
+3. `helm install` the chart into `diffusion-system` (PodSecurity `restricted`): the operator runs in
+   the cluster with its own ServiceAccount;
+4. put the tiny random-weight model on a volume (`pvc://tiny-model/tiny-flux`, the sample's source),
+   `kubectl apply -f samples/tiny-cpu.yaml` into `demo` and wait for `Ready` (model loaded, warmed up);
+5. `kubectl port-forward svc/tiny`, POST one generation, save the PNG, print a few metrics.
 
-Everything started here is stopped before the command returns.
+Everything started here is stopped before the command returns, and the host is put back.
 """
 
 from __future__ import annotations
@@ -15,69 +17,28 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from .build import repo_root
+
+REPO = repo_root()
 SAMPLE = REPO / "samples" / "tiny-cpu.yaml"
 CRDS = REPO / "crds"
 NAMESPACE = "demo"
+OPERATOR_NAMESPACE = "diffusion-system"
 
 
 def _step(message: str) -> None:
     print(f"==> {message}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bin(name: str) -> str:
-    """A console script of this installation (same venv as the running interpreter)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _wait_http(
-    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _wait_ready(cluster, name: str, timeout: float) -> dict:
@@ -94,78 +55,75 @@ def _wait_ready(cluster, name: str, timeout: float) -> dict:
     raise TimeoutError(f"DiffusionDeployment {name} not Ready after {timeout:.0f}s: {last.get('status')}")
 
 
+def _port_forward(cluster, target: str, port: int) -> tuple[subprocess.Popen, int]:
+    from .cluster import find_kubectl
+
+    proc = subprocess.Popen(
+        [find_kubectl(cluster.bin_dir), "--kubeconfig", str(cluster.kubeconfig), "port-forward", "-n", NAMESPACE,
+         target, f":{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"127\.0\.0\.1:(\d+)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(
+            f"kubectl port-forward {target}: {line}{proc.stderr.read() if proc.stderr else ''}"
+        )
+    return proc, int(m.group(1))
+
+
 def run_demo(output: Path, keep: bool) -> Path:
-    from diffusion_operator.devcluster import LocalCluster, ensure_binaries
+    from . import LocalCluster, ensure_binaries
+    from .install import install_operator, load_images, restricted
+    from .workloads import model_volume, tiny_model_root, with_model_on_volume
 
     work = Path(tempfile.mkdtemp(prefix="diffusion-demo-"))
-    operator_proc: subprocess.Popen | None = None
-    runtime_proc: subprocess.Popen | None = None
+    forward: subprocess.Popen | None = None
     t0 = time.monotonic()
-    _step("building or finding the control-plane binaries (first run: a cold Go build, ~20-40 min)")
+    _step("building or finding the cluster binaries (first run: a cold Go build, ~30 min)")
     ensure_binaries()
-    _step("starting the local control plane with fake GPU nodes")
-    cluster = LocalCluster()
+    _step("starting the local cluster: control plane, the real node, kwok GPU nodes")
+    cluster = LocalCluster(real_node=True)
     cluster.start()
+    timings: dict[str, float] = {"cluster": round(time.monotonic() - t0, 1)}
     try:
-        print(f"    kubeconfig: {cluster.kubeconfig}  (started in {time.monotonic() - t0:.1f}s)")
-        cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product")
-        _step("installing the CRD and starting the operator")
+        assert cluster.node is not None
+        print(f"    kubeconfig: {cluster.kubeconfig}  (up in {timings['cluster']:.1f}s)")
+        print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product").stdout, end="")
+        _step("images from the Dockerfile (buildah; cached by content hash), loaded into the node")
+        t = time.monotonic()
+        for image in load_images(cluster.node).values():
+            print(f"    {image.target}: {image.ref} ({image.size_bytes / 1e9:.2f} GB)")
+        timings["images"] = round(time.monotonic() - t, 1)
+        _step(f"helm install the chart into {OPERATOR_NAMESPACE} (PodSecurity restricted)")
+        t = time.monotonic()
         cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/diffusiondeployments.diffusion.dev")
-        cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-        env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
-        operator_log = work / "operator.log"
-        operator_proc = subprocess.Popen(
-            [_bin("diffusion-operator"), "run", "--namespace", NAMESPACE],
-            env=env,
-            stdout=operator_log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        install_operator(cluster, OPERATOR_NAMESPACE)
+        timings["operator"] = round(time.monotonic() - t, 1)
+        print(cluster.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").stdout, end="")
+
+        _step("the tiny model on a volume: PersistentVolumeClaim tiny-model (pvc://tiny-model/tiny-flux)")
+        restricted(cluster, NAMESPACE)
+        cluster.apply(model_volume(NAMESPACE, tiny_model_root()))
+        doc = with_model_on_volume(yaml.safe_load(SAMPLE.read_text()))
+        _step(
+            f"kubectl apply -n {NAMESPACE} -f {SAMPLE.relative_to(REPO)} (model: {doc['spec']['model']['uri']})"
         )
-        _step(f"kubectl apply -f {SAMPLE.relative_to(REPO)}")
-        cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(SAMPLE))
-        name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
-        dd = _wait_ready(cluster, name, timeout=120)
-        print(cluster.kubectl("get", "dd", "-n", NAMESPACE).stdout, end="")
+        t = time.monotonic()
+        cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(doc))
+        name = doc["metadata"]["name"]
+        dd = _wait_ready(cluster, name, timeout=600)
+        timings["ready"] = round(time.monotonic() - t, 1)
+        print(cluster.kubectl("get", "dd,pods", "-n", NAMESPACE, "-o", "wide").stdout, end="")
         print(
             f"    status.endpoint: {dd['status'].get('endpoint')}  configHash: {dd['status'].get('configHash')}"
         )
 
-        _step("reading back the ConfigMap the operator rendered")
-        cm = json.loads(
-            cluster.kubectl("get", "configmap", f"{name}-config", "-n", NAMESPACE, "-o", "json").stdout
-        )
-        config_dir = work / "config"
-        config_dir.mkdir()
-        for key, value in cm["data"].items():
-            (config_dir / key).write_text(value)
-        print(
-            "    cache-dit.yaml:\n"
-            + "".join(f"      {line}\n" for line in cm["data"].get("cache-dit.yaml", "").splitlines())
-        )
-
-        _step("generating the tiny random-weight FLUX pipeline (no download)")
-        model_dir = work / "tiny-flux"
-        subprocess.run([_bin("diffusion-runtime"), "tiny-model", str(model_dir)], check=True)
-        runtime_cfg = yaml.safe_load((config_dir / "runtime.yaml").read_text())
-        print(f"    the pods would load {runtime_cfg['model']['uri']}; here it is {model_dir}")
-        runtime_cfg["model"]["uri"] = str(model_dir)
-        runtime_cfg["device"] = "cpu"
-        port = _free_port()
-        runtime_cfg.setdefault("server", {}).update(host="127.0.0.1", port=port, metrics_port=0)
-        (config_dir / "runtime.yaml").write_text(yaml.safe_dump(runtime_cfg, sort_keys=False))
-
-        _step("serving it with the runtime on CPU (load, cache-dit, warmup, then ready)")
-        runtime_log = work / "runtime.log"
-        runtime_proc = subprocess.Popen(
-            [_bin("diffusion-runtime"), "serve", "--config", str(config_dir / "runtime.yaml")],
-            stdout=runtime_log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        _step(f"kubectl port-forward svc/{name} :8000, then POST /v1/images/generations")
+        forward, port = _port_forward(cluster, f"svc/{name}", 8000)
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/ready", timeout=600, proc=runtime_proc, log=runtime_log)
-        _step("POST /v1/images/generations")
         body = json.dumps(
             {
                 "prompt": "a lighthouse at dusk",
@@ -190,29 +148,39 @@ def run_demo(output: Path, keep: bool) -> Path:
             "diffusion_images_generated_total",
             "diffusion_cache_steps_total",
             "diffusion_model_load_seconds",
+            "diffusion_warmup_seconds",
         )
         for line in metrics.splitlines():
             if line.startswith(shown):
                 print(f"    {line}")
-        print(f"\nImage written to {output.resolve()}  (total {time.monotonic() - t0:.1f}s)")
+        pod = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}",
+                              "-o", "name").stdout.split()[0]  # fmt: skip
+        print(f"    kubectl logs {pod} (last lines):")
+        for line in cluster.kubectl("logs", "-n", NAMESPACE, pod, "--tail", "3").stdout.splitlines():
+            print(f"      {line}")
+        timings["total"] = round(time.monotonic() - t0, 1)
+        print(
+            f"\nImage written to {output.resolve()}  (total {timings['total']:.1f}s; {json.dumps(timings)})"
+        )
         return output
     except BaseException:
-        for log in sorted(work.glob("*.log")):
-            print(f"\n--- last lines of {log.name} ---\n{log.read_text()[-3000:]}", file=sys.stderr)
+        diag = cluster.kubectl("describe", "pods", "-A", check=False).stdout[-4000:]
+        print(f"\n--- kubectl describe pods -A (tail) ---\n{diag}", file=sys.stderr)
         raise
     finally:
-        _step("stopping the runtime, the operator and the control plane")
-        _stop(runtime_proc)
-        _stop(operator_proc)
+        _step("stopping the port-forward, the pods, the node and the control plane")
+        if forward is not None:
+            forward.terminate()
+            forward.wait(10)
         cluster.stop()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffusion-operator demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diffusion-dev demo", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--output", type=Path, default=Path("out/demo.png"), help="where to write the image")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, rendered config)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     try:
         run_demo(args.output, args.keep)

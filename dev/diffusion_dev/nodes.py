@@ -36,6 +36,8 @@ PROFILES = {
 }
 
 DEFAULT_POOL = "h100=2,a100=1,cpu=1"
+# With the real node, CPU pods land on it: the kwok pool keeps only the GPU nodes.
+REAL_NODE_POOL = "h100=2,a100=1"
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,38 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     return PKI(ca_cert, ca_key, serving_cert, serving_key, sa_key, sa_pub, clients, fp_ca, fp_client)
 
 
+@dataclass(frozen=True)
+class NodeCerts:
+    kubelet_client: ClientCert  # system:node:<name> in system:nodes (Node authorizer, NodeRestriction)
+    kubelet_serving: ClientCert  # the kubelet's HTTPS server (logs, exec, port-forward), IP SAN
+    kube_proxy: ClientCert  # system:kube-proxy (bound to system:node-proxier by the RBAC bootstrap)
+    apiserver_kubelet_client: ClientCert  # the apiserver's identity towards the kubelet
+
+
+def make_node_certs(directory: Path, node_name: str, node_ip: str) -> NodeCerts:
+    """Certificates of one real node, signed by the cluster CA that `make_pki` made in `directory`."""
+    d = directory
+
+    def client(name: str, subj: str, san: str | None = None, usage: str = "clientAuth") -> ClientCert:
+        key, cert = d / f"{name}.key", d / f"{name}.crt"
+        _sign(d, key, cert, subj, san, usage)
+        return ClientCert(cert=cert, key=key)
+
+    return NodeCerts(
+        kubelet_client=client("kubelet-client", f"/CN=system:node:{node_name}/O=system:nodes"),
+        kubelet_serving=client(
+            "kubelet-serving",
+            f"/CN=system:node:{node_name}/O=system:nodes",
+            f"subjectAltName=IP:{node_ip},DNS:{node_name}",
+            "serverAuth",
+        ),  # fmt: skip
+        kube_proxy=client("kube-proxy", "/CN=system:kube-proxy"),
+        apiserver_kubelet_client=client(
+            "apiserver-kubelet-client", "/CN=kube-apiserver-kubelet-client/O=system:masters"
+        ),
+    )
+
+
 def _make_ca(d: Path, key: Path, cert: Path, cn: str) -> None:
     _ec_key(key)
     _openssl(

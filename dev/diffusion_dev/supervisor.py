@@ -1,4 +1,4 @@
-"""The background process behind `diffusion-operator dev up`.
+"""The background process behind `diffusion-dev up`.
 
 It owns the cluster's processes (they die with it: parent-death signal), writes `state.json` in
 the state dir once the cluster is up (or failed, with the reason), and on SIGTERM/SIGINT/SIGHUP
@@ -27,10 +27,11 @@ def write_state(directory: Path, /, **fields: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="diffusion-operator-dev-supervisor")
+    ap = argparse.ArgumentParser(prog="diffusion-dev-supervisor")
     ap.add_argument("--state-dir", type=Path, required=True)
     ap.add_argument("--bin-dir", type=Path, required=True)
-    ap.add_argument("--nodes", required=True)
+    ap.add_argument("--nodes", default=None)
+    ap.add_argument("--real-node", type=int, choices=(0, 1), required=True)
     ap.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args(argv)
     state_dir: Path = args.state_dir
@@ -45,13 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     cluster = LocalCluster(
-        nodes=args.nodes, bin_dir=args.bin_dir, workdir=run_dir, timeout=args.timeout, progress=log
+        nodes=args.nodes,
+        bin_dir=args.bin_dir,
+        workdir=run_dir,
+        timeout=args.timeout,
+        progress=log,
+        real_node=bool(args.real_node),
     )
     base = {
         "pid": os.getpid(),
         "state_dir": str(state_dir),
         "bin_dir": str(args.bin_dir),
-        "nodes": args.nodes,
+        "nodes": cluster.nodes,
+        "real_node": bool(args.real_node),
     }
     try:
         cluster.start()
@@ -70,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         server=cluster.server,
         kubectl=find_kubectl(cluster.bin_dir),
         components={
-            n: {"pid": pid, "log": str(cluster.components[n].log)} for n, pid in cluster.pids().items()
+            n: {"pid": pid, "log": str(cluster.all_components()[n].log)} for n, pid in cluster.pids().items()
         },
+        containerd_socket=str(cluster.node.sock) if cluster.node is not None else None,
         timings=cluster.timings,
         **base,
     )
     log("running; waiting for SIGTERM")
     exited: set[str] = set()
     while not stop.wait(2.0):
-        for name, comp in cluster.components.items():
+        for name, comp in cluster.all_components().items():
             if name not in exited and comp.proc is not None and comp.proc.poll() is not None:
                 exited.add(name)
                 log(f"component {name} exited with code {comp.proc.returncode}")

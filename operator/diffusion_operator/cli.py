@@ -1,4 +1,5 @@
-"""`diffusion-operator` command line: `run` (the operator) and `dev` (the local control plane)."""
+"""`diffusion-operator` command line: `run` (the operator). The local cluster, image builds and the
+demo are the developer tooling's (`diffusion-dev`, in `dev/`), not the operator's."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ USAGE = """usage: diffusion-operator <command> [options]
 
 commands:
   run     run the operator (kopf) against the current kubeconfig or in-cluster config
-  dev     local control plane with fake GPU nodes: dev up | dev env | dev down
-  demo    run the end-to-end demo on the local control plane and the tiny CPU model
+
+(the local cluster, image builds and the demo: `diffusion-dev`, installed with the dev tooling)
 """
 
 
@@ -23,14 +24,6 @@ def main(argv: list[str] | None = None) -> int:
         from diffusion_operator.runner import main as run_main
 
         return run_main(rest)
-    if command == "dev":
-        from diffusion_operator.devcluster.cli import main as dev_main
-
-        return dev_main(rest)
-    if command == "demo":
-        from diffusion_operator.demo import main as demo_main
-
-        return demo_main(rest)
     print(f"diffusion-operator: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

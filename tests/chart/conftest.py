@@ -28,7 +28,7 @@ def _executable(path: str | Path | None) -> Path | None:
 def helm_bin() -> Path:
     found = _executable(os.environ.get("HELM"))
     if found is None:
-        from diffusion_operator.devcluster.build import ensure_binaries
+        from diffusion_dev.build import ensure_binaries
 
         found = _executable(ensure_binaries(required=("helm",)) / "helm")
     if found is None:

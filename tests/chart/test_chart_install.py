@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _kubectl_as(cluster, kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    from diffusion_operator.devcluster.cluster import find_kubectl
+    from diffusion_dev.cluster import find_kubectl
 
     env = dict(os.environ, KUBECONFIG=str(kubeconfig))
     return subprocess.run(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from diffusion_operator.devcluster import wait_for
+from diffusion_dev import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from diffusion_operator.devcluster import ComponentError, LocalCluster, wait_for
+from diffusion_dev import ComponentError, LocalCluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -49,7 +50,7 @@ def test_failing_component_is_named_with_its_log_tail(cluster, tmp_path):
     fake = bins / "kube-apiserver"
     fake.write_text("#!/bin/sh\necho 'E0000 boom: cannot serve' >&2\nexit 3\n")
     fake.chmod(0o755)
-    broken = LocalCluster(nodes="cpu=1", bin_dir=bins, timeout=30, progress=lambda m: None)
+    broken = LocalCluster(nodes="cpu=1", bin_dir=bins, timeout=30, progress=lambda m: None, real_node=False)
     with pytest.raises(ComponentError) as info:
         broken.start()
     assert info.value.component == "kube-apiserver"
@@ -59,10 +60,17 @@ def test_failing_component_is_named_with_its_log_tail(cluster, tmp_path):
     assert not broken.workdir.exists()
 
 
+def _pythonpath() -> str:
+    import diffusion_dev
+
+    here = str(Path(diffusion_dev.__file__).resolve().parents[1])
+    return os.pathsep.join([here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
 def _dev(state, *args, timeout=240):
-    env = dict(os.environ, DIFFUSION_OPERATOR_DEV_STATE=str(state))
+    env = dict(os.environ, DIFFUSION_OPERATOR_DEV_STATE=str(state), PYTHONPATH=_pythonpath())
     return subprocess.run(
-        [sys.executable, "-m", "diffusion_operator.cli", "dev", *args],
+        [sys.executable, "-m", "diffusion_dev", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -72,7 +80,7 @@ def _dev(state, *args, timeout=240):
 
 def test_cli_up_env_down_leaves_nothing_running(cluster, tmp_path):
     state = tmp_path / "state"
-    up = _dev(state, "up", "--nodes", "h100=1,cpu=1")
+    up = _dev(state, "up", "--nodes", "h100=1,cpu=1", "--no-real-node")
     assert up.returncode == 0, up.stdout + up.stderr
     assert re.search(r"^kubeconfig: .+kubeconfig$", up.stdout, re.M), up.stdout
     assert re.search(r"^binaries: (cached \(built in [\d.]+s|built now in \d+s|prebuilt)", up.stdout, re.M)
@@ -102,7 +110,7 @@ def test_cli_up_env_down_leaves_nothing_running(cluster, tmp_path):
 
 def test_killed_supervisor_takes_the_whole_cluster_with_it(cluster, tmp_path):
     state = tmp_path / "state"
-    up = _dev(state, "up", "--nodes", "cpu=1")
+    up = _dev(state, "up", "--nodes", "cpu=1", "--no-real-node")
     assert up.returncode == 0, up.stdout + up.stderr
     st = json.loads((state / "state.json").read_text())
     pids = {n: c["pid"] for n, c in st["components"].items()}
@@ -125,7 +133,7 @@ def test_bad_node_pool_is_refused_before_anything_starts(tmp_path):
 def test_port_taken_between_pick_and_bind_is_retried(cluster, monkeypatch):
     import socket
 
-    from diffusion_operator.devcluster import cluster as cluster_module
+    from diffusion_dev import cluster as cluster_module
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -135,7 +143,9 @@ def test_port_taken_between_pick_and_bind_is_retried(cluster, monkeypatch):
     real = cluster_module.free_port
     monkeypatch.setattr(cluster_module, "free_port", lambda: next(picks, None) or real())
     messages: list[str] = []
-    local = LocalCluster(nodes="cpu=1", bin_dir=cluster.bin_dir, timeout=60, progress=messages.append)
+    local = LocalCluster(
+        nodes="cpu=1", bin_dir=cluster.bin_dir, timeout=60, progress=messages.append, real_node=False
+    )
     try:
         local.start()
         assert local.ports["etcd"] != taken
@@ -147,7 +157,7 @@ def test_port_taken_between_pick_and_bind_is_retried(cluster, monkeypatch):
 
 
 def test_second_build_builds_nothing(cluster):
-    from diffusion_operator.devcluster.build import assets_override, build, ensure_binaries
+    from diffusion_dev.build import assets_override, build, ensure_binaries
 
     messages: list[str] = []
     override = assets_override()
@@ -161,5 +171,7 @@ def test_second_build_builds_nothing(cluster):
             "etcd": "v3.6.16",
             "kwok": "v0.8.0",
             "helm": "v3.22.0",
+            "containerd": "v2.4.2",
+            "crictl": "v1.37.0",
         }
     assert messages == []  # no go invocation, no progress lines

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from diffusion_operator.devcluster import find_kubectl
+from diffusion_dev import find_kubectl
 
 pytestmark = pytest.mark.cluster
 

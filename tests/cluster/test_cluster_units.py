@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from diffusion_operator.devcluster import DEFAULT_POOL, node_object, parse_pool
-from diffusion_operator.devcluster.build import (
+from diffusion_dev import DEFAULT_POOL, node_object, parse_pool
+from diffusion_dev.build import (
     MODULES,
     BuildError,
     current_replaces,
@@ -104,7 +104,7 @@ def _fake_assets(directory, names):
 
 
 def test_assets_env_points_at_prebuilt_binaries(tmp_path, monkeypatch):
-    from diffusion_operator.devcluster.build import CONTROL_PLANE, assets_override, ensure_binaries
+    from diffusion_dev.build import CONTROL_PLANE, assets_override, ensure_binaries
 
     full = _fake_assets(tmp_path / "full", CONTROL_PLANE)
     envtest = _fake_assets(tmp_path / "envtest", ("etcd", "kube-apiserver", "kubectl"))
@@ -133,3 +133,88 @@ def test_sync_modules_detects_and_regenerates_a_damaged_replace_list(tmp_path):
         sync_k8s_replaces(module, write=False)
     sync_k8s_replaces(module, write=True)
     assert current_replaces(read_gomod(module)) == current_replaces(read_gomod(tools_dir() / "k8s"))
+
+
+# ---------------------------------------------------------------- the real node (pure parts)
+
+
+def test_iptables_rules_are_compared_without_counters_and_empty_tables_read_as_absent():
+    from diffusion_dev.hoststate import normalise_rules
+
+    empty = "# Generated\n*nat\n:PREROUTING ACCEPT [3:180]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    assert normalise_rules(empty) == ""
+    kube = (
+        "*filter\n:INPUT ACCEPT [10:20]\n:KUBE-FIREWALL - [0:0]\n[5:300] -A INPUT -j KUBE-FIREWALL\nCOMMIT\n"
+    )
+    assert (
+        normalise_rules(kube) == "*filter\n:INPUT ACCEPT\n:KUBE-FIREWALL -\n-A INPUT -j KUBE-FIREWALL\nCOMMIT"
+    )
+
+
+def test_host_state_diff_names_every_kind_of_change():
+    from diffusion_dev.hoststate import Snapshot, diff
+
+    before = Snapshot(
+        sysctls={"kernel/panic": "1"}, links=["eth0"], cgroups=["cpu:a"], paths={"/var/lib/kubelet": False}
+    )
+    after = Snapshot(
+        sysctls={"kernel/panic": "10"},
+        iptables={"ipv4 filter": ":KUBE-FIREWALL -"},
+        links=["eth0", "ddev0"],
+        netns=["cni-1"],
+        mounts=["/x"],
+        cgroups=["cpu:a", "cpu:diffusion-dev"],
+        processes=["kubelet"],
+        paths={"/var/lib/kubelet": True},
+    )
+    text = "\n".join(diff(before, after))
+    for needle in ("kernel/panic: 1 -> 10", "iptables ipv4 filter", "ddev0", "cni-1", "mounts added", "cpu:diffusion-dev",
+                   "processes", "/var/lib/kubelet"):  # fmt: skip
+        assert needle in text, (needle, text)
+    assert diff(after, after) == []
+
+
+def test_pods_get_no_default_route_no_masquerade_and_the_kubelet_fits_these_vms(tmp_path):
+    from diffusion_dev import node as n
+
+    cni = n.cni_config(tmp_path, "10.0.0.0/24")["plugins"][0]
+    assert cni["ipMasq"] is False and cni["isGateway"] is False
+    assert cni["ipam"]["routes"] == [{"dst": "10.0.0.0/24", "gw": n.NODE_IP}]  # the Service range only
+    certs = n.NodeCerts(*[n.pki_client(tmp_path / x) for x in ("a", "b", "c", "d")])
+    cfg = n.kubelet_config(certs, tmp_path / "ca", tmp_path / "sock", 1, 2, tmp_path / "logs", tmp_path / "r")
+    assert (cfg["failCgroupV1"], cfg["cgroupDriver"], cfg["failSwapOn"]) == (False, "cgroupfs", False)
+    assert (
+        cfg["authentication"]["anonymous"]["enabled"] is False and cfg["authorization"]["mode"] == "Webhook"
+    )
+    toml = n.containerd_config(tmp_path, tmp_path, tmp_path / "s", tmp_path, "p", tmp_path)
+    assert "restrict_oom_score_adj = true" in toml and "SystemdCgroup = false" in toml
+    proxy = n.kube_proxy_config(tmp_path / "kc", 1, 2)
+    assert proxy["nodePortAddresses"] == [n.POD_SUBNET] and proxy["iptables"]["localhostNodePorts"] is False
+
+
+def test_pause_image_archive_is_one_layer_with_the_binary(tmp_path):
+    import json
+    import tarfile
+
+    from diffusion_dev.node import pause_archive
+
+    binary = tmp_path / "pause"
+    binary.write_bytes(b"\x7fELF fake")
+    pause_archive(binary, "localhost/diffusion-dev/pause:x", tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        (manifest,) = json.load(tar.extractfile("manifest.json"))
+        assert manifest["RepoTags"] == ["localhost/diffusion-dev/pause:x"] and len(manifest["Layers"]) == 1
+        with tarfile.open(fileobj=tar.extractfile(manifest["Layers"][0])) as layer:
+            assert layer.extractfile("pause").read() == b"\x7fELF fake"
+
+
+def test_image_context_follows_dockerignore():
+    from diffusion_dev.build import repo_root
+    from diffusion_dev.images import context_files, ignored
+
+    files = context_files(repo_root())
+    assert "pyproject.toml" in files and "operator/diffusion_operator/cli.py" in files
+    assert not [f for f in files if f.startswith(("tests/", "dev/", ".venv/")) or "__pycache__" in f]
+    patterns = ["**", "!operator/", "**/__pycache__/"]
+    assert not ignored("operator/x.py", patterns) and ignored("tests/operator/x.py", patterns)
+    assert ignored("operator/a/__pycache__/x.pyc", patterns)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import yaml
+from diffusion_dev import wait_for
 from diffusion_operator import rbac
-from diffusion_operator.devcluster import wait_for
 from op_helpers import OperatorProcess, get_json, sample
 
 pytestmark = pytest.mark.cluster

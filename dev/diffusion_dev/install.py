@@ -1,0 +1,72 @@
+"""The real-cluster path a user takes, on the local cluster: images loaded, chart installed.
+
+- `load_images`: the Dockerfile's images built here (buildah) are imported into the real node and
+  also tagged with the names a user's cluster would pull (the chart's operator image, the CRD's
+  default runtime image), the way `kind load docker-image` does. So `helm install` with the chart's
+  defaults and `kubectl apply -f samples/tiny-cpu.yaml` run unchanged: the kubelet finds the
+  image locally (IfNotPresent) and never pulls.
+- `install_operator`: `helm install` of the chart into a namespace that enforces PodSecurity
+  `restricted`; the operator runs in the cluster with its own image and ServiceAccount.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from . import images
+from .build import repo_root
+from .node import NodeClient
+
+CHART = repo_root() / "charts" / "diffusion-operator"
+
+
+def default_image_names() -> dict[str, str]:
+    """target -> the image name a user's cluster pulls (one source each: the chart, the CRD spec)."""
+    from diffusion_operator.spec import DEFAULT_IMAGE
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    tag = values["image"].get("tag") or chart["appVersion"]
+    return {"operator": f"{values['image']['repository']}:{tag}", "runtime": DEFAULT_IMAGE}
+
+
+def load_images(
+    node: NodeClient,
+    targets: tuple[str, ...] = images.TARGETS,
+    progress: Callable[[str], None] = images._stderr,
+) -> dict[str, images.Image]:
+    """Build (cached), import into the node and tag with the default names."""
+    built = images.ensure(targets, node=node, progress=progress)
+    names = default_image_names()
+    for target, image in built.items():
+        node.ctr("images", "tag", "--force", image.ref, names[target])
+    return built
+
+
+def restricted(cluster, namespace: str) -> None:
+    cluster.kubectl("create", "namespace", namespace, check=False)
+    cluster.kubectl(
+        "label", "namespace", namespace, "--overwrite",
+        "pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest",
+    )  # fmt: skip
+
+
+def helm(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [str(Path(cluster.bin_dir) / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args[:2])} failed: {proc.stderr.strip()[-3000:]}")
+    return proc
+
+
+def install_operator(cluster, namespace: str, release: str = "diffusion-operator", *sets: str) -> str:
+    """`helm install` the chart (all namespaces watched) into a restricted namespace; waits for Ready."""
+    restricted(cluster, namespace)
+    args = ["install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s"]
+    for s in sets:
+        args += ["--set", s]
+    return helm(cluster, *args).stdout

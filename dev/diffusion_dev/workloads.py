@@ -1,0 +1,93 @@
+"""What the tests and the demo put on the real node besides the CR: the tiny model on a volume.
+
+The tiny random-weight pipeline is generated on the host once (by the runtime's own generator) and
+served to runtime pods the way a user's model would be: through the CR's `pvc://claim/path` model
+source, a PersistentVolumeClaim bound to a `local` PersistentVolume on the real node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .build import cache_home, repo_root
+from .node import NODE_NAME
+
+MODEL_CLAIM = "tiny-model"  # samples/tiny-cpu.yaml: pvc://tiny-model/tiny-flux
+MODEL_FOLDER = "tiny-flux"
+STORAGE_CLASS = "diffusion-dev-local"
+
+
+def tiny_model_root() -> Path:
+    """A folder holding `tiny-flux/` (the runtime's tiny pipeline), made once per generator version."""
+    generator = repo_root() / "runtime" / "diffusion_runtime" / "tiny.py"
+    key = hashlib.sha256(generator.read_bytes()).hexdigest()[:10] if generator.is_file() else "installed"
+    root = cache_home() / "models" / f"tiny-{key}"
+    if (root / MODEL_FOLDER / "model_index.json").is_file():
+        return root
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    subprocess.run(
+        [sys.executable, "-m", "diffusion_runtime.cli", "tiny-model", str(staging / MODEL_FOLDER)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    for path in [staging, *staging.rglob("*")]:  # readable by the pod's non-root user
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+    return root
+
+
+def model_uri() -> str:
+    return f"pvc://{MODEL_CLAIM}/{MODEL_FOLDER}"
+
+
+def with_model_on_volume(doc: dict) -> dict:
+    """The CR with its model read from the tiny-model claim (a no-op when it already is)."""
+    out = json.loads(json.dumps(doc))
+    out["spec"]["model"]["uri"] = model_uri()
+    return out
+
+
+def model_volume(namespace: str, host_path: Path, claim: str = MODEL_CLAIM) -> list[dict]:
+    """A `local` PersistentVolume on the real node, pre-bound to the claim `namespace/claim`."""
+    pv_name = f"{claim}-{namespace}"[:63]
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name, "labels": {"diffusion.dev/dev-volume": claim}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadOnlyMany"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "claimRef": {"namespace": namespace, "name": claim},
+            "local": {"path": str(host_path)},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [
+                            {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                        ]}
+                    ]
+                }
+            },
+        },
+    }  # fmt: skip
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"],
+            "storageClassName": STORAGE_CLASS,
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    return [pv, pvc]
