@@ -235,7 +235,7 @@ def sync_k8s_replaces(module_dir: Path, write: bool) -> tuple[str, dict[str, str
         raise BuildError(
             f"{module_dir / 'go.mod'}: replace list differs from k8s.io/kubernetes@{version}'s go.mod "
             f"(missing {missing}, extra {extra}, changed {changed}); "
-            "run `diffusion-operator dev build --sync-modules`"
+            "run `diffusion-dev build --sync-modules`"
         )
     args = [f"-dropreplace={old}" for old in have]
     args += [f"-replace={old}={new}" for old, new in sorted(want.items())]

@@ -1,6 +1,6 @@
 """Fixtures for the chart tests: the helm and promtool binaries and a `helm template` renderer.
 
-helm comes from the control-plane build (`diffusion-operator dev build`, or HELM=/path/to/helm);
+helm comes from the control-plane build (`diffusion-dev build`, or HELM=/path/to/helm);
 promtool from scripts/bootstrap.sh (Debian's prometheus package, extracted into the user cache),
 PROMTOOL=/path, or PATH. A missing binary fails the tests that need it, loudly: run
 scripts/bootstrap.sh.
@@ -32,7 +32,7 @@ def helm_bin() -> Path:
 
         found = _executable(ensure_binaries(required=("helm",)) / "helm")
     if found is None:
-        pytest.fail("helm not found: run scripts/bootstrap.sh (diffusion-operator dev build) or set HELM")
+        pytest.fail("helm not found: run scripts/bootstrap.sh (diffusion-dev build) or set HELM")
     return found
 
 

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import yaml
-from diffusion_operator.devcluster import wait_for
+from diffusion_dev import wait_for
 from op_helpers import get_json, sample
 from test_operator_cluster import (
     apply_doc,
