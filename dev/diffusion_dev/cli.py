@@ -247,14 +247,12 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # its own options (argparse.REMAINDER would not pass leading --flags)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="diffusion-dev",
         description="local Kubernetes cluster (control plane, kwok GPU nodes, one real node), images, demo",
@@ -296,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--target", action="append", choices=("operator", "runtime"), help="default: both")
     im.add_argument("--no-import", action="store_true", help="build only")
     im.set_defaults(func=cmd_images)
-    de = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)", add_help=False)
-    de.add_argument("rest", nargs=argparse.REMAINDER)
-    de.set_defaults(func=cmd_demo)
+    sub.add_parser("demo", help="the end-to-end demo on real pods (what `make demo` runs); --output, --keep")
     args = ap.parse_args(argv)
     from .images import ImageError
 

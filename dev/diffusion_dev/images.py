@@ -284,13 +284,31 @@ def build(target: str, progress: Progress = _stderr, root: Path | None = None) -
     progress(f"[images] {target}: buildah bud --target {target} (log {log})")
     build_args = [a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")]
     volumes = host_pip_volumes(buildah_home())
-    buildah("bud", "--isolation", "chroot", "--layers", "--pull=false", "--network", "host", *volumes,
-            "-f", str(root / "Dockerfile"), "--target", target, *build_args, "-t", ref, str(root),
-            log=log, timeout=5400)  # fmt: skip
+    try:
+        buildah("bud", "--isolation", "chroot", "--layers", "--force-rm", "--pull=false", "--network", "host",
+                *volumes, "-f", str(root / "Dockerfile"), "--target", target, *build_args, "-t", ref, str(root),
+                log=log, timeout=5400)  # fmt: skip
+    except ImageError:
+        buildah("rm", "--all", timeout=300)  # a failed step can leave its working container mounted
+        raise
+    prune(target, keep=ref)
     elapsed = time.monotonic() - t
     size = image_size(ref)
     progress(f"[images] {target}: built {ref} in {elapsed:.0f}s ({size / 1e9:.2f} GB)")
     return Image(target, ref, built_seconds=round(elapsed, 1), size_bytes=size)
+
+
+def prune(target: str, keep: str) -> None:
+    """Drop older builds of `target` from buildah's storage (each runtime build is ~6 GB)."""
+    stale = [
+        name
+        for item in json.loads(buildah("images", "--json").stdout or "[]")
+        for name in item.get("names") or []
+        if name.startswith(f"{REGISTRY}/{target}:") and name != keep
+    ]
+    if stale:
+        buildah("rmi", *stale, timeout=600)
+    buildah("rmi", "--prune", timeout=600)
 
 
 def import_into(node: NodeClient, image: Image, progress: Progress = _stderr) -> Image:
@@ -303,6 +321,10 @@ def import_into(node: NodeClient, image: Image, progress: Progress = _stderr) ->
         archive = Path(tmp) / "image.tar"
         buildah("push", "--quiet", image.ref, f"docker-archive:{archive}:{image.ref}", timeout=3600)
         node.import_archive(archive)
+    repo = image.ref.rsplit(":", 1)[0] + ":"
+    stale = [name for name in node.images() if name.startswith(repo) and name != image.ref]
+    if stale:  # all of an image's references (tags, id) go; containerd then drops its content
+        node.crictl("rmi", *stale, check=False)
     image.imported_seconds = round(time.monotonic() - t, 1)
     progress(f"[images] {image.target}: imported into the node in {image.imported_seconds:.0f}s")
     return image
