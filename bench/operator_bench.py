@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="operator-bench-"))
     print(f"starting the local control plane ({args.nodes}) ...", flush=True)
-    cluster = LocalCluster(nodes=args.nodes, timeout=180).start()
+    # the operator's own speed: fake pods only (kwok), no real node
+    cluster = LocalCluster(nodes=args.nodes, timeout=180, real_node=False).start()
     operator = None
     try:
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig)

@@ -131,11 +131,25 @@ if [ "${BOOTSTRAP_SKIP_GO:-0}" = "1" ]; then
   step "control plane binaries: skipped (BOOTSTRAP_SKIP_GO=1)"
 else
   command -v go >/dev/null 2>&1 || die "go not found on PATH (Go >= 1.26 is needed to build the control plane: Kubernetes 1.37 requires it)"
+  images_pid=""
+  if [ "$real_node" != "0" ] && [ "${BOOTSTRAP_SKIP_IMAGES:-0}" != "1" ] && [ "$(id -u)" -eq 0 ]; then
+    # mostly downloads and disk writes: it overlaps well with the CPU-bound Go build
+    images_log="$cache/images-bootstrap.log"
+    mkdir -p "$cache"
+    step "images: diffusion-dev images --no-import in the background (log $images_log)"
+    images_start=$(date +%s)
+    "$venv/bin/diffusion-dev" images --no-import > "$images_log" 2>&1 &
+    images_pid=$!
+  fi
   step "cluster binaries: diffusion-dev build (cold: tens of minutes; cached afterwards)"
   "$venv/bin/diffusion-dev" build
-  if [ "$real_node" != "0" ] && [ "${BOOTSTRAP_SKIP_IMAGES:-0}" != "1" ] && [ "$(id -u)" -eq 0 ]; then
-    step "images: diffusion-dev images --no-import (cold: base + operator + runtime with torch; cached afterwards)"
-    "$venv/bin/diffusion-dev" images --no-import
+  if [ -n "$images_pid" ]; then
+    if ! wait "$images_pid"; then
+      tail -n 40 "$images_log" >&2
+      die "diffusion-dev images failed (log $images_log)"
+    fi
+    sed 's/^/    /' "$images_log" | grep -v '^    \[images\]' || true
+    step "images ready ($(( $(date +%s) - images_start ))s since they started)"
   fi
 fi
 

@@ -38,7 +38,15 @@ REAL_NODE_OFF = (
     "the real node is off: DIFFUSION_DEV_REAL_NODE=1 turns it on (root, runc, CNI plugins, buildah)"
 )
 
-__all__ = ["cluster", "namespace", "node", "operator_image", "runtime_image", "tiny_model"]
+__all__ = [
+    "chart_operator_image",
+    "cluster",
+    "namespace",
+    "node",
+    "operator_image",
+    "runtime_image",
+    "tiny_model",
+]
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +90,12 @@ def node(cluster):
 
 def _image(cluster, target: str):
     from diffusion_dev import images
+    from diffusion_dev.install import load_images
 
     if cluster.node is None:
         pytest.skip(REAL_NODE_OFF)
-    try:
-        return images.ensure((target,), node=cluster.node)[target]
+    try:  # built (cached by content hash), imported, tagged with the chart's / CRD's default name
+        return load_images(cluster.node, (target,))[target]
     except images.ImageError as exc:
         pytest.fail(f"image {target} could not be built: {exc}", pytrace=False)
 
@@ -99,6 +108,13 @@ def operator_image(cluster):
 @pytest.fixture(scope="session")
 def runtime_image(cluster):
     return _image(cluster, "runtime")
+
+
+@pytest.fixture(scope="session")
+def chart_operator_image(cluster):
+    """With the real node, the chart's default operator image is there (built here); else None
+    (kwok runs the operator pod without an image)."""
+    return _image(cluster, "operator") if cluster.node is not None else None
 
 
 @pytest.fixture

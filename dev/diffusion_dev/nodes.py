@@ -8,6 +8,7 @@ NVIDIA GPU feature discovery sets (`nvidia.com/gpu.product`, `.memory`, `.comput
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,10 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+# With the real node, the kwok CPU node is tainted: CPU pods land on the real node unless a test
+# asks for a fake pod on purpose (`on_fake_cpu_node`), e.g. to reconcile hundreds of CRs.
+FAKE_CPU_TAINT = {"key": "diffusion.dev/fake-node", "value": "true", "effect": "NoSchedule"}
+PROFILE_LABEL = "diffusion.dev/node-profile"
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,9 @@ PROFILES = {
 }
 
 DEFAULT_POOL = "h100=2,a100=1,cpu=1"
-# With the real node, CPU pods land on it: the kwok pool keeps only the GPU nodes.
-REAL_NODE_POOL = "h100=2,a100=1"
+# With the real node the same pool, its CPU node tainted (FAKE_CPU_TAINT): CPU pods land on the
+# real node.
+REAL_NODE_POOL = DEFAULT_POOL
 
 
 @dataclass(frozen=True)
@@ -73,14 +79,15 @@ def parse_pool(text: str) -> list[NodeSpec]:
     return nodes
 
 
-def node_object(spec: NodeSpec) -> dict:
+def node_object(spec: NodeSpec, taint_cpu: bool = False) -> dict:
+    """The Node for `spec`; `taint_cpu` taints a CPU-only node with FAKE_CPU_TAINT."""
     p = spec.profile
     labels = {
         "kubernetes.io/hostname": spec.name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": "amd64",
         "type": "kwok",
-        "diffusion.dev/node-profile": p.name,
+        PROFILE_LABEL: p.name,
     }
     capacity = {"cpu": p.cpu, "memory": p.memory, "pods": "110", "ephemeral-storage": "1Ti"}
     taints = []
@@ -95,6 +102,8 @@ def node_object(spec: NodeSpec) -> dict:
         }
         capacity[GPU_RESOURCE] = str(p.gpus)
         taints.append(dict(GPU_TAINT))
+    elif taint_cpu:
+        taints.append(dict(FAKE_CPU_TAINT))
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -106,3 +115,15 @@ def node_object(spec: NodeSpec) -> dict:
         "spec": {"taints": taints} if taints else {},
         "status": {"capacity": capacity, "allocatable": dict(capacity)},
     }
+
+
+def on_fake_cpu_node(doc: dict) -> dict:
+    """A DiffusionDeployment (CPU) pinned to the kwok CPU node: its pods are fake (kwok), on
+    purpose. Returns a copy with `spec.template.nodeSelector` and the toleration set."""
+    out = json.loads(json.dumps(doc))
+    template = out["spec"].setdefault("template", {})
+    template["nodeSelector"] = {**template.get("nodeSelector", {}), PROFILE_LABEL: "cpu"}
+    toleration = {"key": FAKE_CPU_TAINT["key"], "operator": "Equal", "value": FAKE_CPU_TAINT["value"],
+                  "effect": FAKE_CPU_TAINT["effect"]}  # fmt: skip
+    template["tolerations"] = [*template.get("tolerations", []), toleration]
+    return out

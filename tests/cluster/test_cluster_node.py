@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 from diffusion_dev import hoststate, wait_for
 from diffusion_dev.node import NODE_IP, NODE_NAME, POD_SUBNET
+from diffusion_dev.nodes import FAKE_CPU_TAINT
 
 pytestmark = pytest.mark.cluster
 
@@ -72,9 +73,9 @@ def test_node_registers_with_its_own_identity(cluster, node):
     assert can.startswith("no") and "node: can only read namespaced object" in can, can
     other = cluster.kubectl("label", "node", "kwok-h100-0", "x=y", *as_node, check=False)
     assert other.returncode != 0 and "Forbidden" in other.stderr, other.stderr
-    # CPU pods land here: no kwok CPU node in the pool
-    names = cluster.kubectl("get", "nodes", "-o", "name").stdout.split()
-    assert f"node/{NODE_NAME}" in names and not any("kwok-cpu" in n for n in names)
+    # CPU pods land here: the kwok CPU node is tainted (tests pin fake pods to it on purpose)
+    fake = cluster.api_get("/api/v1/nodes/kwok-cpu-0")
+    assert FAKE_CPU_TAINT in fake["spec"]["taints"]
 
 
 def test_pod_from_a_locally_built_image_serves_through_its_service(cluster, node, namespace, operator_image,

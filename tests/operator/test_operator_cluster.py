@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from diffusion_dev import wait_for
+from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator import rbac
 from op_helpers import OperatorProcess, get_json, sample
 
@@ -22,6 +22,10 @@ CHILDREN = (("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"),
 
 
 def apply_doc(cluster, namespace: str, doc: dict, check: bool = True):
+    gpu = (doc.get("spec") or {}).get("gpu") if isinstance(doc.get("spec"), dict) else None
+    if isinstance(gpu, dict) and gpu.get("count") == 0:
+        # reconcile tests: fake pods on the kwok CPU node, not real ones on the real node
+        doc = on_fake_cpu_node(doc)
     return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=check)
 
 
