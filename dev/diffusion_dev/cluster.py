@@ -319,7 +319,7 @@ class LocalCluster:
         t = time.monotonic()
         # nodes exist before the controllers start, so their first informer sync already sees them
         for node in self.node_specs:
-            self.api_request("POST", "/api/v1/nodes", node_object(node, taint_cpu=self.real_node))
+            self.api_request("POST", "/api/v1/nodes", node_object(node, taint_cpu=bool(self.real_node)))
         self._start_and_wait(
             [c["kube-controller-manager"], c["kube-scheduler"], c["kwok"]], env, "controllers"
         )
