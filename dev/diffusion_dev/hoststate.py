@@ -54,6 +54,10 @@ PATHS = (
 # Programs of a node (process names as `comm` shows them, 15 characters at most).
 PROGRAMS = ("kubelet", "kube-proxy", "containerd", "containerd-shim", "runc", "pause")
 IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
+# Top-level cgroups a node creates: kubelet's cgroup root (node.CGROUP_ROOT), the default ones of
+# kubelet and containerd should anything run without a parent.
+KUBELET_CGROUP = "diffusion-dev"
+NODE_CGROUPS = (KUBELET_CGROUP, "kubepods", "k8s.io")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -126,18 +130,25 @@ def _mounts() -> list[str]:
 
 
 def _cgroups(depth: int = 3) -> list[str]:
+    """Top-level cgroups of every hierarchy, and down to `depth` below the ones a node creates.
+
+    Deeper cgroups elsewhere belong to the machine's own agents (they come and go); what a node
+    adds is a new top-level cgroup (kubelet's cgroup root, or a sandbox without a parent).
+    """
     out: set[str] = set()
     if not CGROUP_ROOT.is_dir():
         return []
     for hierarchy in sorted(CGROUP_ROOT.iterdir()):
         if not hierarchy.is_dir():
             continue
-        base = len(hierarchy.parts)
-        for root, dirs, _files in os.walk(hierarchy):
-            level = len(Path(root).parts) - base
-            if level >= depth:
-                dirs[:] = []
-            if level:
+        for top in sorted(p for p in hierarchy.iterdir() if p.is_dir()):
+            out.add(f"{hierarchy.name}:{top.name}")
+            if top.name not in NODE_CGROUPS:
+                continue
+            base = len(top.parts)
+            for root, dirs, _files in os.walk(top):
+                if len(Path(root).parts) - base >= depth:
+                    dirs[:] = []
                 out.add(f"{hierarchy.name}:{Path(root).relative_to(hierarchy)}")
     return sorted(out)
 
@@ -290,6 +301,8 @@ def restore(before: Snapshot, mount_roots: tuple[Path, ...]) -> list[str]:
     # processes refuses rmdir: kept, and the caller's diff reports it)
     for entry in sorted(set(_cgroups()) - set(before.cgroups)):
         hierarchy, rel = entry.split(":", 1)
+        if "/" in rel:  # removed with its top-level cgroup below
+            continue
         top = CGROUP_ROOT / hierarchy / rel
         for walked, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(Path(w[0]).parts)):
             with contextlib.suppress(OSError):
