@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from .build import CONTROL_PLANE, ensure_binaries
-from .components import Component, ComponentError, free_port, log_tail
+from .components import Component, ComponentError, free_port, log_tail, wait_for
 from .node import NODE_IP, RealNode
 from .nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 from .pki import PKI, make_pki
@@ -432,11 +432,34 @@ class LocalCluster:
         env["HOME"] = str(self.workdir)
         try:
             node.start(self.pki, self._write_kubeconfig, self.api_get, env, SERVICE_CIDR)
+            # the apiserver may still hold keep-alive connections to the previous kubelet: make
+            # it reach the new one (logs, exec and port-forward go the same way)
+            wait_for(self._kubelet_reachable, 60, "the apiserver to reach the new kubelet", interval=0.5)
         except BaseException:
             node.stop()
             raise
         self.node = node
         return node
+
+    def _kubelet_reachable(self) -> bool:
+        from .node import NODE_NAME
+
+        ok = 0
+        for _ in range(3):  # three in a row: no stale connection left in the pool
+            try:
+                self._raw_get(f"/api/v1/nodes/{NODE_NAME}/proxy/healthz")
+                ok += 1
+            except RuntimeError:
+                ok = 0
+        return ok == 3
+
+    def _raw_get(self, path: str) -> bytes:
+        req = urllib.request.Request(self.server + path)
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self._ssl) as resp:
+                return resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"GET {path}: {exc}") from None
 
     def all_components(self) -> dict[str, Component]:
         return {**self.components, **(self.node.components if self.node is not None else {})}

@@ -26,6 +26,7 @@ GPU_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
 GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
 STARTUP_PERIOD_SECONDS = 10
 RUNTIME_UID = 1000
+PRESTOP_SLEEP_SECONDS = 5
 CACHE_DIR = "/var/cache/diffusion"
 
 
@@ -197,6 +198,9 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
             "timeoutSeconds": 5,
             "failureThreshold": 3,
         },
+        # the endpoints controller and kube-proxy need a moment to take a terminating pod out of
+        # its Service: wait before SIGTERM, so no new connection reaches a process that is exiting
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 10,
