@@ -26,7 +26,7 @@ demo: bootstrap
 # mypy reads the packages from this checkout (pyproject: mypy_path), not from the editable install
 lint:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy operator/diffusion_operator runtime/diffusion_runtime
+	$(VENV)/bin/mypy operator/diffusion_operator runtime/diffusion_runtime dev/diffusion_dev
 
 format:
 	$(VENV)/bin/ruff format .

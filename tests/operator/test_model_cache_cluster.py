@@ -15,8 +15,8 @@ import json
 import uuid
 
 import pytest
+from diffusion_dev import wait_for
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT
-from diffusion_operator.devcluster import wait_for
 from op_helpers import get_json
 from test_model_cache import cached_doc
 from test_operator_cluster import apply_doc, conditions, dd, wait_ready

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from diffusion_operator.devcluster import wait_for
+from diffusion_dev import wait_for
 from op_helpers import get_json, sample
 
 pytestmark = pytest.mark.cluster

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffusion_operator.devcluster import wait_for
+from diffusion_dev import wait_for
 from diffusion_operator.kube import ApiError, Kube
 from op_helpers import OperatorProcess, get_json, sample
 
