@@ -1,5 +1,6 @@
 """spec.model.cache on the real control plane (kube-apiserver, controller manager with the PV binder and
-the Job controller, scheduler, kwok nodes).
+the Job controller, scheduler, kwok nodes), the operator running with a token bound to exactly its
+RBAC rules (rbac.py).
 
 What kwok can show: the claim and the download Job are created, the claim binds to a PersistentVolume,
 the scheduler waits for that before placing the Job's pod, the Job controller's real status drives
@@ -16,8 +17,9 @@ import uuid
 
 import pytest
 from diffusion_dev import wait_for
+from diffusion_operator import rbac
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT
-from op_helpers import get_json
+from op_helpers import OperatorProcess, get_json
 from test_model_cache import cached_doc
 from test_operator_cluster import apply_doc, conditions, dd, wait_ready
 
@@ -28,8 +30,28 @@ def _cache(cluster, namespace: str, name: str) -> dict:
     return (dd(cluster, namespace, name).get("status") or {}).get("modelCache") or {}
 
 
+@pytest.fixture
+def least_privilege_operator(cluster, namespace, crd, tmp_path):
+    """The operator with a ServiceAccount token bound to exactly rbac.NAMESPACED_RULES."""
+    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
+    cluster.apply(rbac.role("diffusion-operator", namespace))
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator", "-n", namespace,
+        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    token = cluster.token_for(namespace, "diffusion-operator")
+    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
+    yield proc
+    proc.assert_alive()
+    proc.stop()
+    log = proc.log()
+    assert "HTTP 403" not in log and "Forbidden" not in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_download_job_gates_the_deployment_until_the_claim_binds_and_the_job_completes(
-    cluster, namespace, operator
+    cluster, namespace, least_privilege_operator
 ):
     storage_class = f"manual-{uuid.uuid4().hex[:6]}"  # only our PersistentVolume serves it
     doc = cached_doc(storageClassName=storage_class, accessMode="ReadWriteMany")

@@ -410,7 +410,11 @@ def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp
         ).stdout.strip()
 
     assert can_i("list", "secrets", "-n", namespace) == "no"
-    assert can_i("list", "pods", "-n", namespace) == "no"
+    # pods: read-only (the download's progress, the quality gate's termination messages)
+    for verb in ("create", "delete", "patch"):
+        assert can_i(verb, "pods", "-n", namespace) == "no", verb
+    assert can_i("create", "pods", "--subresource=exec", "-n", namespace) == "no"
+    assert can_i("list", "pods", "-n", "default") == "no"
     assert can_i("patch", "deployments", "-n", "default") == "no"
     assert can_i("patch", "deployments", "-n", namespace) == "yes"
     proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
