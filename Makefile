@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo       bootstrap, then the end-to-end demo on real pods (local cluster, chart, tiny CPU model)"
 	@echo "make test       bootstrap, ruff, then the whole test suite (python -m pytest)"
-	@echo "make lint       ruff check ., then mypy on both packages"
+	@echo "make lint       ruff check ., then mypy on the packages (operator, runtime, dev tooling)"
 	@echo "make pytest     only the tests (PYTEST_ARGS='-x tests/chart' to narrow)"
 	@echo "make sync-crds  copy crds/ into the Helm chart"
 
