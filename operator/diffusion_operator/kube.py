@@ -32,6 +32,7 @@ API_PATHS = {
     ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{ns}/persistentvolumeclaims",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
+    ("keda.sh/v1alpha1", "ScaledObject"): "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
 }
 
 
@@ -90,6 +91,8 @@ class KubeClient(Protocol):
     def pods(self, namespace: str, label_selector: str) -> builtins.list[dict]: ...
 
     def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None: ...
+
+    def api_resources(self, api_version: str) -> builtins.list[str] | None: ...
 
 
 def load_configuration():
@@ -221,6 +224,14 @@ class Kube:
         if response.status >= 300:  # no log yet (container creating), or a node that serves none
             return None
         return response.data.decode(errors="replace") if response.data else ""
+
+    def api_resources(self, api_version: str) -> builtins.list[str] | None:
+        """Discovery: the resources (plural names) a group/version serves; None when it is not served
+        (e.g. keda.sh/v1alpha1 without KEDA's CRDs). Discovery needs no RBAC beyond authentication."""
+        out = self.request("GET", f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}")
+        if out is None:
+            return None
+        return [r["name"] for r in out.get("resources") or [] if "/" not in r.get("name", "")]
 
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path(API_VERSION, KIND, namespace, name) + "/status"

@@ -41,10 +41,17 @@ NAMESPACED_RULES: list[dict] = [
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {
-        # the HPA is deleted when spec.autoscaling is removed
+        # the HPA is deleted when spec.autoscaling is removed or its engine is keda
         "apiGroups": ["autoscaling"],
         "resources": ["horizontalpodautoscalers"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {
+        # spec.autoscaling.engine keda: the KEDA ScaledObject (applied, read on fresh passes, deleted when
+        # the engine or autoscaling changes; not watched, as KEDA's CRD may be absent: no list/watch)
+        "apiGroups": ["keda.sh"],
+        "resources": ["scaledobjects"],
+        "verbs": ["get", "create", "patch", "delete"],
     },
     {
         # spec.model.cache: the claim and the download Job (a new Job per change, never edited or deleted:

@@ -35,6 +35,7 @@ from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
 from diffusion_operator.builders.common import MANAGED_BY
+from diffusion_operator.builders.keda import KEDA_API_VERSION, SCALED_OBJECT, SCALED_OBJECTS
 from diffusion_operator.diff import is_subset
 from diffusion_operator.hashing import stable_hash
 from diffusion_operator.kube import ApiError, KubeClient
@@ -66,6 +67,16 @@ REPORT_TRANSIENT_AFTER = 3
 # a child refused for good is tried again after 5 s, doubling up to max_backoff (no new event or
 # status write while the message stays the same)
 REFUSED_RETRY = 5.0
+# API discovery of keda.sh/v1alpha1 (is KEDA's ScaledObject CRD installed?) is cached this long; a CR
+# refused for its absence is looked at again after it
+DISCOVERY_TTL = 30.0
+# the autoscaler object of each engine (spec.autoscaling.engine): the other one is deleted
+AUTOSCALERS = {
+    "hpa": ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    "keda": (KEDA_API_VERSION, SCALED_OBJECT),
+}
+KEDA_FLAG = "--keda-prometheus-address"
+KEDA_CHART_VALUE = "autoscaling.keda.prometheusAddress"
 
 CrKey = tuple[str, str]  # (namespace, name)
 ChildKey = tuple[str, str, str]  # (kind, namespace, name)
@@ -163,9 +174,19 @@ class Reconciler:
     """State and logic of the controller. Thread-safe: one lock per CR, short locks for the caches."""
 
     def __init__(
-        self, client: KubeClient | None = None, *, child_delay: float = 0.25, max_backoff: float = 60.0
+        self,
+        client: KubeClient | None = None,
+        *,
+        child_delay: float = 0.25,
+        max_backoff: float = 60.0,
+        keda_prometheus_address: str = "",
+        discovery_ttl: float = DISCOVERY_TTL,
     ) -> None:
         self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
+        # the Prometheus the ScaledObjects' triggers query (engine keda); empty: engine keda is refused
+        self.keda_prometheus_address = keda_prometheus_address
+        self.discovery_ttl = discovery_ttl
+        self._keda_seen: tuple[float, bool] | None = None  # (monotonic time, served)
         self.child_delay = child_delay
         # while a model cache downloads, look again this often (None: only on events, as tests drive it)
         self.cache_poll: float | None = MODEL_CACHE_POLL_SECONDS
@@ -242,6 +263,43 @@ class Reconciler:
     def cached_child(self, kind: str, namespace: str, name: str) -> dict | None:
         with self._guard:
             return self._children.get((kind, namespace, name))
+
+    def keda_available(self) -> bool:
+        """Whether the API server serves keda.sh/v1alpha1 scaledobjects (discovery, cached for
+        `discovery_ttl` seconds: KEDA installed after the operator started is seen within it)."""
+        now = time.monotonic()
+        with self._guard:
+            seen = self._keda_seen
+        if seen is not None and now - seen[0] < self.discovery_ttl:
+            return seen[1]
+        resources = self.client.api_resources(KEDA_API_VERSION)
+        served = resources is not None and SCALED_OBJECTS in resources
+        with self._guard:
+            self._keda_seen = (now, served)
+        return served
+
+    def engine_errors(self, spec: specs.Spec) -> list[specs.FieldError]:
+        """What the cluster or the operator's configuration lacks for the spec's autoscaling engine."""
+        if spec.autoscaling is None or spec.autoscaling.engine != "keda":
+            return []
+        errors = []
+        if not self.keda_available():
+            errors.append(
+                specs.FieldError(
+                    "spec.autoscaling.engine",
+                    f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECTS}.{KEDA_API_VERSION}), which this "
+                    "cluster does not serve: install KEDA, or use engine hpa",
+                )
+            )
+        if not self.keda_prometheus_address:
+            errors.append(
+                specs.FieldError(
+                    "spec.autoscaling.engine",
+                    f"keda needs the Prometheus address its trigger queries: run the operator with {KEDA_FLAG} "
+                    f"(chart value {KEDA_CHART_VALUE})",
+                )
+            )
+        return errors
 
     # ---- events (kopf calls these; they only queue) ---------------------------------------------
 
@@ -488,8 +546,11 @@ class Reconciler:
         generation = cr["metadata"].get("generation", 1)
         old_status = cr.get("status") or {}
         parsed = specs.parse(name, namespace, cr.get("spec"))
-        if not parsed.ok or parsed.spec is None:
-            new_status = statuses.invalid_status(old_status, generation, parsed.errors)
+        engine_errors = self.engine_errors(parsed.spec) if parsed.ok and parsed.spec is not None else []
+        if not parsed.ok or parsed.spec is None or engine_errors:
+            if engine_errors:  # the cluster may gain KEDA: look again once discovery is stale
+                self.enqueue(namespace, name, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
+            new_status = statuses.invalid_status(old_status, generation, parsed.errors + engine_errors)
             if not statuses.same_status(old_status, new_status):
                 self._write_status(cr, new_status)
                 self._event_once(cr, old_status, new_status, statuses.CONFIG_VALID, "InvalidSpec")
@@ -511,7 +572,12 @@ class Reconciler:
         first = not old_status.get("observedGeneration")
         cache = self._model_cache(spec, cr, old_status, fresh, first) if spec.model_cache else None
         cache_ready = cache is None or cache["phase"] == cache_statuses.CACHE_READY
-        desired = [with_spec_hash(obj) for obj in builders.build_all(spec, cr, model_cache_ready=cache_ready)]
+        desired = [
+            with_spec_hash(obj)
+            for obj in builders.build_all(
+                spec, cr, model_cache_ready=cache_ready, keda_prometheus_address=self.keda_prometheus_address
+            )
+        ]
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
         stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
         serving = observed.get("Deployment")
@@ -543,8 +609,8 @@ class Reconciler:
                 retry = error
             apply_error = (error.code, f"{error.kind_name}: {error.reason}")
             metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
-        if apply_error is None and spec.autoscaling is None:
-            self._delete_unwanted_hpa(cr, fresh)
+        if apply_error is None:
+            self._delete_unwanted_autoscalers(cr, spec, fresh)
         with self._guard:
             self._managed[key] = len(desired)
             self._child_keys[key] = [
@@ -679,15 +745,23 @@ class Reconciler:
             raise errors[0]
         return answers
 
-    def _delete_unwanted_hpa(self, cr: dict, fresh: bool) -> None:
+    def _delete_unwanted_autoscalers(self, cr: dict, spec: specs.Spec, fresh: bool) -> None:
+        """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
+        engine's when the engine is switched (an HPA and KEDA's HPA must never drive one Deployment).
+        ScaledObjects are looked up only when KEDA is served (discovery), else there are none."""
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-        if fresh:
-            hpa = self.client.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
-        else:  # every HPA of ours is in the cache: kopf lists and watches them
-            hpa = self.cached_child("HorizontalPodAutoscaler", namespace, name)
-        if hpa is not None and owned_by(hpa, cr):
-            self.client.delete("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name)
-            self.forget_child("HorizontalPodAutoscaler", namespace, name)
+        wanted = spec.autoscaling.engine if spec.autoscaling is not None else None
+        for engine, (api_version, kind) in AUTOSCALERS.items():
+            if engine == wanted or (engine == "keda" and not self.keda_available()):
+                continue
+            # not fresh: every HPA of ours is in the cache (kopf lists and watches them); ScaledObjects
+            # are not watched (their CRD may come and go), the cache holds our own applies and the
+            # fresh passes (start, resync) read the API server
+            obj = self.client.get(api_version, kind, namespace, name) if fresh else None
+            obj = obj or self.cached_child(kind, namespace, name)
+            if obj is not None and owned_by(obj, cr):
+                self.client.delete(api_version, kind, namespace, name)
+                self.forget_child(kind, namespace, name)
 
     def _event_once(self, cr: dict, old_status: dict, new_status: dict, type_: str, reason: str) -> None:
         """A Warning event when the condition's failure message is new (once per distinct message)."""

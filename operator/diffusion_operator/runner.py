@@ -36,6 +36,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=16,
         help="threads running reconciles (one object never runs twice at once)",
     )
+    parser.add_argument(
+        "--keda-prometheus-address",
+        default=os.environ.get("DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS", ""),
+        help="Prometheus URL the KEDA ScaledObjects' triggers query (spec.autoscaling.engine keda); "
+        "empty: engine keda is refused with ConfigValid=False",
+    )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
@@ -71,7 +77,7 @@ def main(argv: list[str]) -> int:
         return 1
     import threading
 
-    reconciler = Reconciler(client)
+    reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address)
     reconciler.start(args.workers)
     stop = threading.Event()
     reconciler.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)

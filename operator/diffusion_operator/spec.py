@@ -282,8 +282,55 @@ class ServerSpec(_Model):
     )
 
 
+AUTOSCALING_ENGINES = ("hpa", "keda")
+AutoscalingEngine = Annotated[str, _one_of(AUTOSCALING_ENGINES), _enum(AUTOSCALING_ENGINES)]
+SCALING_POLICY_TYPES = ("Pods", "Percent")
+ScalingPolicyType = Annotated[str, _one_of(SCALING_POLICY_TYPES), _enum(SCALING_POLICY_TYPES)]
+SELECT_POLICIES = ("Max", "Min", "Disabled")
+SelectPolicy = Annotated[str, _one_of(SELECT_POLICIES), _enum(SELECT_POLICIES)]
+# the per-pod demand a replica is sized for when neither targetDemand nor targetQueueDepth is set: a pod
+# generates one request at a time, so 1 = every pod busy with nothing waiting
+DEFAULT_TARGET_DEMAND = 1.0
+
+
+class ScalingPolicy(_Model):
+    """One autoscaling/v2 HPAScalingPolicy: change by at most `value` pods (or percent) per `periodSeconds`."""
+
+    type: ScalingPolicyType = Field(description="Pods or Percent.")
+    value: int = Field(description="Pods or percent per period.", ge=1)
+    period_seconds: int = Field(alias="periodSeconds", description="Period of the policy.", ge=1, le=1800)
+
+
+class ScalingRules(_Model):
+    """autoscaling/v2 HPAScalingRules; a field left unset keeps the operator's default for that direction."""
+
+    stabilization_window_seconds: int | None = Field(
+        None,
+        alias="stabilizationWindowSeconds",
+        description="Look back this long and take the most conservative recommendation.",
+        ge=0,
+        le=3600,
+    )
+    select_policy: SelectPolicy | None = Field(
+        None, alias="selectPolicy", description="Max, Min or Disabled (no scaling in this direction)."
+    )
+    policies: list[ScalingPolicy] | None = Field(
+        None, description="Rate limits.", min_length=1, max_length=10
+    )
+
+
+class ScalingBehavior(_Model):
+    """autoscaling/v2 HorizontalPodAutoscalerBehavior. Defaults: scale up fast (no stabilization, double or
+    +4 pods every 15 s), scale down slow (5 min window, one pod a minute)."""
+
+    scale_up: ScalingRules | None = Field(None, alias="scaleUp")
+    scale_down: ScalingRules | None = Field(None, alias="scaleDown")
+
+
 class AutoscalingSpec(_Model):
-    """Scale on the runtime's per-pod queue depth (autoscaling/v2 HPA, Pods metric diffusion_queue_depth)."""
+    """Scale on the runtime's per-pod demand gauge diffusion_demand_requests (waiting + running requests),
+    with an autoscaling/v2 HPA (Pods metric, needs a custom-metrics adapter) or a KEDA ScaledObject
+    (Prometheus trigger, needs KEDA installed)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -291,15 +338,38 @@ class AutoscalingSpec(_Model):
                 {
                     "rule": "self.minReplicas <= self.maxReplicas",
                     "message": "autoscaling.minReplicas must be <= autoscaling.maxReplicas",
-                }
+                },
+                {
+                    "rule": "!(has(self.targetDemand) && has(self.targetQueueDepth))",
+                    "message": "autoscaling.targetQueueDepth is the deprecated name of targetDemand: set only "
+                    "targetDemand",
+                },
             ]
         }
     )
 
+    engine: AutoscalingEngine = Field(
+        "hpa",
+        description="hpa: an autoscaling/v2 HorizontalPodAutoscaler on the Pods metric (needs a custom-metrics "
+        "adapter); keda: a KEDA ScaledObject with a Prometheus trigger (needs KEDA's CRDs).",
+    )
     min_replicas: int = Field(1, alias="minReplicas", description="Lowest replica count.", ge=1)
     max_replicas: int = Field(alias="maxReplicas", description="Highest replica count.", ge=1)
-    target_queue_depth: float = Field(
-        2.0, alias="targetQueueDepth", description="Average queued images per pod to aim for.", ge=0.1
+    target_demand: float | None = Field(
+        None,
+        alias="targetDemand",
+        description="Average demand per pod to aim for: requests waiting + running "
+        f"(diffusion_demand_requests); default {DEFAULT_TARGET_DEMAND:g}.",
+        ge=0.1,
+    )
+    target_queue_depth: float | None = Field(
+        None,
+        alias="targetQueueDepth",
+        description="Deprecated: the old name of targetDemand (its value is used as targetDemand).",
+        ge=0.1,
+    )
+    behavior: ScalingBehavior | None = Field(
+        None, description="Scale-up and scale-down rules (autoscaling/v2 behavior), merged over the defaults."
     )
 
 
@@ -665,11 +735,41 @@ class ModelCache:
     backoff_limit: int
 
 
+# scale up fast, scale down slow (autoscaling/v2 HPAScalingRules; spec.autoscaling.behavior merges over these)
+DEFAULT_BEHAVIOR: dict[str, dict[str, Any]] = {
+    "scaleUp": {
+        "stabilizationWindowSeconds": 0,
+        "selectPolicy": "Max",
+        "policies": [
+            {"type": "Percent", "value": 100, "periodSeconds": 15},
+            {"type": "Pods", "value": 4, "periodSeconds": 15},
+        ],
+    },
+    "scaleDown": {
+        "stabilizationWindowSeconds": 300,
+        "selectPolicy": "Max",
+        "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+    },
+}
+
+
+def _behavior(b: ScalingBehavior | None) -> dict[str, Any]:
+    out = copy.deepcopy(DEFAULT_BEHAVIOR)
+    for direction in ("scaleUp", "scaleDown"):
+        rules = getattr(b, "scale_up" if direction == "scaleUp" else "scale_down", None) if b else None
+        if rules is not None:
+            out[direction].update(rules.model_dump(by_alias=True, exclude_none=True))
+    return out
+
+
 @dataclass
 class Autoscaling:
     min_replicas: int
     max_replicas: int
-    target_queue_depth: float
+    target_demand: float
+    engine: str = "hpa"
+    behavior: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_BEHAVIOR))
+    deprecated_target_queue_depth: bool = False  # the CR used the old name
 
 
 @dataclass
@@ -813,11 +913,7 @@ def _view(name: str, namespace: str, cr: DiffusionDeploymentSpec) -> Spec:
         max_steps=cr.server.max_steps,
         max_n=cr.server.max_n,
         startup_timeout_seconds=cr.startup_timeout_seconds,
-        autoscaling=Autoscaling(
-            cr.autoscaling.min_replicas, cr.autoscaling.max_replicas, cr.autoscaling.target_queue_depth
-        )
-        if cr.autoscaling
-        else None,
+        autoscaling=_autoscaling(cr.autoscaling) if cr.autoscaling else None,
         max_surge=cr.rollout.max_surge,
         max_unavailable=_max_unavailable(cr),
         pdb_max_unavailable=cr.disruption.max_unavailable,
@@ -915,6 +1011,18 @@ def _model_errors(error: ValidationError) -> list[FieldError]:
     return list(seen.values())
 
 
+def _autoscaling(a: AutoscalingSpec) -> Autoscaling:
+    target = a.target_demand if a.target_demand is not None else a.target_queue_depth
+    return Autoscaling(
+        a.min_replicas,
+        a.max_replicas,
+        DEFAULT_TARGET_DEMAND if target is None else target,
+        engine=a.engine,
+        behavior=_behavior(a.behavior),
+        deprecated_target_queue_depth=a.target_queue_depth is not None,
+    )
+
+
 def parse(name: str, namespace: str, spec: Any) -> Parsed:
     if spec is None or spec == {}:
         return Parsed(None, [FieldError("spec", "is required")])
@@ -939,6 +1047,15 @@ def semantic_errors(s: Spec) -> list[FieldError]:
             errors.append(
                 FieldError("spec.autoscaling.minReplicas", "must be <= spec.autoscaling.maxReplicas")
             )
+        if s.cr is not None and s.cr.autoscaling is not None:
+            a = s.cr.autoscaling
+            if a.target_demand is not None and a.target_queue_depth is not None:
+                errors.append(
+                    FieldError(
+                        "spec.autoscaling.targetQueueDepth",
+                        "is the deprecated name of targetDemand: set only targetDemand",
+                    )
+                )
         if s.cr is not None and s.cr.replicas is not None:
             errors.append(
                 FieldError(

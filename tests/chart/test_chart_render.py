@@ -226,6 +226,7 @@ def test_alert_thresholds_come_from_values(render):
         (("monitoring.prometheusRule.queueRejectionsPerSecond=-1",), "queueRejectionsPerSecond"),
         (("monitoring.podMonitor.interval=fast",), "interval"),
         (("imagePullPolicy=Always",), "imagePullPolicy"),
+        (("autoscaling.keda.prometheusAddress=prometheus:9090",), "prometheusAddress"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(helm_bin, sets, complaint):
@@ -253,3 +254,18 @@ def test_rendered_arguments_are_accepted_by_the_operator_cli(render, sets):
         assert args.namespace == ["team-a", "team-b"] and not args.all_namespaces and args.verbose
     else:
         assert args.all_namespaces and args.namespace == []
+
+
+def test_keda_prometheus_address_reaches_the_operator(render, monkeypatch):
+    from diffusion_operator.runner import parse_args
+
+    address = "http://prometheus-operated.monitoring.svc:9090"
+    container = one(render(f"autoscaling.keda.prometheusAddress={address}"), "Deployment")["spec"][
+        "template"
+    ]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS"] == address
+    monkeypatch.setenv("DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS", address)
+    assert parse_args(container["args"]).keda_prometheus_address == address
+    default = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS" not in {e["name"] for e in default["env"]}

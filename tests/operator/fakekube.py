@@ -19,6 +19,7 @@ apply / edit / apply sequence on both and compares.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import functools
 import itertools
@@ -120,6 +121,9 @@ class FakeKube:
         self.reads: Counter[tuple[str, str]] = Counter()
         self.watchers: list[Callable[[str, dict], None]] = []
         self.refusals: dict[tuple[str, str], ApiError] = {}  # (verb, kind) -> error
+        # group/versions served beyond the built-in ones (API discovery): e.g. {"keda.sh/v1alpha1":
+        # ["scaledobjects"]} once a test "installs" KEDA's CRD
+        self.served: dict[str, list[str]] = {}
         self._rv = itertools.count(100)
         self._uid = itertools.count(1)
 
@@ -249,6 +253,12 @@ class FakeKube:
         self.delete_object(kind, namespace, name)
 
     @_locked
+    def api_resources(self, api_version: str) -> builtins.list[str] | None:
+        self.reads[("DISCOVERY", api_version)] += 1
+        served = self.served.get(api_version)
+        return list(served) if served is not None else None
+
+    @_locked
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         self._check_refused("PATCH", "DiffusionDeployment/status")
         key = ("DiffusionDeployment", namespace, name)
@@ -268,7 +278,7 @@ class FakeKube:
         )
 
     @_locked
-    def pods(self, namespace: str, label_selector: str) -> list[dict]:
+    def pods(self, namespace: str, label_selector: str) -> builtins.list[dict]:
         """Pods whose labels match `k=v,k2=v2` (what the reconciler asks of the download Job's pods)."""
         self.reads[("LIST", "Pod")] += 1
         wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)

@@ -243,8 +243,8 @@ def test_service_pdb_and_hpa():
         {
             "type": "Pods",
             "pods": {
-                "metric": {"name": "diffusion_queue_depth"},
-                "target": {"type": "AverageValue", "averageValue": "2"},
+                "metric": {"name": "diffusion_demand_requests"},
+                "target": {"type": "AverageValue", "averageValue": "1"},
             },
         }
     ]
@@ -254,7 +254,7 @@ def test_service_pdb_and_hpa():
 
 def test_hpa_fractional_target_is_a_quantity():
     spec = copy.deepcopy(sample("qwen-image.yaml")["spec"])
-    spec["autoscaling"]["targetQueueDepth"] = 1.5
+    spec["autoscaling"]["targetDemand"] = 1.5
     hpa = builders.build_hpa(parsed(spec, "q"), OWNER)
     assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "1500m"
 

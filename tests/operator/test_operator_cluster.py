@@ -364,8 +364,8 @@ def test_autoscaling_builds_an_hpa_and_removing_it_deletes_the_hpa(cluster, name
     apply_doc(cluster, namespace, doc)
     hpa = wait_for(lambda: get_json(cluster, "hpa", "qwen-image", "-n", namespace), 30, "the HPA")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "qwen-image"
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "diffusion_queue_depth"
-    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "diffusion_demand_requests"
+    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "1"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
     pod_spec = get_json(cluster, "deployment", "qwen-image", "-n", namespace)["spec"]["template"]["spec"]
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}

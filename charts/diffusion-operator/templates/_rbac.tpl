@@ -25,10 +25,14 @@ model download's progress: log tail and termination message).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# the HPA is deleted when spec.autoscaling is removed
+# the HPA is deleted when spec.autoscaling is removed or its engine is keda
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# spec.autoscaling.engine keda: the KEDA ScaledObject (not watched: KEDA's CRD may be absent)
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
 # spec.model.cache: the claim and the download Job
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]

@@ -10,6 +10,7 @@ from diffusion_operator.builders.configmap import (
 )
 from diffusion_operator.builders.deployment import build_deployment
 from diffusion_operator.builders.hpa import build_hpa
+from diffusion_operator.builders.keda import build_scaled_object
 from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
 from diffusion_operator.builders.pdb import build_pdb
 from diffusion_operator.builders.service import build_service, endpoint
@@ -22,6 +23,7 @@ __all__ = [
     "build_model_cache_pvc",
     "build_hpa",
     "build_pdb",
+    "build_scaled_object",
     "build_service",
     "endpoint",
     "labels",
@@ -33,11 +35,15 @@ __all__ = [
 ]
 
 
-def build_all(spec, owner: dict, model_cache_ready: bool = True) -> list[dict]:
+def build_all(
+    spec, owner: dict, model_cache_ready: bool = True, keda_prometheus_address: str = ""
+) -> list[dict]:
     """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
     then the Deployment (the slow part: scheduling, image pull, model load), then the rest; with
     spec.model.cache its claim and download Job last. Until that cache is complete
-    (`model_cache_ready` False) the Deployment has 0 replicas and there is no HPA to scale it up."""
+    (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
+    The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
+    reading `keda_prometheus_address`), never both."""
     configmap = build_configmap(spec, owner)
     children = [
         configmap,
@@ -46,7 +52,10 @@ def build_all(spec, owner: dict, model_cache_ready: bool = True) -> list[dict]:
         build_pdb(spec, owner),
     ]
     if spec.autoscaling is not None and model_cache_ready:
-        children.append(build_hpa(spec, owner))
+        if spec.autoscaling.engine == "keda":
+            children.append(build_scaled_object(spec, owner, keda_prometheus_address))
+        else:
+            children.append(build_hpa(spec, owner))
     if spec.model_cache is not None:
         children += [build_model_cache_pvc(spec, owner), build_download_job(spec, owner)]
     return children

@@ -1,10 +1,15 @@
-"""autoscaling/v2 HorizontalPodAutoscaler on the runtime's per-pod queue depth (Pods metric)."""
+"""autoscaling/v2 HorizontalPodAutoscaler on the runtime's per-pod demand (Pods metric
+`diffusion_demand_requests`: requests waiting + running), with the spec's scale-up/scale-down behavior."""
 
 from __future__ import annotations
 
+import copy
+
 from diffusion_operator.builders.common import metadata
 
-QUEUE_METRIC = "diffusion_queue_depth"
+# the runtime's per-pod demand gauge (waiting + running requests, sync and async): every autoscaling
+# path scales on it (HPA Pods metric, KEDA Prometheus query, dashboard)
+DEMAND_METRIC = "diffusion_demand_requests"
 
 
 def quantity(value: float) -> str:
@@ -27,10 +32,11 @@ def build_hpa(spec, owner: dict) -> dict:
                 {
                     "type": "Pods",
                     "pods": {
-                        "metric": {"name": QUEUE_METRIC},
-                        "target": {"type": "AverageValue", "averageValue": quantity(a.target_queue_depth)},
+                        "metric": {"name": DEMAND_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": quantity(a.target_demand)},
                     },
                 }
             ],
+            "behavior": copy.deepcopy(a.behavior),
         },
     }
