@@ -2,7 +2,7 @@
 
 - engine hpa renders the HPA on the per-pod demand metric with the spec's behavior;
 - engine keda without KEDA's CRD: ConfigValid=False naming the missing CRD;
-- with KEDA's own ScaledObject CRD (from KEDA's released Go module, tests/fixtures_keda.py) installed,
+- with KEDA's own ScaledObject CRD (from KEDA's released Go module, dev/diffusion_dev/keda.py) installed,
   the ScaledObject the operator renders is accepted by the API server (real server-side apply by the
   operator), switching engines deletes the other engine's object, and the operator never sets the
   Deployment's replicas.
@@ -15,9 +15,9 @@ import json
 
 import pytest
 import yaml
+from diffusion_dev import wait_for
+from diffusion_dev.keda import keda_scaledobject_crd
 from diffusion_operator.builders.common import FIELD_MANAGER
-from diffusion_operator.devcluster import wait_for
-from fixtures_keda import keda_scaledobject_crd
 from op_helpers import OperatorProcess, get_json, sample
 
 pytestmark = pytest.mark.cluster

@@ -1,4 +1,4 @@
-"""KEDA's own ScaledObject CRD, taken from KEDA's released Go module through the Go module proxy
+"""KEDA's own ScaledObject CRD (for tests of the ScaledObjects the operator renders), taken from KEDA's released Go module through the Go module proxy
 (`go mod download`, the ordinary client) and kept in the per-user cache next to the built binaries:
 `$XDG_CACHE_HOME/diffusion-operator/keda/<version>/keda.sh_scaledobjects.yaml`. KEDA itself is not built.
 """
@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from diffusion_operator.devcluster.build import cache_home
+from .build import cache_home
 
 KEDA_MODULE = "github.com/kedacore/keda/v2"
 KEDA_VERSION = "v2.21.0"  # the newest v2 release on the proxy when this was written
