@@ -6,6 +6,7 @@
   the ScaledObject the operator renders is accepted by the API server (real server-side apply by the
   operator), switching engines deletes the other engine's object, and the operator never sets the
   Deployment's replicas.
+The operator runs with exactly the RBAC rules it declares (rbac.py), as the chart grants them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.keda import keda_scaledobject_crd
+from diffusion_operator import rbac
 from diffusion_operator.builders.common import FIELD_MANAGER
 from op_helpers import OperatorProcess, get_json, sample
 
@@ -56,8 +58,18 @@ def keda_served(cluster) -> bool:
 
 
 def start_operator(cluster, namespace: str, tmp_path) -> OperatorProcess:
+    """The operator with a ServiceAccount token bound to exactly its declared namespaced rules
+    (rbac.py): KEDA discovery needs no grant, ScaledObjects only get/create/patch/delete."""
+    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
+    cluster.apply(rbac.role("diffusion-operator", namespace))
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator", "-n", namespace,
+        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    token = cluster.token_for(namespace, "diffusion-operator")
+    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
     return OperatorProcess(
-        cluster.kubeconfig, [namespace], tmp_path / "operator.log", args=["--keda-prometheus-address", PROM]
+        kubeconfig, [namespace], tmp_path / "operator.log", args=["--keda-prometheus-address", PROM]
     ).start()
 
 
