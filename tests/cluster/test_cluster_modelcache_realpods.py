@@ -1,0 +1,188 @@
+"""spec.model.cache with real pods on the real node: the download Job runs the runtime image's
+`diffusion-runtime download` against a local Hub (tests/hub_server.py, listening on the node's bridge
+address, the only place pods can reach), the serving pods start on the complete cache only.
+
+Must-show of issue 11: a cached tiny model scaled from 1 to 3 replicas downloads each file once (the
+Hub's access log) and replicas 2 and 3 turn Ready after the Hub is stopped; a download dropped halfway
+more often than one pod retries is retried by the Job's next pod, status shows the failure while it
+lasts, and the pods start only on the complete cache.
+
+Needs the real node (DIFFUSION_DEV_REAL_NODE=1; skipped, like the other real-pod tests, when it is off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+import yaml
+from diffusion_dev import wait_for
+from diffusion_dev.install import install_operator, load_images, restricted
+from diffusion_dev.node import NODE_IP, NODE_NAME
+from diffusion_dev.workloads import MODEL_FOLDER, tiny_model_root
+from hub_server import HubServer
+
+pytestmark = pytest.mark.cluster
+
+REPO_ID = "tiny-org/flux-tiny"
+TOKEN = "hf_real_node_test"
+OPERATOR_NS = "diffusion-system"
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "samples", "tiny-cpu.yaml")
+TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def operator_release(cluster):
+    if cluster.node is None:
+        from fixtures_cluster import REAL_NODE_OFF
+
+        pytest.skip(REAL_NODE_OFF)
+    built = load_images(cluster.node)
+    release = f"dmc-{uuid.uuid4().hex[:5]}"
+    install_operator(cluster, OPERATOR_NS, release)
+    yield built
+    from diffusion_dev.install import helm
+
+    helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait")
+
+
+def _json(cluster, *args):
+    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+def _cache_volume(namespace: str, storage_class: str, host_path: str) -> dict:
+    """A `local` PersistentVolume on the real node, writable by the pods' user (uid 1000)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"cache-{namespace}"[:63]},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": storage_class,
+            "local": {"path": host_path},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}]}]}},
+        },
+    }  # fmt: skip
+
+
+def _doc(hub_url: str, storage_class: str, replicas: int = 1) -> dict:
+    with open(SAMPLE) as f:
+        doc = yaml.safe_load(f)
+    doc["metadata"] = {"name": "cached"}
+    doc["spec"]["replicas"] = replicas
+    doc["spec"]["model"].update(
+        uri=f"hf://{REPO_ID}",
+        tokenSecretRef={"name": "hf", "key": "token"},
+        cache={"size": "1Gi", "storageClassName": storage_class, "accessMode": "ReadWriteOnce"},
+    )
+    doc["spec"]["template"]["env"] = [{"name": "HF_ENDPOINT", "value": hub_url}]
+    return doc
+
+
+def _dd(cluster, ns: str) -> dict:
+    return _json(cluster, "get", "dd", "cached", "-n", ns)
+
+
+def _ready(cluster, ns: str, replicas: int):
+    dd = _dd(cluster, ns)
+    conds = {c["type"]: c for c in dd.get("status", {}).get("conditions", [])}
+    ok = conds.get("Ready", {}).get("status") == "True" and dd["status"].get("readyReplicas") == replicas
+    return dd if ok else None
+
+
+def _diagnose(cluster, ns: str) -> str:
+    return (
+        json.dumps(_dd(cluster, ns).get("status"), indent=1)
+        + cluster.kubectl("describe", "pods", "-n", ns, check=False).stdout[-4000:]
+    )
+
+
+@pytest.fixture
+def cache_ns(cluster, namespace, operator_release, tmp_path_factory):
+    restricted(cluster, namespace)
+    cluster.kubectl("create", "secret", "generic", "hf", "-n", namespace, f"--from-literal=token={TOKEN}")
+    host = tmp_path_factory.mktemp("model-cache")
+    host.chmod(0o777)
+    storage_class = f"cache-{uuid.uuid4().hex[:6]}"
+    pv = _cache_volume(namespace, storage_class, str(host))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pv))
+    yield namespace, storage_class
+    cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=false", check=False)
+    cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
+
+
+def test_scaled_from_one_to_three_each_file_is_downloaded_once_and_new_replicas_start_without_the_hub(
+    cluster, node, cache_ns
+):
+    ns, storage_class = cache_ns
+    hub = HubServer(tiny_model_root() / MODEL_FOLDER, REPO_ID, token=TOKEN, host=NODE_IP).start()
+    try:
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(_doc(hub.url, storage_class)))
+        try:
+            dd = wait_for(lambda: _ready(cluster, ns, 1), 900, "dd/cached Ready with 1 replica", interval=3)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+        cache = dd["status"]["modelCache"]
+        assert cache["phase"] == "Ready" and cache["commit"] == hub.hub.commit
+        assert cache["bytesDone"] == cache["bytesTotal"] > 0
+        gets = [a.path.split(f"/resolve/{hub.hub.commit}/", 1)[1] for a in hub.hub.file_gets()]
+        assert sorted(gets) == sorted(set(gets)), gets  # each file once
+        assert "model_index.json" in gets and TRANSFORMER in gets
+    finally:
+        hub.stop()
+    requests = len(hub.hub.access_log)
+
+    cluster.kubectl("scale", "dd/cached", "-n", ns, "--replicas", "3")
+    try:
+        wait_for(lambda: _ready(cluster, ns, 3), 900, "dd/cached Ready with 3 replicas", interval=3)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+    assert len(hub.hub.access_log) == requests
+    pods = _json(cluster, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/instance=cached")["items"]
+    serving = [
+        p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/name") == "diffusion-runtime"
+    ]
+    assert len(serving) == 3 and all(p["status"]["phase"] == "Running" for p in serving)
+    for pod in serving:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1"
+    jobs = _json(cluster, "get", "jobs", "-n", ns)["items"]
+    assert len(jobs) == 1 and jobs[0]["status"].get("succeeded") == 1
+
+
+def test_a_download_dropped_halfway_is_retried_by_the_job_and_pods_start_only_when_complete(
+    cluster, node, cache_ns
+):
+    ns, storage_class = cache_ns
+    hub = HubServer(tiny_model_root() / MODEL_FOLDER, REPO_ID, token=TOKEN, host=NODE_IP)
+    size = hub.hub.files[TRANSFORMER].size
+    hub.fail_file(TRANSFORMER, size // 2, times=6)  # one pod's client retries 1 + 5 times: the pod fails
+    hub.start()
+    try:
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(_doc(hub.url, storage_class)))
+
+        def failure_shown():
+            cache = (_dd(cluster, ns).get("status") or {}).get("modelCache") or {}
+            return cache if cache.get("failedAttempts") and "failed" in cache.get("message", "") else None
+
+        shown = wait_for(failure_shown, 600, "status.modelCache showing the failed attempt", interval=2)
+        assert shown["phase"] in ("Pending", "Downloading"), shown
+        dep = _json(cluster, "get", "deployment", "cached", "-n", ns)
+        assert dep["spec"]["replicas"] == 0  # no serving pod on a partial cache
+        try:
+            dd = wait_for(lambda: _ready(cluster, ns, 1), 900, "dd/cached Ready", interval=3)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+        assert dd["status"]["modelCache"]["phase"] == "Ready"
+        assert dd["status"]["modelCache"]["failedAttempts"] >= 1
+        gets = hub.hub.file_gets(TRANSFORMER)
+        assert len(gets) == 7 and gets[-1].body_bytes == size  # six dropped halfway, then whole
+        reasons = [e["reason"] for e in _json(cluster, "get", "events", "-n", ns)["items"]]
+        assert "ModelDownloadRetry" in reasons and "ModelCached" in reasons, reasons
+    finally:
+        hub.stop()
