@@ -18,7 +18,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_generates_an_image_on_real_pods(tmp_path):
+def test_demo_generates_an_image_on_real_pods(tmp_path, cluster):
+    # one real node per machine: the session's node makes way for the demo's own, then returns
+    node_was_running = cluster.node is not None
+    if node_was_running:
+        cluster.stop_node()
+    try:
+        _run_demo(tmp_path)
+    finally:
+        if node_was_running:
+            cluster.start_node()
+
+
+def _run_demo(tmp_path):
     output = tmp_path / "demo.png"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "dev"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(

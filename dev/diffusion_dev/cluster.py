@@ -36,8 +36,9 @@ from .pki import PKI, make_pki
 
 SERVICE_CIDR = "10.0.0.0/24"
 REAL_NODE_ENV = "DIFFUSION_DEV_REAL_NODE"
-# Off by default until it has proven reliable end to end; `DIFFUSION_DEV_REAL_NODE=1` or
-# `diffusion-dev up --real-node` turns it on.
+# Off by default for now (opt in: `DIFFUSION_DEV_REAL_NODE=1` or `diffusion-dev up --real-node`):
+# it works end to end, but on a machine shared by parallel test sessions the one-node-per-machine
+# lock serialises them, and not every cluster test has been run with it on.
 REAL_NODE_DEFAULT = False
 
 

@@ -56,6 +56,7 @@ DEBIAN_PACKAGES = {
     "iptables": "/usr/sbin/iptables",
 }
 STOP_ORDER = ("kubelet", "kube-proxy", "containerd")
+LOCK_WAIT_SECONDS = 1800  # another session's node (tests on a shared machine): wait this long
 
 
 class NodeError(RuntimeError):
@@ -429,7 +430,19 @@ class RealNode(NodeClient):
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             self.progress(f"[node] another real node runs on this machine (pid {holder}); waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise NodeError(
+                            f"another real node (pid {holder}) has held {lock_path()} for {LOCK_WAIT_SECONDS}s: "
+                            "one real node per machine; stop it (diffusion-dev down) or use --no-real-node"
+                        ) from None
+                    time.sleep(1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

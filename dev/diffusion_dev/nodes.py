@@ -117,13 +117,19 @@ def node_object(spec: NodeSpec, taint_cpu: bool = False) -> dict:
     }
 
 
+def fake_cpu_placement() -> dict:
+    """Pod spec fields that put a pod on the kwok CPU node (tolerating its taint)."""
+    toleration = {"key": FAKE_CPU_TAINT["key"], "operator": "Equal", "value": FAKE_CPU_TAINT["value"],
+                  "effect": FAKE_CPU_TAINT["effect"]}  # fmt: skip
+    return {"nodeSelector": {PROFILE_LABEL: "cpu"}, "tolerations": [toleration]}
+
+
 def on_fake_cpu_node(doc: dict) -> dict:
     """A DiffusionDeployment (CPU) pinned to the kwok CPU node: its pods are fake (kwok), on
     purpose. Returns a copy with `spec.template.nodeSelector` and the toleration set."""
     out = json.loads(json.dumps(doc))
     template = out["spec"].setdefault("template", {})
-    template["nodeSelector"] = {**template.get("nodeSelector", {}), PROFILE_LABEL: "cpu"}
-    toleration = {"key": FAKE_CPU_TAINT["key"], "operator": "Equal", "value": FAKE_CPU_TAINT["value"],
-                  "effect": FAKE_CPU_TAINT["effect"]}  # fmt: skip
-    template["tolerations"] = [*template.get("tolerations", []), toleration]
+    placement = fake_cpu_placement()
+    template["nodeSelector"] = {**template.get("nodeSelector", {}), **placement["nodeSelector"]}
+    template["tolerations"] = [*template.get("tolerations", []), *placement["tolerations"]]
     return out

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from diffusion_dev import wait_for
+from diffusion_dev.nodes import fake_cpu_placement
 
 pytestmark = pytest.mark.cluster
 
@@ -96,6 +97,7 @@ def test_job_pod_completes_and_job_succeeds(cluster, namespace):
                     "spec": {
                         "restartPolicy": "Never",
                         "containers": [{"name": "c", "image": "registry.invalid/j:1"}],
+                        **fake_cpu_placement(),  # kwok completes it (an image nobody can pull)
                     }
                 }
             },

@@ -46,7 +46,12 @@ def test_default_pool_has_gpu_nodes_with_gfd_labels(cluster):
         for n in nodes.values()
         if n["metadata"]["labels"].get("nvidia.com/gpu.product") == "NVIDIA-A100-SXM4-80GB"
     ]
-    cpu = [n for n in nodes.values() if "nvidia.com/gpu.present" not in n["metadata"]["labels"]]
+    cpu = [
+        n
+        for n in nodes.values()
+        if "nvidia.com/gpu.present" not in n["metadata"]["labels"]
+        and n["metadata"]["labels"].get("type") == "kwok"
+    ]
     assert (len(h100), len(a100), len(cpu)) == (2, 1, 1), sorted(nodes)
     for node in h100:
         labels = node["metadata"]["labels"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffusion_dev import wait_for
+from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator.kube import ApiError, Kube
 from op_helpers import OperatorProcess, get_json, sample
 
@@ -139,7 +139,7 @@ def semantic_and_child_mutations() -> list[Mutation]:
 def broken_crs(count: int, seed: int = 8) -> dict[str, tuple[dict, list[str]]]:
     rnd = random.Random(seed)
     schema_side, operator_side = schema_mutations(), semantic_and_child_mutations()
-    base = sample("tiny-cpu.yaml")
+    base = on_fake_cpu_node(sample("tiny-cpu.yaml"))  # hundreds of CRs: fake pods (kwok)
     out = {}
     for i in range(count):
         doc = copy.deepcopy(base)
@@ -229,7 +229,7 @@ def test_sigkill_while_50_crs_reconcile_then_restart_converges_with_one_set_each
     names = [f"crash-{i}" for i in range(50)]
     items = []
     for name in names:
-        doc = sample("tiny-cpu.yaml")
+        doc = on_fake_cpu_node(sample("tiny-cpu.yaml"))  # fake pods (kwok)
         doc["metadata"] = {"name": name}
         items.append(doc)
     kube = api(cluster)
