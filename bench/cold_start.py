@@ -42,26 +42,19 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-def start_to_ready(model: Path, work: Path, shared: Path, a: argparse.Namespace, name: str) -> dict:
-    work.mkdir(parents=True)
-    port = free_port()
-    cfg = {
-        "model": {"uri": str(model), "dtype": "float32"},
-        "device": "cpu",
-        "compile": True,
-        "compile_cache_dir": str(shared),
-        "warmup": {"resolutions": [a.size], "steps": a.steps},
-        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0},
-    }
+def serve_until_ready(
+    work: Path, cfg: dict, env: dict[str, str], name: str
+) -> tuple[float, dict[str, float]]:
+    """Run `diffusion-runtime serve` on `cfg` (written to work/runtime.yaml; its server.port is polled)
+    until /ready answers 200; returns (seconds from process start, /metrics), the process stopped."""
     (work / "runtime.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), HF_HUB_OFFLINE="1")
     log = open(work / "runtime.log", "w")  # noqa: SIM115 - closed below
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(work / "runtime.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{cfg['server']['port']}"
     try:
         while True:
             if proc.poll() is not None:
@@ -74,12 +67,26 @@ def start_to_ready(model: Path, work: Path, shared: Path, a: argparse.Namespace,
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        ready = time.perf_counter() - t0
-        m = metrics(url + "/metrics")
+        return time.perf_counter() - t0, metrics(url + "/metrics")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+def start_to_ready(model: Path, work: Path, shared: Path, a: argparse.Namespace, name: str) -> dict:
+    work.mkdir(parents=True)
+    port = free_port()
+    cfg = {
+        "model": {"uri": str(model), "dtype": "float32"},
+        "device": "cpu",
+        "compile": True,
+        "compile_cache_dir": str(shared),
+        "warmup": {"resolutions": [a.size], "steps": a.steps},
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0},
+    }
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
+    ready, m = serve_until_ready(work, cfg, env, name)
     lookup = next(
         (k.split("result=")[1].rstrip("}") for k, v in m.items()
          if k.startswith("diffusion_compile_cache_lookups_total") and v),

@@ -18,12 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import yaml
-from cold_start import free_port, metrics
+from cold_start import free_port, serve_until_ready
 
 
 def start_to_ready(model: Path, work: Path, a: argparse.Namespace, gate: bool) -> dict:
@@ -47,32 +45,7 @@ def start_to_ready(model: Path, work: Path, a: argparse.Namespace, gate: bool) -
     }
     if gate:
         cfg["quality_gate"] = {"min_psnr": 0, "min_ssim": -1}  # measure the cost, never fail
-    (work / "runtime.yaml").write_text(yaml.safe_dump(cfg))
-    log = open(work / "runtime.log", "w")  # noqa: SIM115 - closed below
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(work / "runtime.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"runtime exited {proc.returncode}:\n{(work / 'runtime.log').read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        ready = time.perf_counter() - t0
-        m = metrics(url + "/metrics")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    ready, m = serve_until_ready(work, cfg, {}, "gate on" if gate else "gate off")
     row = {
         "gate": gate,
         "ready_s": ready,
