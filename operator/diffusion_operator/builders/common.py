@@ -11,6 +11,30 @@ FIELD_MANAGER = "diffusion-operator"
 CONFIG_HASH_ANNOTATION = "diffusion.dev/config-hash"
 HTTP_PORT = ServerConfig().port  # the runtime's defaults, rendered into runtime.yaml
 METRICS_PORT = ServerConfig().metrics_port
+RUNTIME_UID = 1000  # the runtime image's user and group (Dockerfile: uid/gid 1000)
+
+
+def pod_security_context() -> dict:
+    """Restricted PodSecurity for runtime pods (serving and download): non-root, the image's uid."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "runAsGroup": RUNTIME_UID,
+        "fsGroup": RUNTIME_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict:
+    """Restricted PodSecurity for a runtime container: no privilege escalation, read-only root, no caps."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def labels(name: str) -> dict[str, str]:

@@ -11,8 +11,10 @@ from diffusion_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     HTTP_PORT,
     METRICS_PORT,
+    container_security_context,
     labels,
     metadata,
+    pod_security_context,
     selector,
 )
 from diffusion_operator.builders.configmap import COMPILE_CACHE_MOUNT, CONFIG_DIR, MODELS_DIR, configmap_name
@@ -25,7 +27,6 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_MAJOR_LABEL = "nvidia.com/gpu.compute.major"
 GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
 STARTUP_PERIOD_SECONDS = 10
-RUNTIME_UID = 1000
 PRESTOP_SLEEP_SECONDS = 5
 CACHE_DIR = "/var/cache/diffusion"
 
@@ -207,14 +208,7 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
@@ -223,13 +217,7 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": spec.request_timeout_seconds + 30,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "runAsGroup": RUNTIME_UID,
-            "fsGroup": RUNTIME_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from diffusion_runtime.download import local_folder
 
-from diffusion_operator.builders.common import MANAGED_BY, metadata, selector
+from diffusion_operator.builders.common import (
+    MANAGED_BY,
+    container_security_context,
+    metadata,
+    pod_security_context,
+    selector,
+)
 from diffusion_operator.hashing import stable_hash
 
 MODEL_CACHE_MOUNT = "/models/cache"
 DOWNLOAD_CONTAINER = "download"
 DOWNLOAD_LABEL = "diffusion.dev/component"  # value "model-download" on the Job and its pod
 TERMINATION_LOG = "/dev/termination-log"
-RUNTIME_UID = 1000  # the runtime image's user (as the Deployment's pods)
 JOB_ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a stuck download fails instead of holding the claim for ever
 
 
@@ -97,14 +102,7 @@ def build_download_job(spec, owner: dict) -> dict:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
@@ -114,13 +112,7 @@ def build_download_job(spec, owner: dict) -> dict:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "serviceAccountName": spec.service_account or "default",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "runAsGroup": RUNTIME_UID,
-            "fsGroup": RUNTIME_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": claim_name(spec)}},
