@@ -34,9 +34,7 @@ from diffusion_dev import (  # noqa: E402
 )
 from diffusion_dev.node import NodeError  # noqa: E402
 
-REAL_NODE_OFF = (
-    "the real node is off: DIFFUSION_DEV_REAL_NODE=1 turns it on (root, runc, CNI plugins, buildah)"
-)
+REAL_NODE_OFF = "the real node was turned off (DIFFUSION_DEV_REAL_NODE=0); it is on by default (root, runc, CNI plugins, buildah)"
 
 __all__ = [
     "chart_operator_image",

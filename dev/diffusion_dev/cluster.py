@@ -36,10 +36,10 @@ from .pki import PKI, make_pki
 
 SERVICE_CIDR = "10.0.0.0/24"
 REAL_NODE_ENV = "DIFFUSION_DEV_REAL_NODE"
-# Off by default for now (opt in: `DIFFUSION_DEV_REAL_NODE=1` or `diffusion-dev up --real-node`):
-# it works end to end, but on a machine shared by parallel test sessions the one-node-per-machine
-# lock serialises them, and not every cluster test has been run with it on.
-REAL_NODE_DEFAULT = False
+# On by default: tests with real pods run in `make test`; `DIFFUSION_DEV_REAL_NODE=0` (or
+# `diffusion-dev up --no-real-node`) is the fast path with fake nodes only. One node per machine:
+# parallel sessions with it on wait for each other.
+REAL_NODE_DEFAULT = True
 
 
 def real_node_default() -> bool:
