@@ -266,16 +266,17 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     par_props["backend"]["enum"] = [b.value for b in ns.ParallelismBackend if b.value != "None"]
     for size in facts.PARALLEL_SIZE_KEYS:
         par_props[size]["description"] += (
-            " Integers only here (the operator knows gpu.count, so cache-dit's `auto` is not needed); "
-            "ulysses_size * ring_size * tp_size must equal spec.gpu.count."
+            " Integers only here (the operator knows the pod's ranks, so cache-dit's `auto` is not needed); "
+            f"{specs.PARALLEL_SIZES} is the pod's rank count."
         )
     parallelism = {
         "type": "object",
         "description": (
-            "cache-dit `parallelism_config` (ParallelismConfig), keys verbatim. Sizes must multiply to "
-            "spec.gpu.count and must not all be 1. Python-only fields (cp_plan, callables, free-form kwargs "
-            "dicts) are not accepted. A layout the runtime does not run is reported as ConfigValid=False "
-            "with reason Unsupported."
+            "cache-dit `parallelism_config` (ParallelismConfig), keys verbatim. The pod runs "
+            f"{specs.PARALLEL_SIZES} ranks: {specs.PARALLEL_ON_GPUS}; {specs.PARALLEL_ON_CPU}. The sizes "
+            "must not all be 1. Python-only fields (cp_plan, callables, free-form kwargs dicts) are not "
+            "accepted. A layout the runtime does not run (on CPU: ring_size, tp_size without ulysses_size, "
+            "ulysses_float8) is reported as ConfigValid=False with reason Unsupported."
         ),
         "properties": dict(sorted(par_props.items(), key=lambda kv: kv[0].lower())),
     }

@@ -10,7 +10,8 @@ torch-free facts module.
 offending CR field (`spec.server.maxN: ...`). It runs three layers:
 1. the model (what the CRD schema checks at admission, re-checked for CRs the schema did not see),
 2. `semantic_errors`: cross-field rules (also CEL rules in the CRD where the API server can check
-   them) and facts a schema cannot know (block counts of named models, parallelism vs gpu.count),
+   them) and facts a schema cannot know (block counts of named models, parallel sizes vs the pod's
+   GPUs or CPU ranks),
 3. the runtime's own preflight (`diffusion_runtime.config.runtime_errors`) on the runtime.yaml and
    cache-dit.yaml the builders render: whatever a pod would refuse is refused here, its runtime
    setting mapped back to the CR field. So a spec reported valid is one the runtime accepts.
@@ -544,10 +545,35 @@ class CacheDitSpec(_Model):
     attention_backend: str | None = None
 
 
-_PARALLEL_PRODUCT = " * ".join(
+# Where a parallel replica's ranks run (the world size is the product of the parallel sizes), stated
+# once for the CEL rules below and for `semantic_errors`; `ranks_device` is the same fact for Python:
+# - on GPUs (spec.gpu.count > 0 and spec.device not cpu): one rank per GPU, NCCL, so the product
+#   equals spec.gpu.count;
+# - on CPU (spec.device cpu or spec.gpu.count 0): the ranks are CPU processes (gloo) in a pod
+#   without GPUs, so spec.gpu.count is 0 and the product is the rank count, at most MAX_RANKS.
+MAX_RANKS = MAX_GPUS  # ranks per pod, one per GPU or CPU processes
+PARALLEL_SIZES = " * ".join(facts.PARALLEL_SIZE_KEYS)
+PARALLEL_ON_GPUS = f"on GPUs {PARALLEL_SIZES} must equal spec.gpu.count (one rank per GPU)"
+PARALLEL_ON_CPU = (
+    f"on CPU (spec.device cpu or spec.gpu.count 0) the ranks are CPU processes: spec.gpu.count must be 0 "
+    f"and {PARALLEL_SIZES} at most {MAX_RANKS}"
+)
+
+
+def ranks_device(device: str, gpu_count: int) -> str:
+    """Where the pod's ranks run, as the runtime's `pick_device` resolves it: cpu without a GPU."""
+    return "cpu" if device == "cpu" or gpu_count == 0 else "cuda"
+
+
+_CEL_HAS_PARALLEL = "has(self.cacheDit) && has(self.cacheDit.parallelism_config)"
+_CEL_PRODUCT = " * ".join(
     f"(has(self.cacheDit.parallelism_config.{k}) ? self.cacheDit.parallelism_config.{k} : 1)"
     for k in facts.PARALLEL_SIZE_KEYS
 )
+_CEL_GPU_COUNT = (
+    f"(has(self.gpu) && has(self.gpu.count) ? self.gpu.count : {GpuSpec.model_fields['count'].default})"
+)
+_CEL_ON_GPUS = f"(!(has(self.device) && self.device == 'cpu') && {_CEL_GPU_COUNT} > 0)"  # ranks_device
 
 
 class DiffusionDeploymentSpec(_Model):
@@ -562,10 +588,14 @@ class DiffusionDeploymentSpec(_Model):
                     "the HPA drives the replica count",
                 },
                 {
-                    "rule": "!has(self.cacheDit) || !has(self.cacheDit.parallelism_config) || "
-                    f"{_PARALLEL_PRODUCT} == (has(self.gpu) && has(self.gpu.count) ? self.gpu.count : 1)",
-                    "message": "cacheDit.parallelism_config: "
-                    f"{' * '.join(facts.PARALLEL_SIZE_KEYS)} must equal gpu.count",
+                    "rule": f"!({_CEL_HAS_PARALLEL}) || !{_CEL_ON_GPUS} || {_CEL_PRODUCT} == {_CEL_GPU_COUNT}",
+                    "message": f"cacheDit.parallelism_config: {PARALLEL_ON_GPUS}",
+                    "fieldPath": ".cacheDit.parallelism_config",
+                },
+                {
+                    "rule": f"!({_CEL_HAS_PARALLEL}) || {_CEL_ON_GPUS} || "
+                    f"({_CEL_GPU_COUNT} == 0 && {_CEL_PRODUCT} <= {MAX_RANKS})",
+                    "message": f"cacheDit.parallelism_config: {PARALLEL_ON_CPU}",
                     "fieldPath": ".cacheDit.parallelism_config",
                 },
             ]
@@ -821,7 +851,7 @@ class Spec:
     @property
     def device_type(self) -> str:
         """What the runtime's `pick_device` resolves to in this pod: cpu without a GPU."""
-        return "cpu" if self.device == "cpu" or self.gpu_count == 0 else "cuda"
+        return ranks_device(self.device, self.gpu_count)
 
     @property
     def quant_types(self) -> list[str]:
@@ -1040,7 +1070,7 @@ def parse(name: str, namespace: str, spec: Any) -> Parsed:
 
 def semantic_errors(s: Spec) -> list[FieldError]:
     """Cross-field rules (the CRD states them as CEL too) and what a schema cannot know: block counts
-    of named models, parallelism vs gpu.count."""
+    of named models, parallel sizes vs the pod's GPUs or CPU ranks."""
     errors: list[FieldError] = []
     if s.autoscaling is not None:
         if s.autoscaling.min_replicas > s.autoscaling.max_replicas:
@@ -1100,13 +1130,11 @@ def semantic_errors(s: Spec) -> list[FieldError]:
             product = 1
             for v in sizes.values():
                 product *= v
-            if product > 1 and product != s.gpu_count:
-                errors.append(
-                    FieldError(
-                        "spec.cacheDit.parallelism_config",
-                        f"{' * '.join(facts.PARALLEL_SIZE_KEYS)} = {product} must equal spec.gpu.count = {s.gpu_count}",
-                    )
-                )
+            where = f"({PARALLEL_SIZES} = {product}, spec.gpu.count = {s.gpu_count}, spec.device {s.device})"
+            if s.device_type == "cuda" and product != s.gpu_count:
+                errors.append(FieldError("spec.cacheDit.parallelism_config", f"{PARALLEL_ON_GPUS} {where}"))
+            if s.device_type == "cpu" and (s.gpu_count != 0 or product > MAX_RANKS):
+                errors.append(FieldError("spec.cacheDit.parallelism_config", f"{PARALLEL_ON_CPU} {where}"))
     return errors
 
 

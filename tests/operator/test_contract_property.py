@@ -136,10 +136,11 @@ def apply_cel(spec: dict) -> dict:
         for k in facts.PARALLEL_SIZE_KEYS:
             product *= par.get(k, 1)
         spec.setdefault("gpu", {})
-        if product > 16:
+        on_gpus = specs.ranks_device(spec.get("device", "auto"), spec["gpu"].get("count", 1)) == "cuda"
+        if product > specs.MAX_RANKS:
             spec["cacheDit"].pop("parallelism_config")
-        else:
-            spec["gpu"] = {**spec["gpu"], "count": product}
+        else:  # one rank per GPU, or CPU ranks in a pod without GPUs
+            spec["gpu"] = {**spec["gpu"], "count": product if on_gpus else 0}
     env = (spec.get("template") or {}).get("env")
     if env:
         spec["template"]["env"] = [e for e in env if e["name"] != "HF_TOKEN"]

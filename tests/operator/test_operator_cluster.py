@@ -14,6 +14,7 @@ import pytest
 import yaml
 from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator import rbac
+from diffusion_operator import spec as specs
 from op_helpers import OperatorProcess, get_json, sample
 
 pytestmark = pytest.mark.cluster
@@ -294,9 +295,25 @@ def test_schema_refuses_unknown_key_bad_enum_and_min_above_max(cluster, namespac
     par["spec"]["gpu"]["count"] = 4
     par["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     out = apply_doc(cluster, namespace, par, check=False)
-    assert "ulysses_size * ring_size * tp_size must equal gpu.count" in out.stderr, out.stderr
+    assert specs.PARALLEL_ON_GPUS in out.stderr, out.stderr
+
+    cpu_ranks = sample("tiny-cpu.yaml")  # device cpu: the ranks are CPU processes, not GPUs
+    cpu_ranks["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    holding = copy.deepcopy(cpu_ranks)
+    holding["spec"]["gpu"] = {"count": 2}
+    out = apply_doc(cluster, namespace, holding, check=False)
+    assert specs.PARALLEL_ON_CPU in out.stderr, out.stderr
+    many = copy.deepcopy(cpu_ranks)
+    many["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 4, "tp_size": specs.MAX_RANKS}
+    out = apply_doc(cluster, namespace, many, check=False)
+    assert specs.PARALLEL_ON_CPU in out.stderr, out.stderr
 
     assert get_json(cluster, "dd", "-n", namespace)["items"] == []  # nothing was stored
+
+    apply_doc(cluster, namespace, cpu_ranks)  # 2 CPU ranks, no GPU: admitted
+    stored = dd(cluster, namespace, cpu_ranks["metadata"]["name"])
+    assert stored["spec"]["gpu"]["count"] == 0
+    assert stored["spec"]["cacheDit"]["parallelism_config"] == {"ulysses_size": 2}
 
 
 def test_steps_computation_mask_takes_a_cache_dit_policy_name(cluster, namespace, operator):

@@ -85,14 +85,86 @@ def test_float8_on_h100_product_and_int8_on_a100_are_fine():
     assert parsed.ok and not parsed.spec.needs_float8_gpu
 
 
-def test_parallel_sizes_must_multiply_to_gpu_count():
+def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
     spec = copy.deepcopy(FLUX)
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
     spec["gpu"] = {"count": 2}
     parsed = parse(spec)
+    assert parsed.spec.device_type == "cuda"
     assert set(fields(parsed)) == {"spec.cacheDit.parallelism_config"}
-    assert any("= 4 must equal spec.gpu.count = 2" in e.message for e in parsed.errors)
+    (error,) = parsed.errors
+    assert error.message.startswith(specs.PARALLEL_ON_GPUS), error.message
+    assert "ulysses_size * ring_size * tp_size = 4, spec.gpu.count = 2" in error.message
     assert parsed.reason == "InvalidSpec"
+    spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
+    spec["gpu"] = {"count": 4}
+    assert parse(spec).ok  # 2 x 2 on four GPUs
+
+
+def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
+    """With spec.device cpu (or no GPU) the ranks are CPU processes: Ulysses 2 in a pod without GPUs is
+    valid and the pod asks for no GPU; a CPU layout that holds GPUs, or more than MAX_RANKS ranks, is not."""
+    from diffusion_operator import builders
+    from op_helpers import owner_for
+
+    doc = sample("tiny-cpu.yaml")
+    spec = doc["spec"]
+    spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    parsed = parse(spec)
+    assert parsed.ok, [str(e) for e in parsed.errors]
+    s = parsed.spec
+    assert s.device == "cpu" and s.gpu_count == 0 and s.device_type == "cpu"
+    cm = builders.build_configmap(s, owner_for(doc))
+    assert "ulysses_size: 2" in cm["data"]["cache-dit.yaml"]
+    pod = builders.build_deployment(s, owner_for(doc), cm)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    # gloo talks TCP: /dev/shm stays the CPU size whatever the rank count
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
+
+    auto = copy.deepcopy(spec)
+    auto["device"] = "auto"  # no GPU: the runtime resolves auto to cpu
+    assert parse(auto).ok
+
+    holding = copy.deepcopy(spec)
+    holding["gpu"] = {"count": 2}  # ranks on CPU while two GPUs sit idle
+    parsed = parse(holding)
+    assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
+    assert parsed.errors[0].message.startswith(specs.PARALLEL_ON_CPU), parsed.errors[0].message
+    assert "spec.gpu.count = 2, spec.device cpu" in parsed.errors[0].message
+
+    many = copy.deepcopy(spec)
+    many["cacheDit"]["parallelism_config"] = {"ulysses_size": 2 * specs.MAX_RANKS}
+    parsed = parse(many)
+    assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
+    assert f"at most {specs.MAX_RANKS}" in parsed.errors[0].message
+    assert f"= {2 * specs.MAX_RANKS}," in parsed.errors[0].message
+
+
+@pytest.mark.parametrize(
+    "layout, key, words",
+    [
+        ({"ring_size": 2}, "ring_size", "ring attention"),
+        ({"ulysses_size": 2, "ring_size": 2}, "ring_size", "ring attention"),
+        ({"tp_size": 2}, "tp_size", "tensor parallelism alone"),
+        ({"ulysses_size": 2, "ulysses_float8": True}, "ulysses_float8", "bfloat16 CUDA GPUs"),
+    ],
+)
+def test_on_cpu_what_the_runtime_does_not_run_is_unsupported_naming_the_key(layout, key, words):
+    """The operator asks the runtime's own preflight: its refusal (parallel.layout_refusal) comes back
+    as ConfigValid=False, reason Unsupported, naming the CR field."""
+    from diffusion_runtime.parallel import layout_refusal
+
+    spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
+    spec["cacheDit"]["parallelism_config"] = layout
+    runtime_says = layout_refusal(layout, "cpu", "float32")
+    assert runtime_says is not None and runtime_says[0] == key
+    parsed = parse(spec)
+    assert fields(parsed) == [f"spec.cacheDit.parallelism_config.{key}"], [str(e) for e in parsed.errors]
+    assert parsed.reason == "Unsupported"
+    assert words in parsed.errors[0].message and "cpu" in parsed.errors[0].message
+    assert runtime_says[1] in parsed.errors[0].message
 
 
 def test_parallelism_follows_the_runtime_layout_rules():

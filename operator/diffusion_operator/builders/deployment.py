@@ -111,11 +111,13 @@ def build_env(spec) -> list[dict]:
 
 
 def shm_size(spec) -> str:
-    """/dev/shm follows the layout: one rank per GPU, each with NCCL's shared-memory buffers and
-    pinned host copies, so 8Gi per GPU (1Gi on CPU, where gloo talks TCP); template.shmSize wins."""
+    """/dev/shm follows where the ranks run: on GPUs one rank per GPU, each with NCCL's shared-memory
+    buffers and pinned host copies, so 8Gi per GPU; on CPU 1Gi whatever the rank count, since gloo
+    talks TCP between CPU ranks (measured: one 4 KiB semaphore per rank in /dev/shm, docs/multi-gpu.md).
+    template.shmSize wins."""
     if spec.shm_size:
         return spec.shm_size
-    return f"{8 * spec.gpu_count}Gi" if spec.gpu_count > 0 else "1Gi"
+    return f"{8 * spec.gpu_count}Gi" if spec.device_type == "cuda" else "1Gi"
 
 
 def build_volumes(spec) -> tuple[list[dict], list[dict]]:
