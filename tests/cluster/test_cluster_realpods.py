@@ -32,6 +32,7 @@ from diffusion_dev.node import NODE_NAME
 from diffusion_dev.workloads import model_volume, tiny_model_root, with_model_on_volume
 from fixtures_cluster import REAL_NODE_OFF
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.cluster
 
@@ -254,3 +255,54 @@ def test_a_config_the_runtime_refuses_shows_its_reason_as_the_termination_messag
     assert "no-such-model" in message and len(message.splitlines()) == 1, message
     describe = cluster.kubectl("describe", "pod", pod_name, "-n", ns).stdout
     assert message in describe, describe[-3000:]
+
+
+def test_a_cpu_replica_with_two_ranks_serves_an_image_through_the_service(cluster, node, workload_ns,
+                                                                          operator_release):  # fmt: skip
+    """`device: cpu` with Ulysses 2 (the tiny model's 2 heads split over 2 ranks, as in the runtime's
+    rank tests): the operator admits it without GPUs, the pod's serve process starts its second rank
+    itself (gloo), and the replica serves through its Service."""
+    ns = workload_ns
+    doc = _sample()
+    name = doc["metadata"]["name"] = "tiny-ranks"
+    doc["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
+    # two ranks, each with the model loaded: twice the sample's requests
+    doc["spec"]["template"]["resources"] = {"requests": {"cpu": "200m", "memory": "512Mi"}}
+    assert doc["spec"]["device"] == "cpu" and doc["spec"]["gpu"] == {"count": 0}
+    _apply(cluster, ns, doc)
+    try:
+        dd = wait_for(lambda: _dd_ready(cluster, ns, name), 900, f"dd/{name} Ready", interval=2)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+    conds = {c["type"]: c for c in dd["status"]["conditions"]}
+    assert conds["ConfigValid"]["status"] == "True", conds["ConfigValid"]
+
+    (pod,) = _pods(cluster, ns, name)
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    (container,) = pod["spec"]["containers"]
+    assert not any("nvidia.com/gpu" in container["resources"].get(k, {}) for k in ("limits", "requests"))
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"] and status["started"] and status["restartCount"] == 0, status
+
+    svc = _json(cluster, "get", "service", name, "-n", ns)
+    base = f"http://{svc['spec']['clusterIP']}:8000"
+    code, _headers, body = _post(f"{base}/v1/images/generations", timeout=300)
+    assert code == 200, body[:500]
+    png = base64.b64decode(json.loads(body)["data"][0]["b64_json"])
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+        colors = image.convert("RGB").getcolors(64 * 64) or []
+        assert len(colors) > 50, "a decoded image, not a flat fill"
+
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    info = [s.labels for f in text_string_to_metric_families(metrics) for s in f.samples
+            if s.name == "diffusion_runtime_info"]  # fmt: skip
+    assert len(info) == 1, metrics[-2000:]
+    assert info[0]["world_size"] == "2" and info[0]["ulysses_size"] == "2", info
+    assert info[0]["ring_size"] == "1" and info[0]["tp_size"] == "1", info
+    logs = cluster.kubectl("logs", pod["metadata"]["name"], "-n", ns).stdout
+    # rank 0 started rank 1 in the same container, and rank 1 loaded the model on cpu
+    assert re.search(r"started rank 1 \(pid \d+\)", logs), logs[-3000:]
+    assert "rank 1/2 loaded FluxPipeline on cpu" in logs, logs[-3000:]
+    assert "parallel replica: ulysses_size=2 (2 ranks) on cpu" in logs, logs[-3000:]
+    print(f"dd {name}: Ready with 2 CPU ranks; image {len(png)} bytes through the Service")
