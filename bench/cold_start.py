@@ -15,63 +15,11 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for s in fam.samples:
-            label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{label}}}" if label else s.name] = s.value
-    return out
-
-
-def serve_until_ready(
-    work: Path, cfg: dict, env: dict[str, str], name: str
-) -> tuple[float, dict[str, float]]:
-    """Run `diffusion-runtime serve` on `cfg` (written to work/runtime.yaml; its server.port is polled)
-    until /ready answers 200; returns (seconds from process start, /metrics), the process stopped."""
-    (work / "runtime.yaml").write_text(yaml.safe_dump(cfg))
-    log = open(work / "runtime.log", "w")  # noqa: SIM115 - closed below
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(work / "runtime.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{cfg['server']['port']}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"{name}: runtime exited {proc.returncode}:\n{(work / 'runtime.log').read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        return time.perf_counter() - t0, metrics(url + "/metrics")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+from _common import free_port, serve_until_ready, tiny_model
 
 
 def start_to_ready(model: Path, work: Path, shared: Path, a: argparse.Namespace, name: str) -> dict:
@@ -120,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="cold-start-"))
     try:
-        model = tmp / "model"
-        subprocess.run(
-            [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(model), "--variant", a.variant],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        model = tiny_model(tmp / "model", a.variant, quiet=True)
         rows = []
         for run in range(a.runs):
             shared = tmp / f"shared-{run}"

@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import importlib.metadata
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import yaml
+from _common import Checks, free_port, start_serve, static_cache_dit, stop, tiny_model, wait_ready
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures_runtime import STATIC_CACHE_DIT  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:
@@ -47,21 +34,11 @@ def main() -> int:
     ap.add_argument("--quant", default="float8_per_row", help="quant_type, or 'none'")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    checks: list[tuple[str, bool, str]] = []
+    check = Checks()
 
-    def check(name: str, ok: bool, detail: str = "") -> bool:
-        checks.append((name, ok, detail))
-        print(f"[{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
-        return ok
-
-    model = args.out / "tiny-flux"
-    subprocess.run([py, "-m", "diffusion_runtime", "tiny-model", str(model)], check=True)
-    cache_dit = copy.deepcopy(STATIC_CACHE_DIT)
-    if args.quant != "none":
-        cache_dit["quantize_config"] = {"quant_type": args.quant}
-    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
-    port = _port()
+    model = tiny_model(args.out / "tiny-flux")
+    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(static_cache_dit(args.quant)))
+    port = free_port()
     runtime = {
         "model": {"uri": str(model), "dtype": args.dtype},
         "cache_dit_config": "cache-dit.yaml",
@@ -72,19 +49,11 @@ def main() -> int:
     }  # fmt: skip
     (args.out / "runtime.yaml").write_text(yaml.safe_dump(runtime))
     log = (args.out / "runtime.log").open("w")
-    proc = subprocess.Popen(
-        [py, "-m", "diffusion_runtime", "serve", "--config", str(args.out / "runtime.yaml")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
+    proc = start_serve(args.out / "runtime.yaml", log)
     base = f"http://127.0.0.1:{port}"
     c = httpx.Client(base_url=base, timeout=300)
     t = time.monotonic()
-    ready = False
-    while time.monotonic() - t < 300 and proc.poll() is None and not ready:
-        try:
-            ready = c.get("/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    ready = wait_ready(base, proc, timeout=300)
     summary: dict = {"device": args.device, "quant": args.quant, "ready_s": round(time.monotonic() - t, 2)}
     summary["versions"] = {
         p: importlib.metadata.version(p) for p in ("torch", "diffusers", "cache-dit", "fastapi")
@@ -142,17 +111,12 @@ def main() -> int:
             st["status"] == "succeeded" and st["result"]["data"] == first["data"],
             st["status"],
         )
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = -9
+    code = stop(proc, timeout=120)
     check("SIGTERM -> exit 0", code == 0, str(code))
-    summary["checks"] = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
+    summary["checks"] = check.as_json()
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "checks"}))
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return 1 if check.failed else 0
 
 
 if __name__ == "__main__":

@@ -13,37 +13,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import yaml
+from _common import Checks, free_port, post_json, start_serve, static_cache_dit, stop, tiny_model, wait_ready
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures_runtime import STATIC_CACHE_DIT  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, {"error": e.read().decode()[:500]}
 
 
 def main() -> int:
@@ -55,23 +33,16 @@ def main() -> int:
     ap.add_argument("--size", default="256x256")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    checks: list[tuple[str, bool, str]] = []
-
-    def check(name: str, ok: bool, detail: str = "") -> None:
-        checks.append((name, ok, detail))
-        print(f"[{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
+    check = Checks()
 
     model = args.out / "tiny-flux"
     t = time.monotonic()
-    subprocess.run([py, "-m", "diffusion_runtime", "tiny-model", str(model)], check=True)
+    tiny_model(model)
     print(f"tiny model written in {time.monotonic() - t:.1f}s", flush=True)
 
-    cache_dit = copy.deepcopy(STATIC_CACHE_DIT)  # the tests' static mask: 3 of 8 steps cached
-    if args.quant != "none":
-        cache_dit["quantize_config"] = {"quant_type": args.quant}
-    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
-    port = _port()
+    # the tests' static mask: 3 of 8 steps cached
+    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(static_cache_dit(args.quant)))
+    port = free_port()
     runtime = {
         "model": {"uri": str(model), "dtype": args.dtype},
         "cache_dit_config": "cache-dit.yaml",
@@ -82,25 +53,10 @@ def main() -> int:
     }
     (args.out / "runtime.yaml").write_text(yaml.safe_dump(runtime))
     log = (args.out / "runtime.log").open("w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [py, "-m", "diffusion_runtime", "serve", "--config", str(args.out / "runtime.yaml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    proc = start_serve(args.out / "runtime.yaml", log)
     base = f"http://127.0.0.1:{port}"
     t = time.monotonic()
-    ready = False
-    while time.monotonic() - t < 300 and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=2) as r:
-                ready = r.status == 200
-        except OSError:
-            pass
-        if ready:
-            break
-        time.sleep(0.5)
+    ready = wait_ready(base, proc, timeout=300)
     check("ready after load + quantize + warmup", ready, f"{time.monotonic() - t:.1f}s")
     summary: dict = {"device": args.device, "quant": args.quant, "ready_s": round(time.monotonic() - t, 2)}
     if ready:
@@ -109,7 +65,7 @@ def main() -> int:
         images, latencies = [], []
         for _ in range(3):
             t0 = time.monotonic()
-            status, result = _post(f"{base}/v1/images/generations", body)
+            status, result = post_json(f"{base}/v1/images/generations", body)
             latencies.append(time.monotonic() - t0)
             check(
                 "POST /v1/images/generations -> 200",
@@ -161,20 +117,15 @@ def main() -> int:
             gpu_peak_mib=round(value("diffusion_gpu_memory_peak_bytes") / 2**20, 1),
             info=info,
         )
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = -9
+    rc = stop(proc, timeout=60)
     check("SIGTERM -> exit 0", rc == 0, f"rc={rc}")
-    summary["checks"] = [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]
+    summary["checks"] = check.as_json()
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "checks"}))
-    failed = [n for n, ok, _ in checks if not ok]
+    failed = check.failed
     if failed:
         print("runtime log tail:\n" + (args.out / "runtime.log").read_text()[-3000:])
-    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    print(f"{len(check.rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 

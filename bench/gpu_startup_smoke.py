@@ -13,31 +13,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
-from gpu_runtime_smoke import _port, _post
-from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures_runtime import STATIC_CACHE_DIT  # noqa: E402
-
-
-def scrape(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()):
-        for s in fam.samples:
-            label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
-            out[f"{s.name}{{{label}}}" if label else s.name] = s.value
-    return out
+from _common import (
+    Checks,
+    free_port,
+    post_json,
+    scrape_metrics,
+    start_serve,
+    static_cache_dit,
+    stop,
+    tiny_model,
+    wait_ready,
+)
 
 
 def main() -> int:
@@ -50,23 +43,15 @@ def main() -> int:
     ap.add_argument("--min-psnr", type=float, default=20.0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    checks: list[tuple[str, bool, str]] = []
+    check = Checks()
     rows: list[dict] = []
 
-    def check(name: str, ok: bool, detail: str = "") -> None:
-        checks.append((name, ok, detail))
-        print(f"[{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
-
-    model = args.out / "tiny-flux"
-    subprocess.run([sys.executable, "-m", "diffusion_runtime", "tiny-model", str(model)], check=True)
-    cache_dit = copy.deepcopy(STATIC_CACHE_DIT)
-    if args.quant != "none":
-        cache_dit["quantize_config"] = {"quant_type": args.quant}
-    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(cache_dit))
+    model = tiny_model(args.out / "tiny-flux")
+    (args.out / "cache-dit.yaml").write_text(yaml.safe_dump(static_cache_dit(args.quant)))
     shared = args.out / "compile-cache"
     images = []
     for name in ("first", "second"):
-        port = _port()
+        port = free_port()
         runtime = {
             "model": {"uri": str(model), "dtype": args.dtype},
             "cache_dit_config": "cache-dit.yaml",
@@ -84,21 +69,11 @@ def main() -> int:
         }
         (args.out / f"runtime-{name}.yaml").write_text(yaml.safe_dump(runtime))
         log = open(args.out / f"{name}.log", "w")  # noqa: SIM115
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(args.out / f"inductor-{name}"), HF_HUB_OFFLINE="1")
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(args.out / f"inductor-{name}"), "HF_HUB_OFFLINE": "1"}
         t0 = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(args.out / f"runtime-{name}.yaml")],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.out,
-        )  # fmt: skip
+        proc = start_serve(args.out / f"runtime-{name}.yaml", log, env, cwd=args.out)
         url = f"http://127.0.0.1:{port}"
-        ready = None
-        while time.monotonic() - t0 < 600 and proc.poll() is None:
-            try:
-                if urllib.request.urlopen(url + "/ready", timeout=2).status == 200:
-                    ready = time.monotonic() - t0
-                    break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.5)
+        ready = time.monotonic() - t0 if wait_ready(url, proc, timeout=600) else None
         check(
             f"{name}: ready",
             ready is not None,
@@ -107,7 +82,7 @@ def main() -> int:
         if ready is None:
             proc.kill()
             break
-        m = scrape(url + "/metrics")
+        m = scrape_metrics(url + "/metrics", skip_labels=("le",))
         result = (
             "hit"
             if m.get("diffusion_compile_cache_lookups_total{result=hit}")
@@ -124,7 +99,7 @@ def main() -> int:
             gate == 1,
             f"PSNR {m.get('diffusion_quality_gate_psnr_decibels')} SSIM {m.get('diffusion_quality_gate_ssim')}",
         )
-        code, body = _post(
+        code, body = post_json(
             url + "/v1/images/generations",
             {"prompt": "a lighthouse", "size": args.size, "seed": 7, "num_inference_steps": 8},
         )
@@ -135,17 +110,16 @@ def main() -> int:
                      "warmup_s": m.get("diffusion_warmup_seconds"), "load_s": m.get("diffusion_model_load_seconds"),
                      "gate_s": m.get("diffusion_quality_gate_seconds"), "psnr": m.get("diffusion_quality_gate_psnr_decibels"),
                      "ssim": m.get("diffusion_quality_gate_ssim"), "cache": result})  # fmt: skip
-        proc.send_signal(signal.SIGTERM)
-        check(f"{name}: SIGTERM exit 0", proc.wait(timeout=60) == 0)
+        check(f"{name}: SIGTERM exit 0", stop(proc, timeout=60) == 0)
         log.close()
     if len(images) == 2:
         check("same image from both processes (seed 7)", images[0] == images[1])
-    summary = {"rows": rows, "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks]}
+    summary = {"rows": rows, "checks": check.as_json()}
     (args.out / "gpu_startup_smoke.json").write_text(json.dumps(summary, indent=1))
     for r in rows:
         print(json.dumps(r))
-    failed = sum(1 for _, ok, _ in checks if not ok)
-    print(f"{len(checks) - failed} passed, {failed} failed")
+    failed = len(check.failed)
+    print(f"{len(check.rows) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 

@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from cold_start import free_port, serve_until_ready
+from _common import free_port, serve_until_ready, tiny_model
 
 
 def start_to_ready(model: Path, work: Path, a: argparse.Namespace, gate: bool) -> dict:
@@ -67,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gate-bench-"))
     try:
-        model = tmp / "model"
-        subprocess.run(
-            [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(model), "--variant", a.variant],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        model = tiny_model(tmp / "model", a.variant, quiet=True)
         off = start_to_ready(model, tmp / "off", a, gate=False)
         on = start_to_ready(model, tmp / "on", a, gate=True)
         print()
