@@ -13,7 +13,6 @@ them. A test checks that the committed module equals this script's output (like 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import importlib
@@ -30,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "runtime" / "diffusion_runtime" / "_cache_dit_pinned.py"
+
+sys.path.insert(0, str(REPO / "tools"))
+import _generated as generated  # noqa: E402
 
 # Keys cache-dit's loader (`load_cache_options_from_dict`) reads from `cache_config` besides the
 # DBCache/DBPrune dataclass fields; it builds the calibrator dataclasses from them. Each key is checked
@@ -347,20 +349,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed module differs")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.output.read_text() if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run tools/gen_cache_dit_facts.py", file=sys.stderr)
-            return 1
-        return 0
-    args.output.write_text(text)
-    print(f"wrote {args.output}")
-    return 0
+    return generated.main(__doc__, render, OUTPUT, "tools/gen_cache_dit_facts.py", "module", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ shared facts module. A test checks that the committed CRD equals this script's o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import inspect
@@ -33,7 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
 
-sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime")]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime"), str(REPO / "tools")]
+import _generated as generated  # noqa: E402
 from diffusion_operator import spec as specs  # noqa: E402
 from diffusion_runtime import cache_dit_facts as facts  # noqa: E402
 
@@ -466,21 +466,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if the committed CRD differs")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.output.read_text() if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run tools/gen_crd.py", file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(f"wrote {args.output}")
-    return 0
+    return generated.main(__doc__, render, OUTPUT, "tools/gen_crd.py", "CRD", argv)
 
 
 if __name__ == "__main__":
