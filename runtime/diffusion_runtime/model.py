@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,62 +169,10 @@ class Model:
         kwargs: dict[str, Any] = dict(
             prompt=prompt, width=width, height=height, num_inference_steps=steps, num_images_per_prompt=n
         )
-        if guidance_scale is not None:
-            kwargs["guidance_scale"] = guidance_scale
-        if negative_prompt and "negative_prompt" in self._accepts:
-            kwargs["negative_prompt"] = negative_prompt
-            if "true_cfg_scale" in self._accepts:
-                kwargs["true_cfg_scale"] = true_cfg_scale if true_cfg_scale is not None else 4.0
-        max_seq = getattr(getattr(self.pipe, "tokenizer_2", None), "model_max_length", None)
-        if "max_sequence_length" in self._accepts and isinstance(max_seq, int) and max_seq < 512:
-            kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
+        kwargs.update(guidance_kwargs(self._accepts, guidance_scale, negative_prompt, true_cfg_scale))
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-
-        step_times: list[float] = []
-        last = [0.0]
-
-        def _pre_hook(_module, _args, _kwargs=None):
-            if not last[0]:
-                last[0] = time.perf_counter()
-
-        def _callback(_pipe, step_index, _timestep, cb_kwargs):
-            now = time.perf_counter()
-            if last[0]:
-                step_times.append(now - last[0])
-            last[0] = 0.0
-            if on_step is not None:
-                on_step(step_index)
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            return cb_kwargs
-
-        if "callback_on_step_end" in self._accepts:
-            kwargs["callback_on_step_end"] = _callback
-        handle = None
-        transformer = getattr(self.pipe, "transformer", None)
-        if transformer is not None:
-            handle = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                out = self.pipe(**kwargs)
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-        finally:
-            if handle is not None:
-                handle.remove()
-        elapsed = time.perf_counter() - t0
-        cached, computed = (
-            cache_step_counts(self.pipe) if self.plan and self.plan.uses_cache_dit else (0, steps)
-        )
-        return GenerationResult(
-            images=list(out.images),
-            seed=seed,
-            inference_seconds=elapsed,
-            step_seconds=step_times,
-            cached_steps=cached,
-            computed_steps=computed,
-        )
+        raw = timed_call(self, self.pipe, kwargs, steps, self._accepts, cancel, on_step)
+        return GenerationResult(seed=seed, **raw)
 
     def warmup(self) -> float:
         t0 = time.perf_counter()
@@ -243,6 +192,89 @@ class Model:
             )
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
+
+
+def guidance_kwargs(
+    accepts: Collection[str],
+    guidance_scale: float | None,
+    negative_prompt: str | None,
+    true_cfg_scale: float | None,
+) -> dict[str, Any]:
+    """The optional guidance arguments of a pipeline call: guidance_scale when set; a negative prompt
+    (and true CFG, 4.0 unless set) only where the pipeline's __call__ takes them (`accepts`)."""
+    kwargs: dict[str, Any] = {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if negative_prompt and "negative_prompt" in accepts:
+        kwargs["negative_prompt"] = negative_prompt
+        if "true_cfg_scale" in accepts:
+            kwargs["true_cfg_scale"] = true_cfg_scale if true_cfg_scale is not None else 4.0
+    return kwargs
+
+
+def timed_call(
+    model: Model,
+    pipe: Any,
+    kwargs: dict[str, Any],
+    steps: int,
+    accepts: Collection[str],
+    cancel: threading.Event | None = None,
+    on_step: Callable[[int], None] | None = None,
+    context: contextlib.AbstractContextManager[Any] | None = None,
+) -> dict[str, Any]:
+    """One call of `pipe` (the loaded pipeline or a variant sharing its modules) with per-step timing,
+    progress (`on_step`) and cancellation at the step boundary (`cancel` set: Cancelled), inside
+    `context` when given. Images not encoded; cached/computed steps are read from the loaded
+    pipeline's (`model.pipe`) cache-dit stats."""
+    import torch
+
+    step_times: list[float] = []
+    last = [0.0]
+
+    def _pre_hook(_module: Any, _args: Any, _kwargs: Any = None) -> None:
+        if not last[0]:
+            last[0] = time.perf_counter()
+
+    def _callback(_pipe: Any, step_index: int, _timestep: Any, cb_kwargs: dict) -> dict:
+        now = time.perf_counter()
+        if last[0]:
+            step_times.append(now - last[0])
+        last[0] = 0.0
+        if on_step is not None:
+            on_step(step_index)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        return cb_kwargs
+
+    if "callback_on_step_end" in accepts:
+        kwargs["callback_on_step_end"] = _callback
+    max_seq = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    if "max_sequence_length" in accepts and isinstance(max_seq, int) and max_seq < 512:
+        kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
+    handle = None
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        handle = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode(), context if context is not None else contextlib.nullcontext():
+            out = pipe(**kwargs)
+        if model.device == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        if handle is not None:
+            handle.remove()
+    elapsed = time.perf_counter() - t0
+    cached, computed = (
+        cache_step_counts(model.pipe) if model.plan and model.plan.uses_cache_dit else (0, steps)
+    )
+    return {
+        "images": list(out.images),
+        "inference_seconds": elapsed,
+        "step_seconds": step_times,
+        "cached_steps": cached,
+        "computed_steps": computed,
+    }
 
 
 def _progress_logger(total: int, every_seconds: float = 10.0) -> Callable[[int], None]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,69 +83,6 @@ def _cache_context(model: Any) -> Iterator[None]:
         cv["cls"].apply_stats_hooks(cv["block_adapter"])
 
 
-def _timed_call(
-    model: Any,
-    pipe: Any,
-    kwargs: dict[str, Any],
-    steps: int,
-    cancel: threading.Event,
-    on_step: Callable[[int], None],
-) -> dict[str, Any]:
-    """One pipeline call with step timing, progress and cancellation at the step boundary."""
-    import torch
-
-    from diffusion_runtime.model import Cancelled
-    from diffusion_runtime.optimize import cache_step_counts
-
-    accepts = set(inspect.signature(pipe.__call__).parameters)
-    step_times: list[float] = []
-    last = [0.0]
-
-    def _pre_hook(_module: Any, _args: Any, _kwargs: Any = None) -> None:
-        if not last[0]:
-            last[0] = time.perf_counter()
-
-    def _callback(_pipe: Any, step_index: int, _timestep: Any, cb_kwargs: dict) -> dict:
-        now = time.perf_counter()
-        if last[0]:
-            step_times.append(now - last[0])
-        last[0] = 0.0
-        on_step(step_index)
-        if cancel.is_set():
-            raise Cancelled()
-        return cb_kwargs
-
-    if "callback_on_step_end" in accepts:
-        kwargs["callback_on_step_end"] = _callback
-    max_seq = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
-    if "max_sequence_length" in accepts and isinstance(max_seq, int) and max_seq < 512:
-        kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
-    handle = None
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None:
-        handle = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    t0 = time.perf_counter()
-    try:
-        with torch.inference_mode(), _cache_context(model):
-            out = pipe(**kwargs)
-        if model.device == "cuda":
-            torch.cuda.synchronize()
-    finally:
-        if handle is not None:
-            handle.remove()
-    elapsed = time.perf_counter() - t0
-    cached, computed = (
-        cache_step_counts(model.pipe) if model.plan and model.plan.uses_cache_dit else (0, steps)
-    )
-    return {
-        "images": list(out.images),
-        "inference_seconds": elapsed,
-        "step_seconds": step_times,
-        "cached_steps": cached,
-        "computed_steps": computed,
-    }
-
-
 def _encoded(raw: dict[str, Any], seed: int, output_format: str, compression: int | None) -> dict[str, Any]:
     images = raw.pop("images")
     raw["images"] = [encode(im, output_format, compression) for im in images]
@@ -181,6 +117,8 @@ def run_edit(
     """One image-to-image (or, with p['mask'], inpaint) pipeline call; images not encoded yet."""
     import torch
 
+    from diffusion_runtime.model import guidance_kwargs, timed_call
+
     accepts = set(inspect.signature(pipe.__call__).parameters)
     kwargs: dict[str, Any] = dict(
         prompt=p["prompt"], image=p["image"], strength=p["strength"], width=p["width"],
@@ -189,13 +127,8 @@ def run_edit(
     )  # fmt: skip
     if p.get("mask") is not None:
         kwargs["mask_image"] = p["mask"]
-    if p["guidance_scale"] is not None:
-        kwargs["guidance_scale"] = p["guidance_scale"]
-    if p["negative_prompt"] and "negative_prompt" in accepts:
-        kwargs["negative_prompt"] = p["negative_prompt"]
-        if "true_cfg_scale" in accepts:
-            kwargs["true_cfg_scale"] = p["true_cfg_scale"] if p["true_cfg_scale"] is not None else 4.0
-    return _timed_call(model, pipe, kwargs, p["run_steps"], cancel, on_step)
+    kwargs.update(guidance_kwargs(accepts, p["guidance_scale"], p["negative_prompt"], p["true_cfg_scale"]))
+    return timed_call(model, pipe, kwargs, p["run_steps"], accepts, cancel, on_step, _cache_context(model))
 
 
 def edit_call(model: Any, pipe: Any, p: dict[str, Any]) -> PipelineCall:
