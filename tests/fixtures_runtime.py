@@ -170,17 +170,21 @@ def start_runtime(
     return rp
 
 
+def make_tiny_model(folder: Path, variant: str) -> Path:
+    """A tiny random-weight FluxPipeline (`variant` of the CLI's tiny-model) written by the real CLI."""
+    res = subprocess.run(
+        [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(folder), "--variant", variant],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, f"tiny-model --variant {variant} failed:\n{res.stdout}\n{res.stderr}"
+    assert (folder / "model_index.json").is_file()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny random-weight FluxPipeline, generated once per session by the real CLI."""
-    folder = tmp_path_factory.mktemp("tiny-model") / "flux-tiny"
-    res = subprocess.run(
-        [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(folder), "--variant", "tiny"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, f"tiny-model failed:\n{res.stdout}\n{res.stderr}"
-    assert (folder / "model_index.json").is_file()
-    return folder
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "flux-tiny", "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,15 @@ def operator(cluster, crd, namespace, tmp_path):
     proc.stop()
     crashed = [line for line in proc.log().splitlines() if "crashed" in line or "Traceback" in line]
     assert not crashed, "\n".join(crashed[:20])
+
+
+@pytest.fixture(scope="module")
+def load_configs():
+    """cache-dit's own config loader (`cache_dit.load_configs`), imported quietly."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    try:
+        from cache_dit import load_configs
+    finally:
+        logging.disable(logging.NOTSET)
+    return load_configs

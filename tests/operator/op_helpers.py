@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from diffusion_operator import rbac
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,3 +136,29 @@ def get_json(cluster, *args) -> dict | None:
     if out.returncode != 0:
         return None
     return json.loads(out.stdout)
+
+
+def restricted_kubeconfig(cluster, namespace: str, tmp_path: Path, role: dict | None = None) -> Path:
+    """A kubeconfig whose token is ServiceAccount `diffusion-operator`'s in `namespace`, bound to `role`
+    (default: exactly the operator's declared namespaced rules, rbac.role) and to nothing else."""
+    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
+    cluster.apply(role if role is not None else rbac.role("diffusion-operator", namespace))
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator", "-n", namespace,
+        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    token = cluster.token_for(namespace, "diffusion-operator")
+    return cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+
+
+def deliver_watch(kube, rec) -> None:
+    """Hand the fake API server's watch events to the reconciler as kopf's handlers do (handlers.py):
+    the CR's to `on_cr_event`, its children's (not Events) to `on_child_event`."""
+
+    def deliver(event: str, obj: dict) -> None:
+        if obj["kind"] == "DiffusionDeployment":
+            rec.on_cr_event(event, obj)
+        elif obj["kind"] != "Event":
+            rec.on_child_event(event, obj)
+
+    kube.watch(deliver)

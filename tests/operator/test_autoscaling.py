@@ -11,7 +11,7 @@ from diffusion_operator import spec as specs
 from diffusion_operator.builders.keda import demand_query
 from diffusion_operator.reconciler import Reconciler
 from fakekube import FakeKube
-from op_helpers import owner_for, sample
+from op_helpers import deliver_watch, owner_for, sample
 
 NS = "ns"
 PROM = "http://prometheus-operated.monitoring.svc:9090"
@@ -157,14 +157,7 @@ def setup(keda: bool, address: str = PROM) -> tuple[FakeKube, Reconciler]:
     if keda:
         kube.served["keda.sh/v1alpha1"] = ["scaledobjects", "scaledjobs", "triggerauthentications"]
     rec = Reconciler(kube, child_delay=0.01, keda_prometheus_address=address, discovery_ttl=0.0)
-
-    def deliver(event: str, obj: dict) -> None:
-        if obj["kind"] == "DiffusionDeployment":
-            rec.on_cr_event(event, obj)
-        elif obj["kind"] != "Event":
-            rec.on_child_event(event, obj)
-
-    kube.watch(deliver)
+    deliver_watch(kube, rec)
     return kube, rec
 
 

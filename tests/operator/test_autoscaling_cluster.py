@@ -18,9 +18,8 @@ import pytest
 import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.keda import keda_scaledobject_crd
-from diffusion_operator import rbac
 from diffusion_operator.builders.common import FIELD_MANAGER
-from op_helpers import OperatorProcess, get_json, sample
+from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
 
@@ -60,14 +59,7 @@ def keda_served(cluster) -> bool:
 def start_operator(cluster, namespace: str, tmp_path) -> OperatorProcess:
     """The operator with a ServiceAccount token bound to exactly its declared namespaced rules
     (rbac.py): KEDA discovery needs no grant, ScaledObjects only get/create/patch/delete."""
-    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
-    cluster.apply(rbac.role("diffusion-operator", namespace))
-    cluster.kubectl(
-        "create", "rolebinding", "diffusion-operator", "-n", namespace,
-        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
-    )  # fmt: skip
-    token = cluster.token_for(namespace, "diffusion-operator")
-    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    kubeconfig = restricted_kubeconfig(cluster, namespace, tmp_path)
     return OperatorProcess(
         kubeconfig, [namespace], tmp_path / "operator.log", args=["--keda-prometheus-address", PROM]
     ).start()

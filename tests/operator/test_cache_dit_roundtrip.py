@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,6 @@ from diffusion_operator import spec as specs
 from op_helpers import owner_for, sample
 
 SEED = Path(__file__).parent / "seed"
-
-
-@pytest.fixture(scope="module")
-def load_configs():
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    try:
-        from cache_dit import load_configs
-    finally:
-        logging.disable(logging.NOTSET)
-    return load_configs
 
 
 def render(doc: dict, tmp_path: Path) -> Path:

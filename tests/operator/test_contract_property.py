@@ -11,11 +11,8 @@ every error names a field path of the CR schema (`spec.` ...).
 from __future__ import annotations
 
 import copy
-import logging
 import re
-import warnings
 
-import pytest
 import yaml
 from diffusion_operator import builders
 from diffusion_operator import spec as specs
@@ -191,17 +188,6 @@ def runtime_accepts(parsed: specs.Parsed, tmp_path, load_configs) -> None:
             loaded = load_configs(copy.deepcopy(plan.raw))
             if "cache_config" in plan.raw:
                 assert loaded["cache_config"].strify() == specs.cache_tag(s.cache_dit)
-
-
-@pytest.fixture(scope="module")
-def load_configs():
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    try:
-        from cache_dit import load_configs
-    finally:
-        logging.disable(logging.NOTSET)
-    return load_configs
 
 
 def test_every_valid_spec_runs_and_every_refusal_names_a_cr_field(tmp_path, load_configs):

@@ -17,9 +17,8 @@ import uuid
 
 import pytest
 from diffusion_dev import wait_for
-from diffusion_operator import rbac
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT
-from op_helpers import OperatorProcess, get_json
+from op_helpers import OperatorProcess, get_json, restricted_kubeconfig
 from test_model_cache import cached_doc
 from test_operator_cluster import apply_doc, conditions, dd, wait_ready
 
@@ -33,14 +32,7 @@ def _cache(cluster, namespace: str, name: str) -> dict:
 @pytest.fixture
 def least_privilege_operator(cluster, namespace, crd, tmp_path):
     """The operator with a ServiceAccount token bound to exactly rbac.NAMESPACED_RULES."""
-    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
-    cluster.apply(rbac.role("diffusion-operator", namespace))
-    cluster.kubectl(
-        "create", "rolebinding", "diffusion-operator", "-n", namespace,
-        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
-    )  # fmt: skip
-    token = cluster.token_for(namespace, "diffusion-operator")
-    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    kubeconfig = restricted_kubeconfig(cluster, namespace, tmp_path)
     proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
     yield proc
     proc.assert_alive()

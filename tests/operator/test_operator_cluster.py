@@ -15,7 +15,7 @@ import yaml
 from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator import rbac
 from diffusion_operator import spec as specs
-from op_helpers import OperatorProcess, get_json, sample
+from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
 
@@ -410,15 +410,7 @@ def test_operator_metrics_health_and_json_logs(cluster, namespace, operator):
 
 
 def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp_path):
-    role = rbac.role("diffusion-operator", namespace)
-    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
-    cluster.apply(role)
-    cluster.kubectl(
-        "create", "rolebinding", "diffusion-operator", "-n", namespace,
-        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
-    )  # fmt: skip
-    token = cluster.token_for(namespace, "diffusion-operator")
-    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    kubeconfig = restricted_kubeconfig(cluster, namespace, tmp_path)
 
     # the token really is restricted
     def can_i(*args: str) -> str:
@@ -650,14 +642,7 @@ def test_a_child_rbac_forbids_is_a_synced_condition_with_the_servers_message(
     for rule in narrowed["rules"]:
         if "poddisruptionbudgets" in rule["resources"]:
             rule["verbs"] = ["get", "list", "watch"]
-    cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
-    cluster.apply(narrowed)
-    cluster.kubectl(
-        "create", "rolebinding", "diffusion-operator", "-n", namespace,
-        "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
-    )  # fmt: skip
-    token = cluster.token_for(namespace, "diffusion-operator")
-    kubeconfig = cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")
+    kubeconfig = restricted_kubeconfig(cluster, namespace, tmp_path, role=narrowed)
     proc = OperatorProcess(kubeconfig, [namespace], tmp_path / "operator.log").start()
     try:
         apply_doc(cluster, namespace, sample("tiny-cpu.yaml"))

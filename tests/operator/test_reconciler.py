@@ -12,7 +12,7 @@ import pytest
 from diffusion_operator.reconciler import SPEC_HASH_ANNOTATION, Reconciler
 from diffusion_operator.workqueue import WorkQueue
 from fakekube import FakeKube
-from op_helpers import sample
+from op_helpers import deliver_watch, sample
 
 NS = "ns"
 CHILDREN = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
@@ -27,14 +27,7 @@ def cr_doc(name: str = "tiny", base: str = "tiny-cpu.yaml") -> dict:
 def setup(child_delay: float = 0.05) -> tuple[FakeKube, Reconciler]:
     kube = FakeKube()
     rec = Reconciler(kube, child_delay=child_delay)
-
-    def deliver(event: str, obj: dict) -> None:  # the watch streams kopf would deliver
-        if obj["kind"] == "DiffusionDeployment":
-            rec.on_cr_event(event, obj)
-        elif obj["kind"] != "Event":
-            rec.on_child_event(event, obj)
-
-    kube.watch(deliver)
+    deliver_watch(kube, rec)
     return kube, rec
 
 

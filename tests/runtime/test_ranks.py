@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from fixtures_runtime import STATIC_CACHE_DIT, RuntimeProcess, start_runtime
+from fixtures_runtime import STATIC_CACHE_DIT, RuntimeProcess, make_tiny_model, start_runtime
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,13 +116,7 @@ def assert_same_image(got: bytes, want: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_heads4_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-heads4") / "flux-tiny-heads4"
-    res = subprocess.run(
-        [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(folder), "--variant", "tiny-heads4"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    return folder
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-heads4") / "flux-tiny-heads4", "tiny-heads4")
 
 
 @pytest.fixture(scope="module")
