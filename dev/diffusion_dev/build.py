@@ -10,6 +10,9 @@ the dependency versions it was released with):
 - `etcd`: a wrapper main calling `etcdmain.Main(os.Args)`.
 - `kwok`, `helm`, `containerd`, `crictl`: `tool` directives pinning the upstream commands.
 - `pause`: the pod sandbox binary of the real node (a few lines of Go, built static).
+- `prometheus`, `prometheus-adapter`: the metrics pipeline of the local cluster (`metrics.py`):
+  Prometheus v3 built with `-tags remove_all_sd,enable_kubernetes_sd` (Kubernetes discovery only)
+  and without `builtinassets` (no web UI, so no npm), and prometheus-adapter v0.12.0.
 
 Each module builds into `$XDG_CACHE_HOME/diffusion-operator/bin/modules/<name>-<version>-<hash>/`
 (hash of that module's go.mod, go.sum and .go files), so changing one module rebuilds only it; the
@@ -41,7 +44,9 @@ ASSETS_ENV = ("DIFFUSION_OPERATOR_ASSETS", "KUBEBUILDER_ASSETS")
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # the real node: kubelet and kube-proxy (same Kubernetes module), containerd, crictl, the pause binary
 NODE = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "crictl", "pause")
-ALL_BINARIES = (*CONTROL_PLANE, "helm", *NODE)
+# the metrics pipeline: Prometheus scraping the runtime pods, prometheus-adapter serving the HPA
+METRICS = ("prometheus", "prometheus-adapter")
+ALL_BINARIES = (*CONTROL_PLANE, "helm", *NODE, *METRICS)
 MANIFEST = "manifest.json"
 
 Progress = Callable[[str], None]
@@ -58,6 +63,7 @@ class ToolModule:
     packages: tuple[str, ...]  # what `go build` builds
     binaries: tuple[str, ...]  # what lands in the bin dir
     cgo: bool = True  # False: CGO_ENABLED=0, a static binary (containerd's own release builds do so)
+    tags: tuple[str, ...] = ()  # go build -tags
 
 
 MODULES = (
@@ -90,6 +96,21 @@ MODULES = (
         "crictl", "sigs.k8s.io/cri-tools", ("sigs.k8s.io/cri-tools/cmd/crictl",), ("crictl",), cgo=False
     ),
     ToolModule("pause", "", (".",), ("pause",), cgo=False),
+    ToolModule(
+        "prometheus",
+        "github.com/prometheus/prometheus",
+        ("github.com/prometheus/prometheus/cmd/prometheus",),
+        ("prometheus",),
+        cgo=False,
+        tags=("remove_all_sd", "enable_kubernetes_sd"),
+    ),
+    ToolModule(
+        "prometheus-adapter",
+        "sigs.k8s.io/prometheus-adapter",
+        ("sigs.k8s.io/prometheus-adapter/cmd/adapter",),
+        ("prometheus-adapter",),
+        cgo=False,
+    ),
 )
 VERSIONED = tuple(m.name for m in MODULES if m.upstream)
 
@@ -184,6 +205,12 @@ def ldflags(module: ToolModule, version: str, release_time: str) -> str:
         flags.append(f"-X github.com/containerd/containerd/v2/version.Version={version}")
     elif module.name == "crictl":
         flags.append(f"-X sigs.k8s.io/cri-tools/pkg/version.Version={version}")
+    elif module.name == "prometheus":
+        # module v0.3YY.Z is Prometheus v3.YY.Z
+        m = re.fullmatch(r"v0\.3(\d\d)\.(\d+)", version)
+        release = f"3.{int(m.group(1))}.{m.group(2)}" if m else version.lstrip("v")
+        flags.append(f"-X github.com/prometheus/common/version.Version={release}")
+        flags.append("-X github.com/prometheus/common/version.Branch=release")
     return " ".join(flags)
 
 
@@ -342,9 +369,12 @@ def _build_one(module: ToolModule, tools: Path, progress: Progress) -> float:
     staging = out.with_name(out.name + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    cmd = [_go(), "build", "-trimpath", "-ldflags", ldflags(module, version, release_time), "-o"]
-    if module.packages == (".",):
-        cmd += [str(staging / module.binaries[0]), "."]
+    cmd = [_go(), "build", "-trimpath", "-ldflags", ldflags(module, version, release_time)]
+    if module.tags:
+        cmd += ["-tags", ",".join(module.tags)]
+    cmd.append("-o")
+    if len(module.packages) == 1 and len(module.binaries) == 1:  # one command, named as we want it
+        cmd += [str(staging / module.binaries[0]), module.packages[0]]
     else:
         cmd += [str(staging) + os.sep, *module.packages]
     env = dict(os.environ)

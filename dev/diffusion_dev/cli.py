@@ -145,6 +145,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"{', real node diffusion-dev-node' if real else ''})"
     )
     print(f"kubeconfig: {st['kubeconfig']}")
+    if st.get("prometheus"):
+        print(f"Prometheus: {st['prometheus']} (scrapes the runtime pods; prometheus-adapter serves the HPA)")
     print(f"binaries: {how} [{build_s:.1f}s in this command]")
     print(
         f"start: {start_s:.1f}s (pki {t.get('pki')}s, etcd {t.get('etcd')}s, apiserver {t.get('apiserver')}s, "

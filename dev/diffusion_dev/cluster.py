@@ -30,6 +30,7 @@ import yaml
 
 from .build import CONTROL_PLANE, ensure_binaries
 from .components import Component, ComponentError, free_port, log_tail, wait_for
+from .monitoring import MetricsPipeline, metrics_default
 from .node import NODE_IP, RealNode
 from .nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 from .pki import PKI, make_pki
@@ -53,6 +54,7 @@ def real_node_default() -> bool:
 
 
 POD_CIDR = "10.244.0.1/16"
+HPA_SYNC_PERIOD = "5s"  # the controller manager's HPA loop (its 15 s default): quick autoscaling tests
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 NOT_READY_TAINTS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
 STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
@@ -102,10 +104,18 @@ class LocalCluster:
     timeout: float = 60.0
     progress: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
     real_node: bool | None = None
+    # the metrics pipeline (Prometheus + prometheus-adapter, `monitoring.py`): on with the real node
+    # unless DIFFUSION_DEV_METRICS=0; needs the real node (its bridge address, pods to scrape)
+    metrics: bool | None = None
 
     def __post_init__(self) -> None:
         if self.real_node is None:
             self.real_node = real_node_default()
+        if self.metrics is None:
+            self.metrics = metrics_default(bool(self.real_node))
+        if self.metrics and not self.real_node:
+            raise ValueError("the metrics pipeline needs the real node (real_node=True)")
+        self.monitoring: MetricsPipeline | None = None
         if self.nodes is None:
             self.nodes = REAL_NODE_POOL if self.real_node else DEFAULT_POOL
         self.node_specs: list[NodeSpec] = (
@@ -268,7 +278,7 @@ class LocalCluster:
                     "--use-service-account-credentials=true",
                     "--controllers=*",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--horizontal-pod-autoscaler-sync-period=5s",
+                    f"--horizontal-pod-autoscaler-sync-period={HPA_SYNC_PERIOD}",
                     "--node-monitor-period=2s",
                     "--leader-elect=false",
                     "--profiling=false",
@@ -330,10 +340,16 @@ class LocalCluster:
             t = time.monotonic()
             self.node.start(self.pki, self._write_kubeconfig, self.api_get, env, SERVICE_CIDR)
             self.timings["real-node"] = round(time.monotonic() - t, 2)
+        if self.metrics:
+            t = time.monotonic()
+            self.monitoring = MetricsPipeline(self, NODE_IP, progress=self.progress)
+            self.monitoring.start(env)
+            self.timings["metrics"] = round(time.monotonic() - t, 2)
         self.timings["start"] = round(time.monotonic() - t0 - self.timings["binaries"], 2)
         self.progress(
             f"[cluster] up in {self.timings['start']:.1f}s: {self.server}, {len(self.node_specs)} kwok nodes"
-            f"{' + the real node' if self.node is not None else ''}, "
+            f"{' + the real node' if self.node is not None else ''}"
+            f"{' + Prometheus and prometheus-adapter' if self.monitoring is not None else ''}, "
             f"kubeconfig {self.kubeconfig}"
         )
 
@@ -347,6 +363,9 @@ class LocalCluster:
             f"--kubelet-client-key={client.key}",
             f"--kubelet-certificate-authority={self.pki.ca_cert}",
             "--kubelet-preferred-address-types=InternalIP",
+            # extension apiservers (the metrics pipeline's adapter, a host process) are reached at
+            # their Service's endpoint, not through its ClusterIP
+            "--enable-aggregator-routing=true",
         ]
 
     def _start_and_wait(self, comps: list[Component], env: dict[str, str], label: str) -> None:
@@ -397,6 +416,9 @@ class LocalCluster:
             time.sleep(0.2)
 
     def _stop_components(self) -> None:
+        if self.monitoring is not None:
+            self.monitoring.stop()
+            self.monitoring = None
         if self.node is not None:
             self.node.stop()  # first: its pods, processes and host changes, while the apiserver runs
             self.node = None
@@ -463,7 +485,11 @@ class LocalCluster:
             raise RuntimeError(f"GET {path}: {exc}") from None
 
     def all_components(self) -> dict[str, Component]:
-        return {**self.components, **(self.node.components if self.node is not None else {})}
+        return {
+            **self.components,
+            **(self.node.components if self.node is not None else {}),
+            **(self.monitoring.components if self.monitoring is not None else {}),
+        }
 
     def pids(self) -> dict[str, int]:
         return {n: c.proc.pid for n, c in self.all_components().items() if c.proc is not None}

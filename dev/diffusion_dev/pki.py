@@ -144,3 +144,14 @@ def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str
     )  # fmt: skip
     csr.unlink()
     ext.unlink()
+
+
+def make_serving_cert(
+    directory: Path, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()
+) -> ClientCert:
+    """A TLS server certificate signed by the cluster CA that `make_pki` made in `directory`
+    (e.g. for an extension apiserver the aggregation layer verifies with the CA)."""
+    san = "subjectAltName=" + ",".join([f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips])
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    _sign(directory, key, cert, f"/CN={name}", san, "serverAuth")
+    return ClientCert(cert=cert, key=key)

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         containerd_socket=str(cluster.node.sock) if cluster.node is not None else None,
         timings=cluster.timings,
+        prometheus=cluster.monitoring.prometheus_url if cluster.monitoring is not None else None,
         **base,
     )
     log("running; waiting for SIGTERM")

@@ -16,7 +16,6 @@ import copy
 import io
 import json
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ import pytest
 import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.install import default_image_names, install_operator, load_images, restricted
+from diffusion_dev.loadgen import DEFAULT_BODY, ClosedLoopLoad, post
 from diffusion_dev.node import NODE_NAME
 from diffusion_dev.workloads import model_volume, tiny_model_root, with_model_on_volume
 from fixtures_cluster import REAL_NODE_OFF
@@ -96,16 +96,8 @@ def _time(stamp: str) -> float:
 
 
 def _post(url: str, timeout: float = 120) -> tuple[int, dict, bytes]:
-    body = json.dumps({"prompt": "a lighthouse at dusk", "size": "64x64", "seed": 3, "num_inference_steps": 8,
-                       "response_format": "b64_json"}).encode()  # fmt: skip
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-    except (urllib.error.URLError, OSError) as exc:  # refused, reset: the request was lost
-        return 0, {}, repr(exc).encode()
+    """One generation request (the tiny model's size and steps); status 0 when the request was lost."""
+    return post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, timeout)
 
 
 def _diagnose(cluster, ns) -> str:
@@ -185,29 +177,7 @@ def test_rollout_on_a_cachedit_change_under_load_loses_no_request(
     url = f"http://{svc['spec']['clusterIP']}:8000/v1/images/generations"
     first = {p["metadata"]["name"] for p in _pods(cluster, ns, name)}
 
-    stop = threading.Event()
-    outcomes: list[str] = []
-    failures: list[str] = []
-
-    def client() -> None:
-        while not stop.is_set():
-            for _attempt in range(20):
-                code, headers, body = _post(url, timeout=120)
-                if code == 200:
-                    outcomes.append("200")
-                    break
-                if code in (429, 503) and headers.get("Retry-After"):
-                    outcomes.append(f"{code}+retry")
-                    time.sleep(min(float(headers["Retry-After"]), 2.0))
-                    continue
-                failures.append(f"{code}: {body[:200]!r}")
-                break
-            else:
-                failures.append("gave up after 20 retries")
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
-    for th in threads:
-        th.start()
+    load = ClosedLoopLoad(url, clients=2, max_retries=20).start()
     changed = copy.deepcopy(doc)
     changed["spec"]["cacheDit"]["cache_config"]["residual_diff_threshold"] = 0.2
     t = time.monotonic()
@@ -224,13 +194,10 @@ def test_rollout_on_a_cachedit_change_under_load_loses_no_request(
         wait_for(rolled, 600, "the rollout to finish", interval=2)
         time.sleep(3)  # a few requests against the new pod too
     finally:
-        stop.set()
-        for th in threads:
-            th.join(150)
-    print(f"rollout {time.monotonic() - t:.0f}s under load: {len(outcomes)} outcomes "
-          f"({outcomes.count('200')} x 200, {len(outcomes) - outcomes.count('200')} retried)")  # fmt: skip
-    assert not failures, failures
-    assert outcomes.count("200") >= 3
+        load.stop()
+    print(f"rollout {time.monotonic() - t:.0f}s under load: {load.summary()}")
+    assert not load.failures, load.failures
+    assert load.counts["200"] >= 3
 
 
 def test_a_config_the_runtime_refuses_shows_its_reason_as_the_termination_message(cluster, node, workload_ns,
