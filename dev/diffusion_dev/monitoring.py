@@ -273,7 +273,6 @@ class MetricsPipeline:
         self.settings = {
             "scrape_interval": self.scrape_interval,
             "adapter_relist_interval": self.relist_interval,
-            "prometheus": self.prometheus_url,
         }
         logs = c.workdir / "logs"
         insecure = ssl.create_default_context()
