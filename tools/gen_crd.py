@@ -436,6 +436,20 @@ def build_crd() -> dict:
                             "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        {
+                            "name": "Cold",
+                            "type": "number",
+                            "jsonPath": ".status.startup.lastCold.seconds",
+                            "description": "seconds to Ready of the newest cold start",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Warm",
+                            "type": "number",
+                            "jsonPath": ".status.startup.lastWarm.seconds",
+                            "description": "seconds to Ready of the newest warm start",
+                            "priority": 1,
+                        },
                     ],
                     "schema": {
                         "openAPIV3Schema": {

@@ -90,7 +90,14 @@ class KubeClient(Protocol):
 
     def pods(self, namespace: str, label_selector: str) -> builtins.list[dict]: ...
 
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None: ...
+    def pod_log(
+        self,
+        namespace: str,
+        name: str,
+        container: str,
+        tail_lines: int | None = None,
+        limit_bytes: int | None = None,
+    ) -> str | None: ...
 
     def api_resources(self, api_version: str) -> builtins.list[str] | None: ...
 
@@ -211,10 +218,23 @@ class Kube:
         )
         return list((out or {}).get("items") or [])
 
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None:
-        """The last lines of a container's log (plain text); None when there is none (yet)."""
+    def pod_log(
+        self,
+        namespace: str,
+        name: str,
+        container: str,
+        tail_lines: int | None = None,
+        limit_bytes: int | None = None,
+    ) -> str | None:
+        """A container's log (plain text): its last `tail_lines` lines, or its first `limit_bytes` bytes;
+        None when there is none (yet)."""
+        query: dict[str, str | int] = {"container": container}
+        if tail_lines is not None:
+            query["tailLines"] = tail_lines
+        if limit_bytes is not None:
+            query["limitBytes"] = limit_bytes
         url = self.configuration.host.rstrip("/") + self.path("v1", "Pod", namespace, name) + "/log?"
-        url += urllib.parse.urlencode({"container": container, "tailLines": tail_lines})
+        url += urllib.parse.urlencode(query)
         headers = self._headers(None)
         headers["Accept"] = "text/plain"
         try:

@@ -6,9 +6,10 @@ nothing cluster-scoped (kopf's namespace/CRD scanning is switched off in this mo
 exist when the operator starts). Cluster-wide mode (`--all-namespaces`): a ClusterRole with
 NAMESPACED_RULES + CLUSTER_RULES (kopf lists/watches namespaces and CRDs there).
 No access to Secrets: the HF token reaches the pods only by secretKeyRef, which the kubelet resolves.
-Pods: read-only (get, list, watch) and their logs (get), for two purposes: the model download's
-progress lines (the download Job's pod log tail while it runs, its termination message after), and
-a failed quality gate (a serving pod's termination message, the QualityGate condition). No writes to
+Pods: read-only (get, list, watch) and their logs (get), for three purposes: the model download's
+progress lines (the download Job's pod log tail while it runs, its termination message after), a
+failed quality gate (a serving pod's termination message, the QualityGate condition), and the serving
+pods' start lines (the head of a Ready pod's log, once per container: status.startup). No writes to
 pods, no exec. Serving status comes from the owned Deployments.
 """
 
@@ -61,8 +62,9 @@ NAMESPACED_RULES: list[dict] = [
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    # pods, read-only: the download's progress (its pod's log tail and termination message), and the
-    # serving pods' termination messages (a failed quality gate: the QualityGate condition)
+    # pods, read-only: the download's progress (its pod's log tail and termination message), the serving
+    # pods' termination messages (a failed quality gate: the QualityGate condition) and start lines
+    # (the head of a Ready pod's log: status.startup)
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -28,13 +28,17 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 from typing import Any
+
+from diffusion_runtime.startup import parse_ready_line
 
 from diffusion_operator import builders, metrics
 from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
 from diffusion_operator.builders.common import MANAGED_BY
+from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
 from diffusion_operator.builders.keda import KEDA_API_VERSION, SCALED_OBJECT, SCALED_OBJECTS
 from diffusion_operator.diff import is_subset
 from diffusion_operator.hashing import stable_hash
@@ -58,6 +62,12 @@ CHILD_KINDS = (
 # while the model cache downloads, status (bytes) is refreshed this often; Job events cover the phases
 MODEL_CACHE_POLL_SECONDS = 10.0
 DOWNLOAD_LOG_TAIL_LINES = 20
+# a serving pod's start line (diffusion_runtime.startup) follows only its start-up logging: read once per
+# container from the head of its log, at most this much
+START_LOG_BYTES = 1 << 20
+# a start line read that failed for a transient reason (5xx, connection) is tried this often, so far apart
+START_READ_ATTEMPTS, START_READ_RETRY = 3, 2.0
+START_READERS = 2  # threads reading start lines (daemons: a slow log read never holds up the exit)
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 OWNER_LABEL = "diffusion.dev/deployment"
 SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
@@ -146,12 +156,29 @@ def inputs_of(child: Mapping) -> tuple:
     )
 
 
+def ready_container(pod: Mapping) -> str | None:
+    """While a pod is Ready, its runtime container's identity (containerID, else restarts and start time):
+    the runtime printed its start line before turning ready, so it is in that container's log."""
+    status = pod.get("status") or {}
+    if not any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    ):
+        return None
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == RUNTIME_CONTAINER and cs.get("ready"):
+            started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+            return str(cs.get("containerID") or f"{cs.get('restartCount', 0)}@{started}")
+    return None
+
+
 def pod_gate_view(pod: Mapping) -> dict:
-    """The part of a pod the QualityGate condition reads (status.gate_failure, the config-hash
-    annotation), as a small pod-shaped dict."""
+    """The part of a pod the operator reads: the QualityGate condition's (status.gate_failure, the
+    config-hash annotation) and, while it is Ready, its runtime container (`ready`, whose start line
+    goes into status.startup), as a small pod-shaped dict."""
     meta = pod.get("metadata") or {}
     obj = plain({"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations")}})
     obj["metadata"]["labels"] = obj["metadata"]["labels"] or {}
+    obj["ready"] = ready_container(pod)
     obj["failure"] = statuses.gate_failure(plain(pod))
     if obj["failure"] is not None:
         obj["status"] = {"containerStatuses": [{"lastState": {"terminated": {"message": obj["failure"]}}}]}
@@ -198,6 +225,14 @@ class Reconciler:
         self._children: dict[ChildKey, dict] = {}  # newest child seen (watch events, our applies)
         # serving pods by (namespace, name): only what the QualityGate condition reads (pod_gate_view)
         self._pods: dict[tuple[str, str], dict] = {}
+        # status.startup: the container of each pod whose start line was read (or is being read), and the
+        # newest cold and warm start found per CR; reads run in their own threads, off the workers
+        self._start_read: dict[tuple[str, str], str] = {}
+        self._starts: dict[CrKey, dict] = {}
+        self._start_jobs: SimpleQueue[tuple[str, str, str, str] | None] = SimpleQueue()
+        self._start_readers: list[threading.Thread] = []
+        self._start_pending = 0
+        self._start_idle = threading.Condition(self._guard)
         self._fresh: set[CrKey] = set()  # queued keys whose next run reads everything fresh
         self._failures: dict[CrKey, int] = {}
         self._invalid: set[CrKey] = set()
@@ -258,6 +293,7 @@ class Reconciler:
             self._managed.pop(key, None)
             self._child_keys.pop(key, None)
             self._seen.pop(key, None)
+            self._starts.pop(key, None)
         self._update_gauges()
 
     def cached_child(self, kind: str, namespace: str, name: str) -> dict | None:
@@ -335,21 +371,92 @@ class Reconciler:
         self.enqueue(namespace, owner, delay=self.child_delay)
 
     def on_pod_event(self, event_type: str | None, body: Mapping) -> None:
-        """Serving pods matter only for the quality gate: a reconcile is queued when a pod's gate view
-        (its configuration hash, a gate failure in its termination message) appears, changes or goes."""
+        """Serving pods matter for the quality gate and status.startup: a reconcile is queued when a pod's
+        gate view (its configuration hash, a gate failure in its termination message) appears, changes or
+        goes; a container that turned Ready has its start line read (in the background, once)."""
         meta = body.get("metadata") or {}
         owner = (meta.get("labels") or {}).get(OWNER_LABEL)
         if not owner:
             return
         key = (meta.get("namespace", ""), meta.get("name", ""))
         view = None if event_type == "DELETED" else pod_gate_view(body)
+        ready = (view or {}).get("ready")
         with self._guard:
             before = self._pods.pop(key, None)
             if view is not None:
                 self._pods[key] = view
+            read = ready is not None and self._start_read.get(key) != ready
+            if view is None:
+                self._start_read.pop(key, None)
+            elif read:
+                self._start_read[key] = str(ready)
+        if read:
+            self._read_start_later(key[0], key[1], owner, str(ready))
         if before != view and (view or before or {}).get("failure") is not None:
             # fresh: pods are no input of the skip check (the CR's and children's versions did not move)
             self.enqueue(key[0], owner, delay=self.child_delay, fresh=True)
+
+    def _read_start_later(self, namespace: str, pod: str, owner: str, container: str) -> None:
+        with self._guard:
+            self._start_pending += 1
+            while len(self._start_readers) < START_READERS:
+                thread = threading.Thread(
+                    target=self._start_reader, name=f"start-read-{len(self._start_readers)}", daemon=True
+                )
+                thread.start()
+                self._start_readers.append(thread)
+        self._start_jobs.put((namespace, pod, owner, container))
+
+    def _start_reader(self) -> None:
+        while True:
+            job = self._start_jobs.get()
+            if job is None:
+                return
+            try:
+                self._read_start(*job)
+            finally:
+                with self._start_idle:
+                    self._start_pending -= 1
+                    self._start_idle.notify_all()
+
+    def _read_start(self, namespace: str, pod: str, owner: str, container: str) -> None:
+        """Read a Ready pod's start line (the head of its runtime container's log) into the CR's newest
+        cold / warm start, and queue the CR when that changed. A pod without the line (a node that serves
+        no logs, an older runtime) adds nothing; a transient failure is retried, then left to the next
+        Ready container of that pod."""
+        text = None
+        for attempt in range(START_READ_ATTEMPTS):
+            try:
+                text = self.client.pod_log(namespace, pod, RUNTIME_CONTAINER, limit_bytes=START_LOG_BYTES)
+                break
+            except ApiError as error:
+                if error.permanent or attempt == START_READ_ATTEMPTS - 1:
+                    log.debug(f"start line of pod {namespace}/{pod} unreadable: {error}")
+                    if not error.permanent:
+                        with self._guard:  # a later event of this container may try again
+                            if self._start_read.get((namespace, pod)) == container:
+                                del self._start_read[(namespace, pod)]
+                    return
+                time.sleep(START_READ_RETRY)
+            except Exception as error:  # a bug: never let a log read take a thread down
+                log.exception(f"start line of pod {namespace}/{pod}: {error}")
+                return
+        record = parse_ready_line(text or "")
+        if record is None:
+            return
+        key = (namespace, owner)
+        with self._guard:
+            before = self._starts.get(key)
+            after = statuses.add_start(before, pod, record)
+            if after is not None:
+                self._starts[key] = after
+        if after != before:
+            self.enqueue(namespace, owner, fresh=True)
+
+    def wait_start_reads(self, timeout: float = 10.0) -> bool:
+        """Wait for the start-line reads queued or in flight (tests, before draining the queue)."""
+        with self._start_idle:
+            return self._start_idle.wait_for(lambda: self._start_pending == 0, timeout)
 
     def pods_of(self, namespace: str, name: str) -> list[dict]:
         with self._guard:
@@ -378,6 +485,10 @@ class Reconciler:
         self.queue.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        with self._guard:
+            readers = len(self._start_readers)
+        for _ in range(readers):
+            self._start_jobs.put(None)
 
     def _work(self) -> None:
         while True:
@@ -446,6 +557,7 @@ class Reconciler:
         before = self.reconciles
         deadline = time.monotonic() + timeout
         while True:
+            self.wait_start_reads(max(0.0, deadline - time.monotonic()))
             wait = self.queue.next_due()
             if wait is None or wait > horizon:
                 return self.reconciles - before
@@ -633,6 +745,15 @@ class Reconciler:
             new_status = cache_statuses.gate_ready_condition(
                 {**new_status, "modelCache": cache}, cache, generation
             )
+        with self._guard:
+            starts = self._starts.get(key)
+        # a start older than this CR was a pod of an earlier one of the same name (a read that finished
+        # after that one was forgotten)
+        created = str(cr["metadata"].get("creationTimestamp") or "")
+        starts = {k: v for k, v in (starts or {}).items() if str(v.get("at", "")) >= created}
+        startup = statuses.merge_startup(old_status.get("startup"), starts)
+        if startup is not None:
+            new_status["startup"] = startup
         if not statuses.same_status(old_status, new_status):
             self._write_status(cr, new_status)
             self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")

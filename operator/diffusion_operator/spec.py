@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from diffusion_runtime import cache_dit_facts as facts
+from diffusion_runtime import startup as runtime_startup
 from diffusion_runtime.config import (
     DEVICES,
     DTYPES,
@@ -686,6 +687,51 @@ class ModelCacheStatus(_Model):
     message: str | None = Field(None, description="The last error, or where the download stands.")
 
 
+class StartRecord(_Model):
+    """One pod's start, as its runtime reported it (the `diffusion-runtime ready:` line of its log)."""
+
+    pod: str = Field(description="The pod.")
+    seconds: float = Field(
+        ge=0, description="From the runtime process's start (the container's) to the runtime turning ready."
+    )
+    at: str = Field(description="When it turned ready.", json_schema_extra={"format": "date-time"})
+    model: Annotated[str, _one_of(runtime_startup.MODEL_SOURCES), _enum(runtime_startup.MODEL_SOURCES)] = (
+        Field(
+            description="downloaded (this pod fetched it from the Hub) or local (a model cache volume, a complete "
+            "earlier download, a folder)."
+        )
+    )
+    compile: bool = Field(description="Whether the pod ran torch.compile (spec.compile).")
+    compile_cache: Annotated[
+        str, _one_of(runtime_startup.COMPILE_CACHE_RESULTS), _enum(runtime_startup.COMPILE_CACHE_RESULTS)
+    ] = Field(
+        alias="compileCache",
+        description="The compile-artifact cache lookup: hit (artifacts restored), miss, corrupt, error, or off "
+        "(no spec.compileCache, or no compile).",
+    )
+    download_seconds: float = Field(ge=0, alias="downloadSeconds", description="Fetching the model.")
+    load_seconds: float = Field(ge=0, alias="loadSeconds", description="Loading it from local files.")
+    warmup_seconds: float = Field(ge=0, alias="warmupSeconds", description="The warmup generations.")
+    compile_seconds: float = Field(
+        ge=0, alias="compileSeconds", description="torch.compile, within the warmup."
+    )
+
+
+class StartupStatus(_Model):
+    """The newest cold and the newest warm start of the pods, from their runtimes' start lines."""
+
+    last_cold: StartRecord | None = Field(
+        None,
+        alias="lastCold",
+        description="A start that fetched the model from the Hub or ran torch.compile without a compile-cache hit.",
+    )
+    last_warm: StartRecord | None = Field(
+        None,
+        alias="lastWarm",
+        description="A start with the model from local files and, with compile, the artifacts from the compile cache.",
+    )
+
+
 class DiffusionDeploymentStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -711,6 +757,7 @@ class DiffusionDeploymentStatus(_Model):
         description="cache-dit's summary tag of the cache config (as cache_dit.strify).",
     )
     model_cache: ModelCacheStatus | None = Field(None, alias="modelCache")
+    startup: StartupStatus | None = None
     conditions: list[Condition] | None = Field(
         None,
         description="Ready, Progressing, ConfigValid and Synced (children applied), per the Kubernetes API conventions.",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from typing import Any
 
 from diffusion_runtime.quality_gate import FAILED as GATE_FAILED
+from diffusion_runtime.startup import COLD, WARM
 
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
 from diffusion_operator.spec import condition_reason
@@ -197,6 +200,43 @@ def quality_gate_condition(pods: list[dict], config_hash: str, ready: bool, gene
     return condition(
         QUALITY_GATE, "Unknown", "Pending", "pods of this configuration are loading or warming up", generation
     )
+
+
+# status.startup: the newest start of each kind (diffusion_runtime.startup: cold | warm)
+STARTUP_FIELDS = {COLD: "lastCold", WARM: "lastWarm"}
+
+
+def start_entry(pod: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A runtime's start record (`parse_ready_line`) as status.startup shows it: the pod, without `start`."""
+    return {"pod": pod, **{k: v for k, v in record.items() if k != "start"}}
+
+
+def newer_start(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The later of two entries (by `at`, then pod name, so the choice never depends on order)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return (
+        a
+        if (str(a.get("at", "")), str(a.get("pod", ""))) >= (str(b.get("at", "")), str(b.get("pod", "")))
+        else b
+    )
+
+
+def merge_startup(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """status.startup from two of them: per kind, the newer entry; None when neither has one."""
+    out = {}
+    for field in STARTUP_FIELDS.values():
+        entry = newer_start((old or {}).get(field), (new or {}).get(field))
+        if entry is not None:
+            out[field] = dict(entry)
+    return out or None
+
+
+def add_start(
+    startup: Mapping[str, Any] | None, pod: str, record: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """`startup` with one pod's start record folded in."""
+    return merge_startup(startup, {STARTUP_FIELDS[record["start"]]: start_entry(pod, record)})
 
 
 def same_status(a: dict | None, b: dict | None) -> bool:

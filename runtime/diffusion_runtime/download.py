@@ -335,7 +335,8 @@ def download(
     emit: Callable[[str], None] | None = None,
     max_workers: int = 8,
 ) -> dict[str, Any]:
-    """Fill DEST with the pipeline's files at `revision`; return the completion record (the marker).
+    """Fill DEST with the pipeline's files at `revision`; return the completion record (the marker)
+    with `cached`: True when nothing was fetched.
 
     Already complete for this repo and revision (the marker says so and the files are there): nothing
     is requested from the Hub at all."""
@@ -361,7 +362,7 @@ def download(
         out(progress_line("Complete", bytesDone=marker["bytes"], bytesTotal=marker["bytes"],
                           filesDone=len(marker["files"]), filesTotal=len(marker["files"]),
                           commit=marker["commit"], cached=True))  # fmt: skip
-        return marker
+        return {**marker, "cached": True}
     if marker is not None:
         marker_path(dest).unlink()  # another revision or variant: not complete any more
     dest.mkdir(parents=True, exist_ok=True)
@@ -415,7 +416,7 @@ def download(
     _write_atomic(marker_path(dest), json.dumps(record, indent=1, sort_keys=True) + "\n")
     out(progress_line("Complete", bytesDone=total, bytesTotal=total, filesDone=len(remote),
                       filesTotal=len(remote), commit=commit, seconds=record["seconds"], cached=False))  # fmt: skip
-    return record
+    return {**record, "cached": False}
 
 
 def run(args: Any) -> int:

@@ -50,14 +50,15 @@ def _served_folder(uri: str, path: Path) -> Path:
     return path
 
 
-def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = True) -> Path:
-    """A local folder for the model: a path / file:// as is (a download cache folder only when its
-    completion marker is there); hf://org/name or org/name downloaded (HF_HUB_OFFLINE=1: never)."""
+def resolve_model(uri: str, revision: str | None = None, progress: bool = True) -> tuple[Path, bool]:
+    """A local folder for the model, and whether this call fetched files from the Hub: a path /
+    file:// as is (a download cache folder only when its completion marker is there); hf://org/name or
+    org/name downloaded, unless a complete copy is there (HF_HUB_OFFLINE=1: never)."""
     if uri.startswith("file://"):
         path = Path(uri[len("file://") :])
         if not path.is_dir():
             raise ModelError(f"model {uri}: folder {path} does not exist")
-        return _served_folder(uri, path)
+        return _served_folder(uri, path), False
     if uri.startswith("pvc://"):
         raise ModelError(f"model {uri}: pvc:// URIs are mounted by the operator; pass the mount path instead")
     local = Path(uri)
@@ -65,14 +66,14 @@ def resolve_model_uri(uri: str, revision: str | None = None, progress: bool = Tr
         local = local.expanduser()
         if not local.is_dir():
             raise ModelError(f"model {uri}: folder does not exist")
-        return _served_folder(uri, local)
+        return _served_folder(uri, local), False
     repo_id = uri[len("hf://") :] if uri.startswith("hf://") else uri
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ModelError(f"model {uri}: not a folder and not a Hugging Face id (org/name)")
     return _hub_model(uri, repo_id, revision, progress)
 
 
-def _hub_model(uri: str, repo_id: str, revision: str | None, progress: bool) -> Path:
+def _hub_model(uri: str, repo_id: str, revision: str | None, progress: bool) -> tuple[Path, bool]:
     """An hf:// model in this process: `diffusion-runtime download`'s own code (the pipeline's files at
     one commit, verified, a completion marker) into HF_HOME/diffusion-models/<org>--<name>/<revision>; a
     complete folder there is used without any request. Offline (HF_HUB_OFFLINE=1) and not there: the
@@ -91,12 +92,12 @@ def _hub_model(uri: str, repo_id: str, revision: str | None, progress: bool) -> 
             log.info("model download: %s", line)
 
     try:
-        download(uri, dest, revision, emit=emit)
-        return dest
+        record = download(uri, dest, revision, emit=emit)
+        return dest, not record["cached"]
     except DownloadError as e:
         if constants.HF_HUB_OFFLINE:
             try:
-                return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+                return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), False
             except Exception:  # noqa: BLE001 - not in the standard cache either: the line below
                 pass
         raise ModelError(f"model {uri}: download from the Hugging Face Hub failed ({e})") from e
@@ -133,7 +134,8 @@ class Model:
     load_seconds: float
     model_path: Path
     warmup_seconds: float = 0.0
-    download_seconds: float = 0.0  # resolve_model_uri: fetching from the Hub (not part of load_seconds)
+    download_seconds: float = 0.0  # resolve_model: fetching from the Hub (not part of load_seconds)
+    model_downloaded: bool = False  # this process fetched model files from the Hub
     size_multiple: int = 16
     quality_gate: QualityGate | None = None  # holds the plain pipeline's canaries until warmup ends
     _accepts: frozenset[str] = field(default_factory=frozenset)
@@ -303,7 +305,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     for note in plan.notes if plan else ():
         log.warning("%s", note)
     t_resolve = time.perf_counter()
-    model_path = resolve_model_uri(config.model.uri, config.model.revision, progress=progress)
+    model_path, downloaded = resolve_model(config.model.uri, config.model.revision, progress=progress)
     download_seconds = time.perf_counter() - t_resolve
     if not (model_path / "model_index.json").is_file():
         raise ModelError(
@@ -363,6 +365,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         load_seconds=time.perf_counter() - t0 - download_seconds - (gate.reference_seconds if gate else 0.0),
         model_path=model_path,
         download_seconds=download_seconds,
+        model_downloaded=downloaded,
         size_multiple=max(16, vae_scale * 2),
         quality_gate=gate,
         _accepts=accepts,

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,7 +87,7 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
 
 
 def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
-    from diffusion_runtime import compile_cache, quality_gate
+    from diffusion_runtime import compile_cache, quality_gate, startup
     from diffusion_runtime.model import ModelError, load_model
 
     m = state.metrics
@@ -118,11 +119,10 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
             m.compile_cache.labels(result=cache.restore()).inc()
         compiled_before = compile_cache.compile_seconds()
         warm = model.warmup()
+        compiled = compile_cache.compile_seconds() - compiled_before
         m.warmup.set(warm)
-        m.compile_seconds.set(compile_cache.compile_seconds() - compiled_before)
-        log.info(
-            "warmup done in %.2fs (compile %.2fs)", warm, compile_cache.compile_seconds() - compiled_before
-        )
+        m.compile_seconds.set(compiled)
+        log.info("warmup done in %.2fs (compile %.2fs)", warm, compiled)
         if cache is not None and cache.publish():
             m.compile_cache_saves.inc()
         gate = local.quality_gate  # the plain pipeline's canaries, rendered in load_model
@@ -140,6 +140,15 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
                 return
         if ranks is not None:
             ranks.serving()
+        record = startup.summary(
+            started=startup.process_start_time(), ready=time.time(), model_downloaded=local.model_downloaded,
+            compile=bool(state.config.compile), compile_cache=cache.result if cache is not None else "off",
+            download_seconds=local.download_seconds, load_seconds=local.load_seconds, warmup_seconds=warm,
+            compile_seconds=compiled,
+        )  # fmt: skip
+        # before /ready turns 200: a pod the kubelet sees Ready has this line in its log (the operator
+        # reads it into status.startup)
+        print(startup.ready_line(record), flush=True)
         state.phase = "ready"
         m.ready.set(0 if state.draining else 1)
     except (ConfigError, ModelError) as e:

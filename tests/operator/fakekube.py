@@ -291,10 +291,25 @@ class FakeKube:
         ]
 
     @_locked
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str | None:
+    def pod_log(
+        self,
+        namespace: str,
+        name: str,
+        container: str,
+        tail_lines: int | None = None,
+        limit_bytes: int | None = None,
+    ) -> str | None:
+        """The API server's `tailLines` (the last lines) and `limitBytes` (the first bytes)."""
         self.reads[("LOG", "Pod")] += 1
+        self._check_refused("LOG", "Pod")
         text = self.logs.get((namespace, name))
-        return None if text is None else "\n".join(text.splitlines()[-tail_lines:])
+        if text is None:
+            return None
+        if tail_lines is not None:
+            text = "\n".join(text.splitlines()[-tail_lines:])
+        if limit_bytes is not None:
+            text = text.encode()[:limit_bytes].decode(errors="replace")
+        return text
 
     # ---- internals ----------------------------------------------------------------------------------
 

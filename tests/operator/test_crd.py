@@ -104,7 +104,10 @@ def test_crd_names_subresources_columns_and_cel_rules():
     }
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "Ready", "Cache", "Quant", "Status", "Age"]
+    assert columns == ["Model", "Ready", "Cache", "Quant", "Status", "Age", "Cold", "Warm"]
+    wide = {c["name"]: c for c in version["additionalPrinterColumns"] if c.get("priority")}
+    assert set(wide) == {"Cold", "Warm"}  # kubectl get dd -o wide
+    assert wide["Cold"]["jsonPath"] == ".status.startup.lastCold.seconds"
     spec = schema()["properties"]["spec"]
     rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])
     assert "has(self.replicas) && has(self.autoscaling)" in rules and "ulysses_size" in rules

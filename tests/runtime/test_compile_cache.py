@@ -6,9 +6,12 @@ Each process gets its own empty local inductor folder (as each pod has its own /
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from diffusion_runtime.compile_cache import SUFFIX, _read
+from diffusion_runtime.startup import parse_ready_line
 from test_runtime_server import generate, png_of, scrape, value
 
 pytestmark = pytest.mark.runtime
@@ -18,9 +21,25 @@ BODY = {"size": "64x64", "num_inference_steps": 4, "seed": 5}
 
 def _start(factory, monkeypatch, tmp_path, name: str, shared):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"inductor-{name}"))
+    spawned = time.time()
     rp = factory(name, compile=True, compile_cache_dir=str(shared), warmup={"steps": 4}, wait=False)
     rp.wait_ready(timeout=900)  # a cold CPU compile on a loaded 2-core machine takes minutes
+    rp.outside_seconds = time.time() - spawned
     return rp
+
+
+def _start_line(rp, kind: str, cache: str) -> dict:
+    """The runtime's start line (status.startup's source): cold or warm, and its seconds from process
+    start to ready lie within what this test saw from spawning it to /ready answering 200."""
+    record = parse_ready_line(rp.log())
+    assert record is not None, rp.log_tail()
+    assert (record["start"], record["compileCache"], record["compile"], record["model"]) == (
+        kind, cache, True, "local",
+    )  # fmt: skip
+    assert (
+        0 < record["compileSeconds"] < record["warmupSeconds"] < record["seconds"] <= rp.outside_seconds + 1
+    )
+    return record
 
 
 def _pixels(rp) -> np.ndarray:
@@ -44,6 +63,7 @@ def test_second_process_loads_the_first_ones_artifacts_and_a_corrupt_file_recomp
     assert len(files) == 1, files
     key = files[0].name.removesuffix(SUFFIX)
     assert _read(files[0], key)  # a complete, checksummed artifact
+    cold_start = _start_line(cold, "cold", "miss")
     cold_pixels = _pixels(cold)
     cold.stop()
 
@@ -53,6 +73,8 @@ def test_second_process_loads_the_first_ones_artifacts_and_a_corrupt_file_recomp
     assert value(m, "diffusion_compile_cache_lookups_total", result="miss") == 0
     assert value(m, "diffusion_compile_cache_saves_total") == 0
     assert "compile cache: hit" in warm.log()
+    warm_start = _start_line(warm, "warm", "hit")
+    assert warm_start["compileSeconds"] < cold_start["compileSeconds"]
     warm_pixels = _pixels(warm)
     assert np.abs(warm_pixels - cold_pixels).max() <= 1, "restored kernels give another image"
     warm.stop()
@@ -64,6 +86,7 @@ def test_second_process_loads_the_first_ones_artifacts_and_a_corrupt_file_recomp
     m = scrape(healed.metrics_url)
     assert value(m, "diffusion_compile_cache_lookups_total", result="corrupt") == 1
     assert value(m, "diffusion_compile_cache_saves_total") == 1
+    _start_line(healed, "cold", "corrupt")
     warnings = [ln for ln in healed.log().splitlines() if "compile cache" in ln and "WARNING" in ln.upper()]
     assert len(warnings) == 1, healed.log_tail()
     assert "checksum mismatch" in warnings[0]

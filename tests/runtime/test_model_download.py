@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from diffusion_runtime.download import COMPLETE_MARKER, check_complete, last_progress, parse_progress_line
+from diffusion_runtime.startup import parse_ready_line
 from hub_server import HubServer
 
 pytestmark = pytest.mark.runtime
@@ -187,6 +188,9 @@ def test_serve_metrics_split_download_and_load_and_a_complete_copy_is_used_witho
             downloaded = value(m, "diffusion_model_download_seconds")
             assert downloaded > 0 and value(m, "diffusion_model_load_seconds") > 0
             assert value(m, "diffusion_compile_seconds") == 0  # no compile in this config
+            start = parse_ready_line(first.log())  # the start line: fetched from the Hub, so cold
+            assert start is not None and (start["start"], start["model"]) == ("cold", "downloaded")
+            assert start["downloadSeconds"] == pytest.approx(downloaded, abs=0.01)
         finally:
             first.stop()
         fetched = sorted(a.path.split("/resolve/", 1)[1].split("/", 1)[1] for a in hub.hub.file_gets())
@@ -198,6 +202,10 @@ def test_serve_metrics_split_download_and_load_and_a_complete_copy_is_used_witho
         try:
             m = scrape(second.metrics_url)
             assert value(m, "diffusion_model_download_seconds") < downloaded
+            start = parse_ready_line(second.log())  # the complete copy, nothing compiled: warm
+            assert start is not None and (start["start"], start["model"], start["compileCache"]) == (
+                "warm", "local", "off",
+            )  # fmt: skip
         finally:
             second.stop()
         assert len(hub.hub.access_log) == requests, hub.hub.access_log[requests:]

@@ -29,6 +29,7 @@ GPU_MINOR_LABEL = "nvidia.com/gpu.compute.minor"
 STARTUP_PERIOD_SECONDS = 10
 PRESTOP_SLEEP_SECONDS = 5
 CACHE_DIR = "/var/cache/diffusion"
+RUNTIME_CONTAINER = "runtime"  # the serving container (the operator reads its start line from its log)
 
 
 def capability_node_terms(floor: tuple[int, int]) -> list[dict]:
@@ -175,7 +176,7 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
     waiting for the model, and none ever serves a partial download."""
     volumes, mounts = build_volumes(spec)
     container = {
-        "name": "runtime",
+        "name": RUNTIME_CONTAINER,
         "image": spec.image,
         "command": ["diffusion-runtime"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/runtime.yaml"],
