@@ -64,6 +64,16 @@ RUN --mount=type=cache,id=pip,target=/root/.cache/pip,sharing=locked \
 FROM runtime-deps AS runtime
 LABEL org.opencontainers.image.title="diffusion-runtime" \
       org.opencontainers.image.description="diffusers + cache-dit + torchao image server (OpenAI images API)"
+# `compile: true` needs a C/C++ compiler and Python's headers at run time: inductor builds its CPU
+# kernels and their wrappers with g++ (without them the warmup fails with InvalidCxxCompiler or
+# CppCompileError) and Triton its GPU launcher with gcc. python:*-slim ships Python.h; a Debian
+# python3 base needs python3-dev. The base image's Debian release decides the versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && { test -n "$(find /usr/include /usr/local/include -path '*/python3*/Python.h' -print -quit 2>/dev/null)" \
+         || apt-get install -y --no-install-recommends python3-dev; } \
+    && rm -rf /var/lib/apt/lists/*
 COPY README.md /src/
 COPY operator/ /src/operator/
 COPY runtime/ /src/runtime/

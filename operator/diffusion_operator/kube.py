@@ -236,7 +236,9 @@ class Kube:
         url = self.configuration.host.rstrip("/") + self.path("v1", "Pod", namespace, name) + "/log?"
         url += urllib.parse.urlencode(query)
         headers = self._headers(None)
-        headers["Accept"] = "text/plain"
+        # the API server answers the log as text/plain, but refuses that Accept header (406 NotAcceptable:
+        # only json, yaml, protobuf are offered); kubectl sends */* too
+        headers["Accept"] = "*/*"
         try:
             response = self.pool.request("GET", url, headers=headers, timeout=10.0, retries=False)
         except (OSError, urllib3.exceptions.HTTPError) as error:

@@ -431,7 +431,7 @@ class Reconciler:
                 break
             except ApiError as error:
                 if error.permanent or attempt == START_READ_ATTEMPTS - 1:
-                    log.debug(f"start line of pod {namespace}/{pod} unreadable: {error}")
+                    log.info(f"start line of pod {namespace}/{pod} unreadable: {error}")
                     if not error.permanent:
                         with self._guard:  # a later event of this container may try again
                             if self._start_read.get((namespace, pod)) == container:
@@ -443,7 +443,9 @@ class Reconciler:
                 return
         record = parse_ready_line(text or "")
         if record is None:
+            log.info(f"pod {namespace}/{pod}: no start line in its log (a node that serves no logs?)")
             return
+        log.info(f"pod {namespace}/{pod}: {record['start']} start, ready after {record['seconds']}s")
         key = (namespace, owner)
         with self._guard:
             before = self._starts.get(key)

@@ -129,6 +129,31 @@ def _pack(folder: Path) -> bytes:
     return buf.getvalue()
 
 
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack a payload into `dest`: tarfile's `data` filter where this Python has it (3.11.4 and later),
+    the same refusals by hand before that (Debian bookworm's python3 is 3.11.2): only files and folders,
+    nothing outside `dest`, no special permission bits. Raises tarfile.TarError on a member it refuses."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if member.name.startswith("/") or (target != root and root not in target.parents):
+            raise tarfile.TarError(f"{member.name!r} would be written outside {dest}")
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif member.isfile():
+            source = tar.extractfile(member)
+            if source is None:
+                raise tarfile.TarError(f"{member.name!r} has no data")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read())
+            target.chmod((member.mode & 0o755) | 0o600)
+        else:
+            raise tarfile.TarError(f"{member.name!r} is not a file or a folder")
+
+
 def _read(path: Path, key: str) -> bytes:
     """The payload of a cache file; ValueError (with the reason) when it is not a valid one for `key`."""
     with path.open("rb") as f:
@@ -196,7 +221,7 @@ class CompileCache:
             return self.result
         try:
             with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as tar:
-                tar.extractall(local, filter="data")
+                _extract(tar, local)
         except (tarfile.TarError, OSError, ValueError) as e:
             self.result = "corrupt"
             log.warning("compile cache: cannot unpack %s (%s); compiling from scratch", self.path, e)

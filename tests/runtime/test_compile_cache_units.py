@@ -156,6 +156,23 @@ def test_a_payload_escaping_the_folder_is_refused(tmp_path):
     assert not (tmp_path / "local" / "escaped").exists()
 
 
+def test_without_tarfiles_data_filter_the_same_files_restore_and_an_escape_is_refused(tmp_path, monkeypatch):
+    """Python before 3.11.4 (Debian bookworm's python3, the runtime image's base in the dev cluster) has
+    no `filter=` for extractall: the restore checks the members itself."""
+    monkeypatch.delattr(tarfile, "data_filter")
+    root = tmp_path / "shared"
+    writer = _cache(root, tmp_path / "a" / "inductor")
+    assert writer.restore() == "miss"
+    _fill(writer.use_local_folder(), ARTIFACTS)
+    assert writer.publish()
+    reader = _cache(root, tmp_path / "b" / "inductor")
+    assert reader.restore() == "hit"
+    for rel, data in ARTIFACTS.items():
+        assert (reader.use_local_folder() / rel).read_bytes() == data
+    (tmp_path / "escape").mkdir()
+    test_a_payload_escaping_the_folder_is_refused(tmp_path / "escape")
+
+
 def test_unwritable_shared_folder_is_a_warning_not_a_crash(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
