@@ -51,11 +51,15 @@ def operator_release(cluster):
     print(f"images: { {k: (v.ref, v.built_seconds, v.imported_seconds, v.size_bytes) for k, v in built.items()} }"
           f" in {time.monotonic() - t:.0f}s")  # fmt: skip
     release = f"dop-{uuid.uuid4().hex[:5]}"
-    install_operator(cluster, OPERATOR_NS, release)
-    yield {"release": release, "namespace": OPERATOR_NS, "images": built}
     from diffusion_dev.install import helm
 
-    helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait")
+    try:
+        install_operator(cluster, OPERATOR_NS, release)
+        yield {"release": release, "namespace": OPERATOR_NS, "images": built}
+    finally:
+        # also when the install failed (e.g. --wait timed out): a second operator left running in the
+        # shared cluster would reconcile every later test's CRs too
+        helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait", "--ignore-not-found")
 
 
 @pytest.fixture
