@@ -151,25 +151,31 @@ def test_the_hpa_scales_on_demand_read_from_prometheus_through_the_adapter(
     # requests in flight on the pods that go are drained, not lost
     trickle = ClosedLoopLoad(load.url, clients=1).start()
 
-    def one_replica():
-        hpa = _hpa(cluster, ns, name)
-        return hpa["status"].get("desiredReplicas") == 1 and len(_pods(cluster, ns, name)) == 1
+    def decided_one() -> bool:  # the HPA's decision: the Deployment asked for one pod
+        return _json(cluster, "get", "deployment", name, "-n", ns)["spec"]["replicas"] == 1
 
     try:
-        wait_for(one_replica, SCALE_DOWN_WINDOW + 90, "the HPA to scale back to 1", interval=1)
+        wait_for(decided_one, 3 * SCALE_DOWN_WINDOW + 90, "the HPA to scale back to 1", interval=1)
+        down = time.monotonic() - stopped
+        # the pods that go drain their requests in flight (the trickle keeps sending meanwhile)
+        wait_for(
+            lambda: len(_pods(cluster, ns, name)) == 1, 180, "the extra pods to drain and go", interval=1
+        )
+        gone = time.monotonic() - stopped
     except TimeoutError as exc:
         raise AssertionError(f"{exc}: {_hpa(cluster, ns, name).get('status')}") from None
     finally:
         trickle.stop()
-    down = time.monotonic() - stopped
-    dep = _json(cluster, "get", "deployment", name, "-n", ns)
     print(f"scaled to {len(scaled_pods)} Ready pods {scaled_at:.0f}s after load start (max demand seen "
-          f"{seen_demand:g}); back to 1 pod {down:.0f}s after the burst (window {SCALE_DOWN_WINDOW}s); "
-          f"requests: burst {load.summary()}; during scale-down {trickle.summary()}")  # fmt: skip
-    assert dep["spec"]["replicas"] == 1
-    # the decision comes once the window has passed, plus an HPA sync (5 s), scrape (1 s) and relist
-    # (2 s); the old pods then drain and go
-    assert SCALE_DOWN_WINDOW - 5 <= down <= SCALE_DOWN_WINDOW + 45, down
+          f"{seen_demand:g}); scale-down to 1 decided {down:.0f}s after the burst (window {SCALE_DOWN_WINDOW}s), "
+          f"extra pods gone after {gone:.0f}s; requests: burst {load.summary()}; during scale-down "
+          f"{trickle.summary()}")  # fmt: skip
+    assert _hpa(cluster, ns, name)["status"].get("desiredReplicas") == 1
+    # not before the window has passed. Measured 40-114 s for a 30 s window: a pod whose demand the
+    # adapter does not serve yet (the third, Ready late) counts as at target on scale-down, so the HPA
+    # may step 3 -> 2 -> 1, each step waiting out the window, plus an HPA sync (5 s), scrape (1 s)
+    # and relist (2 s) each
+    assert SCALE_DOWN_WINDOW - 5 <= down <= 3 * SCALE_DOWN_WINDOW + 60, down
     # nothing lost: every request answered 200, some only after a 429/503 + Retry-After retry
     assert not load.failures and not trickle.failures, (load.failures, trickle.failures)
     assert load.counts["200"] >= 10 and trickle.counts["200"] >= 1, (load.summary(), trickle.summary())

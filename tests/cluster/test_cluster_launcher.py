@@ -173,5 +173,7 @@ def test_second_build_builds_nothing(cluster):
             "helm": "v3.22.0",
             "containerd": "v2.4.2",
             "crictl": "v1.37.0",
+            "prometheus": "v0.316.0",
+            "prometheus-adapter": "v0.12.0",
         }
     assert messages == []  # no go invocation, no progress lines
