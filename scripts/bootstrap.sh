@@ -14,7 +14,9 @@
 #  4. The images of the Dockerfile (`operator`, `runtime`), built with buildah on a local Debian
 #     base by `diffusion-dev images --no-import` (cached by content hash).
 #
-# Environment: PYTHON (interpreter to create the venv with), XDG_CACHE_HOME (cache root),
+# Environment: PYTHON (interpreter to create the venv with), DIFFUSION_OPERATOR_CACHE (the project's
+# cache folder; default $XDG_CACHE_HOME/diffusion-operator: point it at an empty folder to replay a
+# fresh machine while the pip, Go build and Go module caches stay warm),
 # BOOTSTRAP_SKIP_GO=1 (skip steps 3 and 4), BOOTSTRAP_SKIP_IMAGES=1 (skip step 4),
 # DIFFUSION_DEV_REAL_NODE=0 (fake nodes only: no node packages, no images),
 # PIP_CACHE_DIR (pip's cache, reused across runs and by the image builds).
@@ -23,7 +25,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/diffusion-operator"
+# the project's cache folder: one definition, in dev/diffusion_dev/build.py (cache_home)
+cache="${DIFFUSION_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/diffusion-operator}"
 PROMETHEUS_DEB_VERSION_PREFIX="2."
 
 t0=$(date +%s)

@@ -131,7 +131,19 @@ def tools_dir() -> Path:
     return path
 
 
+CACHE_ENV = "DIFFUSION_OPERATOR_CACHE"
+
+
 def cache_home() -> Path:
+    """The project's cache folder: `$DIFFUSION_OPERATOR_CACHE`, else `$XDG_CACHE_HOME/diffusion-operator`.
+
+    Only the project's own state lives here (binaries, images, node, models); the Go, pip and Go
+    module caches keep their own locations, so pointing this at an empty folder replays a fresh
+    machine's bootstrap without re-downloading or recompiling the world.
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "diffusion-operator"
 

@@ -55,17 +55,24 @@ def buildah_home() -> Path:
     return cache_home() / "buildah"
 
 
+def buildah_tmp() -> Path:
+    """buildah's TMPDIR (and the parent of every temporary folder here), created on first use."""
+    tmp = buildah_home() / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
 def _buildah_env() -> dict[str, str]:
     env = dict(os.environ)
     # buildah keeps `RUN --mount=type=cache` folders in $TMPDIR/buildah-cache-<uid>/<id>
-    env["TMPDIR"] = str(buildah_home() / "tmp")
+    env["TMPDIR"] = str(buildah_tmp())
     env.setdefault("BUILDAH_ISOLATION", "chroot")
     return env
 
 
 def _seed_pip_cache() -> None:
     """Make the Dockerfile's pip cache mount the host's pip cache (when the host has one)."""
-    cache_parent = buildah_home() / "tmp" / f"buildah-cache-{os.getuid()}"
+    cache_parent = buildah_tmp() / f"buildah-cache-{os.getuid()}"
     cache_parent.mkdir(parents=True, exist_ok=True)
     mount = cache_parent / PIP_CACHE_ID
     if mount.exists() or mount.is_symlink():
@@ -107,7 +114,6 @@ def buildah(*args: str, timeout: float = 3600, log: Path | None = None) -> subpr
     home = buildah_home()
     cmd = [exe, "--root", str(home / "storage"), "--runroot", str(home / "run"), "--storage-driver", "overlay",
            *args]  # fmt: skip
-    (home / "tmp").mkdir(parents=True, exist_ok=True)
     if log is not None:
         with open(log, "a") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
@@ -220,7 +226,7 @@ def ensure_base(progress: Progress = _stderr) -> tuple[str, float]:
     progress(
         f"[images] base {ref}: mmdebstrap --variant=minbase {DEBIAN_SUITE} (+ {', '.join(BASE_PACKAGES)})"
     )
-    with tempfile.TemporaryDirectory(dir=buildah_home() / "tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=buildah_tmp()) as tmp:
         tar = Path(tmp) / "rootfs.tar"
         proc = subprocess.run(
             ["mmdebstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "--quiet",
@@ -316,8 +322,7 @@ def import_into(node: NodeClient, image: Image, progress: Progress = _stderr) ->
     if image.ref in node.images():
         return image
     t = time.monotonic()
-    tmp_parent = buildah_home() / "tmp"
-    with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=buildah_tmp()) as tmp:
         archive = Path(tmp) / "image.tar"
         buildah("push", "--quiet", image.ref, f"docker-archive:{archive}:{image.ref}", timeout=3600)
         node.import_archive(archive)

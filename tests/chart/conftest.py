@@ -38,7 +38,9 @@ def helm_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def promtool_bin() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion-operator"
+    from diffusion_dev.build import cache_home
+
+    cache = cache_home()
     for candidate in (os.environ.get("PROMTOOL"), shutil.which("promtool"), cache / "promtool" / "promtool"):
         found = _executable(candidate)
         if found is not None:
