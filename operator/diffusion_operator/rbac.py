@@ -89,11 +89,3 @@ def role(name: str, namespace: str) -> dict:
         "rules": NAMESPACED_RULES,
     }
 
-
-def cluster_role(name: str) -> dict:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": name},
-        "rules": NAMESPACED_RULES + CLUSTER_RULES,
-    }
