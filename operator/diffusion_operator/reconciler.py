@@ -37,28 +37,17 @@ from diffusion_operator import builders, metrics
 from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
-from diffusion_operator.builders.common import MANAGED_BY
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
-from diffusion_operator.builders.keda import KEDA_API_VERSION, SCALED_OBJECT, SCALED_OBJECTS
 from diffusion_operator.diff import is_subset
 from diffusion_operator.hashing import stable_hash
 from diffusion_operator.kube import ApiError, KubeClient
+from diffusion_operator.resources import HPA, SCALED_OBJECT
 from diffusion_operator.workqueue import WorkQueue
 
 log = logging.getLogger("diffusion_operator")
 
-GROUP, VERSION, PLURAL = specs.GROUP, specs.VERSION, specs.PLURAL  # defined once, in spec.py
 CR_API = specs.API_VERSION
 CR_KIND = specs.KIND
-CHILD_KINDS = (
-    ("v1", "ConfigMap", "configmaps"),
-    ("v1", "Service", "services"),
-    ("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
-    ("apps/v1", "Deployment", "deployments"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
-    ("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),  # spec.model.cache
-    ("batch/v1", "Job", "jobs"),  # the model download
-)
 # while the model cache downloads, status (bytes) is refreshed this often; Job events cover the phases
 MODEL_CACHE_POLL_SECONDS = 10.0
 DOWNLOAD_LOG_TAIL_LINES = 20
@@ -68,7 +57,6 @@ START_LOG_BYTES = 1 << 20
 # a start line read that failed for a transient reason (5xx, connection) is tried this often, so far apart
 START_READ_ATTEMPTS, START_READ_RETRY = 3, 2.0
 START_READERS = 2  # threads reading start lines (daemons: a slow log read never holds up the exit)
-MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 OWNER_LABEL = "diffusion.dev/deployment"
 SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
 # a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
@@ -81,10 +69,7 @@ REFUSED_RETRY = 5.0
 # refused for its absence is looked at again after it
 DISCOVERY_TTL = 30.0
 # the autoscaler object of each engine (spec.autoscaling.engine): the other one is deleted
-AUTOSCALERS = {
-    "hpa": ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    "keda": (KEDA_API_VERSION, SCALED_OBJECT),
-}
+AUTOSCALERS = {"hpa": HPA, "keda": SCALED_OBJECT}
 KEDA_FLAG = "--keda-prometheus-address"
 KEDA_CHART_VALUE = "autoscaling.keda.prometheusAddress"
 
@@ -308,8 +293,8 @@ class Reconciler:
             seen = self._keda_seen
         if seen is not None and now - seen[0] < self.discovery_ttl:
             return seen[1]
-        resources = self.client.api_resources(KEDA_API_VERSION)
-        served = resources is not None and SCALED_OBJECTS in resources
+        resources = self.client.api_resources(SCALED_OBJECT.api_version)
+        served = resources is not None and SCALED_OBJECT.plural in resources
         with self._guard:
             self._keda_seen = (now, served)
         return served
@@ -323,7 +308,7 @@ class Reconciler:
             errors.append(
                 specs.FieldError(
                     "spec.autoscaling.engine",
-                    f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECTS}.{KEDA_API_VERSION}), which this "
+                    f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECT.plural}.{SCALED_OBJECT.api_version}), which this "
                     "cluster does not serve: install KEDA, or use engine hpa",
                 )
             )
@@ -874,7 +859,8 @@ class Reconciler:
         ScaledObjects are looked up only when KEDA is served (discovery), else there are none."""
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
         wanted = spec.autoscaling.engine if spec.autoscaling is not None else None
-        for engine, (api_version, kind) in AUTOSCALERS.items():
+        for engine, resource in AUTOSCALERS.items():
+            api_version, kind = resource.api_version, resource.kind
             if engine == wanted or (engine == "keda" and not self.keda_available()):
                 continue
             # not fresh: every HPA of ours is in the cache (kopf lists and watches them); ScaledObjects
