@@ -60,8 +60,8 @@ def main(argv: list[str]) -> int:
     from prometheus_client import start_http_server
 
     from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from diffusion_operator.controller import Reconciler
     from diffusion_operator.kube import Kube
-    from diffusion_operator.reconciler import Reconciler
 
     kopf.configure(
         verbose=args.verbose,
