@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import urllib3
 
-from diffusion_operator import metrics
 from diffusion_operator.builders.common import FIELD_MANAGER
+from diffusion_operator.metrics import OperatorMetrics
 from diffusion_operator.resources import collection_path
 from diffusion_operator.spec import API_VERSION, KIND
 
@@ -98,8 +98,10 @@ def load_configuration():
 
 
 class Kube:
-    def __init__(self, configuration=None) -> None:
+    def __init__(self, configuration=None, metrics: OperatorMetrics | None = None) -> None:
         from kubernetes.client import ApiClient
+
+        self.metrics = metrics if metrics is not None else OperatorMetrics()  # counts the writes
 
         self.configuration = configuration or load_configuration()
         self.api_client = ApiClient(self.configuration)
@@ -140,7 +142,7 @@ class Kube:
         except (OSError, urllib3.exceptions.HTTPError) as error:  # the API server away: retried
             raise ApiError(503, f"connection to the API server failed: {error}", method, path) from error
         if method != "GET":
-            metrics.API_WRITES.labels(verb=method).inc()
+            self.metrics.api_writes.labels(verb=method).inc()
         text = response.data.decode() if response.data else ""
         if response.status == 404 and method in ("GET", "DELETE"):
             return None

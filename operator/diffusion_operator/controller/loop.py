@@ -14,10 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from diffusion_operator import metrics
 from diffusion_operator.controller.informers import CrKey
 from diffusion_operator.controller.workqueue import WorkQueue
 from diffusion_operator.kube import ApiError
+from diffusion_operator.metrics import OperatorMetrics
 
 log = logging.getLogger("diffusion_operator")
 
@@ -35,11 +35,13 @@ class WorkLoop:
         versions: Callable[[CrKey], tuple[int, ...]],
         settle: Callable[[float], bool],
         max_backoff: float,
+        metrics: OperatorMetrics,
     ) -> None:
         self._run = run
         self._versions = versions  # resourceVersions of a CR and its children, as cached
         self._settle = settle  # waits for background work that may queue keys (drain, in tests)
         self.max_backoff = max_backoff
+        self.metrics = metrics
         self.queue = WorkQueue()
         self._lock = threading.Lock()
         self._fresh: set[CrKey] = set()  # queued keys whose next run reads everything fresh
@@ -54,7 +56,7 @@ class WorkLoop:
             with self._lock:
                 self._fresh.add((namespace, name))
         self.queue.add((namespace, name), delay)
-        metrics.QUEUE_DEPTH.set(len(self.queue))
+        self.metrics.queue_depth.set(len(self.queue))
 
     def failures(self, key: CrKey) -> int:
         """Failed attempts of `key` so far (0 after a success)."""
@@ -100,7 +102,7 @@ class WorkLoop:
             if not fresh and not retrying and seen is not None and seen == self._versions(key):
                 with self._lock:
                     self.skipped += 1
-                metrics.RECONCILES_SKIPPED.inc()
+                self.metrics.reconciles_skipped.inc()
                 return
             with self._lock:
                 self.runs += 1
@@ -129,7 +131,7 @@ class WorkLoop:
             log.exception(f"reconcile of {namespace}/{name} crashed: {error}")
         finally:
             self.queue.done(key)
-            metrics.QUEUE_DEPTH.set(len(self.queue))
+            self.metrics.queue_depth.set(len(self.queue))
 
     def drain(self, timeout: float = 10.0, horizon: float = 1.0) -> int:
         """Run queued keys in this thread until none is due within `horizon` seconds (tests); returns

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from diffusion_operator import builders, metrics
+from diffusion_operator import builders
 from diffusion_operator import spec as specs
 from diffusion_operator.controller import model_cache
 from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
@@ -24,6 +24,7 @@ from diffusion_operator.controller.report import Reporter, serving_status
 from diffusion_operator.controller.startup import StartLines
 from diffusion_operator.controller.workqueue import WorkQueue
 from diffusion_operator.kube import ApiError, KubeClient
+from diffusion_operator.metrics import OperatorMetrics
 from diffusion_operator.resources import CR
 
 log = logging.getLogger("diffusion_operator")
@@ -44,7 +45,10 @@ class Reconciler:
         max_backoff: float = 60.0,
         keda_prometheus_address: str = "",
         discovery_ttl: float = DISCOVERY_TTL,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
+        # the registry the runner serves; None: this reconciler's own (tests)
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
         self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
         # while a model cache downloads, look again this often (None: only on events, as tests drive it)
         self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
@@ -57,7 +61,7 @@ class Reconciler:
         )
         self.applier = Applier(lambda: self.client, self.informers.remember_child)
         self.reporter = Reporter(lambda: self.client, self.informers.remember_cr)
-        self.loop = WorkLoop(self.reconcile, self._versions, self.start_lines.wait, max_backoff)
+        self.loop = WorkLoop(self.reconcile, self._versions, self.start_lines.wait, max_backoff, self.metrics)
         self._guard = threading.Lock()
         self._locks: dict[CrKey, threading.Lock] = {}
         self._invalid: set[CrKey] = set()
@@ -69,7 +73,7 @@ class Reconciler:
         if self._client is None:
             from diffusion_operator.kube import Kube
 
-            self._client = Kube()
+            self._client = Kube(metrics=self.metrics)
         return self._client
 
     # the parts' settings and counters, where tests and the runner look for them
@@ -191,18 +195,18 @@ class Reconciler:
                 self.reconciles += 1
             try:
                 result = self._reconcile(namespace, name, fresh)
-                metrics.RECONCILE_TOTAL.labels(result=result).inc()
+                self.metrics.reconciles.labels(result=result).inc()
                 return result
             except ApiError as error:
-                metrics.RECONCILE_TOTAL.labels(result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
+                self.metrics.reconciles.labels(result="error").inc()
+                self.metrics.reconcile_errors.labels(error=str(error.status)).inc()
                 raise
             except Exception as error:
-                metrics.RECONCILE_TOTAL.labels(result="error").inc()
-                metrics.RECONCILE_ERRORS.labels(error=type(error).__name__).inc()
+                self.metrics.reconciles.labels(result="error").inc()
+                self.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
                 raise
             finally:
-                metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+                self.metrics.reconcile_duration.observe(time.perf_counter() - started)
 
     def _reconcile(self, namespace: str, name: str, fresh: bool) -> str:
         key = (namespace, name)
@@ -323,7 +327,7 @@ class Reconciler:
                 if self.loop.failures(key) < REPORT_TRANSIENT_AFTER - 1:
                     raise  # retried with backoff; reported in status once it keeps failing
                 retry = error
-            metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
+            self.metrics.reconcile_errors.labels(error=str(error.status)).inc()
             return (error.code, f"{error.kind_name}: {error.reason}"), retry
         return None, None
 
@@ -337,6 +341,6 @@ class Reconciler:
     def _update_gauges(self) -> None:
         with self._guard:
             invalid, managed = len(self._invalid), dict(self._managed)
-        metrics.INVALID_SPECS.set(invalid)
-        metrics.MANAGED_OBJECTS.labels(kind=CR.kind).set(len(managed) + invalid)
-        metrics.MANAGED_OBJECTS.labels(kind="children").set(sum(len(c) for c in managed.values()))
+        self.metrics.invalid_specs.set(invalid)
+        self.metrics.managed_objects.labels(kind=CR.kind).set(len(managed) + invalid)
+        self.metrics.managed_objects.labels(kind="children").set(sum(len(c) for c in managed.values()))
