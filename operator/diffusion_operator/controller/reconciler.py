@@ -215,40 +215,20 @@ class Reconciler:
             self.forget_cr(namespace, name)
             return "gone"  # children are garbage-collected through their owner references
         old_status = cr.get("status") or {}
-        parsed = specs.parse(name, namespace, cr.get("spec"))
-        spec = parsed.spec if parsed.ok else None
-        errors = parsed.errors if spec is None else self.autoscalers.engine_errors(spec)
-        self._set_invalid(key, spec is None or bool(errors))
+        spec, errors = self._parse(cr)
         if spec is None or errors:
-            if spec is not None:  # the cluster may gain KEDA: look again once discovery is stale
-                self.enqueue(namespace, name, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
-            self.reporter.invalid(cr, old_status, errors)
-            self._update_gauges()
-            return "invalid"
+            return self._report_invalid(key, cr, old_status, spec, errors)
+        with self._guard:
+            self._invalid.discard(key)
         # a CR never reconciled before (no status yet) has no children: apply without reading first
         first = not old_status.get("observedGeneration")
         cache = self._model_cache(spec, cr, old_status, fresh, first)
         desired = self._build(spec, cr, cache)
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
-        applied: list[str] = []
-        apply_error, retry = self._apply(key, desired, observed, applied, first, model_cache.is_ready(cache))
+        apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, spec, fresh)
-        with self._guard:
-            self._managed[key] = [
-                (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
-            ]
-        gate_pods = self.informers.pods_of(namespace, name) if spec.quality_gate is not None else None
-        new_status = serving_status(
-            spec, cr, old_status, desired, observed, apply_error, gate_pods, cache,
-            self.start_lines.status(cr, old_status),
-        )  # fmt: skip
-        self.reporter.serving(cr, old_status, new_status, cache)
-        if applied:
-            log.info("applied children", extra={"dd": f"{namespace}/{name}", "applied": applied})
-        if apply_error is not None:
-            log.warning("a child was refused", extra={"dd": f"{namespace}/{name}", "error": apply_error[1]})
-        self._update_gauges()
+        self._report(key, spec, cr, old_status, desired, observed, apply_error, cache)
         if self.cache_poll is not None and model_cache.downloading(cache):
             # bytes move without any event: look again (fresh, so the echo check does not skip it)
             self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
@@ -285,6 +265,27 @@ class Reconciler:
             self.informers.remember_child(observed)
         return observed
 
+    def _parse(self, cr: dict) -> tuple[specs.Spec | None, list[specs.FieldError]]:
+        """The spec (None when invalid) and what is wrong with it: the schema's and the runtime's
+        checks (spec.py), then what the cluster lacks for it (the autoscaling engine)."""
+        meta = cr["metadata"]
+        parsed = specs.parse(meta["name"], meta["namespace"], cr.get("spec"))
+        if not parsed.ok or parsed.spec is None:
+            return None, parsed.errors
+        return parsed.spec, self.autoscalers.engine_errors(parsed.spec)
+
+    def _report_invalid(
+        self, key: CrKey, cr: dict, old_status: dict, spec: specs.Spec | None, errors: list[specs.FieldError]
+    ) -> str:
+        """Report an invalid spec; nothing is applied."""
+        if spec is not None:  # valid, but the cluster lacks KEDA: look again once discovery is stale
+            self.enqueue(*key, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
+        with self._guard:
+            self._invalid.add(key)
+        self.reporter.invalid(cr, old_status, errors)
+        self._update_gauges()
+        return "invalid"
+
     def _model_cache(
         self, spec: specs.Spec, cr: dict, old_status: dict, fresh: bool, first: bool
     ) -> dict | None:
@@ -307,7 +308,6 @@ class Reconciler:
         key: CrKey,
         desired: list[dict],
         observed: dict[str, dict | None],
-        applied: list[str],
         first: bool,
         cache_ready: bool,
     ) -> tuple[tuple[str, str] | None, ApiError | None]:
@@ -319,6 +319,7 @@ class Reconciler:
             # a new model (revision, variant) is downloading while pods serve the previous one from the
             # same claim: they keep their configuration until the new folder is complete
             stale = [obj for obj in stale if obj["kind"] not in ("ConfigMap", "Deployment")]
+        applied: list[str] = []
         try:
             self.applier.apply_changes(stale, observed, applied, first)
         except ApiError as error:
@@ -328,15 +329,39 @@ class Reconciler:
                     raise  # retried with backoff; reported in status once it keeps failing
                 retry = error
             self.metrics.reconcile_errors.labels(error=str(error.status)).inc()
+            log.warning(
+                "a child was refused",
+                extra={"dd": "/".join(key), "error": f"{error.kind_name}: {error.reason}"},
+            )
             return (error.code, f"{error.kind_name}: {error.reason}"), retry
+        finally:
+            if applied:
+                log.info("applied children", extra={"dd": "/".join(key), "applied": applied})
         return None, None
 
-    def _set_invalid(self, key: CrKey, invalid: bool) -> None:
+    def _report(
+        self,
+        key: CrKey,
+        spec: specs.Spec,
+        cr: dict,
+        old_status: dict,
+        desired: list[dict],
+        observed: dict[str, dict | None],
+        apply_error: tuple[str, str] | None,
+        cache: dict | None,
+    ) -> None:
+        """Write the status (if it changed) and the gauges."""
         with self._guard:
-            if invalid:
-                self._invalid.add(key)
-            else:
-                self._invalid.discard(key)
+            self._managed[key] = [
+                (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
+            ]
+        gate_pods = self.informers.pods_of(*key) if spec.quality_gate is not None else None
+        startup = self.start_lines.status(cr, old_status)
+        new_status = serving_status(
+            spec, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup
+        )
+        self.reporter.serving(cr, old_status, new_status, cache)
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         with self._guard:
