@@ -95,3 +95,22 @@ def test_rules_are_the_tables_rows_and_nothing_more():
             expected |= {(row.group, f"{row.plural}/{sub}", v) for v in verbs}
     assert triples == expected
     assert not any("secrets" in rule["resources"] for rule in rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES)
+
+
+def test_kopf_watches_exactly_the_watched_rows():
+    import kopf
+    from diffusion_operator import handlers  # noqa: F401  (registers the handlers)
+
+    # kopf keeps its watch handlers in the registry's (private) watching part
+    registered = {
+        (h.selector.group, h.selector.version, h.selector.plural, bool(h.labels))
+        for h in kopf.get_default_registry()._watching.get_all_handlers()
+    }
+    expected = {
+        (r.group, r.version, r.plural, r.watch is not Watch.CR) for r in RESOURCES if r.watch is not None
+    }
+    assert registered == expected
+    assert {plural for _, _, plural, _ in registered} == {
+        "diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments",
+        "horizontalpodautoscalers", "persistentvolumeclaims", "jobs", "pods",
+    }  # fmt: skip
