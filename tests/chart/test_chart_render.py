@@ -150,7 +150,9 @@ def _triples(rules: list[dict]) -> set[tuple[str, str, str]]:
     }
 
 
-def test_rbac_grants_exactly_what_the_operator_declares(render):
+def test_rbac_yaml_binds_the_generated_rules_in_each_mode(render):
+    """_rbac.tpl is generated from the resource table (tests/operator/test_rbac.py fails when it is
+    stale); here: rbac.yaml puts both defines in the ClusterRole, only the namespaced one in a Role."""
     from diffusion_operator import rbac
 
     cluster_role = one(render(), "ClusterRole")

@@ -9,7 +9,7 @@ import pytest
 from diffusion_operator import builders
 from diffusion_operator import spec as specs
 from diffusion_operator.builders.keda import demand_query
-from diffusion_operator.reconciler import Reconciler
+from diffusion_operator.controller import Reconciler
 from fakekube import FakeKube
 from op_helpers import deliver_watch, owner_for, sample
 
