@@ -106,7 +106,9 @@ def table(label: str, r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True, help="result name: bench/results/fresh_machine_<label>.json")
-    ap.add_argument("--from-log", type=Path, nargs="+", help="parse these logs (make demo's, the images log) instead")
+    ap.add_argument(
+        "--from-log", type=Path, nargs="+", help="parse these logs (make demo's, the images log) instead"
+    )
     ap.add_argument("--note", default="", help="what machine / caches the run had")
     ap.add_argument("--warm", action="store_true", help="then run make demo again on the filled cache")
     args = ap.parse_args()
