@@ -161,14 +161,14 @@ class ImageServing:
 
     # ------------------------------------------------------------ the two endpoints
 
-    async def generate(self, req: Any, request: Request, prefer: str) -> Any:
+    async def generate(self, req: Any, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
         width, height = self.size(req.size)
         params = self.params(req, width, height)
         output = OutputFormat(req.output_format, req.output_compression)
         work = self.new_work("generations", generation_call(self.state, params, output), params.run_steps)
         return await self.respond("generations", work, params, req, request, prefer)
 
-    async def edit(self, request: Request, prefer: str) -> Any:
+    async def edit(self, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
         self.sched.admit()  # 503/429 before reading a large upload
         req, images, mask_bytes = await self.read_edit_form(request)
         image = decode_upload(images[0], "image").convert("RGB")

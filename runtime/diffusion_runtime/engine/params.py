@@ -8,7 +8,7 @@ what `Engine.generate` / `Engine.edit` take; `GenerationResult` is what they ret
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 StepCallback = Callable[[int], None]  # called with the 0-based index of each finished step
@@ -62,8 +62,8 @@ class EditParams(GenerationParams):
         kind = "inpaint" if mask is not None else "img2img"
         wanted = strength if strength is not None else DEFAULT_STRENGTH[kind]
         _, used = edit_steps(base.steps, wanted)
-        fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
-        return cls(**fields, image=image, mask=mask, strength=used)
+        common = {f.name: getattr(base, f.name) for f in fields(GenerationParams)}
+        return cls(**common, image=image, mask=mask, strength=used)
 
     @property
     def kind(self) -> str:
