@@ -91,9 +91,9 @@ def create_app(state: RuntimeState) -> FastAPI:
         return resp
 
     app.add_middleware(_Guard, state=state, max_upload_bytes=protocol.max_upload_bytes)
-    app.include_router(images_router(api))
-    app.include_router(models_router(state, time.time()))
-    app.include_router(ops_router(state))
+    app.include_router(images_router(protocol))
+    app.include_router(models_router(time.time()))
+    app.include_router(ops_router())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

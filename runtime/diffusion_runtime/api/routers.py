@@ -1,7 +1,8 @@
 """The routes: images (generations, edits, jobs, results), models, and operations.
 
-Each route parses, calls the serving object (`api.serving.ImageServing`) and answers; nothing else.
-No `from __future__ import annotations` here: FastAPI reads the per-config request models from the
+Each route parses, calls the serving object (`api.serving.ImageServing`, from `app.state.serving`)
+and answers; nothing else. The routers are built from the protocol only (the request models depend
+on the config); the serving object and the state come with each request. No `from __future__ import annotations` here: FastAPI reads the per-config request models from the
 handlers' annotations at import time.
 """
 
@@ -9,7 +10,7 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,6 +21,7 @@ from diffusion_runtime.api.protocol import (
     JobStatus,
     ModelCard,
     ModelList,
+    Protocol,
     ReadyStatus,
     error_responses,
 )
@@ -29,6 +31,19 @@ from diffusion_runtime.engine.errors import EngineError
 from diffusion_runtime.engine.imaging import MEDIA_TYPES
 
 DELETE_WAIT_SECONDS = 5.0
+
+
+def _serving(request: Request) -> ImageServing:
+    serving: ImageServing = request.app.state.serving
+    return serving
+
+
+def _state(request: Request) -> RuntimeState:
+    return _serving(request).state
+
+
+Serving = Annotated[ImageServing, Depends(_serving)]
+State = Annotated[RuntimeState, Depends(_state)]
 
 PreferHeader = Annotated[
     str,
@@ -40,9 +55,9 @@ PreferHeader = Annotated[
 ]
 
 
-def images_router(api: ImageServing) -> APIRouter:
+def images_router(protocol: Protocol) -> APIRouter:
     router = APIRouter(tags=["images"])
-    GenerationRequest: Any = api.protocol.generation
+    GenerationRequest: Any = protocol.generation
     answers: dict[int | str, dict[str, Any]] = {
         200: {"description": "the images"},
         202: {"model": JobStatus, "description": "Prefer: respond-async: the job"},
@@ -55,7 +70,9 @@ def images_router(api: ImageServing) -> APIRouter:
         responses={**answers, **error_responses(400, 413, 415, 429, 500, 503, 504)},
         summary="Create images from a prompt (OpenAI images API)",
     )
-    async def generations(req: GenerationRequest, request: Request, prefer: PreferHeader = "") -> Any:
+    async def generations(
+        req: GenerationRequest, request: Request, api: Serving, prefer: PreferHeader = ""
+    ) -> Any:
         t0 = request.scope.get("t0", time.perf_counter())
         try:
             return await api.generate(req, request, prefer)
@@ -69,10 +86,10 @@ def images_router(api: ImageServing) -> APIRouter:
         operation_id="createImageEdit",
         response_model=ImagesResponse,
         responses={**answers, **error_responses(400, 413, 415, 429, 500, 503, 504)},
-        openapi_extra={"requestBody": api.protocol.edit_request_body()},
+        openapi_extra={"requestBody": protocol.edit_request_body()},
         summary="Edit an image (image-to-image; with a mask, inpainting), OpenAI's multipart fields",
     )
-    async def edits(request: Request, prefer: PreferHeader = "") -> Any:
+    async def edits(request: Request, api: Serving, prefer: PreferHeader = "") -> Any:
         t0 = request.scope.get("t0", time.perf_counter())
         try:
             return await api.edit(request, prefer)
@@ -88,7 +105,7 @@ def images_router(api: ImageServing) -> APIRouter:
         responses=error_responses(404),
         summary="An async job: status, queue position, step progress and, when done, the result",
     )
-    async def get_job(job_id: str) -> Any:
+    async def get_job(job_id: str, api: Serving) -> Any:
         job = api.jobs.get(job_id)
         if job is None:
             return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
@@ -101,7 +118,7 @@ def images_router(api: ImageServing) -> APIRouter:
         responses=error_responses(404),
         summary="Cancel an async job: a queued job leaves the queue, a running one stops at its next step",
     )
-    async def cancel_job(job_id: str) -> Any:
+    async def cancel_job(job_id: str, api: Serving) -> Any:
         job = api.jobs.get(job_id)
         if job is None:
             return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
@@ -124,7 +141,7 @@ def images_router(api: ImageServing) -> APIRouter:
         },
         summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
     )
-    async def get_result(result_id: str) -> Response:
+    async def get_result(result_id: str, api: Serving) -> Response:
         item = api.results.get(result_id)
         if item is None:
             return error_response(404, api.results.unknown_reason(result_id), param="result_id")
@@ -141,10 +158,10 @@ def model_id(uri: str) -> str:
     return uri
 
 
-def models_router(state: RuntimeState, started: float) -> APIRouter:
+def models_router(started: float) -> APIRouter:
     router = APIRouter(tags=["models"])
 
-    def card() -> ModelCard:
+    def card(state: RuntimeState) -> ModelCard:
         return ModelCard(
             id=model_id(state.config.model.uri),
             created=int(started),
@@ -158,8 +175,8 @@ def models_router(state: RuntimeState, started: float) -> APIRouter:
         response_model=ModelList,
         summary="The served model (OpenAI's list shape)",
     )
-    async def list_models() -> Any:
-        return ModelList(data=[card()])
+    async def list_models(state: State) -> Any:
+        return ModelList(data=[card(state)])
 
     @router.get(
         "/v1/models/{model_id:path}",
@@ -168,8 +185,8 @@ def models_router(state: RuntimeState, started: float) -> APIRouter:
         responses=error_responses(404),
         summary="One model by id",
     )
-    async def get_model(model_id: str) -> Any:
-        c = card()
+    async def get_model(model_id: str, state: State) -> Any:
+        c = card(state)
         if model_id != c.id:
             return error_response(404, f"model {model_id!r} is not served here; this pod serves {c.id!r}")
         return c
@@ -177,13 +194,13 @@ def models_router(state: RuntimeState, started: float) -> APIRouter:
     return router
 
 
-def ops_router(state: RuntimeState) -> APIRouter:
+def ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
     @router.get(
         "/health", response_model=HealthStatus, summary="Alive (answers as soon as the process listens)"
     )
-    async def health() -> Any:
+    async def health(state: State) -> Any:
         return HealthStatus(status="alive", phase=str(state.phase))
 
     @router.get(
@@ -193,7 +210,7 @@ def ops_router(state: RuntimeState) -> APIRouter:
         responses={503: {"model": ReadyStatus, "description": "loading, warming up, draining or failed"}},
         summary="Ready: 200 only after load and warmup, 503 before and while draining",
     )
-    async def ready() -> Any:
+    async def ready(state: State) -> Any:
         if state.ready:
             return ReadyStatus(status="ready")
         return JSONResponse(
@@ -209,7 +226,7 @@ def ops_router(state: RuntimeState) -> APIRouter:
         responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
         summary="Prometheus metrics",
     )
-    async def metrics_endpoint() -> PlainTextResponse:
+    async def metrics_endpoint(state: State) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
