@@ -61,3 +61,13 @@ def test_rank_calls_pickle_with_their_parameters():
     back_edit = pickle.loads(pickle.dumps(Edit(edit)))
     assert back_edit.params.image.getpixel((0, 0)) == (1, 2, 3) and back_edit.params.run_steps == 2
     assert pickle.loads(pickle.dumps(Generate(base))).params == base
+
+
+def test_the_request_models_have_every_field_the_serving_object_reads():
+    from diffusion_runtime.api.protocol import EditRequestFields, ImageRequestFields, build_protocol
+    from diffusion_runtime.config import RuntimeConfig
+
+    protocol = build_protocol(RuntimeConfig())
+    reads = set(ImageRequestFields.__annotations__)
+    assert reads <= set(protocol.generation.model_fields)
+    assert reads | set(EditRequestFields.__annotations__) <= set(protocol.edit.model_fields)

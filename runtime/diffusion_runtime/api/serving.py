@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -23,7 +23,9 @@ from diffusion_runtime.api.errors import Rejected, error_detail, validation_mess
 from diffusion_runtime.api.jobs import Job, JobStore, ResultStore, deliver_webhook
 from diffusion_runtime.api.protocol import (
     CacheSteps,
+    EditRequestFields,
     ImageData,
+    ImageRequestFields,
     ImagesResponse,
     Protocol,
     Timings,
@@ -144,7 +146,7 @@ class ImageServing:
             )
         return width, height
 
-    def params(self, req: Any, width: int, height: int) -> GenerationParams:
+    def params(self, req: ImageRequestFields, width: int, height: int) -> GenerationParams:
         """The engine's parameters of a request (generation or edit form): defaults filled in."""
         s = self.state.config.server
         steps = (
@@ -161,7 +163,9 @@ class ImageServing:
 
     # ------------------------------------------------------------ the two endpoints
 
-    async def generate(self, req: Any, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
+    async def generate(
+        self, req: ImageRequestFields, request: Request, prefer: str
+    ) -> ImagesResponse | JSONResponse:
         width, height = self.size(req.size)
         params = self.params(req, width, height)
         output = OutputFormat(req.output_format, req.output_compression)
@@ -234,7 +238,13 @@ class ImageServing:
         m.images.inc(len(result.images))
 
     def images_response(
-        self, work: Work, result: EncodedResult, params: GenerationParams, req: Any, base_url: str, t0: float
+        self,
+        work: Work,
+        result: EncodedResult,
+        params: GenerationParams,
+        req: ImageRequestFields,
+        base_url: str,
+        t0: float,
     ) -> ImagesResponse:
         self.record(result)
         fmt = req.output_format
@@ -262,7 +272,7 @@ class ImageServing:
         )
 
     async def respond(
-        self, endpoint: Endpoint, work: Work, params: GenerationParams, req: Any, request: Request,
+        self, endpoint: Endpoint, work: Work, params: GenerationParams, req: ImageRequestFields, request: Request,
         prefer: str | None,
     ) -> ImagesResponse | JSONResponse:  # fmt: skip
         """Queue the work; answer 202 + job (Prefer: respond-async) or wait and answer the images."""
@@ -296,7 +306,9 @@ class ImageServing:
     def _webhook_done(self, ok: bool) -> None:
         self.state.metrics.webhooks.labels(result="ok" if ok else "error").inc()
 
-    async def _follow(self, job: Job, params: GenerationParams, req: Any, base_url: str, t0: float) -> None:
+    async def _follow(
+        self, job: Job, params: GenerationParams, req: ImageRequestFields, base_url: str, t0: float
+    ) -> None:
         work = job.work
         timeout = self.state.config.server.request_timeout_seconds
         try:
@@ -319,7 +331,7 @@ class ImageServing:
 
     # ------------------------------------------------------------ edits: the multipart form
 
-    async def read_edit_form(self, request: Request) -> tuple[Any, list[bytes], bytes | None]:
+    async def read_edit_form(self, request: Request) -> tuple[EditRequestFields, list[bytes], bytes | None]:
         try:
             form = await request.form(max_files=8, max_fields=MAX_FORM_FIELDS, max_part_size=1 << 20)
         except MultiPartException as e:
@@ -355,7 +367,7 @@ class ImageServing:
                 400, f"image: this runtime edits one image per request, got {len(images)}", param="image"
             )
         try:
-            req = self.protocol.edit.model_validate(fields)
+            req = cast(EditRequestFields, self.protocol.edit.model_validate(fields))
         except ValidationError as e:
             msg, param = validation_message(e.errors())  # type: ignore[arg-type]
             raise Rejected(400, msg, param=param) from e
