@@ -112,6 +112,16 @@ class ImagesResponse(BaseModel):
     cache: CacheSteps
 
 
+class ImageResultEvent(BaseModel):
+    """The webhook body of a synchronous request that named a webhook (an async job's: its JobStatus)."""
+
+    id: None = None
+    object: Literal["image.result"] = "image.result"
+    endpoint: Literal["generations", "edits"]
+    status: Literal["succeeded"] = "succeeded"
+    result: ImagesResponse
+
+
 class JobProgress(BaseModel):
     step: int = Field(description="denoising steps finished")
     total_steps: int

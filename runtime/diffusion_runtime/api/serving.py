@@ -26,6 +26,7 @@ from diffusion_runtime.api.protocol import (
     EditRequestFields,
     ImageData,
     ImageRequestFields,
+    ImageResultEvent,
     ImagesResponse,
     Protocol,
     Timings,
@@ -293,14 +294,8 @@ class ImageServing:
         body = self.images_response(work, result, params, req, base_url, t0)
         self.finish(endpoint, 200, t0)
         if req.webhook:
-            payload = {
-                "id": None,
-                "object": "image.result",
-                "endpoint": endpoint,
-                "status": "succeeded",
-                "result": _json(body),
-            }
-            asyncio.create_task(deliver_webhook(req.webhook, payload, self._webhook_done))
+            event = ImageResultEvent(endpoint=endpoint, result=body)
+            asyncio.create_task(deliver_webhook(req.webhook, _json(event), self._webhook_done))
         return body
 
     def _webhook_done(self, ok: bool) -> None:
