@@ -2,7 +2,7 @@
 
 Two fresh processes run the same variant (default `float8_compile`: cache-dit's float8_per_row plus
 regional torch.compile, as `bench/gpu_flux.py` builds it) with the runtime's own
-`diffusion_runtime.compile_cache.CompileCache` on a shared folder; each process has its own empty
+`diffusion_runtime.engine.compile_cache.CompileCache` on a shared folder; each process has its own empty
 local inductor folder (as each pod has its own /tmp). The first finds nothing, compiles during its
 first generation and publishes; the second restores the artifacts before its first generation.
 Printed per process: build, restore, first generation (incl. compile), compile seconds (dynamo's
@@ -39,7 +39,7 @@ def child(a: argparse.Namespace) -> int:
 
     sys.path.insert(0, str(HERE))
     import gpu_flux
-    from diffusion_runtime.compile_cache import (
+    from diffusion_runtime.engine.compile_cache import (
         CompileCache,
         cache_key,
         compile_seconds,

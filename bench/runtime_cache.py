@@ -1,6 +1,6 @@
 """cache-dit speedup on the `small` random-weight FluxPipeline (CPU), through the runtime's loader.
 
-Loads the model twice with `diffusion_runtime.model.load_model`: once without cache-dit (baseline),
+Loads the model twice with `diffusion_runtime.engine.model.load_model`: once without cache-dit (baseline),
 once with a cache-dit YAML using a static steps_computation_mask (`steps_mask(..., "fast")`;
 random weights never hit DBCache's dynamic thresholds). Times the same seeded generations and
 prints seconds per image, the speedup, the cached/computed step counts from cache_dit.summary,
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     from diffusion_runtime.config import RuntimeConfig
-    from diffusion_runtime.model import load_model
+    from diffusion_runtime.engine.model import load_model
+    from diffusion_runtime.engine.params import GenerationParams
     from diffusion_runtime.tiny import write_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
@@ -51,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             cache_path,
         )
         model = load_model(cfg, progress=False)
-        model.generate("a photo of a cat", width, height, a.steps, seed=1)  # warm
+        params = GenerationParams(
+            prompt="a photo of a cat", width=width, height=height, steps=a.steps, seed=1
+        )
+        model.generate(params)  # warm
         times, res = [], None
         for _ in range(a.repeats):
-            res = model.generate("a photo of a cat", width, height, a.steps, seed=1)
+            res = model.generate(params)
             times.append(res.inference_seconds)
         results[name] = (min(times), res, model.cache_tag)
         del model

@@ -1,4 +1,8 @@
-"""`diffusion-runtime serve`: listen at once (/health), load + warm up in the background, then Ready."""
+"""`diffusion-runtime serve`: listen at once (/health), load + warm up in the background, then Ready.
+
+The composition root: it builds the engine (`engine.model.load_model`, wrapped in a
+`engine.distributed.RankedModel` on a parallel replica), the HTTP app (`api.app`) over one
+`api.state.RuntimeState`, and moves the state through its phases."""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from diffusion_runtime.api.state import Phase, RuntimeState
 from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
-from diffusion_runtime.distributed import RankedModel, RankGroup
+from diffusion_runtime.engine.distributed import RankedModel, RankGroup
+from diffusion_runtime.engine.interface import Engine
 from diffusion_runtime.metrics import RuntimeMetrics
 from diffusion_runtime.parallel import SINGLE, Layout, heads_refusal, layout_of, local_transformer_config
 
@@ -31,7 +37,7 @@ def device_warmup_defaults(config: RuntimeConfig, device_setting: str) -> str:
     """Device-aware warmup for `serve` without a config: GPU keeps the config defaults (the
     shapes requests use, so compile happens before Ready), CPU gets one small generation.
     Returns where the plan came from, for the log."""
-    from diffusion_runtime.model import pick_device
+    from diffusion_runtime.engine.model import pick_device
 
     try:
         device = pick_device(device_setting)
@@ -59,9 +65,9 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
     YAML against the device, the parallel layout), the same function the operator runs on the
     runtime.yaml it renders; then enough GPUs for the layout. Returns the device and the layout
     (world size 1: one process)."""
-    from diffusion_runtime.distributed import check_devices
-    from diffusion_runtime.model import pick_device
-    from diffusion_runtime.optimize import read_cache_dit_yaml
+    from diffusion_runtime.engine.distributed import check_devices
+    from diffusion_runtime.engine.model import pick_device
+    from diffusion_runtime.engine.optimize import read_cache_dit_yaml
 
     validate(config)
     device = pick_device(config.device)
@@ -86,9 +92,10 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
     return device, layout
 
 
-def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
-    from diffusion_runtime import compile_cache, quality_gate, startup
-    from diffusion_runtime.model import ModelError, load_model
+def _load_and_warm(state: RuntimeState, server: Any, ranks: RankGroup | None = None) -> None:
+    from diffusion_runtime import quality_gate, startup
+    from diffusion_runtime.engine import compile_cache
+    from diffusion_runtime.engine.model import ModelError, load_model
 
     m = state.metrics
     try:
@@ -96,11 +103,11 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
             ranks.join()
         local = load_model(state.config)
         # with ranks, pipeline calls run on every rank
-        model: Any = RankedModel(local, ranks) if ranks is not None else local
-        state.model = model
+        model: Engine = RankedModel(local, ranks) if ranks is not None else local
+        state.engine = model
         m.use_device(model.device)
-        m.model_load.set(model.load_seconds)
-        m.model_download.set(model.download_seconds)
+        m.model_load.set(local.load_seconds)
+        m.model_download.set(local.download_seconds)
         m.set_info(
             model=state.config.model.uri, pipeline=model.pipeline_name, cache=model.cache_tag,
             quant=model.quant_type, compile=str(bool(state.config.compile)).lower(), device=model.device,
@@ -108,13 +115,13 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
         )  # fmt: skip
         log.info(
             "model loaded in %.2fs (%s on %s, cache %s)",
-            model.load_seconds,
+            local.load_seconds,
             model.pipeline_name,
             model.device,
             model.cache_tag,
         )
-        state.phase = "warming up"
-        cache = compile_cache.for_model(state.config, model)
+        state.phase = Phase.WARMING_UP
+        cache = compile_cache.for_model(state.config, local)
         if cache is not None:
             m.compile_cache.labels(result=cache.restore()).inc()
         compiled_before = compile_cache.compile_seconds()
@@ -149,7 +156,7 @@ def _load_and_warm(state, server, ranks: RankGroup | None = None) -> None:
         # before /ready turns 200: a pod the kubelet sees Ready has this line in its log (the operator
         # reads it into status.startup)
         print(startup.ready_line(record), flush=True)
-        state.phase = "ready"
+        state.phase = Phase.READY
         m.ready.set(0 if state.draining else 1)
     except (ConfigError, ModelError) as e:
         _fail(state, server, str(e))
@@ -168,8 +175,8 @@ def exit_line(line: str, code: int) -> int:
     return code
 
 
-def _fail(state, server, line: str) -> None:
-    state.phase = "failed"
+def _fail(state: RuntimeState, server: Any, line: str) -> None:
+    state.phase = Phase.FAILED
     state.error = line
     server.should_exit = True
 
@@ -179,8 +186,8 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
     same command line (`argv`, without the program name)."""
     from prometheus_client import start_http_server
 
-    from diffusion_runtime.model import ModelError
-    from diffusion_runtime.server import RuntimeState, create_app, make_server
+    from diffusion_runtime.api.app import create_app, make_server
+    from diffusion_runtime.engine.model import ModelError
 
     try:
         device, layout = preflight(config)
@@ -214,8 +221,8 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
         if metrics_server is not None:
             metrics_server.shutdown()
         if ranks is not None:
-            ranks.shutdown(clean=state.phase in ("ready", "draining"))
-    if state.phase == "failed":
+            ranks.shutdown(clean=state.phase == Phase.READY)
+    if state.phase == Phase.FAILED:
         return exit_line(str(state.error), 1)
     if not server.started:
         return exit_line(f"cannot listen on {s.host}:{s.port}", 2)

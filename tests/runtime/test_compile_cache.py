@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from diffusion_runtime.compile_cache import SUFFIX, _read
+from diffusion_runtime.engine.compile_cache import SUFFIX, _read
 from diffusion_runtime.startup import parse_ready_line
 from test_runtime_server import generate, png_of, scrape, value
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from diffusion_runtime.compile_cache import MAGIC, CompileCache, _read, cache_key
+from diffusion_runtime.engine.compile_cache import MAGIC, CompileCache, _read, cache_key
 
 
 def _fill(folder: Path, files: dict[str, bytes]) -> None:

@@ -13,7 +13,7 @@ from diffusion_runtime.config import (
     parse_size,
     validate,
 )
-from diffusion_runtime.optimize import plan_cache_dit
+from diffusion_runtime.engine.optimize import plan_cache_dit
 
 
 def _valid(**model) -> RuntimeConfig:

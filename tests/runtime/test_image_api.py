@@ -367,6 +367,34 @@ def test_webhook_on_loopback_receives_the_result(api_server):
         server.server_close()
 
 
+class _SyncHook(_Hook):
+    received: list[dict] = []
+    event = threading.Event()
+
+
+def test_webhook_of_a_sync_request_receives_the_images_response(api_server):
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _SyncHook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = httpx.post(
+            api_server.url + GEN,
+            json={"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "seed": 5,
+                  "webhook": f"http://127.0.0.1:{port}/done"},
+            timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert _SyncHook.event.wait(60), "no webhook delivery"
+        payload = _SyncHook.received[0]
+        assert payload["object"] == "image.result" and payload["id"] is None
+        assert payload["endpoint"] == "generations" and payload["status"] == "succeeded"
+        assert payload["result"]["seed"] == 5 and payload["result"]["size"] == "64x64"
+        assert payload["result"]["data"][0]["b64_json"] == r.json()["data"][0]["b64_json"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------- bad input
 
 

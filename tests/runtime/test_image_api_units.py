@@ -7,22 +7,35 @@ import io
 import time
 
 import pytest
-from diffusion_runtime.images import decode_upload, encode, fit_size, mask_from_upload
-from diffusion_runtime.jobs import Job, JobStore, ResultStore
-from diffusion_runtime.pipelines import edit_steps
-from diffusion_runtime.protocol import prefers_async
-from diffusion_runtime.scheduler import Rejected, Work
+from diffusion_runtime.api.jobs import Job, JobStore, ResultStore
+from diffusion_runtime.api.protocol import CacheSteps, ImageData, ImagesResponse, Timings, prefers_async
+from diffusion_runtime.engine.errors import InvalidInput
+from diffusion_runtime.engine.imaging import decode_upload, encode, fit_size, mask_from_upload
+from diffusion_runtime.engine.params import EncodedResult, edit_steps
+from diffusion_runtime.engine.scheduler import Work
 from PIL import Image
+
+
+def _response(b64: str) -> ImagesResponse:
+    return ImagesResponse(
+        created=0, data=[ImageData(b64_json=b64, url=None)], output_format="png", size="16x16", seed=0,
+        num_inference_steps=1, timings=Timings(queue_wait_seconds=0, inference_seconds=0, total_seconds=0),
+        cache=CacheSteps(cached_steps=0, computed_steps=1),
+    )  # fmt: skip
 
 
 def _job(result_bytes: int = 0) -> Job:
     loop = asyncio.new_event_loop()
     try:
-        work = Work(endpoint="generations", run=lambda c, s: {}, total_steps=1, future=loop.create_future())
+
+        def run(cancel, on_step) -> EncodedResult:
+            return EncodedResult([], 0, 0.0, [], 0, 1)
+
+        work = Work(endpoint="generations", run=run, total_steps=1, future=loop.create_future())
     finally:
         loop.close()
     job = Job(endpoint="generations", work=work)
-    job.finish("succeeded", result={"data": [{"b64_json": "x" * result_bytes}]})
+    job.finish("succeeded", result=_response("x" * result_bytes))
     return job
 
 
@@ -100,9 +113,9 @@ def test_encode_and_decode_round_trip():
         data = encode(img, fmt, 80)
         back = decode_upload(data, "image")
         assert back.format == pil and back.size == (32, 16)
-    with pytest.raises(Rejected, match="image: not a readable"):
+    with pytest.raises(InvalidInput, match="image: not a readable"):
         decode_upload(b"GIF89a-not-really", "image")
     buf = io.BytesIO()
     Image.new("RGB", (2, 2)).save(buf, format="BMP")
-    with pytest.raises(Rejected, match="BMP images are not accepted"):
+    with pytest.raises(InvalidInput, match="BMP images are not accepted"):
         decode_upload(buf.getvalue(), "mask")

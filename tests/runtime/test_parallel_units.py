@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from diffusion_runtime.config import ConfigError, parallel_layout_error
-from diffusion_runtime.optimize import plan_cache_dit
+from diffusion_runtime.engine.optimize import plan_cache_dit
 from diffusion_runtime.parallel import (
     SINGLE,
     Layout,

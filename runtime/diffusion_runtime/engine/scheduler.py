@@ -7,6 +7,9 @@ the pipeline's step callback checks: a withdrawn running item stops at its next 
 
 Gauges: `diffusion_queue_depth` (waiting), `diffusion_requests_in_flight` (running, 0 or 1) and
 `diffusion_demand_requests` (waiting + running: the autoscaling signal).
+
+Admission asks `accepting` (the server's phase: raises Unavailable) and refuses past `max_queue`
+(QueueFull); the HTTP layer turns those into 503 and 429.
 """
 
 from __future__ import annotations
@@ -19,24 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from diffusion_runtime.server import RuntimeState
+from diffusion_runtime.engine.errors import Cancelled, QueueFull
+from diffusion_runtime.engine.params import EncodedResult, StepCallback
+from diffusion_runtime.metrics import RuntimeMetrics
 
-# run(cancel, on_step) -> result dict; executed in the pipeline thread
-PipelineCall = Callable[[threading.Event, Callable[[int], None]], dict[str, Any]]
-
-
-class Rejected(Exception):
-    """An answer other than success, decided before or instead of running: status + one-line reason."""
-
-    def __init__(self, status: int, message: str, retry_after: int | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-        self.param = param
+# run(cancel, on_step) -> the encoded result; executed in the pipeline thread
+PipelineCall = Callable[[threading.Event, StepCallback], EncodedResult]
 
 
 @dataclass(eq=False)
@@ -59,8 +51,10 @@ class Work:
 class Scheduler:
     """FIFO queue of Work in front of one worker thread that owns the pipeline."""
 
-    def __init__(self, state: RuntimeState):
-        self.state = state
+    def __init__(self, metrics: RuntimeMetrics, max_queue: int, accepting: Callable[[], None]):
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.accepting = accepting  # raises Unavailable while the server takes no work
         self.queue: collections.deque[Work] = collections.deque()
         self.running: Work | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -96,19 +90,16 @@ class Scheduler:
         return max(1, math.ceil(per_item * (len(self.queue) + 1)))
 
     def _gauges(self) -> None:
-        m = self.state.metrics
+        m = self.metrics
         m.queue_depth.set(len(self.queue))
         m.in_flight.set(1 if self.running is not None else 0)
         m.demand.set(self.demand)
 
     def admit(self) -> None:
-        """Raise Rejected unless a new item could be queued now."""
-        if self.state.draining:
-            raise Rejected(503, "server is shutting down; retry on another replica", retry_after=1)
-        if self.state.phase != "ready":
-            raise Rejected(503, f"model not ready ({self.state.phase})", retry_after=5)
-        if len(self.queue) >= self.state.config.server.max_queue:
-            raise Rejected(429, f"queue full ({len(self.queue)} waiting)", retry_after=self.retry_after())
+        """Raise Unavailable or QueueFull unless a new item could be queued now."""
+        self.accepting()
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(f"queue full ({len(self.queue)} waiting)", retry_after=self.retry_after())
 
     def submit(self, work: Work) -> None:
         self.admit()
@@ -118,8 +109,6 @@ class Scheduler:
 
     def withdraw(self, work: Work) -> bool:
         """Nobody wants this item any more: out of the queue (True), or stop it at its next step."""
-        from diffusion_runtime.model import Cancelled
-
         if work.cancel_step is None:
             work.cancel_step = work.step
         work.cancel.set()
@@ -146,14 +135,14 @@ class Scheduler:
             self.running = work
             work.started = time.perf_counter()
             self._gauges()
-            self.state.metrics.queue_wait.observe(work.started - work.enqueued)
+            self.metrics.queue_wait.observe(work.started - work.enqueued)
 
             def on_step(step_index: int, work: Work = work) -> None:
                 work.step = step_index + 1
 
             try:
                 result = await loop.run_in_executor(self.executor, work.run, work.cancel, on_step)
-                secs = result["inference_seconds"]
+                secs = result.inference_seconds
                 self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * secs if self._avg_seconds else secs
                 if not work.future.done():
                     work.future.set_result(result)

@@ -294,14 +294,14 @@ def compile_seconds() -> float:
 
 
 def for_model(config: Any, model: Any) -> CompileCache | None:
-    """The compile cache of a loaded `diffusion_runtime.model.Model`, or None when it is off.
+    """The compile cache of a loaded `diffusion_runtime.engine.model.Model`, or None when it is off.
 
     On when the config compiles (`compile: true`) and names a shared folder (`compile_cache_dir`).
     """
     root = getattr(config, "compile_cache_dir", None)
     if not config.compile or not root:
         return None
-    from diffusion_runtime.optimize import read_cache_dit_yaml
+    from diffusion_runtime.engine.optimize import read_cache_dit_yaml
 
     cache_dit = read_cache_dit_yaml(config.cache_dit_config) if config.cache_dit_config else {}
     facts = key_facts(

@@ -16,9 +16,10 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from diffusion_runtime.scheduler import Scheduler, Work
+from diffusion_runtime.api.protocol import ErrorDetail, ImagesResponse, JobProgress, JobStatus
+from diffusion_runtime.engine.scheduler import Scheduler, Work
 
 log = logging.getLogger("diffusion_runtime")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -26,36 +27,42 @@ WEBHOOK_TIMEOUT_SECONDS = 10.0
 STORE_MAX_BYTES = 512 << 20  # image data kept by each store (finished jobs' results, url results)
 
 
-def _result_bytes(result: dict[str, Any] | None) -> int:
-    if not result:
+def _result_bytes(result: ImagesResponse | None) -> int:
+    if result is None:
         return 0
-    return sum(len(d.get("b64_json") or "") for d in result.get("data", []))
+    return sum(len(d.b64_json or "") for d in result.data)
 
 
 @dataclass(eq=False)
 class Job:
-    endpoint: str
+    endpoint: Literal["generations", "edits"]
     work: Work
     webhook: str | None = None
     id: str = field(default_factory=lambda: "imgjob_" + uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    final: str | None = None  # succeeded | failed | cancelled once finished
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
+    final: Literal["succeeded", "failed", "cancelled"] | None = None  # once finished
+    result: ImagesResponse | None = None
+    error: ErrorDetail | None = None
     cancel_requested: bool = False
     task: asyncio.Task | None = None
     nbytes: int = 0
 
-    def finish(self, status: str, result: dict | None = None, error: dict | None = None) -> None:
+    def finish(
+        self,
+        status: Literal["succeeded", "failed", "cancelled"],
+        result: ImagesResponse | None = None,
+        error: ErrorDetail | None = None,
+    ) -> None:
         self.final, self.result, self.error = status, result, error
         self.finished_at = time.time()
         self.nbytes = _result_bytes(result)
 
-    def view(self, scheduler: Scheduler) -> dict[str, Any]:
+    def view(self, scheduler: Scheduler) -> JobStatus:
         """The JobStatus body."""
         w = self.work
+        status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
         if self.final:
             status = self.final
         elif scheduler.running is w:
@@ -64,24 +71,21 @@ class Job:
             status = "queued"
         if w.started and self.started_at is None:
             self.started_at = self.created_at + (w.started - w.enqueued)
-        return {
-            "id": self.id,
-            "object": "image.job",
-            "endpoint": self.endpoint,
-            "status": status,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "queue_position": scheduler.position(w) if status == "queued" else None,
-            "progress": {
-                "step": w.step,
-                "total_steps": w.total_steps,
-                "cancel_requested_at_step": w.cancel_step,
-            },
-            "cancel_requested": self.cancel_requested,
-            "result": self.result,
-            "error": self.error,
-        }
+        return JobStatus(
+            id=self.id,
+            endpoint=self.endpoint,
+            status=status,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            queue_position=scheduler.position(w) if status == "queued" else None,
+            progress=JobProgress(
+                step=w.step, total_steps=w.total_steps, cancel_requested_at_step=w.cancel_step
+            ),
+            cancel_requested=self.cancel_requested,
+            result=self.result,
+            error=self.error,
+        )
 
 
 class JobStore:

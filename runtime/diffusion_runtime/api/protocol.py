@@ -11,6 +11,7 @@ the edit uploads carry `contentMediaType` (PNG, JPEG or WebP).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -109,6 +110,16 @@ class ImagesResponse(BaseModel):
     num_inference_steps: int
     timings: Timings
     cache: CacheSteps
+
+
+class ImageResultEvent(BaseModel):
+    """The webhook body of a synchronous request that named a webhook (an async job's: its JobStatus)."""
+
+    id: None = None
+    object: Literal["image.result"] = "image.result"
+    endpoint: Literal["generations", "edits"]
+    status: Literal["succeeded"] = "succeeded"
+    result: ImagesResponse
 
 
 class JobProgress(BaseModel):
@@ -229,6 +240,28 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
         "quality": (str | None, Field(None, max_length=64, description="accepted and ignored")),
         "style": (str | None, Field(None, max_length=64, description="accepted and ignored")),
     }
+
+
+class ImageRequestFields(typing.Protocol):
+    """What the serving object reads from a request model (the models are built per config, so their
+    classes are not known statically; these are the fields of `_common_fields`)."""
+
+    prompt: str
+    n: int
+    size: str | None
+    response_format: Literal["b64_json", "url"]
+    output_format: Literal["png", "jpeg", "webp"]
+    output_compression: int | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    true_cfg_scale: float | None
+    seed: int | None
+    negative_prompt: str | None
+    webhook: str | None
+
+
+class EditRequestFields(ImageRequestFields, typing.Protocol):
+    strength: float | None
 
 
 class _Strict(BaseModel):

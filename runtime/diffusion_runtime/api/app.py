@@ -1,14 +1,16 @@
-"""HTTP server: OpenAI-style image API over one pipeline, one pipeline call at a time.
+"""The HTTP app: OpenAI-style image API over one pipeline, one pipeline call at a time.
 
 - `/health` answers as soon as the process listens; `/ready` is 200 only after load AND warmup.
-- Admission: one bounded FIFO queue in front of one worker thread (`scheduler.py`) for every path
+- Admission: one bounded FIFO queue in front of one worker thread (`engine/scheduler.py`) for every path
   (generations, edits, async jobs); full -> 429 + Retry-After; not ready or draining -> 503.
 - A request that times out or whose client disconnects leaves the queue at once; if it is already
   running, the pipeline stops at the next step (the step callback raises).
 - Bodies are bounded before they are read (`_Guard`): 413 past the limit, 415 for a wrong media type.
 - SIGTERM: /ready turns 503, admissions stop, queued and running requests finish, then exit 0.
 
-Models: `protocol.py`; routes: `routes.py`; queue and worker: `scheduler.py`; jobs: `jobs.py`.
+Models: `api/protocol.py`; state and phase: `api/state.py`; errors: `api/errors.py`; the serving
+object: `api/serving.py`; routes: `api/routers.py`; jobs: `api/jobs.py`; queue and worker:
+`engine/scheduler.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,48 +28,24 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from diffusion_runtime.config import RuntimeConfig
-from diffusion_runtime.metrics import RuntimeMetrics
-from diffusion_runtime.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, build_protocol
-from diffusion_runtime.routes import (
-    EDITS_PATH,
-    ENDPOINTS,
-    ImageApi,
-    error_response,
-    images_router,
-    models_router,
-    ops_router,
-    validation_message,
-)
-from diffusion_runtime.scheduler import Scheduler
+from diffusion_runtime.api.errors import error_response, validation_message
+from diffusion_runtime.api.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, build_protocol
+from diffusion_runtime.api.routers import images_router, models_router, ops_router
+from diffusion_runtime.api.serving import EDITS_PATH, ENDPOINTS, ImageServing
+from diffusion_runtime.api.state import Phase, RuntimeState
+from diffusion_runtime.engine.scheduler import Scheduler
 
 log = logging.getLogger("diffusion_runtime")
 API_VERSION = "0.2.0"
 
 
-@dataclass
-class RuntimeState:
-    config: RuntimeConfig
-    metrics: RuntimeMetrics
-    model: Any = None  # diffusion_runtime.model.Model once loaded
-    phase: str = "loading"  # loading | warming up | ready | draining | failed
-    error: str | None = None
-    draining: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.phase == "ready" and not self.draining
-
-
 def create_app(state: RuntimeState) -> FastAPI:
     protocol = build_protocol(state.config)
-    api = ImageApi(state, protocol)
+    api = ImageServing(state, protocol)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler(state)
-        scheduler.start()
-        api.scheduler = scheduler
+        scheduler = api.start()
         app.state.scheduler = scheduler
         app.state.loop = asyncio.get_running_loop()
         try:
@@ -87,7 +64,7 @@ def create_app(state: RuntimeState) -> FastAPI:
             "multiples of `x-multiple-of`, at most `x-max-pixels` pixels."
         ),
     )
-    app.state.api = api
+    app.state.serving = api
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -114,9 +91,9 @@ def create_app(state: RuntimeState) -> FastAPI:
         return resp
 
     app.add_middleware(_Guard, state=state, max_upload_bytes=protocol.max_upload_bytes)
-    app.include_router(images_router(api))
-    app.include_router(models_router(state, time.time()))
-    app.include_router(ops_router(state))
+    app.include_router(images_router(protocol))
+    app.include_router(models_router(time.time()))
+    app.include_router(ops_router())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -148,7 +125,7 @@ class _Guard:
         self.max_upload_bytes = max_upload_bytes
 
     async def _reject(self, send: Any, scope: dict, status: int, message: str) -> None:
-        api: ImageApi = scope["app"].state.api
+        api: ImageServing = scope["app"].state.serving
         api.finish(ENDPOINTS[scope["path"]], status, scope["t0"])
         resp = error_response(status, message)
         await resp(scope, _no_receive, send)
@@ -207,7 +184,7 @@ def make_server(app: FastAPI, state: RuntimeState, host: str, port: int):
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # called from the signal handler
-            if state.draining or state.phase != "ready":
+            if state.draining or state.phase != Phase.READY:
                 if state.draining and sig == signal.SIGINT:
                     self.force_exit = True
                 self.should_exit = True

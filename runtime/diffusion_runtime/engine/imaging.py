@@ -1,4 +1,4 @@
-"""Image bytes in and out: encoding results (png | jpeg | webp) and checking uploads."""
+"""PIL images in and out: encoding results (png | jpeg | webp) and checking uploads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 import warnings
 from typing import Any
 
+from diffusion_runtime.engine.errors import InvalidInput
+from diffusion_runtime.engine.params import EncodedResult, GenerationResult, OutputFormat
 from diffusion_runtime.limits import SIZE_MULTIPLE
-from diffusion_runtime.scheduler import Rejected
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}  # PIL format name -> ours
@@ -31,34 +32,46 @@ def encode(image: Any, fmt: str, compression: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+def encode_result(result: GenerationResult, output: OutputFormat) -> EncodedResult:
+    """A finished call with its images encoded (in the pipeline thread: off the event loop)."""
+    return EncodedResult(
+        images=[encode(im, output.format, output.compression) for im in result.images],
+        seed=result.seed,
+        inference_seconds=result.inference_seconds,
+        step_seconds=result.step_seconds,
+        cached_steps=result.cached_steps,
+        computed_steps=result.computed_steps,
+    )
+
+
 def decode_upload(data: bytes, param: str) -> Any:
-    """Uploaded bytes -> a loaded PIL image, or Rejected(400) naming the field and the reason."""
+    """Uploaded bytes -> a loaded PIL image, or InvalidInput naming the field and the reason."""
     from PIL import Image
 
     if not data:
-        raise Rejected(400, f"{param}: the upload is empty", param=param)
+        raise InvalidInput(f"{param}: the upload is empty", param=param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or ""
             if fmt not in UPLOAD_FORMATS:
-                raise Rejected(
-                    400, f"{param}: {fmt or 'unknown'} images are not accepted; send PNG, JPEG or WebP",
+                raise InvalidInput(
+                    f"{param}: {fmt or 'unknown'} images are not accepted; send PNG, JPEG or WebP",
                     param=param,
                 )  # fmt: skip
             if img.width * img.height > MAX_UPLOAD_PIXELS:
-                raise Rejected(
-                    400, f"{param}: {img.width}x{img.height} exceeds {MAX_UPLOAD_PIXELS} pixels", param=param
+                raise InvalidInput(
+                    f"{param}: {img.width}x{img.height} exceeds {MAX_UPLOAD_PIXELS} pixels", param=param
                 )
             img.load()
-    except Rejected:
+    except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Rejected(400, f"{param}: image too large to decode ({e})", param=param) from e
+        raise InvalidInput(f"{param}: image too large to decode ({e})", param=param) from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        raise Rejected(
-            400, f"{param}: not a readable PNG, JPEG or WebP image ({type(e).__name__})", param=param
+        raise InvalidInput(
+            f"{param}: not a readable PNG, JPEG or WebP image ({type(e).__name__})", param=param
         ) from e
     return img
 

@@ -1,0 +1,232 @@
+"""The routes: images (generations, edits, jobs, results), models, and operations.
+
+Each route parses, calls the serving object (`api.serving.ImageServing`, from `app.state.serving`)
+and answers; nothing else. The routers are built from the protocol only (the request models depend
+on the config); the serving object and the state come with each request. No `from __future__ import annotations` here: FastAPI reads the per-config request models from the
+handlers' annotations at import time.
+"""
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from diffusion_runtime.api.errors import Rejected, error_response
+from diffusion_runtime.api.protocol import (
+    HealthStatus,
+    ImagesResponse,
+    JobStatus,
+    ModelCard,
+    ModelList,
+    Protocol,
+    ReadyStatus,
+    error_responses,
+)
+from diffusion_runtime.api.serving import EDITS_PATH, GENERATIONS_PATH, JOBS_PATH, RESULTS_PATH, ImageServing
+from diffusion_runtime.api.state import RuntimeState
+from diffusion_runtime.engine.errors import EngineError
+from diffusion_runtime.engine.imaging import MEDIA_TYPES
+
+DELETE_WAIT_SECONDS = 5.0
+
+
+def _serving(request: Request) -> ImageServing:
+    serving: ImageServing = request.app.state.serving
+    return serving
+
+
+def _state(request: Request) -> RuntimeState:
+    return _serving(request).state
+
+
+Serving = Annotated[ImageServing, Depends(_serving)]
+State = Annotated[RuntimeState, Depends(_state)]
+
+PreferHeader = Annotated[
+    str,
+    Header(
+        examples=["respond-async"],
+        description="`respond-async`: answer 202 with a job (poll GET /v1/images/jobs/{id}) instead of "
+        "holding the connection until the images are done (RFC 7240)",
+    ),
+]
+
+
+def images_router(protocol: Protocol) -> APIRouter:
+    router = APIRouter(tags=["images"])
+    GenerationRequest: Any = protocol.generation
+    answers: dict[int | str, dict[str, Any]] = {
+        200: {"description": "the images"},
+        202: {"model": JobStatus, "description": "Prefer: respond-async: the job"},
+    }
+
+    @router.post(
+        GENERATIONS_PATH,
+        operation_id="createImage",
+        response_model=ImagesResponse,
+        responses={**answers, **error_responses(400, 413, 415, 429, 500, 503, 504)},
+        summary="Create images from a prompt (OpenAI images API)",
+    )
+    async def generations(
+        req: GenerationRequest, request: Request, api: Serving, prefer: PreferHeader = ""
+    ) -> Any:
+        t0 = request.scope.get("t0", time.perf_counter())
+        try:
+            return await api.generate(req, request, prefer)
+        except (Rejected, EngineError) as e:
+            r = e if isinstance(e, Rejected) else Rejected.of(e)
+            api.finish("generations", r.status, t0)
+            return r.response()
+
+    @router.post(
+        EDITS_PATH,
+        operation_id="createImageEdit",
+        response_model=ImagesResponse,
+        responses={**answers, **error_responses(400, 413, 415, 429, 500, 503, 504)},
+        openapi_extra={"requestBody": protocol.edit_request_body()},
+        summary="Edit an image (image-to-image; with a mask, inpainting), OpenAI's multipart fields",
+    )
+    async def edits(request: Request, api: Serving, prefer: PreferHeader = "") -> Any:
+        t0 = request.scope.get("t0", time.perf_counter())
+        try:
+            return await api.edit(request, prefer)
+        except (Rejected, EngineError) as e:
+            r = e if isinstance(e, Rejected) else Rejected.of(e)
+            api.finish("edits", r.status, t0)
+            return r.response()
+
+    @router.get(
+        JOBS_PATH + "/{job_id}",
+        operation_id="getImageJob",
+        response_model=JobStatus,
+        responses=error_responses(404),
+        summary="An async job: status, queue position, step progress and, when done, the result",
+    )
+    async def get_job(job_id: str, api: Serving) -> Any:
+        job = api.jobs.get(job_id)
+        if job is None:
+            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
+        return job.view(api.sched)
+
+    @router.delete(
+        JOBS_PATH + "/{job_id}",
+        operation_id="cancelImageJob",
+        response_model=JobStatus,
+        responses=error_responses(404),
+        summary="Cancel an async job: a queued job leaves the queue, a running one stops at its next step",
+    )
+    async def cancel_job(job_id: str, api: Serving) -> Any:
+        job = api.jobs.get(job_id)
+        if job is None:
+            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
+        if not job.final:
+            job.cancel_requested = True
+            api.sched.withdraw(job.work)
+            if job.task is not None:
+                await asyncio.wait({job.task}, timeout=DELETE_WAIT_SECONDS)
+        return job.view(api.sched)
+
+    binary = {"schema": {"type": "string", "format": "binary"}}
+
+    @router.get(
+        RESULTS_PATH + "/{result_id}",
+        operation_id="getImageResult",
+        response_class=Response,
+        responses={
+            200: {"description": "the image", "content": {t: binary for t in MEDIA_TYPES.values()}},
+            **error_responses(404),
+        },
+        summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
+    )
+    async def get_result(result_id: str, api: Serving) -> Response:
+        item = api.results.get(result_id)
+        if item is None:
+            return error_response(404, api.results.unknown_reason(result_id), param="result_id")
+        data, fmt = item
+        return Response(content=data, media_type=MEDIA_TYPES[fmt])
+
+    return router
+
+
+def model_id(uri: str) -> str:
+    for prefix in ("hf://", "file://"):
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
+    return uri
+
+
+def models_router(started: float) -> APIRouter:
+    router = APIRouter(tags=["models"])
+
+    def card(state: RuntimeState) -> ModelCard:
+        return ModelCard(
+            id=model_id(state.config.model.uri),
+            created=int(started),
+            pipeline=state.engine.pipeline_name if state.engine is not None else None,
+            ready=state.ready,
+        )
+
+    @router.get(
+        "/v1/models",
+        operation_id="listModels",
+        response_model=ModelList,
+        summary="The served model (OpenAI's list shape)",
+    )
+    async def list_models(state: State) -> Any:
+        return ModelList(data=[card(state)])
+
+    @router.get(
+        "/v1/models/{model_id:path}",
+        operation_id="retrieveModel",
+        response_model=ModelCard,
+        responses=error_responses(404),
+        summary="One model by id",
+    )
+    async def get_model(model_id: str, state: State) -> Any:
+        c = card(state)
+        if model_id != c.id:
+            return error_response(404, f"model {model_id!r} is not served here; this pod serves {c.id!r}")
+        return c
+
+    return router
+
+
+def ops_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get(
+        "/health", response_model=HealthStatus, summary="Alive (answers as soon as the process listens)"
+    )
+    async def health(state: State) -> Any:
+        return HealthStatus(status="alive", phase=str(state.phase))
+
+    @router.get(
+        "/ready",
+        operation_id="ready",
+        response_model=ReadyStatus,
+        responses={503: {"model": ReadyStatus, "description": "loading, warming up, draining or failed"}},
+        summary="Ready: 200 only after load and warmup, 503 before and while draining",
+    )
+    async def ready(state: State) -> Any:
+        if state.ready:
+            return ReadyStatus(status="ready")
+        return JSONResponse(
+            ReadyStatus(status=state.status, error=state.error).model_dump(),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    @router.get(
+        "/metrics",
+        operation_id="metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+        summary="Prometheus metrics",
+    )
+    async def metrics_endpoint(state: State) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

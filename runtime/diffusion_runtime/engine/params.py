@@ -1,0 +1,105 @@
+"""What goes into the engine and what comes out: typed, one place.
+
+`GenerationParams` (text-to-image) and `EditParams` (image-to-image; with a mask, inpainting) are
+what `Engine.generate` / `Engine.edit` take; `GenerationResult` is what they return (PIL images),
+`EncodedResult` what a queued call hands back (images encoded in the pipeline thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+StepCallback = Callable[[int], None]  # called with the 0-based index of each finished step
+
+DEFAULT_STRENGTH = {"img2img": 0.6, "inpaint": 1.0}
+
+
+def edit_steps(steps: int, strength: float) -> tuple[int, float]:
+    """(denoising steps that run, strength used): diffusers runs steps - int(steps * (1 - strength));
+    a strength too small for one step is raised to 1/steps, so at least one step runs."""
+    strength = max(strength, 1.0 / steps)
+    init = min(steps * strength, steps)
+    return steps - int(max(steps - init, 0)), strength
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    """One text-to-image pipeline call."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    n: int = 1
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def run_steps(self) -> int:
+        """Denoising steps this call runs (an edit runs fewer than `steps`)."""
+        return self.steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditParams(GenerationParams):
+    """One image-to-image call, or inpainting with `mask` (white = repaint, mode L)."""
+
+    image: Any  # PIL image, RGB
+    mask: Any | None = None  # PIL image, mode L
+    strength: float  # how much of the image is re-noised; at least one step runs (`edit_steps`)
+
+    @classmethod
+    def of(cls, base: GenerationParams, image: Any, mask: Any | None, strength: float | None) -> EditParams:
+        """`base` plus the edit inputs; no strength: the kind's default (`DEFAULT_STRENGTH`)."""
+        kind = "inpaint" if mask is not None else "img2img"
+        wanted = strength if strength is not None else DEFAULT_STRENGTH[kind]
+        _, used = edit_steps(base.steps, wanted)
+        common = {f.name: getattr(base, f.name) for f in fields(GenerationParams)}
+        return cls(**common, image=image, mask=mask, strength=used)
+
+    @property
+    def kind(self) -> str:
+        """The pipeline variant: `inpaint` with a mask, else `img2img`."""
+        return "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def run_steps(self) -> int:
+        return edit_steps(self.steps, self.strength)[0]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How the images of a call are encoded: png | jpeg | webp; jpeg/webp quality 0-100."""
+
+    format: str = "png"
+    compression: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]  # PIL images
+    seed: int
+    inference_seconds: float
+    step_seconds: list[float]
+    cached_steps: int
+    computed_steps: int
+
+
+@dataclass
+class EncodedResult:
+    """A finished call with its images encoded (`OutputFormat`)."""
+
+    images: list[bytes]
+    seed: int
+    inference_seconds: float
+    step_seconds: list[float]
+    cached_steps: int
+    computed_steps: int

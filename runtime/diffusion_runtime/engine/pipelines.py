@@ -1,0 +1,153 @@
+"""One pipeline call: text-to-image on the loaded pipeline, edits on its image-to-image / inpaint
+variants, each timed per step, with progress and cancellation at the step boundary.
+
+Variants come from diffusers' `AutoPipelineForImage2Image.from_pipe` /
+`AutoPipelineForInpainting.from_pipe`: the same modules (transformer, VAE, text encoders), no
+copies. cache-dit: its hooks live on the shared transformer, but its per-call cache context is
+opened by a wrapper on the *loaded* pipeline's class only, so a variant is called inside that same
+context (`cache_dit_adapter.call_context`): an edit is cached exactly like a generation, and its
+cached/computed steps are read from the loaded pipeline's stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import time
+from collections.abc import Collection
+from typing import Any
+
+from diffusion_runtime.engine import cache_dit_adapter
+from diffusion_runtime.engine.errors import Cancelled, InvalidInput
+from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
+
+EDIT_VARIANTS = {"img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
+
+
+class EditVariants:
+    """The loaded pipeline's edit variants, built on first use and kept (one set per loaded pipeline)."""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self._pipes: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, kind: str) -> Any:
+        """The `img2img` or `inpaint` variant; InvalidInput when diffusers has none for this pipeline."""
+        with self._lock:
+            if kind in self._pipes:
+                return self._pipes[kind]
+            import diffusers
+
+            auto = getattr(diffusers, EDIT_VARIANTS[kind])
+            try:
+                pipe = auto.from_pipe(self.pipe)
+            except (ValueError, KeyError, TypeError) as e:
+                what = "inpainting (a mask)" if kind == "inpaint" else "image-to-image"
+                raise InvalidInput(
+                    f"the loaded pipeline {type(self.pipe).__name__} has no {what} variant in diffusers "
+                    f"({type(e).__name__}); /v1/images/edits is not available for this model",
+                    param="mask" if kind == "inpaint" else "image",
+                ) from e
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[kind] = pipe
+            return pipe
+
+
+def guidance_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[str, Any]:
+    """The optional guidance arguments of a pipeline call: guidance_scale when set; a negative prompt
+    (and true CFG, 4.0 unless set) only where the pipeline's __call__ takes them (`accepts`)."""
+    kwargs: dict[str, Any] = {}
+    if params.guidance_scale is not None:
+        kwargs["guidance_scale"] = params.guidance_scale
+    if params.negative_prompt and "negative_prompt" in accepts:
+        kwargs["negative_prompt"] = params.negative_prompt
+        if "true_cfg_scale" in accepts:
+            kwargs["true_cfg_scale"] = params.true_cfg_scale if params.true_cfg_scale is not None else 4.0
+    return kwargs
+
+
+def call_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[str, Any]:
+    """The pipeline arguments of `params` (text-to-image; an edit adds image, mask and strength)."""
+    import torch
+
+    kwargs: dict[str, Any] = dict(
+        prompt=params.prompt, width=params.width, height=params.height,
+        num_inference_steps=params.steps, num_images_per_prompt=params.n,
+    )  # fmt: skip
+    if isinstance(params, EditParams):
+        kwargs.update(image=params.image, strength=params.strength)
+        if params.mask is not None:
+            kwargs["mask_image"] = params.mask
+    kwargs.update(guidance_kwargs(accepts, params))
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(params.seed)
+    return kwargs
+
+
+def accepted(pipe: Any) -> frozenset[str]:
+    """The parameter names of a pipeline's __call__."""
+    return frozenset(inspect.signature(pipe.__call__).parameters)
+
+
+def timed_call(
+    pipe: Any,
+    params: GenerationParams,
+    device: str,
+    cached_pipe: Any = None,
+    cancel: threading.Event | None = None,
+    on_step: StepCallback | None = None,
+    context: contextlib.AbstractContextManager[Any] | None = None,
+) -> GenerationResult:
+    """One call of `pipe` (the loaded pipeline or a variant sharing its modules) for `params`, with
+    per-step timing, progress (`on_step`) and cancellation at the step boundary (`cancel` set:
+    Cancelled), inside `context` when given. Images not encoded; cached/computed steps are read from `cached_pipe`'s
+    cache-dit stats (the loaded pipeline, when cache-dit is on; else every step computed)."""
+    import torch
+
+    accepts = accepted(pipe)
+    kwargs = call_kwargs(accepts, params)
+    step_times: list[float] = []
+    last = [0.0]
+
+    def _pre_hook(_module: Any, _args: Any, _kwargs: Any = None) -> None:
+        if not last[0]:
+            last[0] = time.perf_counter()
+
+    def _callback(_pipe: Any, step_index: int, _timestep: Any, cb_kwargs: dict) -> dict:
+        now = time.perf_counter()
+        if last[0]:
+            step_times.append(now - last[0])
+        last[0] = 0.0
+        if on_step is not None:
+            on_step(step_index)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        return cb_kwargs
+
+    if "callback_on_step_end" in accepts:
+        kwargs["callback_on_step_end"] = _callback
+    max_seq = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    if "max_sequence_length" in accepts and isinstance(max_seq, int) and max_seq < 512:
+        kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
+    handle = None
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        handle = transformer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode(), context if context is not None else contextlib.nullcontext():
+            out = pipe(**kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        if handle is not None:
+            handle.remove()
+    elapsed = time.perf_counter() - t0
+    cached, computed = (
+        cache_dit_adapter.step_counts(cached_pipe) if cached_pipe is not None else (0, params.run_steps)
+    )
+    return GenerationResult(
+        images=list(out.images), seed=params.seed, inference_seconds=elapsed, step_seconds=step_times,
+        cached_steps=cached, computed_steps=computed,
+    )  # fmt: skip
