@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
     import torch
-    from diffusion_runtime.config import RuntimeConfig
+    from diffusion_runtime.contract.config import RuntimeConfig
     from diffusion_runtime.model import load_model
     from diffusion_runtime.tiny import write_tiny_model
     from fixtures_runtime import start_runtime
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"HTTP end to end        p50 {h50:8.2f} ms   p90 {pct(http, 0.9) * ms:8.2f} ms")
     paired = sorted((h - d) * ms for h, d in zip(http, direct, strict=True))
     p50 = pct(paired, 0.5)
-    print(f"HTTP - direct, paired     p50 {p50:8.2f} ms   p90 {pct(paired, 0.9):8.2f} ms   ratio {h50 / d50:.3f}x")
+    print(
+        f"HTTP - direct, paired     p50 {p50:8.2f} ms   p90 {pct(paired, 0.9):8.2f} ms   ratio {h50 / d50:.3f}x"
+    )
     print(f"server overhead per request (latency - server inference_seconds): p50 {o50:.2f} ms, "
           f"p90 {pct(server_overhead, 0.9) * ms:.2f} ms, mean {statistics.mean(server_overhead) * ms:.2f} ms")  # fmt: skip
     print(f"target HTTP - direct <= 2 ms at p50: {'met' if p50 <= 2.0 else 'NOT met'} ({p50:.2f} ms)")

@@ -35,7 +35,7 @@ OUTPUT = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime"), str(REPO / "tools")]
 import _generated as generated  # noqa: E402
 from diffusion_operator import spec as specs  # noqa: E402
-from diffusion_runtime import cache_dit_facts as facts  # noqa: E402
+from diffusion_runtime.contract import cache_dit_facts as facts  # noqa: E402
 
 GROUP, VERSION, KIND, PLURAL = specs.GROUP, specs.VERSION, specs.KIND, specs.PLURAL
 

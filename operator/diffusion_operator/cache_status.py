@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffusion_runtime.download import last_progress
+from diffusion_runtime.contract.lines import last_progress
 
 from diffusion_operator.status import READY, condition, now
 

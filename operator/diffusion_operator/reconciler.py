@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from queue import SimpleQueue
 from typing import Any
 
-from diffusion_runtime.startup import parse_ready_line
+from diffusion_runtime.contract.lines import parse_ready_line
 
 from diffusion_operator import builders, metrics
 from diffusion_operator import cache_status as cache_statuses

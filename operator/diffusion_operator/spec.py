@@ -3,7 +3,7 @@
 `DiffusionDeploymentSpec` (pydantic, camelCase aliases) holds every field's type, default, bounds and
 description; tools/gen_crd.py generates the CRD's hand-written part from it (`spec.cacheDit` and
 `spec.quantize` are generated from cache-dit's own dataclasses). Server limits, sizes and defaults
-come from the runtime's own config type (`diffusion_runtime.config`), cache-dit facts from the shared
+come from the runtime's own config type (`diffusion_runtime.contract.config`), cache-dit facts from the shared
 torch-free facts module.
 
 `parse(name, namespace, spec)` never raises on bad input: it returns a `Parsed` whose `errors` name the
@@ -12,7 +12,7 @@ offending CR field (`spec.server.maxN: ...`). It runs three layers:
 2. `semantic_errors`: cross-field rules (also CEL rules in the CRD where the API server can check
    them) and facts a schema cannot know (block counts of named models, parallel sizes vs the pod's
    GPUs or CPU ranks),
-3. the runtime's own preflight (`diffusion_runtime.config.runtime_errors`) on the runtime.yaml and
+3. the runtime's own preflight (`diffusion_runtime.contract.config.runtime_errors`) on the runtime.yaml and
    cache-dit.yaml the builders render: whatever a pod would refuse is refused here, its runtime
    setting mapped back to the CR field. So a spec reported valid is one the runtime accepts.
 """
@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime import startup as runtime_startup
-from diffusion_runtime.config import (
+from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract import lines as runtime_lines
+from diffusion_runtime.contract.config import (
     DEVICES,
     DTYPES,
     ConfigError,
@@ -34,7 +34,7 @@ from diffusion_runtime.config import (
     RuntimeConfig,
     runtime_errors,
 )
-from diffusion_runtime.limits import (
+from diffusion_runtime.contract.limits import (
     MAX_N_LIMIT,
     MAX_STEPS_LIMIT,
     MIN_PIXELS,
@@ -695,15 +695,13 @@ class StartRecord(_Model):
         ge=0, description="From the runtime process's start (the container's) to the runtime turning ready."
     )
     at: str = Field(description="When it turned ready.", json_schema_extra={"format": "date-time"})
-    model: Annotated[str, _one_of(runtime_startup.MODEL_SOURCES), _enum(runtime_startup.MODEL_SOURCES)] = (
-        Field(
-            description="downloaded (this pod fetched it from the Hub) or local (a model cache volume, a complete "
-            "earlier download, a folder)."
-        )
+    model: Annotated[str, _one_of(runtime_lines.MODEL_SOURCES), _enum(runtime_lines.MODEL_SOURCES)] = Field(
+        description="downloaded (this pod fetched it from the Hub) or local (a model cache volume, a complete "
+        "earlier download, a folder)."
     )
     compile: bool = Field(description="Whether the pod ran torch.compile (spec.compile).")
     compile_cache: Annotated[
-        str, _one_of(runtime_startup.COMPILE_CACHE_RESULTS), _enum(runtime_startup.COMPILE_CACHE_RESULTS)
+        str, _one_of(runtime_lines.COMPILE_CACHE_RESULTS), _enum(runtime_lines.COMPILE_CACHE_RESULTS)
     ] = Field(
         alias="compileCache",
         description="The compile-artifact cache lookup: hit (artifacts restored), miss, corrupt, error, or off "
@@ -1039,7 +1037,7 @@ def _max_unavailable(cr: DiffusionDeploymentSpec) -> int | str:
 def _quality_gate(gate: QualityGateSpec | None) -> QualityGateConfig | None:
     if gate is None or not gate.enabled:
         return None
-    return QualityGateConfig(
+    return QualityGateConfig.model_construct(
         prompts=list(gate.prompts),
         seeds=list(gate.seeds),
         steps=gate.steps,
@@ -1283,7 +1281,7 @@ def runtime_refusals(s: Spec) -> list[FieldError]:
 
 def cache_tag(cache_dit: dict) -> str:
     """cache-dit's `strify()` tag of `cache_config` ('' without one), through cache-dit's own code
-    (named masks expanded with its table): see diffusion_runtime.cache_dit_facts.cache_tag."""
+    (named masks expanded with its table): see diffusion_runtime.contract.cache_dit_facts.cache_tag."""
     try:
         return facts.cache_tag((cache_dit or {}).get("cache_config"))
     except ValueError:

@@ -6,8 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from diffusion_runtime.quality_gate import FAILED as GATE_FAILED
-from diffusion_runtime.startup import COLD, WARM
+from diffusion_runtime.contract.lines import COLD, GATE_FAILED, WARM
 
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
 from diffusion_operator.spec import condition_reason

@@ -34,8 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from diffusion_runtime.config import ConfigError, RuntimeConfig
-from diffusion_runtime.parallel import Layout
+from diffusion_runtime.contract.config import ConfigError, RuntimeConfig
+from diffusion_runtime.contract.parallel import Layout
 
 log = logging.getLogger("diffusion_runtime")
 

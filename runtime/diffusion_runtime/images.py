@@ -7,7 +7,7 @@ import math
 import warnings
 from typing import Any
 
-from diffusion_runtime.limits import SIZE_MULTIPLE
+from diffusion_runtime.contract.limits import SIZE_MULTIPLE
 from diffusion_runtime.scheduler import Rejected
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

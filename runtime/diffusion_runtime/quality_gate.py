@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusion_runtime.config import QualityGateConfig, RuntimeConfig, parse_size
+from diffusion_runtime.contract.config import QualityGateConfig, RuntimeConfig, parse_size
+from diffusion_runtime.contract.lines import GATE_FAILED as FAILED  # noqa: F401 (serve.py exits with it)
 
 log = logging.getLogger("diffusion_runtime")
-# how a failed gate's one line starts (the pod's termination message; the operator looks for it)
-FAILED = "quality gate failed: "
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from diffusion_runtime.config import parse_size
+from diffusion_runtime.contract.config import parse_size
 from diffusion_runtime.images import MEDIA_TYPES, decode_upload, fit_size, mask_from_upload
 from diffusion_runtime.jobs import Job, JobStore, ResultStore, deliver_webhook
 from diffusion_runtime.pipelines import (

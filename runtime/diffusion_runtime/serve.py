@@ -11,10 +11,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.contract.parallel import (
+    SINGLE,
+    Layout,
+    heads_refusal,
+    layout_of,
+    local_transformer_config,
+)
 from diffusion_runtime.distributed import RankedModel, RankGroup
 from diffusion_runtime.metrics import RuntimeMetrics
-from diffusion_runtime.parallel import SINGLE, Layout, heads_refusal, layout_of, local_transformer_config
 
 log = logging.getLogger("diffusion_runtime")
 # Kubernetes' default terminationMessagePath: kubelet mounts it into every container

@@ -27,7 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from diffusion_runtime.config import RuntimeConfig
+from diffusion_runtime.contract.config import RuntimeConfig
 from diffusion_runtime.metrics import RuntimeMetrics
 from diffusion_runtime.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, build_protocol
 from diffusion_runtime.routes import (

@@ -96,7 +96,7 @@ def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
 
 def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
     from cache_dit.caching.cache_interface import steps_mask
-    from diffusion_runtime.cache_dit_facts import MASK_POLICIES
+    from diffusion_runtime.contract.cache_dit_facts import MASK_POLICIES
 
     for name in MASK_POLICIES:
         assert steps_mask(total_steps=8, mask_policy=name)  # each is a policy cache-dit knows
@@ -111,7 +111,7 @@ def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
 def test_named_mask_tag_and_expansion_equal_cache_dits_own(tmp_path, load_configs):
     """status.cacheTag for a named mask is what cache-dit's load_configs + strify give (not SCMfast)."""
     from cache_dit.caching.cache_interface import steps_mask
-    from diffusion_runtime import cache_dit_facts as facts
+    from diffusion_runtime.contract import cache_dit_facts as facts
 
     for steps in range(1, 101):
         for name in facts.MASK_POLICIES:
@@ -159,7 +159,7 @@ def test_block_lists_are_what_cache_dits_adapter_caches():
     """The facts' block lists for the tiny FLUX (2 double + 4 single blocks) are what cache-dit's own
     FLUX adapter hands its cached blocks: one joined list (dummy blocks, cache-dit's default)."""
     import cache_dit
-    from diffusion_runtime.cache_dit_facts import FLUX_ENABLE_DUMMY_BLOCKS, MODEL_BLOCK_LISTS
+    from diffusion_runtime.contract.cache_dit_facts import FLUX_ENABLE_DUMMY_BLOCKS, MODEL_BLOCK_LISTS
     from diffusion_runtime.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny", 0)

@@ -185,7 +185,7 @@ def test_a_parallel_layout_is_what_the_runtime_says(cluster, namespace, operator
     reached through cache_dit_errors); the operator reports its answer with no change of its own."""
     from diffusion_operator import spec as specs
     from diffusion_operator.builders.configmap import render_cache_dit_config, runtime_config
-    from diffusion_runtime.config import runtime_errors
+    from diffusion_runtime.contract.config import runtime_errors
 
     doc = sample("tiny-cpu.yaml")
     doc["spec"]["gpu"] = {"count": 2}

@@ -17,8 +17,8 @@ import yaml
 from diffusion_operator import builders
 from diffusion_operator import spec as specs
 from diffusion_operator.models import KNOWN_MODELS, product_capability
-from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import load_config_file, runtime_errors, validate
+from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract.config import load_config_file, runtime_errors, validate
 from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

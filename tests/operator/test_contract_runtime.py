@@ -10,7 +10,7 @@ from op_helpers import owner_for, sample
 
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "flux-dev.yaml", "qwen-image.yaml"])
 def test_runtime_loads_the_rendered_config(name, tmp_path):
-    from diffusion_runtime.config import load_config_file
+    from diffusion_runtime.contract.config import load_config_file
 
     doc = sample(name)
     parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
@@ -18,7 +18,7 @@ def test_runtime_loads_the_rendered_config(name, tmp_path):
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     for key, value in cm["data"].items():
         (tmp_path / key).write_text(value)
-    from diffusion_runtime.config import validate
+    from diffusion_runtime.contract.config import validate
     from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
 
     cfg = validate(load_config_file(tmp_path / "runtime.yaml"))

@@ -17,7 +17,7 @@ from diffusion_operator.builders.modelcache import (
     claim_name,
 )
 from diffusion_operator.spec import parse
-from diffusion_runtime.config import config_from_dict
+from diffusion_runtime.contract.config import config_from_dict
 from diffusion_runtime.download import progress_line
 from fakekube import FakeKube
 from op_helpers import OWNER, sample

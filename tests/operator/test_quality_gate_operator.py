@@ -12,8 +12,8 @@ from diffusion_operator import builders
 from diffusion_operator import spec as specs
 from diffusion_operator import status as st
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
-from diffusion_runtime.config import config_from_dict, runtime_errors
-from diffusion_runtime.quality_gate import FAILED
+from diffusion_runtime.contract.config import config_from_dict, runtime_errors
+from diffusion_runtime.contract.lines import GATE_FAILED as FAILED
 from op_helpers import sample
 from test_reconciler import NS, conditions, cr, cr_doc, roll_out, setup, update_spec
 
@@ -58,7 +58,7 @@ def test_disabled_or_absent_gate_renders_nothing():
 
 
 def test_defaults_come_from_the_runtime():
-    from diffusion_runtime.config import QualityGateConfig
+    from diffusion_runtime.contract.config import QualityGateConfig
 
     rendered = runtime_yaml(parsed(tiny_spec(qualityGate={})))["quality_gate"]
     d = QualityGateConfig()

@@ -154,7 +154,7 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
 def test_on_cpu_what_the_runtime_does_not_run_is_unsupported_naming_the_key(layout, key, words):
     """The operator asks the runtime's own preflight: its refusal (parallel.layout_refusal) comes back
     as ConfigValid=False, reason Unsupported, naming the CR field."""
-    from diffusion_runtime.parallel import layout_refusal
+    from diffusion_runtime.contract.parallel import layout_refusal
 
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
     spec["cacheDit"]["parallelism_config"] = layout
@@ -170,7 +170,7 @@ def test_on_cpu_what_the_runtime_does_not_run_is_unsupported_naming_the_key(layo
 def test_parallelism_follows_the_runtime_layout_rules():
     """The runtime's one function (config.parallel_layout_error) decides; the operator follows it:
     Ulysses on GPUs is valid, what the runtime refuses is Unsupported naming the key."""
-    from diffusion_runtime.config import parallel_layout_error
+    from diffusion_runtime.contract.config import parallel_layout_error
 
     spec = copy.deepcopy(FLUX)
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
@@ -198,7 +198,7 @@ def test_parallel_sizes_all_one_is_refused():
 
 def test_quantize_on_cpu_int8_allowed_float8_refused():
     """One behaviour end to end: the runtime runs the int8 types on CPU with torchao, nothing else."""
-    from diffusion_runtime.config import CPU_QUANT_TYPES
+    from diffusion_runtime.contract.config import CPU_QUANT_TYPES
 
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
     for quant_type in CPU_QUANT_TYPES:
@@ -353,8 +353,8 @@ def test_runtime_paths_map_back_to_cr_fields():
 
 
 def test_server_defaults_and_bounds_are_the_runtimes():
-    from diffusion_runtime.config import ServerConfig
-    from diffusion_runtime.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
+    from diffusion_runtime.contract.config import ServerConfig
+    from diffusion_runtime.contract.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
 
     s = parse({"model": {"uri": "hf://a/b"}}).spec
     runtime = ServerConfig()
@@ -377,7 +377,7 @@ def test_the_operator_and_the_facts_import_without_torch():
 
     code = (
         "import sys, diffusion_operator.spec, diffusion_operator.builders, diffusion_operator.rbac, "
-        "diffusion_runtime.config, diffusion_runtime.cache_dit_facts as f; "
+        "diffusion_runtime.contract.config, diffusion_runtime.contract.cache_dit_facts as f; "
         "assert f.steps_mask(total_steps=8, mask_policy='fast'); "
         "bad = [m for m in ('torch', 'cache_dit', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
@@ -387,7 +387,7 @@ def test_the_operator_and_the_facts_import_without_torch():
 
 def test_tiny_model_blocks_are_checked_like_the_pod_would():
     from diffusion_operator.models import KNOWN_MODELS
-    from diffusion_runtime.cache_dit_facts import MODEL_BLOCK_LISTS
+    from diffusion_runtime.contract.cache_dit_facts import MODEL_BLOCK_LISTS
 
     assert {m.name for m in KNOWN_MODELS.values()} == set(MODEL_BLOCK_LISTS)
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])

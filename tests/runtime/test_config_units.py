@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from diffusion_runtime.config import (
+from diffusion_runtime.contract.config import (
     ConfigError,
     RuntimeConfig,
     apply_overrides,
@@ -161,8 +161,8 @@ def test_runtime_quant_types_are_the_crds():
     from pathlib import Path
 
     import yaml
-    from diffusion_runtime.cache_dit_facts import QUANT_TYPE_ALIASES as QUANT_ALIASES
-    from diffusion_runtime.cache_dit_facts import QUANT_TYPES
+    from diffusion_runtime.contract.cache_dit_facts import QUANT_TYPE_ALIASES as QUANT_ALIASES
+    from diffusion_runtime.contract.cache_dit_facts import QUANT_TYPES
 
     crd = yaml.safe_load(
         (Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml").read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusion_runtime.config import ServerConfig
+from diffusion_runtime.contract.config import ServerConfig
 
 from diffusion_operator.spec import API_VERSION, KIND
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import yaml
-from diffusion_runtime.config import ModelConfig, RuntimeConfig, ServerConfig, WarmupConfig
+from diffusion_runtime.contract.config import RuntimeConfig, config_from_dict
 
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
 
@@ -46,30 +46,34 @@ def render_cache_dit_yaml(spec) -> str:
 
 def runtime_config(spec) -> RuntimeConfig:
     """runtime.yaml as the runtime's own config type (the operator validates this very object)."""
-    cfg = RuntimeConfig(
-        model=ModelConfig(
-            uri=model_uri_in_pod(spec),
-            revision=spec.model.revision,
-            pipeline=spec.model.pipeline,
-            dtype=spec.model.dtype,
-        ),
-        cache_dit_config=CACHE_DIT_FILE if spec.has_cache_dit_file else None,
-        compile=spec.compile,
-        device=spec.device,
-        warmup=WarmupConfig(resolutions=list(spec.warmup_resolutions), steps=spec.warmup_steps),
-        server=ServerConfig(
-            host="0.0.0.0",
-            port=HTTP_PORT,
-            metrics_port=METRICS_PORT,
-            max_queue=spec.max_queue,
-            request_timeout_seconds=spec.request_timeout_seconds,
-            max_pixels=spec.max_pixels,
-            max_steps=spec.max_steps,
-            max_n=spec.max_n,
-        ),
-    )
+    server = {
+        "host": "0.0.0.0",
+        "port": HTTP_PORT,
+        "metrics_port": METRICS_PORT,
+        "max_queue": spec.max_queue,
+        "request_timeout_seconds": spec.request_timeout_seconds,
+        "max_pixels": spec.max_pixels,
+        "max_steps": spec.max_steps,
+        "max_n": spec.max_n,
+    }
+    warmup = {"resolutions": list(spec.warmup_resolutions), "steps": spec.warmup_steps}
     if spec.warmup_prompt:
-        cfg.warmup.prompt = spec.warmup_prompt
+        warmup["prompt"] = spec.warmup_prompt
+    cfg = config_from_dict(
+        {
+            "model": {
+                "uri": model_uri_in_pod(spec),
+                "revision": spec.model.revision,
+                "pipeline": spec.model.pipeline,
+                "dtype": spec.model.dtype,
+            },
+            "cache_dit_config": CACHE_DIT_FILE if spec.has_cache_dit_file else None,
+            "compile": spec.compile,
+            "device": spec.device,
+            "warmup": warmup,
+            "server": server,
+        }
+    )
     if getattr(spec, "compile_cache_claim", None):
         cfg.compile_cache_dir = COMPILE_CACHE_MOUNT
     cfg.quality_gate = spec.quality_gate

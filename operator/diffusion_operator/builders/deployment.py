@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
-from diffusion_runtime.cache_dit_facts import FLOAT8_MIN_CAPABILITY
+from diffusion_runtime.contract.cache_dit_facts import FLOAT8_MIN_CAPABILITY
 
 from diffusion_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,

@@ -10,7 +10,7 @@ immutable) and a finished one is never rerun. The serving pods mount the claim r
 
 from __future__ import annotations
 
-from diffusion_runtime.download import local_folder
+from diffusion_runtime.contract.lines import local_folder
 
 from diffusion_operator.builders.common import (
     MANAGED_BY,

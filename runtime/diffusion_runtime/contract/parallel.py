@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_runtime.cache_dit_facts import PARALLEL_SIZE_KEYS as SIZE_KEYS
+from diffusion_runtime.contract.cache_dit_facts import PARALLEL_SIZE_KEYS as SIZE_KEYS
 
 
 @dataclass(frozen=True)
