@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import urllib3
 
 from diffusion_operator import metrics
+from diffusion_operator.api.group import API_VERSION, KIND, PLURAL
 from diffusion_operator.builders.common import FIELD_MANAGER
-from diffusion_operator.spec import API_VERSION, KIND, PLURAL
 
 API_PATHS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",

@@ -15,7 +15,7 @@ pods, no exec. Serving status comes from the owned Deployments.
 
 from __future__ import annotations
 
-from diffusion_operator.spec import GROUP, PLURAL
+from diffusion_operator.api.group import GROUP, PLURAL
 
 NAMESPACED_RULES: list[dict] = [
     {

@@ -33,10 +33,10 @@ from typing import Any
 
 from diffusion_runtime.contract.lines import parse_ready_line
 
-from diffusion_operator import builders, metrics
+from diffusion_operator import builders, metrics, validation
 from diffusion_operator import cache_status as cache_statuses
-from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
+from diffusion_operator.api import funcs, group
 from diffusion_operator.builders.common import MANAGED_BY
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
 from diffusion_operator.builders.keda import KEDA_API_VERSION, SCALED_OBJECT, SCALED_OBJECTS
@@ -47,9 +47,9 @@ from diffusion_operator.workqueue import WorkQueue
 
 log = logging.getLogger("diffusion_operator")
 
-GROUP, VERSION, PLURAL = specs.GROUP, specs.VERSION, specs.PLURAL  # defined once, in spec.py
-CR_API = specs.API_VERSION
-CR_KIND = specs.KIND
+GROUP, VERSION, PLURAL = group.GROUP, group.VERSION, group.PLURAL  # defined once, in api/group.py
+CR_API = group.API_VERSION
+CR_KIND = group.KIND
 CHILD_KINDS = (
     ("v1", "ConfigMap", "configmaps"),
     ("v1", "Service", "services"),
@@ -314,14 +314,14 @@ class Reconciler:
             self._keda_seen = (now, served)
         return served
 
-    def engine_errors(self, spec: specs.Spec) -> list[specs.FieldError]:
+    def engine_errors(self, spec: validation.Spec) -> list[validation.FieldError]:
         """What the cluster or the operator's configuration lacks for the spec's autoscaling engine."""
         if spec.autoscaling is None or spec.autoscaling.engine != "keda":
             return []
         errors = []
         if not self.keda_available():
             errors.append(
-                specs.FieldError(
+                validation.FieldError(
                     "spec.autoscaling.engine",
                     f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECTS}.{KEDA_API_VERSION}), which this "
                     "cluster does not serve: install KEDA, or use engine hpa",
@@ -329,7 +329,7 @@ class Reconciler:
             )
         if not self.keda_prometheus_address:
             errors.append(
-                specs.FieldError(
+                validation.FieldError(
                     "spec.autoscaling.engine",
                     f"keda needs the Prometheus address its trigger queries: run the operator with {KEDA_FLAG} "
                     f"(chart value {KEDA_CHART_VALUE})",
@@ -659,7 +659,7 @@ class Reconciler:
             return "gone"  # children are garbage-collected through their owner references
         generation = cr["metadata"].get("generation", 1)
         old_status = cr.get("status") or {}
-        parsed = specs.parse(name, namespace, cr.get("spec"))
+        parsed = validation.parse(name, namespace, cr.get("spec"))
         engine_errors = self.engine_errors(parsed.spec) if parsed.ok and parsed.spec is not None else []
         if not parsed.ok or parsed.spec is None or engine_errors:
             if engine_errors:  # the cluster may gain KEDA: look again once discovery is stale
@@ -739,7 +739,7 @@ class Reconciler:
             builders.selector_string(name),
             builders.endpoint(spec),
             builders.deployment.config_hash(configmap["data"]),
-            specs.cache_tag(spec.cache_dit),
+            funcs.cache_tag(spec.cache_dit),
             apply_error=apply_error,
             gate_pods=self.pods_of(namespace, name) if spec.quality_gate is not None else None,
         )
@@ -782,7 +782,9 @@ class Reconciler:
             raise retry
         return "ok" if apply_error is None else "refused"
 
-    def _model_cache(self, spec: specs.Spec, cr: dict, old_status: dict, fresh: bool, first: bool) -> dict:
+    def _model_cache(
+        self, spec: validation.Spec, cr: dict, old_status: dict, fresh: bool, first: bool
+    ) -> dict:
         """status.modelCache: the download Job's phase, with bytes from its pods' progress lines."""
         from diffusion_operator.builders import modelcache
 
@@ -868,7 +870,7 @@ class Reconciler:
             raise errors[0]
         return answers
 
-    def _delete_unwanted_autoscalers(self, cr: dict, spec: specs.Spec, fresh: bool) -> None:
+    def _delete_unwanted_autoscalers(self, cr: dict, spec: validation.Spec, fresh: bool) -> None:
         """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
         engine's when the engine is switched (an HPA and KEDA's HPA must never drive one Deployment).
         ScaledObjects are looked up only when KEDA is served (discovery), else there are none."""

@@ -9,7 +9,7 @@ from typing import Any
 from diffusion_runtime.contract.lines import COLD, GATE_FAILED, WARM
 
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
-from diffusion_operator.spec import condition_reason
+from diffusion_operator.validation import condition_reason
 
 READY = "Ready"
 PROGRESSING = "Progressing"

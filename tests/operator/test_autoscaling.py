@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import defaults
 from diffusion_operator.builders.keda import demand_query
 from diffusion_operator.reconciler import Reconciler
 from fakekube import FakeKube
@@ -26,15 +26,15 @@ def qwen(**autoscaling) -> dict:
     return doc
 
 
-def parsed(doc: dict) -> specs.Spec:
-    result = specs.parse(doc["metadata"]["name"], NS, doc["spec"])
+def parsed(doc: dict) -> validation.Spec:
+    result = validation.parse(doc["metadata"]["name"], NS, doc["spec"])
     assert result.ok, [str(e) for e in result.errors]
     assert result.spec is not None
     return result.spec
 
 
 def errors(doc: dict) -> list[str]:
-    return [str(e) for e in specs.parse(doc["metadata"]["name"], NS, doc["spec"]).errors]
+    return [str(e) for e in validation.parse(doc["metadata"]["name"], NS, doc["spec"]).errors]
 
 
 # ---- spec -----------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def errors(doc: dict) -> list[str]:
 def test_defaults_hpa_engine_demand_target_one_and_fast_up_slow_down():
     a = parsed(qwen()).autoscaling
     assert a is not None
-    assert (a.engine, a.target_demand) == ("hpa", specs.DEFAULT_TARGET_DEMAND) == ("hpa", 1.0)
+    assert (a.engine, a.target_demand) == ("hpa", defaults.DEFAULT_TARGET_DEMAND) == ("hpa", 1.0)
     assert a.behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert a.behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert a.behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
@@ -61,8 +61,8 @@ def test_behavior_merges_per_direction_and_field_over_the_defaults():
     a = parsed(qwen(behavior={"scaleDown": {"stabilizationWindowSeconds": 30}})).autoscaling
     assert a is not None
     assert a.behavior["scaleDown"]["stabilizationWindowSeconds"] == 30
-    assert a.behavior["scaleDown"]["policies"] == specs.DEFAULT_BEHAVIOR["scaleDown"]["policies"]
-    assert a.behavior["scaleUp"] == specs.DEFAULT_BEHAVIOR["scaleUp"]
+    assert a.behavior["scaleDown"]["policies"] == defaults.DEFAULT_BEHAVIOR["scaleDown"]["policies"]
+    assert a.behavior["scaleUp"] == defaults.DEFAULT_BEHAVIOR["scaleUp"]
     policies = [{"type": "Pods", "value": 2, "periodSeconds": 5}]
     a = parsed(qwen(behavior={"scaleUp": {"policies": policies, "selectPolicy": "Min"}})).autoscaling
     assert a is not None and a.behavior["scaleUp"]["policies"] == policies
@@ -104,7 +104,7 @@ def test_hpa_targets_the_demand_gauge_with_behavior():
         }
     ]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 20
-    assert hpa["spec"]["behavior"]["scaleUp"] == specs.DEFAULT_BEHAVIOR["scaleUp"]
+    assert hpa["spec"]["behavior"]["scaleUp"] == defaults.DEFAULT_BEHAVIOR["scaleUp"]
 
 
 def test_keda_engine_builds_a_scaled_object_and_no_hpa():
@@ -260,7 +260,7 @@ def test_readme_shows_the_scaled_object_the_operator_renders():
     shown = yaml.safe_load(block.group(1))
     doc = copy.deepcopy(sample("qwen-image.yaml"))
     doc["spec"]["autoscaling"]["engine"] = "keda"
-    result = specs.parse("qwen-image", "models", doc["spec"])
+    result = validation.parse("qwen-image", "models", doc["spec"])
     assert result.spec is not None
     owner = owner_for(doc, "models")
     rendered = builders.build_scaled_object(result.spec, owner, PROM)

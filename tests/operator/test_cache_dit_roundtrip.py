@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
 from op_helpers import owner_for, sample
 
 SEED = Path(__file__).parent / "seed"
 
 
 def render(doc: dict, tmp_path: Path) -> Path:
-    parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    parsed = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert parsed.ok, [str(e) for e in parsed.errors]
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     path = tmp_path / "cache-dit.yaml"
@@ -84,7 +84,7 @@ def test_cache_tag_matches_cache_dit_strify(tmp_path, load_configs):
     for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml"):
         doc = sample(name)
         rendered = load_configs(str(render(doc, tmp_path)))
-        assert specs.cache_tag(doc["spec"]["cacheDit"]) == rendered["cache_config"].strify(), name
+        assert funcs.cache_tag(doc["spec"]["cacheDit"]) == rendered["cache_config"].strify(), name
 
 
 def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
@@ -135,7 +135,7 @@ def test_named_mask_tag_and_expansion_equal_cache_dits_own(tmp_path, load_config
         if steps != 8:
             doc["spec"]["warmup"]["steps"] = min(steps, doc["spec"]["server"]["maxSteps"])
         rendered = load_configs(str(render(doc, tmp_path)))
-        tag = specs.cache_tag(doc["spec"]["cacheDit"])
+        tag = funcs.cache_tag(doc["spec"]["cacheDit"])
         assert tag == rendered["cache_config"].strify(), (name, steps)
         assert "SCM" + name not in tag
 

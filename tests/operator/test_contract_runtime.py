@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
 from op_helpers import owner_for, sample
 
 
@@ -13,7 +12,7 @@ def test_runtime_loads_the_rendered_config(name, tmp_path):
     from diffusion_runtime.contract.config import load_config_file
 
     doc = sample(name)
-    parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    parsed = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert parsed.ok
     cm = builders.build_configmap(parsed.spec, owner_for(doc))
     for key, value in cm["data"].items():

@@ -16,7 +16,7 @@ from diffusion_operator.builders.modelcache import (
     cache_subpath,
     claim_name,
 )
-from diffusion_operator.spec import parse
+from diffusion_operator.validation import parse
 from diffusion_runtime.contract.config import config_from_dict
 from diffusion_runtime.download import progress_line
 from fakekube import FakeKube
@@ -351,7 +351,7 @@ def test_a_new_revision_downloads_while_the_running_pods_keep_serving_the_old_fo
 
 
 def test_startup_budget_has_no_download_in_the_pod_with_a_cache():
-    from diffusion_operator.spec import startup_budget_seconds
+    from diffusion_operator.api.funcs import startup_budget_seconds
 
     with_cache = parsed(cached_doc())
     doc = cached_doc()

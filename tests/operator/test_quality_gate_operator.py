@@ -8,8 +8,7 @@ import copy
 
 import pytest
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
 from diffusion_operator import status as st
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
 from diffusion_runtime.contract.config import config_from_dict, runtime_errors
@@ -21,8 +20,8 @@ GATE = {"prompts": ["a cat"], "seeds": [0, 1], "minPSNR": 30.0, "minSSIM": 0.8}
 FAILURE = f"{FAILED}PSNR 12.10 dB < min 30, SSIM 0.4000 < min 0.8 (worst of 2 canaries, optimized vs plain pipeline)"
 
 
-def parsed(spec: dict) -> specs.Spec:
-    p = specs.parse("tiny", NS, spec)
+def parsed(spec: dict) -> validation.Spec:
+    p = validation.parse("tiny", NS, spec)
     assert p.ok and p.spec is not None, p.errors
     return p.spec
 
@@ -33,7 +32,7 @@ def tiny_spec(**extra) -> dict:
     return doc
 
 
-def runtime_yaml(spec: specs.Spec) -> dict:
+def runtime_yaml(spec: validation.Spec) -> dict:
     cm = builders.build_all(spec, {"metadata": {"name": "tiny", "uid": "u"}, "apiVersion": "x", "kind": "y"})[
         0
     ]
@@ -82,7 +81,7 @@ def test_defaults_come_from_the_runtime():
     ],
 )
 def test_refusals_name_the_cr_field(gate, field):
-    p = specs.parse("tiny", NS, tiny_spec(qualityGate=gate))
+    p = validation.parse("tiny", NS, tiny_spec(qualityGate=gate))
     assert not p.ok
     assert any(e.field == field for e in p.errors), p.errors
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-from diffusion_operator import spec as specs
-from diffusion_operator.models import model_facts, product_capability
+from diffusion_operator import validation
+from diffusion_operator.api import funcs, types
+from diffusion_operator.api.model_facts import model_facts, product_capability
 from op_helpers import sample
 
 FLUX = sample("flux-dev.yaml")["spec"]
 
 
 def parse(spec: dict, name: str = "x"):
-    return specs.parse(name, "ns", spec)
+    return validation.parse(name, "ns", spec)
 
 
 def fields(parsed) -> list[str]:
@@ -93,7 +94,7 @@ def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
     assert parsed.spec.device_type == "cuda"
     assert set(fields(parsed)) == {"spec.cacheDit.parallelism_config"}
     (error,) = parsed.errors
-    assert error.message.startswith(specs.PARALLEL_ON_GPUS), error.message
+    assert error.message.startswith(types.PARALLEL_ON_GPUS), error.message
     assert "ulysses_size * ring_size * tp_size = 4, spec.gpu.count = 2" in error.message
     assert parsed.reason == "InvalidSpec"
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
@@ -131,15 +132,15 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
     holding["gpu"] = {"count": 2}  # ranks on CPU while two GPUs sit idle
     parsed = parse(holding)
     assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-    assert parsed.errors[0].message.startswith(specs.PARALLEL_ON_CPU), parsed.errors[0].message
+    assert parsed.errors[0].message.startswith(types.PARALLEL_ON_CPU), parsed.errors[0].message
     assert "spec.gpu.count = 2, spec.device cpu" in parsed.errors[0].message
 
     many = copy.deepcopy(spec)
-    many["cacheDit"]["parallelism_config"] = {"ulysses_size": 2 * specs.MAX_RANKS}
+    many["cacheDit"]["parallelism_config"] = {"ulysses_size": 2 * types.MAX_RANKS}
     parsed = parse(many)
     assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-    assert f"at most {specs.MAX_RANKS}" in parsed.errors[0].message
-    assert f"= {2 * specs.MAX_RANKS}," in parsed.errors[0].message
+    assert f"at most {types.MAX_RANKS}" in parsed.errors[0].message
+    assert f"= {2 * types.MAX_RANKS}," in parsed.errors[0].message
 
 
 @pytest.mark.parametrize(
@@ -270,13 +271,13 @@ def test_startup_budget_grows_with_compile_and_resolutions():
     base = parse(FLUX).spec
     more = copy.deepcopy(FLUX)
     more["warmup"]["resolutions"] = ["1024x1024", "768x1344"]
-    assert specs.startup_budget_seconds(parse(more).spec) > specs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(more).spec) > funcs.startup_budget_seconds(base)
     no_compile = copy.deepcopy(FLUX)
     no_compile["compile"] = False
-    assert specs.startup_budget_seconds(parse(no_compile).spec) < specs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(no_compile).spec) < funcs.startup_budget_seconds(base)
     pinned = copy.deepcopy(FLUX)
     pinned["startupTimeoutSeconds"] = 120
-    assert specs.startup_budget_seconds(parse(pinned).spec) == 120
+    assert funcs.startup_budget_seconds(parse(pinned).spec) == 120
 
 
 @pytest.mark.parametrize(
@@ -344,12 +345,15 @@ def test_what_the_runtime_refuses_is_refused_naming_the_cr_field(mutate, field, 
 
 
 def test_runtime_paths_map_back_to_cr_fields():
-    assert specs.cr_field("server.max_n") == "spec.server.maxN"
-    assert specs.cr_field("warmup.resolutions") == "spec.warmup.resolutions"
-    assert specs.cr_field("cache_config.Fn_compute_blocks") == "spec.cacheDit.cache_config.Fn_compute_blocks"
-    assert specs.cr_field("quantize_config.quant_type") == "spec.quantize.quant_type"
-    assert specs.cr_field("parallelism_config") == "spec.cacheDit.parallelism_config"
-    assert specs.cr_field("server.port") == "spec"  # set by the operator, not from the CR
+    assert validation.cr_field("server.max_n") == "spec.server.maxN"
+    assert validation.cr_field("warmup.resolutions") == "spec.warmup.resolutions"
+    assert (
+        validation.cr_field("cache_config.Fn_compute_blocks")
+        == "spec.cacheDit.cache_config.Fn_compute_blocks"
+    )
+    assert validation.cr_field("quantize_config.quant_type") == "spec.quantize.quant_type"
+    assert validation.cr_field("parallelism_config") == "spec.cacheDit.parallelism_config"
+    assert validation.cr_field("server.port") == "spec"  # set by the operator, not from the CR
 
 
 def test_server_defaults_and_bounds_are_the_runtimes():
@@ -365,7 +369,7 @@ def test_server_defaults_and_bounds_are_the_runtimes():
         runtime.max_n,
     )
     assert s.request_timeout_seconds == runtime.request_timeout_seconds
-    server = specs.ServerSpec.model_json_schema(by_alias=True)["properties"]
+    server = types.ServerSpec.model_json_schema(by_alias=True)["properties"]
     assert server["maxN"]["maximum"] == MAX_N_LIMIT and server["maxSteps"]["maximum"] == MAX_STEPS_LIMIT
 
 
@@ -376,7 +380,7 @@ def test_the_operator_and_the_facts_import_without_torch():
     import sys
 
     code = (
-        "import sys, diffusion_operator.spec, diffusion_operator.builders, diffusion_operator.rbac, "
+        "import sys, diffusion_operator.validation, diffusion_operator.builders, diffusion_operator.rbac, "
         "diffusion_runtime.contract.config, diffusion_runtime.contract.cache_dit_facts as f; "
         "assert f.steps_mask(total_steps=8, mask_policy='fast'); "
         "bad = [m for m in ('torch', 'cache_dit', 'diffusers') if m in sys.modules]; "
@@ -386,7 +390,7 @@ def test_the_operator_and_the_facts_import_without_torch():
 
 
 def test_tiny_model_blocks_are_checked_like_the_pod_would():
-    from diffusion_operator.models import KNOWN_MODELS
+    from diffusion_operator.api.model_facts import KNOWN_MODELS
     from diffusion_runtime.contract.cache_dit_facts import MODEL_BLOCK_LISTS
 
     assert {m.name for m in KNOWN_MODELS.values()} == set(MODEL_BLOCK_LISTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusion_runtime.contract.config import ServerConfig
 
-from diffusion_operator.spec import API_VERSION, KIND
+from diffusion_operator.api.group import API_VERSION, KIND
 
 MANAGED_BY = "diffusion-operator"
 FIELD_MANAGER = "diffusion-operator"

@@ -7,6 +7,7 @@ import math
 
 from diffusion_runtime.contract.cache_dit_facts import FLOAT8_MIN_CAPABILITY
 
+from diffusion_operator.api.funcs import startup_budget_seconds
 from diffusion_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     HTTP_PORT,
@@ -20,7 +21,6 @@ from diffusion_operator.builders.common import (
 from diffusion_operator.builders.configmap import COMPILE_CACHE_MOUNT, CONFIG_DIR, MODELS_DIR, configmap_name
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
 from diffusion_operator.hashing import config_hash
-from diffusion_operator.spec import startup_budget_seconds
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

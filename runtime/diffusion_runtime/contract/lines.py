@@ -16,15 +16,17 @@ import datetime as dt
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Literal, get_args
 
 # ---- the start line ------------------------------------------------------------------------------
 
 READY_PREFIX = "diffusion-runtime ready: "
 COLD, WARM = "cold", "warm"
 # compile-cache lookup results (compile_cache.CompileCache.restore), plus "off": no cache consulted
-COMPILE_CACHE_RESULTS = ("hit", "miss", "corrupt", "error", "off")
-MODEL_SOURCES = ("downloaded", "local")
+CompileCacheResult = Literal["hit", "miss", "corrupt", "error", "off"]
+COMPILE_CACHE_RESULTS: tuple[str, ...] = get_args(CompileCacheResult)
+ModelSource = Literal["downloaded", "local"]
+MODEL_SOURCES: tuple[str, ...] = get_args(ModelSource)
 SECONDS_FIELDS = ("seconds", "downloadSeconds", "loadSeconds", "warmupSeconds", "compileSeconds")
 
 

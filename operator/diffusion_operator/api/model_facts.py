@@ -1,4 +1,4 @@
-"""Known facts about named models and GPU products, used by the semantic checks of `spec.py`.
+"""Known facts about named models and GPU products, used by the semantic checks (`diffusion_operator.validation`).
 
 cache-dit asserts `Fn_compute_blocks <= len(blocks)` and `Bn_compute_blocks <= len(blocks)` for each
 cached block list of the transformer at load time (an assertion in the pod). The block lists of known
