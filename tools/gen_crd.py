@@ -343,6 +343,10 @@ def _structural(node: dict, defs: dict) -> dict:
         arm = _structural(arms[0], defs)
         node = {**arm, **{k: v for k, v in node.items() if k not in ("title",)}}
     node.pop("title", None)
+    node.pop(
+        api_types.RUNTIME_SETTING, None
+    )  # which runtime setting a field is: the operator's, not the CRD's
+    node.pop(api_types.AS_IS, None)
     if node.get("default", 0) is None or node.pop(api_types.NO_CRD_DEFAULT, False):
         node.pop("default", None)
     if node.get("additionalProperties") is False or (

@@ -26,7 +26,7 @@ from diffusion_runtime.contract.config import ConfigError, QualityGateConfig, ru
 from pydantic import BaseModel, ValidationError
 
 from diffusion_operator.api.defaults import DEFAULT_BEHAVIOR, DEFAULT_TARGET_DEMAND
-from diffusion_operator.api.funcs import behavior, ranks_device
+from diffusion_operator.api.funcs import SETTING_FIELDS, behavior, ranks_device
 from diffusion_operator.api.model_facts import ModelFacts, model_facts, product_capability
 from diffusion_operator.api.types import (
     MAX_RANKS,
@@ -456,30 +456,8 @@ def _affinity_errors(affinity: dict | None) -> list[FieldError]:
     return []
 
 
-# runtime.yaml / cache-dit.yaml settings -> the CR fields they are rendered from
-RUNTIME_TO_CR: dict[str, str] = {
-    "model.uri": "spec.model.uri",
-    "model.revision": "spec.model.revision",
-    "model.pipeline": "spec.model.pipeline",
-    "model.dtype": "spec.model.dtype",
-    "device": "spec.device",
-    "compile": "spec.compile",
-    "warmup.resolutions": "spec.warmup.resolutions",
-    "warmup.steps": "spec.warmup.steps",
-    "warmup.prompt": "spec.warmup.prompt",
-    "server.max_queue": "spec.server.maxQueue",
-    "server.request_timeout_seconds": "spec.server.requestTimeoutSeconds",
-    "server.max_pixels": "spec.server.maxPixels",
-    "server.max_steps": "spec.server.maxSteps",
-    "server.max_n": "spec.server.maxN",
-    "cache_config": "spec.cacheDit.cache_config",
-    "parallelism_config": "spec.cacheDit.parallelism_config",
-    "attention_backend": "spec.cacheDit.attention_backend",
-    "quantize_config": "spec.quantize",
-    "quality_gate": "spec.qualityGate",
-    "quality_gate.min_psnr": "spec.qualityGate.minPSNR",
-    "quality_gate.min_ssim": "spec.qualityGate.minSSIM",
-}
+# runtime.yaml / cache-dit.yaml settings -> the CR fields they are rendered from (from the types)
+RUNTIME_TO_CR: dict[str, str] = {f.setting: f.cr for f in SETTING_FIELDS}
 _RUNTIME_NAMES = re.compile(
     r"(?<![\w.])("
     + "|".join(re.escape(k) for k in sorted(RUNTIME_TO_CR, key=len, reverse=True))

@@ -4,12 +4,67 @@ the fields themselves (where the ranks run, the rendered cache-dit settings, the
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from diffusion_runtime.contract import cache_dit_facts as facts
+from pydantic import BaseModel
 
 from diffusion_operator.api.defaults import DEFAULT_BEHAVIOR
-from diffusion_operator.api.types import ScalingBehavior
+from diffusion_operator.api.types import (
+    AS_IS,
+    RUNTIME_SETTING,
+    DiffusionDeploymentSpec,
+    ScalingBehavior,
+    section_type,
+)
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """A CR field that is rendered into a runtime setting (`api.types.setting` / `renders`)."""
+
+    setting: str  # the runtime.yaml / cache-dit.yaml setting: server.max_queue
+    cr: str  # the CR field: spec.server.maxQueue
+    attrs: tuple[str, ...]  # attribute path from the spec: ("server", "max_queue")
+    as_is: bool  # rendered as it is (else the builders render it their own way)
+
+    def value(self, spec: DiffusionDeploymentSpec) -> Any:
+        """The field's value in `spec`; None when it or a section above it is unset."""
+        value: Any = spec
+        for attr in self.attrs:
+            value = getattr(value, attr, None)
+            if value is None:
+                return None
+        return value
+
+
+def _setting_fields(model: type[BaseModel], cr: str, attrs: tuple[str, ...]) -> list[SettingField]:
+    out = []
+    for name, info in model.model_fields.items():
+        path, where = (*attrs, name), f"{cr}.{info.alias or name}"
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if RUNTIME_SETTING in extra:
+            out.append(SettingField(str(extra[RUNTIME_SETTING]), where, path, bool(extra.get(AS_IS))))
+        section = section_type(info.annotation)
+        if section is not None:
+            out += _setting_fields(section, where, path)
+    return out
+
+
+# every CR field that is a runtime setting, read from the types (not written twice)
+SETTING_FIELDS: tuple[SettingField, ...] = tuple(_setting_fields(DiffusionDeploymentSpec, "spec", ()))
+
+
+def runtime_settings(spec: DiffusionDeploymentSpec) -> dict[str, Any]:
+    """The runtime settings rendered as they are, by setting path (`server.max_queue`: 16); unset
+    fields left out (the runtime's default applies)."""
+    out = {}
+    for f in SETTING_FIELDS:
+        value = f.value(spec) if f.as_is else None
+        if value is not None:
+            out[f.setting] = copy.deepcopy(list(value) if isinstance(value, tuple) else value)
+    return out
 
 
 def ranks_device(device: str, gpu_count: int) -> str:

@@ -10,11 +10,8 @@ import re
 from typing import Annotated, Any, Literal, get_args
 
 from diffusion_runtime.contract import cache_dit_facts as facts
-from diffusion_runtime.contract.config import Device, Dtype, QualityGateConfig, RuntimeConfig
+from diffusion_runtime.contract.config import Device, Dtype, QualityGateConfig, RuntimeConfig, setting_field
 from diffusion_runtime.contract.limits import (
-    MAX_N_LIMIT,
-    MAX_STEPS_LIMIT,
-    MIN_PIXELS,
     QUALITY_GATE_MAX_CANARIES,
     SIZE_PATTERN,
 )
@@ -69,6 +66,59 @@ Resolution = Annotated[str, Field(pattern=SIZE_PATTERN)]
 
 class _Types(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, frozen=True)
+
+
+# ---- CR fields that are runtime settings ---------------------------------------------------------
+
+# json_schema_extra keys (tools/gen_crd.py leaves them out of the CRD): the runtime.yaml / cache-dit.yaml
+# setting a CR field is rendered into, and whether the builders render its value as it is
+RUNTIME_SETTING = "x-diffusion-runtime-setting"
+AS_IS = "x-diffusion-as-is"
+_SETTING_NAME = re.compile(r"\b(server|warmup|quality_gate)\.([a-z][a-z_]*)\b")
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _cr_names(text: str) -> str:
+    """Runtime setting names in a description as the CR's (`server.max_pixels` -> `server.maxPixels`)."""
+    return _SETTING_NAME.sub(lambda m: f"{camel(m.group(1))}.{camel(m.group(2))}", text)
+
+
+def setting(path: str, *, bounds: bool = True, **field: Any) -> Any:
+    """A CR field that is the runtime setting `path` (`server.max_queue`): its default, bounds and
+    description come from the runtime's own field (`diffusion_runtime.contract.config`), its alias is
+    the camelCase name, `field` overrides (Field keyword arguments; `bounds=False` drops the runtime's
+    bounds). The builders render its value as it is into runtime.yaml."""
+    base = setting_field(path)
+    kwargs: dict[str, Any] = {"alias": camel(path.rsplit(".", 1)[-1])}
+    if base.description:
+        kwargs["description"] = _cr_names(base.description)
+    if "default" not in field and base.default_factory is not None:
+        kwargs["default_factory"] = base.default_factory
+    elif "default_factory" not in field:
+        kwargs["default"] = base.default
+    kwargs.update(field)
+    extra = {**(kwargs.pop("json_schema_extra", None) or {}), RUNTIME_SETTING: path, AS_IS: True}
+    info = Field(**kwargs, json_schema_extra=extra)
+    if bounds:
+        info.metadata += base.metadata
+    return info
+
+
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model of a field that is a section (`WarmupSpec`, `QualityGateSpec | None`), else None."""
+    for arm in (annotation, *get_args(annotation)):
+        if isinstance(arm, type) and issubclass(arm, BaseModel):
+            return arm
+    return None
+
+
+def renders(path: str, **extra: Any) -> dict[str, Any]:
+    """json_schema_extra of a CR field the builders render into the runtime setting `path` their own way."""
+    return {**extra, RUNTIME_SETTING: path}
 
 
 # ---- the spec -----------------------------------------------------------------------------------
@@ -146,21 +196,15 @@ class ModelSpec(_Types):
     )
 
     uri: str = Field(
+        json_schema_extra=renders("model.uri"),
         description="Where the model comes from: hf://org/name (Hugging Face), pvc://claim/path (a "
         "PersistentVolumeClaim mounted read-only), file:///abs/path or an absolute path inside the image.",
         pattern=URI_PATTERN,
         max_length=512,
     )
-    revision: str | None = Field(
-        None, description="Hub revision (branch, tag or commit); hf:// only.", max_length=128
-    )
-    pipeline: str | None = Field(
-        None,
-        description="diffusers pipeline class, e.g. FluxPipeline; when empty, model_index.json decides.",
-        pattern=IDENTIFIER_PATTERN,
-        max_length=128,
-    )
-    dtype: Dtype = Field(_RUNTIME_DEFAULTS.model.dtype, description="Weights dtype.")
+    revision: str | None = setting("model.revision", max_length=128)
+    pipeline: str | None = setting("model.pipeline", pattern=IDENTIFIER_PATTERN, max_length=128)
+    dtype: Dtype = setting("model.dtype")
     token_secret_ref: TokenSecretRef | None = Field(None, alias="tokenSecretRef")
     cache: ModelCacheSpec | None = None
 
@@ -179,59 +223,33 @@ class GpuSpec(_Types):
 class WarmupSpec(_Types):
     """Warm generations run before the pod turns Ready."""
 
-    resolutions: list[Resolution] = Field(
-        default_factory=lambda: list(_RUNTIME_DEFAULTS.warmup.resolutions),
-        description="WIDTHxHEIGHT sizes to warm up (each compiles its own graph); width and height "
-        "multiples of 16, width*height within server.maxPixels.",
+    resolutions: list[Resolution] = setting(
+        "warmup.resolutions",
         max_length=MAX_WARMUP_RESOLUTIONS,
         json_schema_extra={"default": list(_RUNTIME_DEFAULTS.warmup.resolutions)},
     )
-    steps: int = Field(
-        _RUNTIME_DEFAULTS.warmup.steps,
-        description="Inference steps per warmup generation; at most server.maxSteps.",
-        ge=1,
-        le=MAX_STEPS_LIMIT,
-    )
-    prompt: str | None = Field(
-        None, description=f"Warmup prompt (default {_RUNTIME_DEFAULTS.warmup.prompt!r}).", max_length=1000
+    steps: int = setting("warmup.steps")
+    prompt: str | None = setting(
+        "warmup.prompt",
+        default=None,
+        description=f"Warmup prompt (default {_RUNTIME_DEFAULTS.warmup.prompt!r}).",
+        max_length=1000,
     )
 
 
 class ServerSpec(_Types):
     """Runtime server limits."""
 
-    max_queue: int = Field(
-        _RUNTIME_DEFAULTS.server.max_queue,
-        alias="maxQueue",
-        description="Bounded queue length; a full queue answers 429 with Retry-After.",
+    max_queue: int = setting("server.max_queue")
+    request_timeout_seconds: int = setting(
+        "server.request_timeout_seconds",
+        bounds=False,
+        default=int(_RUNTIME_DEFAULTS.server.request_timeout_seconds),
         ge=1,
     )
-    request_timeout_seconds: int = Field(
-        int(_RUNTIME_DEFAULTS.server.request_timeout_seconds),
-        alias="requestTimeoutSeconds",
-        description="Per-request timeout.",
-        ge=1,
-    )
-    max_pixels: int = Field(
-        _RUNTIME_DEFAULTS.server.max_pixels,
-        alias="maxPixels",
-        description="Largest width*height accepted.",
-        ge=MIN_PIXELS,
-    )
-    max_steps: int = Field(
-        _RUNTIME_DEFAULTS.server.max_steps,
-        alias="maxSteps",
-        description="Largest num_inference_steps accepted.",
-        ge=1,
-        le=MAX_STEPS_LIMIT,
-    )
-    max_n: int = Field(
-        _RUNTIME_DEFAULTS.server.max_n,
-        alias="maxN",
-        description="Largest n (images per request) accepted.",
-        ge=1,
-        le=MAX_N_LIMIT,
-    )
+    max_pixels: int = setting("server.max_pixels")
+    max_steps: int = setting("server.max_steps")
+    max_n: int = setting("server.max_n")
 
 
 AutoscalingEngine = Literal["hpa", "keda"]
@@ -447,48 +465,24 @@ class QualityGateSpec(_Types):
     )
 
     enabled: bool = Field(True, description="false turns the gate off (same as leaving qualityGate out).")
-    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
-        default_factory=lambda: list(_GATE_DEFAULTS.prompts),
-        description="Canary prompts.",
-        min_length=1,
-        max_length=QUALITY_GATE_MAX_CANARIES,
-        json_schema_extra={"default": list(_GATE_DEFAULTS.prompts)},
+    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = setting(
+        "quality_gate.prompts", json_schema_extra={"default": list(_GATE_DEFAULTS.prompts)}
     )
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=lambda: list(_GATE_DEFAULTS.seeds),
-        description=f"Seeds; every prompt is rendered with every seed (at most {QUALITY_GATE_MAX_CANARIES} "
-        "canaries in all).",
-        min_length=1,
-        max_length=QUALITY_GATE_MAX_CANARIES,
-        json_schema_extra={"default": list(_GATE_DEFAULTS.seeds)},
+    seeds: list[Annotated[int, Field(ge=0)]] = setting(
+        "quality_gate.seeds", json_schema_extra={"default": list(_GATE_DEFAULTS.seeds)}
     )
-    steps: int | None = Field(
-        None, description="Inference steps of each canary (default warmup.steps).", ge=1, le=MAX_STEPS_LIMIT
-    )
-    size: Resolution | None = Field(
-        None, description="WIDTHxHEIGHT of the canaries (default: the first warmup resolution)."
-    )
-    min_psnr: float = Field(
-        _GATE_DEFAULTS.min_psnr,
-        alias="minPSNR",
-        description="Lowest PSNR in dB of an optimized canary against its plain twin.",
-        ge=0,
-    )
-    min_ssim: float = Field(
-        _GATE_DEFAULTS.min_ssim,
-        alias="minSSIM",
-        description="Lowest SSIM of an optimized canary against its plain twin.",
-        ge=-1,
-        le=1,
-    )
+    steps: int | None = setting("quality_gate.steps")
+    size: Resolution | None = setting("quality_gate.size")
+    min_psnr: float = setting("quality_gate.min_psnr", alias="minPSNR")
+    min_ssim: float = setting("quality_gate.min_ssim", alias="minSSIM")
 
 
 class CacheDitSpec(_Types):
     """cache-dit's own YAML, keys verbatim (the CRD's schema of each section is generated from cache-dit)."""
 
-    cache_config: dict[str, Any] | None = None
-    parallelism_config: dict[str, Any] | None = None
-    attention_backend: str | None = None
+    cache_config: dict[str, Any] | None = Field(None, json_schema_extra=renders("cache_config"))
+    parallelism_config: dict[str, Any] | None = Field(None, json_schema_extra=renders("parallelism_config"))
+    attention_backend: str | None = Field(None, json_schema_extra=renders("attention_backend"))
 
 
 # Where a parallel replica's ranks run (the world size is the product of the parallel sizes), stated
@@ -551,12 +545,11 @@ class DiffusionDeploymentSpec(_Types):
         ge=0,
     )
     gpu: GpuSpec = Field(default_factory=lambda: GpuSpec.model_validate({}))
-    device: Device = Field(_RUNTIME_DEFAULTS.device, description="Runtime device.")
+    device: Device = setting("device")
     cache_dit: CacheDitSpec | None = Field(None, alias="cacheDit")  # schema: cache-dit's dataclasses
-    quantize: dict[str, Any] | None = None  # schema: cache-dit's QuantizeConfig
-    compile: bool = Field(
-        _RUNTIME_DEFAULTS.compile, description="torch.compile the transformer before warmup."
-    )
+    # schema: cache-dit's QuantizeConfig
+    quantize: dict[str, Any] | None = Field(None, json_schema_extra=renders("quantize_config"))
+    compile: bool = setting("compile")
     warmup: WarmupSpec = Field(default_factory=lambda: WarmupSpec.model_validate({}))
     server: ServerSpec = Field(default_factory=lambda: ServerSpec.model_validate({}))
     startup_timeout_seconds: int | None = Field(
@@ -571,5 +564,9 @@ class DiffusionDeploymentSpec(_Types):
     rollout: RolloutSpec = Field(default_factory=lambda: RolloutSpec.model_validate({}))
     disruption: DisruptionSpec = Field(default_factory=lambda: DisruptionSpec.model_validate({}))
     template: TemplateSpec = Field(default_factory=lambda: TemplateSpec.model_validate({}))
-    compile_cache: CompileCacheSpec | None = Field(None, alias="compileCache")
-    quality_gate: QualityGateSpec | None = Field(None, alias="qualityGate")
+    compile_cache: CompileCacheSpec | None = Field(
+        None, alias="compileCache", json_schema_extra=renders("compile_cache_dir")
+    )
+    quality_gate: QualityGateSpec | None = Field(
+        None, alias="qualityGate", json_schema_extra=renders("quality_gate")
+    )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 from diffusion_runtime.contract.config import RuntimeConfig, config_from_dict
 
+from diffusion_operator.api.funcs import runtime_settings
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
 
 CONFIG_DIR = "/etc/diffusion"
@@ -44,40 +47,31 @@ def render_cache_dit_yaml(spec) -> str:
     return yaml.safe_dump(render_cache_dit_config(spec), sort_keys=False)
 
 
+def _put(raw: dict, path: str, value: Any) -> None:
+    *sections, name = path.split(".")
+    for section in sections:
+        raw = raw.setdefault(section, {})
+    raw[name] = value
+
+
 def runtime_config(spec) -> RuntimeConfig:
-    """runtime.yaml as the runtime's own config type (the operator validates this very object)."""
-    server = {
-        "host": "0.0.0.0",
-        "port": HTTP_PORT,
-        "metrics_port": METRICS_PORT,
-        "max_queue": spec.max_queue,
-        "request_timeout_seconds": spec.request_timeout_seconds,
-        "max_pixels": spec.max_pixels,
-        "max_steps": spec.max_steps,
-        "max_n": spec.max_n,
-    }
-    warmup = {"resolutions": list(spec.warmup_resolutions), "steps": spec.warmup_steps}
-    if spec.warmup_prompt:
-        warmup["prompt"] = spec.warmup_prompt
-    cfg = config_from_dict(
-        {
-            "model": {
-                "uri": model_uri_in_pod(spec),
-                "revision": spec.model.revision,
-                "pipeline": spec.model.pipeline,
-                "dtype": spec.model.dtype,
-            },
-            "cache_dit_config": CACHE_DIT_FILE if spec.has_cache_dit_file else None,
-            "compile": spec.compile,
-            "device": spec.device,
-            "warmup": warmup,
-            "server": server,
-        }
-    )
-    if getattr(spec, "compile_cache_claim", None):
-        cfg.compile_cache_dir = COMPILE_CACHE_MOUNT
-    cfg.quality_gate = spec.quality_gate
-    return cfg
+    """runtime.yaml as the runtime's own config type (the operator validates this very object): every
+    CR field that is a runtime setting as it is (`api.funcs.runtime_settings`), plus what the pod
+    decides (the model's path in the pod, ports, mounted files)."""
+    cr = spec.cr
+    raw: dict[str, Any] = {}
+    for path, value in runtime_settings(cr).items():
+        if not path.startswith("quality_gate.") or cr.quality_gate.enabled:
+            _put(raw, path, value)
+    _put(raw, "model.uri", model_uri_in_pod(spec))
+    _put(raw, "server.host", "0.0.0.0")
+    _put(raw, "server.port", HTTP_PORT)
+    _put(raw, "server.metrics_port", METRICS_PORT)
+    if spec.has_cache_dit_file:
+        raw["cache_dit_config"] = CACHE_DIT_FILE
+    if cr.compile_cache is not None:
+        raw["compile_cache_dir"] = COMPILE_CACHE_MOUNT
+    return config_from_dict(raw)
 
 
 def _without_none(value):
