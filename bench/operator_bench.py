@@ -51,7 +51,7 @@ def direct_deployment(name: str, namespace: str) -> dict:
 
     parsed = validation.parse(name, namespace, cr_body(name, namespace)["spec"])
     owner = {"apiVersion": CR_API, "kind": KIND, "metadata": {"name": name, "uid": "none"}}
-    dep = builders.build_deployment(parsed.spec, owner, builders.build_configmap(parsed.spec, owner))
+    dep = builders.build_deployment(parsed.cr, owner, builders.build_configmap(parsed.cr, owner))
     dep["metadata"].pop("ownerReferences")
     return dep
 

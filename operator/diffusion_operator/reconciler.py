@@ -37,6 +37,7 @@ from diffusion_operator import builders, metrics, validation
 from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import status as statuses
 from diffusion_operator.api import funcs, group
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import MANAGED_BY
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
 from diffusion_operator.builders.keda import KEDA_API_VERSION, SCALED_OBJECT, SCALED_OBJECTS
@@ -314,9 +315,9 @@ class Reconciler:
             self._keda_seen = (now, served)
         return served
 
-    def engine_errors(self, spec: validation.Spec) -> list[validation.FieldError]:
+    def engine_errors(self, dd: DiffusionDeployment) -> list[validation.FieldError]:
         """What the cluster or the operator's configuration lacks for the spec's autoscaling engine."""
-        if spec.autoscaling is None or spec.autoscaling.engine != "keda":
+        if dd.spec.autoscaling is None or dd.spec.autoscaling.engine != "keda":
             return []
         errors = []
         if not self.keda_available():
@@ -660,8 +661,8 @@ class Reconciler:
         generation = cr["metadata"].get("generation", 1)
         old_status = cr.get("status") or {}
         parsed = validation.parse(name, namespace, cr.get("spec"))
-        engine_errors = self.engine_errors(parsed.spec) if parsed.ok and parsed.spec is not None else []
-        if not parsed.ok or parsed.spec is None or engine_errors:
+        engine_errors = self.engine_errors(parsed.cr) if parsed.ok and parsed.cr is not None else []
+        if not parsed.ok or parsed.cr is None or engine_errors:
             if engine_errors:  # the cluster may gain KEDA: look again once discovery is stale
                 self.enqueue(namespace, name, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
             new_status = statuses.invalid_status(old_status, generation, parsed.errors + engine_errors)
@@ -681,15 +682,15 @@ class Reconciler:
             return "invalid"
         with self._guard:
             self._invalid.discard(key)
-        spec = parsed.spec
+        dd = parsed.cr
         # a CR never reconciled before (no status yet) has no children: apply without reading first
         first = not old_status.get("observedGeneration")
-        cache = self._model_cache(spec, cr, old_status, fresh, first) if spec.model_cache else None
+        cache = self._model_cache(dd, cr, old_status, fresh, first) if dd.spec.model.cache else None
         cache_ready = cache is None or cache["phase"] == cache_statuses.CACHE_READY
         desired = [
             with_spec_hash(obj)
             for obj in builders.build_all(
-                spec, cr, model_cache_ready=cache_ready, keda_prometheus_address=self.keda_prometheus_address
+                dd, cr, model_cache_ready=cache_ready, keda_prometheus_address=self.keda_prometheus_address
             )
         ]
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
@@ -724,7 +725,7 @@ class Reconciler:
             apply_error = (error.code, f"{error.kind_name}: {error.reason}")
             metrics.RECONCILE_ERRORS.labels(error=str(error.status)).inc()
         if apply_error is None:
-            self._delete_unwanted_autoscalers(cr, spec, fresh)
+            self._delete_unwanted_autoscalers(cr, dd, fresh)
         with self._guard:
             self._managed[key] = len(desired)
             self._child_keys[key] = [
@@ -734,14 +735,14 @@ class Reconciler:
         new_status = statuses.valid_status(
             old_status,
             generation,
-            None if spec.autoscaling else spec.replicas,
+            None if dd.spec.autoscaling else funcs.replicas(dd.spec),
             observed.get("Deployment"),
             builders.selector_string(name),
-            builders.endpoint(spec),
+            builders.endpoint(dd),
             builders.deployment.config_hash(configmap["data"]),
-            funcs.cache_tag(spec.cache_dit),
+            funcs.cache_tag(funcs.cache_dit_config(dd.spec)),
             apply_error=apply_error,
-            gate_pods=self.pods_of(namespace, name) if spec.quality_gate is not None else None,
+            gate_pods=self.pods_of(namespace, name) if funcs.quality_gate_on(dd.spec) else None,
         )
         if cache is not None:
             new_status = cache_statuses.gate_ready_condition(
@@ -783,13 +784,13 @@ class Reconciler:
         return "ok" if apply_error is None else "refused"
 
     def _model_cache(
-        self, spec: validation.Spec, cr: dict, old_status: dict, fresh: bool, first: bool
+        self, dd: DiffusionDeployment, cr: dict, old_status: dict, fresh: bool, first: bool
     ) -> dict:
         """status.modelCache: the download Job's phase, with bytes from its pods' progress lines."""
         from diffusion_operator.builders import modelcache
 
-        job_obj = builders.build_download_job(spec, cr)
-        pvc_obj = builders.build_model_cache_pvc(spec, cr)
+        job_obj = builders.build_download_job(dd, cr)
+        pvc_obj = builders.build_model_cache_pvc(dd, cr)
         job_name = job_obj["metadata"]["name"]
         job = pvc = None
         if not first:
@@ -807,19 +808,19 @@ class Reconciler:
         ):
             pods: list[dict] | None = None  # finished before: the figures in status stay as they were
         else:
-            pods = self._download_pods(spec.namespace, job_name) if job is not None else None
+            pods = self._download_pods(dd.namespace, job_name) if job is not None else None
         tail = None
         running = [p for p in pods or [] if (p.get("status") or {}).get("phase") == "Running"]
         if running:
             try:
                 tail = self.client.pod_log(
-                    spec.namespace, running[-1]["metadata"]["name"], modelcache.DOWNLOAD_CONTAINER,
+                    dd.namespace, running[-1]["metadata"]["name"], modelcache.DOWNLOAD_CONTAINER,
                     DOWNLOAD_LOG_TAIL_LINES,
                 )  # fmt: skip
             except ApiError as error:
                 log.debug(f"download log of {job_name} unreadable: {error}")
         status = cache_statuses.model_cache_status(
-            pvc_obj["metadata"]["name"], job_name, modelcache.model_path_in_pod(spec), job, pvc, pods, tail
+            pvc_obj["metadata"]["name"], job_name, modelcache.model_path_in_pod(dd), job, pvc, pods, tail
         )
         if pods is None and old.get("jobName") == job_name and old.get("phase") == status["phase"]:
             status = {
@@ -870,12 +871,12 @@ class Reconciler:
             raise errors[0]
         return answers
 
-    def _delete_unwanted_autoscalers(self, cr: dict, spec: validation.Spec, fresh: bool) -> None:
+    def _delete_unwanted_autoscalers(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
         """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
         engine's when the engine is switched (an HPA and KEDA's HPA must never drive one Deployment).
         ScaledObjects are looked up only when KEDA is served (discovery), else there are none."""
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-        wanted = spec.autoscaling.engine if spec.autoscaling is not None else None
+        wanted = dd.spec.autoscaling.engine if dd.spec.autoscaling is not None else None
         for engine, (api_version, kind) in AUTOSCALERS.items():
             if engine == wanted or (engine == "keda" and not self.keda_available()):
                 continue

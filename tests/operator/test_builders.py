@@ -25,7 +25,7 @@ CONTRACT_LABELS = {
 def parsed(spec: dict | None = None, name: str = "flux-dev"):
     result = validation.parse(name, "ns", spec if spec is not None else FLUX_DOC["spec"])
     assert result.ok, [str(e) for e in result.errors]
-    return result.spec
+    return result.cr
 
 
 def test_every_child_has_contract_labels_and_controller_owner():
@@ -184,7 +184,7 @@ def test_probes_security_shm_token_and_rollout():
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the runtime's one-line reason
     startup = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
-    assert startup >= funcs.startup_budget_seconds(parsed()) >= 900  # FLUX download + compile + warmup
+    assert startup >= funcs.startup_budget_seconds(parsed().spec) >= 900  # FLUX download + compile + warmup
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 1000 and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}

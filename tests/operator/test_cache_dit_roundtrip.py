@@ -18,7 +18,7 @@ SEED = Path(__file__).parent / "seed"
 def render(doc: dict, tmp_path: Path) -> Path:
     parsed = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert parsed.ok, [str(e) for e in parsed.errors]
-    cm = builders.build_configmap(parsed.spec, owner_for(doc))
+    cm = builders.build_configmap(parsed.cr, owner_for(doc))
     path = tmp_path / "cache-dit.yaml"
     path.write_text(cm["data"]["cache-dit.yaml"])
     return path

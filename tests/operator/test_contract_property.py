@@ -172,22 +172,24 @@ def names_a_cr_field(path: str) -> bool:
 def runtime_accepts(parsed: validation.Parsed, tmp_path, load_configs) -> None:
     """The pod's own steps on the rendered files: load, validate, preflight the cache-dit YAML, and
     cache-dit's own loader on what the runtime hands it."""
-    s = parsed.spec
-    cm = builders.build_configmap(s, OWNER)
+    cr = parsed.cr
+    assert cr is not None
+    s, on = cr.spec, funcs.device_type(cr.spec)
+    cm = builders.build_configmap(cr, OWNER)
     for key, text in cm["data"].items():
         (tmp_path / key).write_text(text)
     cfg = validate(load_config_file(tmp_path / "runtime.yaml"))
-    assert cfg.server.max_n == s.max_n and cfg.warmup.steps == s.warmup_steps
-    capability = product_capability(s.gpu_product) if s.gpu_product and s.device_type == "cuda" else None
+    assert cfg.server.max_n == s.server.max_n and cfg.warmup.steps == s.warmup.steps
+    capability = product_capability(s.gpu.product) if s.gpu.product and on == "cuda" else None
     raw = read_cache_dit_yaml(cfg.cache_dit_config) if cfg.cache_dit_config else None
     # serve's preflight on the pod's device
-    assert runtime_errors(cfg, raw, s.device_type, capability) == []
+    assert runtime_errors(cfg, raw, on, capability) == []
     if raw is not None:
-        plan = plan_cache_dit(raw, s.device_type, capability)
+        plan = plan_cache_dit(raw, on, capability)
         if plan.uses_cache_dit:
             loaded = load_configs(copy.deepcopy(plan.raw))
             if "cache_config" in plan.raw:
-                assert loaded["cache_config"].strify() == funcs.cache_tag(s.cache_dit)
+                assert loaded["cache_config"].strify() == funcs.cache_tag(funcs.cache_dit_config(s))
 
 
 def test_every_valid_spec_runs_and_every_refusal_names_a_cr_field(tmp_path, load_configs):
@@ -279,8 +281,8 @@ def test_parse_never_raises_on_broken_specs():
                 field = re.sub(r"(\.[^.\[\]]+|\[[^\]]+\])$", "", field)
             assert field == "spec" or names_a_cr_field(field), (error.field, str(error), broken)
         if parsed.ok:
-            funcs.cache_tag(parsed.spec.cache_dit)
-            builders.build_all(parsed.spec, OWNER)
+            funcs.cache_tag(funcs.cache_dit_config(parsed.cr.spec))
+            builders.build_all(parsed.cr, OWNER)
 
     check()
     assert counts["refused"] >= 100, counts

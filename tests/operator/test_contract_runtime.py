@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
 from op_helpers import owner_for, sample
 
 
@@ -14,14 +15,14 @@ def test_runtime_loads_the_rendered_config(name, tmp_path):
     doc = sample(name)
     parsed = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert parsed.ok
-    cm = builders.build_configmap(parsed.spec, owner_for(doc))
+    cm = builders.build_configmap(parsed.cr, owner_for(doc))
     for key, value in cm["data"].items():
         (tmp_path / key).write_text(value)
     from diffusion_runtime.contract.config import validate
     from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
 
     cfg = validate(load_config_file(tmp_path / "runtime.yaml"))
-    plan_cache_dit(read_cache_dit_yaml(cfg.cache_dit_config), parsed.spec.device_type)
+    plan_cache_dit(read_cache_dit_yaml(cfg.cache_dit_config), funcs.device_type(parsed.cr.spec))
     assert cfg.model.uri == doc["spec"]["model"]["uri"]
     assert cfg.model.dtype == doc["spec"]["model"].get("dtype", "bfloat16")
     assert str(cfg.cache_dit_config) == str(tmp_path / "cache-dit.yaml")

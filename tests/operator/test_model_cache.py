@@ -43,7 +43,7 @@ def cached_doc(name: str = "tiny", **cache) -> dict:
 def parsed(doc: dict):
     p = parse(doc["metadata"]["name"], NS, doc["spec"])
     assert p.ok, p.errors
-    return p.spec
+    return p.cr
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def test_startup_budget_has_no_download_in_the_pod_with_a_cache():
     with_cache = parsed(cached_doc())
     doc = cached_doc()
     del doc["spec"]["model"]["cache"]
-    assert startup_budget_seconds(with_cache) < startup_budget_seconds(parsed(doc))
+    assert startup_budget_seconds(with_cache.spec) < startup_budget_seconds(parsed(doc).spec)
 
 
 def test_a_failed_job_deleted_by_the_user_is_created_again():

@@ -29,20 +29,23 @@ def test_samples_parse_without_errors():
 
 
 def test_flux_sample_values():
-    s = parse(FLUX).spec
+    s = parse(FLUX).cr.spec
     assert s.model.uri == "hf://black-forest-labs/FLUX.1-dev"
-    assert s.model.token_secret == "hf-token" and s.model.token_key == "token"
-    assert s.gpu_count == 1 and s.replicas == 1 and s.compile is True
-    assert s.quantize == {"quant_type": "float8_per_row", "exclude_layers": ["embedder", "embed"]}
-    assert s.needs_float8_gpu
+    assert funcs.token_secret(s) == ("hf-token", "token")
+    assert s.gpu.count == 1 and funcs.replicas(s) == 1 and s.compile is True
+    assert funcs.quantize_config(s) == {
+        "quant_type": "float8_per_row",
+        "exclude_layers": ["embedder", "embed"],
+    }
+    assert funcs.required_capability(s) == (8, 9)  # cache-dit's float8 floor
 
 
 def test_float8_alias_is_normalised():
     spec = copy.deepcopy(FLUX)
     spec["quantize"]["quant_type"] = "float8"
-    s = parse(spec).spec
-    assert s.quantize["quant_type"] == "float8_per_row"
-    assert s.quant_type_alias == "float8"
+    s = parse(spec).cr.spec
+    assert funcs.quantize_config(s)["quant_type"] == "float8_per_row"  # type: ignore[index]
+    assert funcs.quant_type_alias(s) == "float8"
     assert spec["quantize"]["quant_type"] == "float8"  # input untouched
 
 
@@ -83,7 +86,7 @@ def test_float8_on_h100_product_and_int8_on_a100_are_fine():
     spec["gpu"] = {"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}
     spec["quantize"]["quant_type"] = "int8_per_row"
     parsed = parse(spec)
-    assert parsed.ok and not parsed.spec.needs_float8_gpu
+    assert parsed.ok and funcs.required_capability(parsed.cr.spec) is None
 
 
 def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
@@ -91,7 +94,7 @@ def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
     spec["gpu"] = {"count": 2}
     parsed = parse(spec)
-    assert parsed.spec.device_type == "cuda"
+    assert funcs.device_type(parsed.cr.spec) == "cuda"
     assert set(fields(parsed)) == {"spec.cacheDit.parallelism_config"}
     (error,) = parsed.errors
     assert error.message.startswith(types.PARALLEL_ON_GPUS), error.message
@@ -113,8 +116,8 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     parsed = parse(spec)
     assert parsed.ok, [str(e) for e in parsed.errors]
-    s = parsed.spec
-    assert s.device == "cpu" and s.gpu_count == 0 and s.device_type == "cpu"
+    s = parsed.cr
+    assert s.spec.device == "cpu" and s.spec.gpu.count == 0 and funcs.device_type(s.spec) == "cpu"
     cm = builders.build_configmap(s, owner_for(doc))
     assert "ulysses_size: 2" in cm["data"]["cache-dit.yaml"]
     pod = builders.build_deployment(s, owner_for(doc), cm)["spec"]["template"]["spec"]
@@ -268,16 +271,16 @@ def test_model_facts_and_capabilities():
 
 
 def test_startup_budget_grows_with_compile_and_resolutions():
-    base = parse(FLUX).spec
+    base = parse(FLUX).cr.spec
     more = copy.deepcopy(FLUX)
     more["warmup"]["resolutions"] = ["1024x1024", "768x1344"]
-    assert funcs.startup_budget_seconds(parse(more).spec) > funcs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(more).cr.spec) > funcs.startup_budget_seconds(base)
     no_compile = copy.deepcopy(FLUX)
     no_compile["compile"] = False
-    assert funcs.startup_budget_seconds(parse(no_compile).spec) < funcs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(no_compile).cr.spec) < funcs.startup_budget_seconds(base)
     pinned = copy.deepcopy(FLUX)
     pinned["startupTimeoutSeconds"] = 120
-    assert funcs.startup_budget_seconds(parse(pinned).spec) == 120
+    assert funcs.startup_budget_seconds(parse(pinned).cr.spec) == 120
 
 
 @pytest.mark.parametrize(
@@ -360,7 +363,7 @@ def test_server_defaults_and_bounds_are_the_runtimes():
     from diffusion_runtime.contract.config import ServerConfig
     from diffusion_runtime.contract.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
 
-    s = parse({"model": {"uri": "hf://a/b"}}).spec
+    s = parse({"model": {"uri": "hf://a/b"}}).cr.spec.server
     runtime = ServerConfig()
     assert (s.max_queue, s.max_pixels, s.max_steps, s.max_n) == (
         runtime.max_queue,

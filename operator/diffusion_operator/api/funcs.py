@@ -10,10 +10,12 @@ from typing import Any
 from diffusion_runtime.contract import cache_dit_facts as facts
 from pydantic import BaseModel
 
-from diffusion_operator.api.defaults import DEFAULT_BEHAVIOR
+from diffusion_operator.api.defaults import DEFAULT_BEHAVIOR, DEFAULT_TARGET_DEMAND
+from diffusion_operator.api.model_facts import model_facts
 from diffusion_operator.api.types import (
     AS_IS,
     RUNTIME_SETTING,
+    AutoscalingSpec,
     DiffusionDeploymentSpec,
     ScalingBehavior,
     section_type,
@@ -90,15 +92,128 @@ def cache_tag(cache_dit: dict) -> str:
         return ""
 
 
-def startup_budget_seconds(s: Any) -> int:
+def replicas(spec: DiffusionDeploymentSpec) -> int:
+    """spec.replicas, 1 when unset (with spec.autoscaling the autoscaler drives the count)."""
+    return 1 if spec.replicas is None else spec.replicas
+
+
+def device_type(spec: DiffusionDeploymentSpec) -> str:
+    """What the runtime's `pick_device` resolves to in this pod: cpu without a GPU."""
+    return ranks_device(spec.device, spec.gpu.count)
+
+
+def model_pvc(spec: DiffusionDeploymentSpec) -> tuple[str, str] | None:
+    """(claim, path inside the claim) for pvc:// URIs."""
+    if not spec.model.uri.startswith("pvc://"):
+        return None
+    claim, _, path = spec.model.uri[len("pvc://") :].partition("/")
+    return claim, path
+
+
+def token_secret(spec: DiffusionDeploymentSpec) -> tuple[str, str] | None:
+    """(Secret name, key) of the Hugging Face token, None without one."""
+    ref = spec.model.token_secret_ref
+    return (ref.name, ref.key) if ref is not None else None
+
+
+def cache_dit_config(spec: DiffusionDeploymentSpec) -> dict[str, Any]:
+    """spec.cacheDit: cache-dit's keys verbatim, unset sections left out."""
+    return spec.cache_dit.model_dump(exclude_none=True) if spec.cache_dit else {}
+
+
+def quantize_config(spec: DiffusionDeploymentSpec) -> dict[str, Any] | None:
+    """spec.quantize, keys verbatim, a legacy quant_type alias written as its current name."""
+    if not spec.quantize:
+        return None
+    out = copy.deepcopy(spec.quantize)
+    if isinstance(out.get("quant_type"), str):
+        out["quant_type"] = facts.canonical_quant_type(out["quant_type"])
+    return out
+
+
+def quant_type_alias(spec: DiffusionDeploymentSpec) -> str | None:
+    """The legacy quant_type name the user wrote (`float8`), None when it is the current one."""
+    written = (spec.quantize or {}).get("quant_type")
+    if isinstance(written, str) and facts.canonical_quant_type(written) != written:
+        return written
+    return None
+
+
+def has_cache_dit_file(spec: DiffusionDeploymentSpec) -> bool:
+    return bool(cache_dit_config(spec)) or bool(spec.quantize)
+
+
+def quant_types(spec: DiffusionDeploymentSpec) -> list[str]:
+    """Every quant type the quantize config uses (the base one, per-component ones, the precision plan)."""
+    quantize = quantize_config(spec)
+    if not quantize:
+        return []
+    types = [str(quantize.get("quant_type", facts.QUANT_TYPE_DEFAULT))]
+    components = quantize.get("components_to_quantize")
+    if isinstance(components, dict):
+        types += [str(v.get("quant_type", "")) for v in components.values() if isinstance(v, dict)]
+    plan = quantize.get("precision_plan")
+    if isinstance(plan, dict):
+        types += [str(v) for v in plan.values()]
+    return types
+
+
+def required_capability(spec: DiffusionDeploymentSpec) -> tuple[int, int] | None:
+    """The compute capability floor cache-dit asserts for the quant types (None: none)."""
+    if device_type(spec) != "cuda":
+        return None
+    floors = [c for c in (facts.min_capability(t) for t in quant_types(spec)) if c is not None]
+    return max(floors) if floors else None
+
+
+def quality_gate_on(spec: DiffusionDeploymentSpec) -> bool:
+    return spec.quality_gate is not None and spec.quality_gate.enabled
+
+
+def _is_zero(value: int | str) -> bool:
+    return str(value) in ("0", "0%")
+
+
+def max_unavailable(spec: DiffusionDeploymentSpec) -> int | str:
+    """rollout.maxUnavailable; with an enabled quality gate and room to surge, 0 unless set: a new pod
+    that fails the gate never turns Ready, so the old pods keep serving and the rollout stops there."""
+    rollout = spec.rollout
+    if (
+        quality_gate_on(spec)
+        and "max_unavailable" not in rollout.model_fields_set
+        and not _is_zero(rollout.max_surge)
+    ):
+        return 0
+    return rollout.max_unavailable
+
+
+def target_demand(autoscaling: AutoscalingSpec) -> float:
+    """targetDemand (or its deprecated name targetQueueDepth), DEFAULT_TARGET_DEMAND when unset."""
+    target = autoscaling.target_demand
+    if target is None:
+        target = autoscaling.target_queue_depth
+    return DEFAULT_TARGET_DEMAND if target is None else target
+
+
+def tolerations(spec: DiffusionDeploymentSpec) -> list[dict[str, Any]]:
+    """template.tolerations as core/v1 Tolerations."""
+    return [t.model_dump(by_alias=True, exclude_none=True) for t in spec.template.tolerations or []]
+
+
+def template_env(spec: DiffusionDeploymentSpec) -> list[dict[str, str]]:
+    """template.env as core/v1 EnvVars (a value left out is the empty string)."""
+    return [{"name": e.name, "value": e.value or ""} for e in spec.template.env or []]
+
+
+def startup_budget_seconds(spec: DiffusionDeploymentSpec) -> int:
     """Load + compile + warmup budget for the startup probe."""
-    if s.startup_timeout_seconds:
-        return s.startup_timeout_seconds
-    model = s.facts
+    if spec.startup_timeout_seconds:
+        return spec.startup_timeout_seconds
+    model = model_facts(spec.model.uri)
     load = model.startup_seconds if model else 600
-    if not s.model.uri.startswith("hf://") or s.model_cache is not None:
+    if not spec.model.uri.startswith("hf://") or spec.model.cache is not None:
         load = load // 2  # no download in the pod (a volume, or the model cache filled by its Job)
-    per_resolution = 60 + s.warmup_steps * 2
-    if s.compile:
+    per_resolution = 60 + spec.warmup.steps * 2
+    if spec.compile:
         per_resolution += 300
-    return load + per_resolution * max(1, len(s.warmup_resolutions))
+    return load + per_resolution * max(1, len(spec.warmup.resolutions))

@@ -570,3 +570,12 @@ class DiffusionDeploymentSpec(_Types):
     quality_gate: QualityGateSpec | None = Field(
         None, alias="qualityGate", json_schema_extra=renders("quality_gate")
     )
+
+
+class DiffusionDeployment(_Types):
+    """One DiffusionDeployment as the builders read it: its name, namespace and validated spec (not part
+    of the CRD: the object's metadata is the API server's)."""
+
+    name: str
+    namespace: str
+    spec: DiffusionDeploymentSpec
