@@ -93,7 +93,9 @@ class Scheduler:
 
     def retry_after(self) -> int:
         per_item = self._avg_seconds or 1.0
-        return max(1, math.ceil(per_item * (len(self.queue) + 1)))
+        seconds = max(1, math.ceil(per_item * (len(self.queue) + 1)))
+        cap = self.state.config.server.max_retry_after_seconds
+        return seconds if cap is None else min(seconds, cap)
 
     def _gauges(self) -> None:
         m = self.state.metrics

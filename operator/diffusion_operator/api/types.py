@@ -250,6 +250,7 @@ class ServerSpec(_Types):
     max_pixels: int = setting("server.max_pixels")
     max_steps: int = setting("server.max_steps")
     max_n: int = setting("server.max_n")
+    max_retry_after_seconds: int | None = setting("server.max_retry_after_seconds")
 
 
 AutoscalingEngine = Literal["hpa", "keda"]

@@ -178,6 +178,12 @@ class ServerConfig(_Section):
     max_steps: int = Field(
         default=100, description="Largest num_inference_steps accepted.", ge=1, le=MAX_STEPS_LIMIT
     )
+    max_retry_after_seconds: int | None = Field(
+        default=None,
+        description="Longest Retry-After a full queue answers; unset, it is the estimated wait (average "
+        "generation time x the requests ahead), however long.",
+        ge=1,
+    )
     max_n: int = Field(
         default=4, description="Largest n (images per request) accepted.", ge=1, le=MAX_N_LIMIT
     )
