@@ -191,10 +191,11 @@ def test_a_parallel_layout_is_what_the_runtime_says(cluster, namespace, operator
     doc["spec"]["gpu"] = {"count": 2}
     doc["spec"]["device"] = "auto"
     doc["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
-    view = validation.parse("tiny", namespace, doc["spec"]).spec
+    cr = validation.parse("tiny", namespace, doc["spec"]).cr
+    assert cr is not None
     runtime_says = [
         e
-        for e in runtime_errors(runtime_config(view), render_cache_dit_config(view), "cuda")
+        for e in runtime_errors(runtime_config(cr), render_cache_dit_config(cr), "cuda")
         if e.reason == "Unsupported"
     ]
     apply_doc(cluster, namespace, doc)
