@@ -79,18 +79,16 @@ else
 fi
 
 # ---------------------------------------------------------------- 2. Debian tools, promtool
-# openssl: the local cluster's certificates (dev/diffusion_dev/pki.py)
+# One table of host tools and their Debian packages: dev/diffusion_dev/hosttools.py.
+# openssl (the local cluster's certificates) always; as root with the real node on, also the node's
+# tools (runc, CNI plugins, iptables, iproute2, mount) and the image builds' (buildah, mmdebstrap).
 real_node="${DIFFUSION_DEV_REAL_NODE:-}"
+groups=(cluster)
+if [ "$real_node" != "0" ] && [ "$(id -u)" -eq 0 ]; then groups+=(node images); fi
+listed="$("$venv/bin/diffusion-dev" host-tools --missing "${groups[@]}")" \
+  || die "cannot list the host tools (diffusion-dev host-tools)"
 missing=()
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-if [ "$real_node" != "0" ] && [ "$(id -u)" -eq 0 ]; then
-  # the real node (runc, CNI plugins, iptables) and the image builds (buildah, mmdebstrap)
-  [ -x /usr/sbin/runc ] || missing+=(runc)
-  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
-  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
-  command -v buildah >/dev/null 2>&1 || missing+=(buildah)
-  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
-fi
+[ -z "$listed" ] || mapfile -t missing <<< "$listed"
 if [ "${#missing[@]}" -gt 0 ]; then
   step "installing Debian packages: ${missing[*]}"
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get: install them"

@@ -249,6 +249,27 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_host_tools(args: argparse.Namespace) -> int:
+    from . import hosttools
+
+    groups = tuple(args.groups) or hosttools.GROUPS
+    unknown = sorted(set(groups) - set(hosttools.GROUPS))
+    if unknown:
+        print(
+            f"unknown group(s) {', '.join(unknown)}: choose from {', '.join(hosttools.GROUPS)}",
+            file=sys.stderr,
+        )
+        return 2
+    tools = hosttools.missing(*groups) if args.missing else [t for t in hosttools.TOOLS if t.needs in groups]
+    for tool in tools:
+        print(
+            tool.package
+            if args.missing
+            else f"{tool.needs:8} {tool.package:30} {tool.command:22} {tool.purpose}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # its own options (argparse.REMAINDER would not pass leading --flags)
@@ -296,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--target", action="append", choices=("operator", "runtime"), help="default: both")
     im.add_argument("--no-import", action="store_true", help="build only")
     im.set_defaults(func=cmd_images)
+    ht = sub.add_parser("host-tools", help="the host tools (Debian packages) the tooling runs, by group")
+    ht.add_argument("groups", nargs="*", metavar="GROUP", help="cluster, node, images (default: all)")
+    ht.add_argument(
+        "--missing", action="store_true", help="print only the packages not installed, one a line"
+    )
+    ht.set_defaults(func=cmd_host_tools)
     sub.add_parser("demo", help="the end-to-end demo on real pods (what `make demo` runs); --output, --keep")
     args = ap.parse_args(argv)
     from .images import ImageError

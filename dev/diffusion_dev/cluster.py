@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from .build import CONTROL_PLANE, ensure_binaries
-from .components import Component, ComponentError, free_port, log_tail, wait_for
+from .components import ApiError, Component, ComponentError, free_port, log_tail, wait_for
 from .monitoring import MetricsPipeline, metrics_default
 from .node import NODE_IP, RealNode
 from .nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
@@ -507,7 +507,7 @@ class LocalCluster:
         return self.api_request("GET", path)
 
     def api_request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One JSON request to the apiserver as the admin; HTTP errors raise with the Status message."""
+        """One JSON request to the apiserver as the admin; HTTP errors raise ApiError with the Status message."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method)
         req.add_header("Accept", "application/json")
@@ -520,7 +520,7 @@ class LocalCluster:
             detail = exc.read().decode("utf-8", "replace")
             with contextlib.suppress(ValueError):
                 detail = json.loads(detail).get("message", detail)
-            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+            raise ApiError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
 
     def _write_client_kubeconfig(self, client: str, path: Path) -> Path:
         assert self.pki is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -94,8 +95,37 @@ class Component:
             proc.wait(5)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25) -> object:
-    """Poll `condition` until it returns something truthy; raise TimeoutError naming `what`."""
+class ApiError(RuntimeError):
+    """An HTTP error answer from a server the dev cluster runs (the apiserver: 404 while a resource
+    is not registered yet, 503 while an aggregated API is not Available)."""
+
+
+# What a polled condition raises while the thing it waits for is not there yet: a connection or HTTP
+# error (urllib, sockets, ApiError), a kubectl that failed or timed out, an answer cut short (JSON), a
+# key or item not written yet, None read as an object (op_helpers.get_json of an object not created
+# yet). Anything else (an AssertionError, a component that died, a bug) is raised at once, not
+# reported later as slowness.
+NOT_YET: tuple[type[Exception], ...] = (
+    OSError,
+    ApiError,
+    subprocess.SubprocessError,
+    json.JSONDecodeError,
+    LookupError,
+    TypeError,
+)
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.25,
+    retry_on: tuple[type[Exception], ...] = NOT_YET,
+) -> object:
+    """Poll `condition` until it returns something truthy; raise TimeoutError naming `what`.
+
+    An exception in `retry_on` counts as "not yet" (the last one is named in the timeout and chained to
+    it); any other exception propagates at once."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while True:
@@ -103,11 +133,11 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
             result = condition()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - remembered for the timeout message
+        except retry_on as exc:
             last_exc = exc
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"timed out after {timeout:.0f}s waiting for {what}"
-                + (f" (last error: {last_exc})" if last_exc else "")
-            )
+                + (f" (last error: {type(last_exc).__name__}: {last_exc})" if last_exc else "")
+            ) from last_exc
         time.sleep(interval)

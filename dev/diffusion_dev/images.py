@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hosttools
 from .build import cache_home, repo_root
 from .node import NodeClient
 
@@ -108,9 +109,10 @@ def host_pip_volumes(work: Path) -> list[str]:
 
 
 def buildah(*args: str, timeout: float = 3600, log: Path | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("buildah")
-    if not exe:
-        raise ImageError("buildah not found: apt-get install buildah (scripts/bootstrap.sh does)")
+    try:
+        exe = hosttools.path_of("buildah")
+    except hosttools.ToolMissing as exc:
+        raise ImageError(str(exc)) from None
     home = buildah_home()
     cmd = [exe, "--root", str(home / "storage"), "--runroot", str(home / "run"), "--storage-driver", "overlay",
            *args]  # fmt: skip
@@ -220,8 +222,10 @@ def ensure_base(progress: Progress = _stderr) -> tuple[str, float]:
     ref = base_ref()
     if image_exists(ref):
         return ref, 0.0
-    if not shutil.which("mmdebstrap"):
-        raise ImageError("mmdebstrap not found: apt-get install mmdebstrap (scripts/bootstrap.sh does)")
+    try:
+        hosttools.require("images")
+    except hosttools.ToolMissing as exc:
+        raise ImageError(str(exc)) from None
     t = time.monotonic()
     progress(
         f"[images] base {ref}: mmdebstrap --variant=minbase {DEBIAN_SUITE} (+ {', '.join(BASE_PACKAGES)})"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from . import hoststate
+from . import hoststate, hosttools
 from .build import cache_home
 from .components import Component, ComponentError, free_port, log_tail, wait_for
 from .pki import PKI, ClientCert, NodeCerts, make_node_certs
@@ -48,13 +48,7 @@ NODE_IP = "10.245.0.1"
 POD_SUBNET = "10.245.0.0/24"
 CGROUP_ROOT = f"/{hoststate.KUBELET_CGROUP}"
 NODE_LABEL = "diffusion.dev/node-profile"
-RUNC = "/usr/sbin/runc"
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
-DEBIAN_PACKAGES = {
-    "runc": RUNC,
-    "containernetworking-plugins": "/usr/lib/cni/bridge",
-    "iptables": "/usr/sbin/iptables",
-}
 STOP_ORDER = ("kubelet", "kube-proxy", "containerd")
 LOCK_WAIT_SECONDS = 1800  # another session's node (tests on a shared machine): wait this long
 
@@ -68,23 +62,27 @@ def node_home() -> Path:
 
 
 def lock_path() -> Path:
+    """One real node per machine, whatever project cache a run uses: the lock is machine-wide."""
     return Path("/run/lock/diffusion-dev-node.lock")
 
 
 def baseline_path() -> Path:
-    return node_home() / "host-baseline.json"
+    """The host state recorded before the node starts, for the next run to put back after a crash.
+
+    Machine-wide like the lock (not in the project cache): a run with another cache folder
+    (DIFFUSION_OPERATOR_CACHE) still finds and restores what a crashed node changed. /run is cleared
+    at boot, as is the host state it records."""
+    return Path("/run/diffusion-dev/host-baseline.json")
 
 
 def check_host() -> None:
     """Root, cgroups, and the Debian packages the node uses; raises NodeError naming what is missing."""
     if os.geteuid() != 0:
         raise NodeError("the real node needs root (containerd, kubelet); run as root or pass --no-real-node")
-    missing = [pkg for pkg, path in DEBIAN_PACKAGES.items() if not os.path.exists(path)]
-    if missing:
-        raise NodeError(
-            f"missing Debian package(s) {', '.join(missing)}: apt-get install {' '.join(missing)} "
-            "(scripts/bootstrap.sh does), or pass --no-real-node"
-        )
+    try:
+        hosttools.require("node", hint=", or pass --no-real-node")
+    except hosttools.ToolMissing as exc:
+        raise NodeError(str(exc)) from None
     if not Path("/sys/fs/cgroup").is_dir():
         raise NodeError("no /sys/fs/cgroup: the real node needs cgroups")
 
@@ -141,7 +139,7 @@ disabled_plugins = {json.dumps(disabled)}
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-        BinaryName = {q(RUNC)}
+        BinaryName = {q(hosttools.path_of("/usr/sbin/runc"))}
         Root = {q(str(runc_root))}
         SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
@@ -451,6 +449,7 @@ class RealNode(NodeClient):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.baseline = hoststate.snapshot()
         node_home().mkdir(parents=True, exist_ok=True)
+        baseline_path().parent.mkdir(parents=True, exist_ok=True)
         tmp = baseline_path().with_suffix(".tmp")
         tmp.write_text(
             json.dumps(

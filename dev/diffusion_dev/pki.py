@@ -7,10 +7,11 @@ file is written 0600 into the cluster's private temp dir.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import hosttools
 
 
 class PKIError(RuntimeError):
@@ -18,9 +19,10 @@ class PKIError(RuntimeError):
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    exe = shutil.which("openssl")
-    if not exe:
-        raise PKIError("the `openssl` command line is required to make the cluster's certificates")
+    try:
+        exe = hosttools.path_of("openssl")
+    except hosttools.ToolMissing as exc:
+        raise PKIError(str(exc)) from None
     proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise PKIError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()[-2000:]}")

@@ -2,7 +2,7 @@
 
 The phase comes from the Job's own status (conditions Complete / Failed, counts active / failed) and
 the claim's phase; bytes and files from the download's JSON progress lines
-(`diffusion_runtime.download.parse_progress_line`, the one format): the running pod's log tail while it
+(`diffusion_runtime.contract.lines.parse_progress_line`, the one format): the running pod's log tail while it
 downloads, a finished pod's termination message (its last line) after. Pods and logs are optional
 inputs: without them (no access, no log on that node) the phase is still exact, the bytes are left out.
 """

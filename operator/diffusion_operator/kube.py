@@ -14,26 +14,10 @@ from typing import Any, Protocol
 
 import urllib3
 
-from diffusion_operator import metrics
-from diffusion_operator.api.group import API_VERSION, KIND, PLURAL
+from diffusion_operator.api.group import API_VERSION, KIND
 from diffusion_operator.builders.common import FIELD_MANAGER
-
-API_PATHS = {
-    ("v1", "ConfigMap"): "/api/v1/namespaces/{ns}/configmaps",
-    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
-    ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
-    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
-    ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
-    (
-        "autoscaling/v2",
-        "HorizontalPodAutoscaler",
-    ): "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
-    (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{ns}}/{PLURAL}",
-    ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{ns}/persistentvolumeclaims",
-    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{ns}/jobs",
-    ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
-    ("keda.sh/v1alpha1", "ScaledObject"): "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
-}
+from diffusion_operator.metrics import OperatorMetrics
+from diffusion_operator.resources import collection_path
 
 
 class ApiError(Exception):
@@ -114,8 +98,10 @@ def load_configuration():
 
 
 class Kube:
-    def __init__(self, configuration=None) -> None:
+    def __init__(self, configuration=None, metrics: OperatorMetrics | None = None) -> None:
         from kubernetes.client import ApiClient
+
+        self.metrics = metrics if metrics is not None else OperatorMetrics()  # counts the writes
 
         self.configuration = configuration or load_configuration()
         self.api_client = ApiClient(self.configuration)
@@ -156,7 +142,7 @@ class Kube:
         except (OSError, urllib3.exceptions.HTTPError) as error:  # the API server away: retried
             raise ApiError(503, f"connection to the API server failed: {error}", method, path) from error
         if method != "GET":
-            metrics.API_WRITES.labels(verb=method).inc()
+            self.metrics.api_writes.labels(verb=method).inc()
         text = response.data.decode() if response.data else ""
         if response.status == 404 and method in ("GET", "DELETE"):
             return None
@@ -173,11 +159,8 @@ class Kube:
 
     @staticmethod
     def collection(api_version: str, kind: str, namespace: str | None) -> str:
-        """The collection path; namespace None: across every namespace."""
-        template = API_PATHS[(api_version, kind)]
-        if namespace is None:
-            return template.replace("/namespaces/{ns}", "")
-        return template.format(ns=urllib.parse.quote(namespace))
+        """The collection path (from the resource table); namespace None: across every namespace."""
+        return collection_path(api_version, kind, namespace)
 
     def path(self, api_version: str, kind: str, namespace: str, name: str) -> str:
         return f"{self.collection(api_version, kind, namespace)}/{urllib.parse.quote(name)}"

@@ -1,5 +1,6 @@
-"""The operator's exact RBAC needs (the chart renders these rules; a cluster test runs the operator
-with a ServiceAccount token bound to exactly them).
+"""The operator's exact RBAC needs, derived from the one resource table (resources.py). The chart's
+`templates/_rbac.tpl` is generated from these rules (`tools/gen_rbac.py`); a cluster test runs the
+operator with a ServiceAccount token bound to exactly them.
 
 Namespaced mode (`--namespace NS`, repeatable): a Role with NAMESPACED_RULES in each watched namespace,
 nothing cluster-scoped (kopf's namespace/CRD scanning is switched off in this mode, so the CRD must
@@ -15,70 +16,26 @@ pods, no exec. Serving status comes from the owned Deployments.
 
 from __future__ import annotations
 
-from diffusion_operator.api.group import GROUP, PLURAL
+from diffusion_operator.resources import RESOURCES, Resource
 
-NAMESPACED_RULES: list[dict] = [
-    {
-        # the custom resource: watch it, write its status
-        "apiGroups": [GROUP],
-        "resources": [PLURAL],
-        "verbs": ["get", "list", "watch"],
-    },
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
-    {
-        # children: read, watch (drift), server-side apply (patch; create happens through apply)
-        "apiGroups": [""],
-        "resources": ["configmaps", "services"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
-    },
-    {
-        "apiGroups": ["apps"],
-        "resources": ["deployments"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
-    },
-    {
-        "apiGroups": ["policy"],
-        "resources": ["poddisruptionbudgets"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
-    },
-    {
-        # the HPA is deleted when spec.autoscaling is removed or its engine is keda
-        "apiGroups": ["autoscaling"],
-        "resources": ["horizontalpodautoscalers"],
-        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
-    },
-    {
-        # spec.autoscaling.engine keda: the KEDA ScaledObject (applied, read on fresh passes, deleted when
-        # the engine or autoscaling changes; not watched, as KEDA's CRD may be absent: no list/watch)
-        "apiGroups": ["keda.sh"],
-        "resources": ["scaledobjects"],
-        "verbs": ["get", "create", "patch", "delete"],
-    },
-    {
-        # spec.model.cache: the claim and the download Job (a new Job per change, never edited or deleted:
-        # both go with the DiffusionDeployment through their owner references)
-        "apiGroups": [""],
-        "resources": ["persistentvolumeclaims"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
-    },
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    # pods, read-only: the download's progress (its pod's log tail and termination message), the serving
-    # pods' termination messages (a failed quality gate: the QualityGate condition) and start lines
-    # (the head of a Ready pod's log: status.startup)
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-]
 
-CLUSTER_RULES: list[dict] = [
-    # kopf, cluster-wide: discover the CRD and follow namespaces
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
-    },
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-]
+def rules_of(resource: Resource) -> list[dict]:
+    """The rules one table row needs: the resource's verbs, then each subresource's."""
+    out = [{"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}]
+    for sub, verbs in resource.subresources:
+        out.append(
+            {"apiGroups": [resource.group], "resources": [f"{resource.plural}/{sub}"], "verbs": list(verbs)}
+        )
+    return out
+
+
+def commented_rules(cluster: bool) -> list[tuple[str, dict]]:
+    """(why, rule) for the namespaced (cluster False) or the cluster-scoped rows, in table order."""
+    return [(r.why, rule) for r in RESOURCES if r.cluster == cluster for rule in rules_of(r)]
+
+
+NAMESPACED_RULES: list[dict] = [rule for _, rule in commented_rules(cluster=False)]
+CLUSTER_RULES: list[dict] = [rule for _, rule in commented_rules(cluster=True)]
 
 
 def role(name: str, namespace: str) -> dict:
@@ -87,13 +44,4 @@ def role(name: str, namespace: str) -> dict:
         "kind": "Role",
         "metadata": {"name": name, "namespace": namespace},
         "rules": NAMESPACED_RULES,
-    }
-
-
-def cluster_role(name: str) -> dict:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": name},
-        "rules": NAMESPACED_RULES + CLUSTER_RULES,
     }

@@ -60,8 +60,9 @@ def main(argv: list[str]) -> int:
     from prometheus_client import start_http_server
 
     from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from diffusion_operator.controller import Reconciler
     from diffusion_operator.kube import Kube
-    from diffusion_operator.reconciler import Reconciler
+    from diffusion_operator.metrics import OperatorMetrics
 
     kopf.configure(
         verbose=args.verbose,
@@ -71,13 +72,14 @@ def main(argv: list[str]) -> int:
     if not args.verbose:  # kopf logs every handled event at INFO: keep warnings and errors only
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
-        client = Kube()
+        metrics = OperatorMetrics(process=True)  # the registry served on --metrics-port
+        client = Kube(metrics=metrics)
     except Exception as error:  # no kubeconfig, no service account
         print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
         return 1
     import threading
 
-    reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address)
+    reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address, metrics=metrics)
     reconciler.start(args.workers)
     stop = threading.Event()
     reconciler.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
         settings.persistence.finalizer = "diffusion.dev/kopf-finalizer"  # unused: no on.delete handlers
 
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.bind)
+        start_http_server(args.metrics_port, addr=args.bind, registry=metrics.registry)
     liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
     scope = "all namespaces" if args.all_namespaces else ", ".join(args.namespace)
     logging.getLogger("diffusion_operator").info(

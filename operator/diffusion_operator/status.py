@@ -221,7 +221,7 @@ def quality_gate_condition(pods: list[dict], config_hash: str, ready: bool, gene
     )
 
 
-# status.startup: the newest start of each kind (diffusion_runtime.startup: cold | warm)
+# status.startup: the newest start of each kind (diffusion_runtime.contract.lines: cold | warm)
 STARTUP_FIELDS = {COLD: "lastCold", WARM: "lastWarm"}
 
 

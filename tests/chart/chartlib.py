@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "diffusion-operator"
+
+# An HTTP 403 as the operator's log shows one: its own client's ApiError ("HTTP 403: ... is forbidden:
+# ..."), kopf's APIForbiddenError (its retry lines carry the Status: 'code': 403, reason Forbidden) or
+# its "Not enough permissions" warning. Not a bare "403": a log timestamp's milliseconds
+# ("08:20:31,403") are one.
+_HTTP_403 = re.compile(
+    r"\bHTTP 403\b|APIForbiddenError|\bcode\W{1,3}403\b|\bForbidden\b|\bis forbidden\b|Not enough permissions"
+)
+
+
+def forbidden_lines(log: str) -> list[str]:
+    """The lines of an operator log that report a request refused with HTTP 403 (Forbidden)."""
+    return [line for line in log.splitlines() if _HTTP_403.search(line)]
 
 
 def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 import yaml
-from chartlib import CHART, REPO, by_kind, one, run_helm
+from chartlib import CHART, REPO, by_kind, forbidden_lines, one, run_helm
 
 MONITORING_ON = (
     "monitoring.podMonitor.enabled=true",
@@ -150,7 +150,9 @@ def _triples(rules: list[dict]) -> set[tuple[str, str, str]]:
     }
 
 
-def test_rbac_grants_exactly_what_the_operator_declares(render):
+def test_rbac_yaml_binds_the_generated_rules_in_each_mode(render):
+    """_rbac.tpl is generated from the resource table (tests/operator/test_rbac.py fails when it is
+    stale); here: rbac.yaml puts both defines in the ClusterRole, only the namespaced one in a Role."""
     from diffusion_operator import rbac
 
     cluster_role = one(render(), "ClusterRole")
@@ -269,3 +271,23 @@ def test_keda_prometheus_address_reaches_the_operator(render, monkeypatch):
     assert parse_args(container["args"]).keda_prometheus_address == address
     default = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS" not in {e["name"] for e in default["env"]}
+
+
+def test_forbidden_lines_are_http_403s_not_timestamps():
+    """The chart install test's check that the operator was refused nothing reads a 403 as HTTP
+    status, never as the milliseconds of a timestamp."""
+    clean = (
+        "[2026-12-05 08:20:31,403] diffusion_operator   [INFO    ] applied children\n"
+        "[2026-12-05 08:20:32,040] kopf.objects         [INFO    ] took 403 ms; 1403 bytes\n"
+    )
+    assert forbidden_lines(clean) == []
+    refused = [
+        "[2026-12-05 08:20:33,001] diffusion_operator   [WARNING ] a child was refused: PATCH /apis/apps/v1/"
+        'namespaces/ns/deployments/tiny: HTTP 403: deployments.apps "tiny" is forbidden: User "x" cannot patch',
+        "[2026-12-05 08:20:34,002] kopf._cogs.clients.w [ERROR   ] Request attempt #1/9 failed; will retry: "
+        "GET https://127.0.0.1/apis/diffusion.dev/v1alpha1/namespaces/ns/diffusiondeployments -> "
+        "APIForbiddenError('no', {'kind': 'Status', 'code': 403})",
+        '{"message": "refused", "error": {"code": 403}}',
+        "[2026-12-05 08:20:35,003] kopf._core.reactor.o [WARNING ] Not enough permissions to list namespaces.",
+    ]
+    assert forbidden_lines(clean + "\n".join(refused)) == refused

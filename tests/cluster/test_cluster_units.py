@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
-from diffusion_dev import DEFAULT_POOL, node_object, parse_pool
+from diffusion_dev import DEFAULT_POOL, node_object, parse_pool, wait_for
 from diffusion_dev.build import (
     MODULES,
     BuildError,
@@ -218,3 +220,32 @@ def test_image_context_follows_dockerignore():
     patterns = ["**", "!operator/", "**/__pycache__/"]
     assert not ignored("operator/x.py", patterns) and ignored("tests/operator/x.py", patterns)
     assert ignored("operator/a/__pycache__/x.pyc", patterns)
+
+
+def test_wait_for_retries_not_yet_errors_and_names_the_last_one():
+    calls = iter([KeyError("status"), subprocess.CalledProcessError(1, ["kubectl"]), None, "ready"])
+
+    def condition():
+        step = next(calls)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    assert wait_for(condition, 5, "x", interval=0) == "ready"
+    with pytest.raises(TimeoutError, match=r"waiting for y \(last error: ConnectionRefusedError: refused\)"):
+        wait_for(lambda: (_ for _ in ()).throw(ConnectionRefusedError("refused")), 0.05, "y", interval=0.01)
+
+
+@pytest.mark.parametrize("error", [AssertionError("wrong value"), NameError("typo"), ZeroDivisionError()])
+def test_wait_for_lets_a_real_failure_through_at_once(error):
+    """A failed assertion or a bug in the condition is not slowness: raised at the first call, not
+    turned into a TimeoutError after the whole timeout."""
+    calls = []
+
+    def condition():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        wait_for(condition, 60, "z", interval=0)
+    assert len(calls) == 1

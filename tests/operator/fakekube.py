@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffusion_operator.builders.common import FIELD_MANAGER
-from diffusion_operator.diff import parse_quantity
+from diffusion_operator.controller.diff import parse_quantity
 from diffusion_operator.kube import ApiError
 
 Path = tuple[str, ...]

@@ -10,7 +10,7 @@ from diffusion_operator import builders, validation
 from diffusion_operator.api import defaults, funcs
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.keda import demand_query
-from diffusion_operator.reconciler import Reconciler
+from diffusion_operator.controller import Reconciler
 from fakekube import FakeKube
 from op_helpers import deliver_watch, owner_for, sample
 

@@ -8,7 +8,7 @@ import yaml
 from diffusion_operator import builders, validation
 from diffusion_operator.api import funcs
 from diffusion_operator.builders.common import CONFIG_HASH_ANNOTATION, labels
-from diffusion_operator.diff import is_subset, parse_quantity
+from diffusion_operator.controller.diff import is_subset, parse_quantity
 from diffusion_operator.hashing import config_hash
 from op_helpers import owner_for, sample
 

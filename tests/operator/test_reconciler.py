@@ -9,8 +9,9 @@ import threading
 import time
 
 import pytest
-from diffusion_operator.reconciler import SPEC_HASH_ANNOTATION, Reconciler
-from diffusion_operator.workqueue import WorkQueue
+from diffusion_operator.controller import Reconciler
+from diffusion_operator.controller.apply import SPEC_HASH_ANNOTATION
+from diffusion_operator.controller.workqueue import WorkQueue
 from fakekube import FakeKube
 from op_helpers import deliver_watch, sample
 

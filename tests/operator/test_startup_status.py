@@ -9,8 +9,9 @@ import copy
 from diffusion_operator import status as st
 from diffusion_operator.api.status_types import StartupStatus
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
+from diffusion_operator.controller.informers import pod_gate_view
+from diffusion_operator.controller.startup import START_LOG_BYTES, ready_container
 from diffusion_operator.kube import ApiError
-from diffusion_operator.reconciler import START_LOG_BYTES, pod_gate_view, ready_container
 from diffusion_runtime.startup import ready_line
 from test_reconciler import NS, cr, cr_doc, roll_out, setup
 
@@ -169,7 +170,7 @@ def test_a_restarted_operator_rebuilds_the_same_status_and_writes_nothing():
     startup = copy.deepcopy(cr(kube)["status"]["startup"])
     writes = kube.total_writes()
 
-    from diffusion_operator.reconciler import Reconciler
+    from diffusion_operator.controller import Reconciler
 
     again = Reconciler(kube, child_delay=0.05)
     again.resync(None)  # the list at start, then the pods' ADDED events

@@ -43,7 +43,7 @@ def _cache(dd: DiffusionDeployment) -> ModelCacheSpec:
 
 def cache_subpath(dd: DiffusionDeployment) -> str:
     """Folder of this model inside the claim: org--name/revision[/variant] (the runtime's own layout,
-    `diffusion_runtime.download.local_folder`; several revisions can coexist)."""
+    `diffusion_runtime.contract.lines.local_folder`; several revisions can coexist)."""
     path = local_folder(dd.spec.model.uri[len("hf://") :], dd.spec.model.revision)
     variant = _cache(dd).variant
     return f"{path}/{variant}" if variant else path  # the spec's pattern keeps it one plain segment

@@ -546,11 +546,13 @@ def _quantize_errors(qc: dict, device_type: str, capability: tuple[int, int] | N
                     "quantize_config.quant_type",
                 )
             )
-        for key in sorted(set(qc) - set(CPU_QUANTIZE_KEYS)):
+        # known keys only (an unknown one is reported above, at its own path)
+        for key in sorted((set(qc) & set(facts.QUANTIZE_CONFIG_FIELDS)) - set(CPU_QUANTIZE_KEYS)):
             if qc[key] is not None:
                 errors.append(
                     _error(
-                        f"quantize_config.{key}", f"not supported on {device_type} (the torchao int8 path)"
+                        _key("quantize_config", key),
+                        f"not supported on {device_type} (the torchao int8 path)",
                     )
                 )
         if isinstance(qc.get("components_to_quantize"), dict):

@@ -1,0 +1,106 @@
+"""Apply: the spec hash on each desired child, drift detection, dry run, server-side apply.
+
+Drift: each desired child carries `diffusion.dev/spec-hash` (hash of the whole desired object, as
+CloudNativePG does for its poolers). A child is applied when that hash differs (the CR changed,
+including a field that was removed: server-side apply under our one field manager then drops the
+fields we no longer send) or when a value we set differs in the live object (someone else edited or
+removed it; the forced apply puts it back). An idle reconcile makes no write.
+
+A new CR's children are applied at once (one round trip, not four); when children already exist,
+every change is first sent as a dry run, so a refused change leaves the running children as they were.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from diffusion_operator.controller.diff import is_subset
+from diffusion_operator.hashing import stable_hash
+from diffusion_operator.kube import ApiError, KubeClient
+
+SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
+APPLY_THREADS = 4  # a new CR's children are applied in parallel
+
+
+def with_spec_hash(obj: dict) -> dict:
+    """`obj` with the hash of its whole desired content in an annotation (computed without it)."""
+    digest = stable_hash(obj)
+    meta = obj["metadata"]
+    meta["annotations"] = {**meta.get("annotations", {}), SPEC_HASH_ANNOTATION: digest}
+    return obj
+
+
+def needs_apply(desired: dict, observed: dict | None) -> bool:
+    """Apply when missing, when the desired object changed (hash), or when a value we set was edited."""
+    if observed is None:
+        return True
+    want = desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    have = ((observed.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+    return want != have or not is_subset(desired, observed)
+
+
+class Applier:
+    """Server-side applies of children; every answer goes into the informer cache (`remember`)."""
+
+    def __init__(self, client: Callable[[], KubeClient], remember: Callable[[dict], bool]) -> None:
+        self._client = client
+        self._remember = remember
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def apply(self, obj: dict, dry_run: bool = False) -> dict:
+        try:
+            answer = self._client().apply(obj, dry_run=dry_run)
+        except ApiError as error:
+            error.kind_name = f"{obj['kind']} {obj['metadata']['name']}"
+            raise
+        if not dry_run:
+            self._remember(answer)
+        return answer
+
+    def apply_changes(
+        self, stale: list[dict], observed: dict[str, dict | None], applied: list[str], first: bool
+    ) -> None:
+        """Apply the `stale` children, recording each answer in `observed` (by kind) and its kind in
+        `applied`; raises the first ApiError (after a dry run refused, nothing was changed)."""
+        if first:  # nothing exists yet: every child at once
+            answers = self.apply_parallel(stale)
+            observed.update(answers)
+            applied += list(answers)
+            return
+        if any(observed[obj["kind"]] is not None for obj in stale):
+            for obj in stale:  # running children stay as they are unless every change passes
+                self.apply(obj, dry_run=True)
+        for obj in stale:
+            observed[obj["kind"]] = self.apply(obj)
+            applied.append(obj["kind"])
+
+    def apply_parallel(self, objs: list[dict]) -> dict[str, dict]:
+        """Apply independent objects concurrently; on errors, the first failing one in `objs` order
+        is raised (after every request finished), so a permanent error wins over nothing."""
+        if len(objs) <= 1:
+            return {o["kind"]: self.apply(o) for o in objs}
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=APPLY_THREADS, thread_name_prefix="apply")
+            pool = self._pool
+        futures = [(o["kind"], pool.submit(self.apply, o)) for o in objs]
+        answers: dict[str, dict] = {}
+        errors: list[ApiError] = []
+        for kind, future in futures:
+            try:
+                answers[kind] = future.result()
+            except ApiError as error:
+                errors.append(error)
+        transient = [e for e in errors if not e.permanent]
+        if transient:
+            raise transient[0]
+        if errors:
+            raise errors[0]
+        return answers
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

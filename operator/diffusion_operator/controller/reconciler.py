@@ -1,0 +1,377 @@
+"""Orchestration: the one `Reconciler` (kopf's memo) wires the concerns together, and `_reconcile`
+runs one level-triggered pass as a list of stages: read the CR, parse, model cache, build, apply the
+children that drifted, delete the autoscaler no longer wanted, report status.
+
+Events: kopf delivers watch events to `on_cr_event` / `on_child_event` / `on_pod_event`, which only
+update the caches (informers.py) and queue the CR's key (loop.py); the workers run `reconcile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
+from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.controller import model_cache
+from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
+from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
+from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue
+from diffusion_operator.controller.loop import REFUSED_RETRY, WorkLoop
+from diffusion_operator.controller.report import Reporter, serving_status
+from diffusion_operator.controller.startup import StartLines
+from diffusion_operator.controller.workqueue import WorkQueue
+from diffusion_operator.kube import ApiError, KubeClient
+from diffusion_operator.metrics import OperatorMetrics
+from diffusion_operator.resources import CR
+
+log = logging.getLogger("diffusion_operator")
+
+# a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
+# in status (Synced=False) and by one event, while the retries go on
+REPORT_TRANSIENT_AFTER = 3
+
+
+class Reconciler:
+    """State and logic of the controller. Thread-safe: one lock per CR, short locks in each part."""
+
+    def __init__(
+        self,
+        client: KubeClient | None = None,
+        *,
+        child_delay: float = 0.25,
+        max_backoff: float = 60.0,
+        keda_prometheus_address: str = "",
+        discovery_ttl: float = DISCOVERY_TTL,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
+        # the registry the runner serves; None: this reconciler's own (tests)
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
+        self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
+        # while a model cache downloads, look again this often (None: only on events, as tests drive it)
+        self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
+        self.informers = Informers(child_delay)
+        self.start_lines = StartLines(
+            lambda: self.client, lambda ns, name: self.enqueue(ns, name, fresh=True)
+        )
+        self.autoscalers = Autoscalers(
+            lambda: self.client, self.informers, keda_prometheus_address, discovery_ttl
+        )
+        self.applier = Applier(lambda: self.client, self.informers.remember_child)
+        self.reporter = Reporter(lambda: self.client, self.informers.remember_cr)
+        self.loop = WorkLoop(self.reconcile, self._versions, self.start_lines.wait, max_backoff, self.metrics)
+        self._guard = threading.Lock()
+        self._locks: dict[CrKey, threading.Lock] = {}
+        self._invalid: set[CrKey] = set()
+        self._managed: dict[CrKey, list[ChildKey]] = {}  # the children of each CR's last reconcile
+        self.reconciles = 0
+
+    @property
+    def client(self) -> KubeClient:
+        if self._client is None:
+            from diffusion_operator.kube import Kube
+
+            self._client = Kube(metrics=self.metrics)
+        return self._client
+
+    # the parts' settings and counters, where tests and the runner look for them
+    @property
+    def queue(self) -> WorkQueue:
+        return self.loop.queue
+
+    @property
+    def skipped(self) -> int:
+        return self.loop.skipped
+
+    @property
+    def discovery_ttl(self) -> float:
+        return self.autoscalers.discovery_ttl
+
+    @discovery_ttl.setter
+    def discovery_ttl(self, value: float) -> None:
+        self.autoscalers.discovery_ttl = value
+
+    def cached_child(self, kind: str, namespace: str, name: str) -> dict | None:
+        return self.informers.child(kind, namespace, name)
+
+    # ---- events (kopf calls these; they only cache and queue) -------------------------------------
+
+    def on_cr_event(self, event_type: str | None, body: Mapping) -> None:
+        key, queue = self.informers.cr_event(event_type, body)
+        if event_type == "DELETED":
+            self.forget_cr(*key)
+        self._queue(queue)
+
+    def on_child_event(self, event_type: str | None, body: Mapping) -> None:
+        self._queue(self.informers.child_event(event_type, body))
+
+    def on_pod_event(self, event_type: str | None, body: Mapping) -> None:
+        """Serving pods matter for the quality gate and status.startup: a reconcile is queued when a pod's
+        gate view (its configuration hash, a gate failure in its termination message) appears, changes or
+        goes; a container that turned Ready has its start line read (in the background, once)."""
+        change = self.informers.pod_event(event_type, body)
+        if change is None:
+            return
+        namespace, pod = change.pod
+        self.start_lines.saw(namespace, pod, change.owner, change.ready, change.gone)
+        if change.gate_changed:
+            # fresh: pods are no input of the skip check (the CR's and children's versions did not move)
+            self.enqueue(namespace, change.owner, delay=self.informers.child_delay, fresh=True)
+
+    def _queue(self, queue: Queue | None) -> None:
+        if queue is not None:
+            self.enqueue(*queue.key, delay=queue.delay, fresh=queue.fresh)
+
+    def forget_cr(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self.informers.forget_cr(key)
+        self.loop.forget(key)
+        self.start_lines.forget(namespace, name)
+        with self._guard:
+            self._invalid.discard(key)
+            self._managed.pop(key, None)
+        self._update_gauges()
+
+    # ---- the work loop --------------------------------------------------------------------------
+
+    def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
+        self.loop.enqueue(namespace, name, delay, fresh)
+
+    def start(self, workers: int) -> None:
+        self.loop.start(workers)
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.applier.stop()
+        self.start_lines.stop()
+
+    def process(self, key: CrKey) -> None:
+        self.loop.process(key)
+
+    def drain(self, timeout: float = 10.0, horizon: float = 1.0) -> int:
+        """Run queued keys in this thread until none is due within `horizon` seconds (tests); returns
+        how many reconciles ran (queued keys skipped as echoes of our own writes not counted)."""
+        before = self.reconciles
+        self.loop.drain(timeout, horizon)
+        return self.reconciles - before
+
+    def wait_start_reads(self, timeout: float = 10.0) -> bool:
+        return self.start_lines.wait(timeout)
+
+    def resync(self, namespaces: list[str] | None) -> None:
+        """Queue every DiffusionDeployment for a fresh, level-triggered pass (writes only on drift)."""
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        for ns in scopes:
+            try:
+                items = self.client.list(CR.api_version, CR.kind, ns)
+            except Exception as error:  # the API server may be briefly away
+                log.warning(f"resync list failed: {error}")
+                continue
+            for item in items:
+                meta = item["metadata"]
+                self.informers.remember_cr(item)
+                self.enqueue(meta["namespace"], meta["name"], fresh=True)
+
+    def start_resync(
+        self, namespaces: list[str] | None, interval: float, stop: threading.Event
+    ) -> threading.Thread | None:
+        return self.loop.start_resync(lambda: self.resync(namespaces), interval, stop)
+
+    def _versions(self, key: CrKey) -> tuple[int, ...]:
+        with self._guard:
+            children = self._managed.get(key, [])
+        return self.informers.versions(key, children)
+
+    # ---- one reconcile ----------------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str, fresh: bool = True) -> str:
+        """One reconcile of one DiffusionDeployment; returns ok | invalid | refused | gone. Raises on transient
+        API errors (the caller retries); permanent child errors are reported in status."""
+        with self._lock((namespace, name)):
+            started = time.perf_counter()
+            with self._guard:
+                self.reconciles += 1
+            try:
+                result = self._reconcile(namespace, name, fresh)
+                self.metrics.reconciles.labels(result=result).inc()
+                return result
+            except ApiError as error:
+                self.metrics.reconciles.labels(result="error").inc()
+                self.metrics.reconcile_errors.labels(error=str(error.status)).inc()
+                raise
+            except Exception as error:
+                self.metrics.reconciles.labels(result="error").inc()
+                self.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
+                raise
+            finally:
+                self.metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+    def _reconcile(self, namespace: str, name: str, fresh: bool) -> str:
+        key = (namespace, name)
+        cr = self._read_cr(key, fresh)
+        if cr is None or cr["metadata"].get("deletionTimestamp"):
+            self.forget_cr(namespace, name)
+            return "gone"  # children are garbage-collected through their owner references
+        old_status = cr.get("status") or {}
+        dd, errors = self._parse(cr)
+        if dd is None or errors:
+            return self._report_invalid(key, cr, old_status, dd, errors)
+        with self._guard:
+            self._invalid.discard(key)
+        # a CR never reconciled before (no status yet) has no children: apply without reading first
+        first = not old_status.get("observedGeneration")
+        cache = self._model_cache(dd, cr, old_status, fresh, first)
+        desired = self._build(dd, cr, cache)
+        observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
+        apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
+        if apply_error is None:
+            self.autoscalers.delete_unwanted(cr, dd, fresh)
+        self._report(key, dd, cr, old_status, desired, observed, apply_error, cache)
+        if self.cache_poll is not None and model_cache.downloading(cache):
+            # bytes move without any event: look again (fresh, so the echo check does not skip it)
+            self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
+        if retry is not None:
+            raise retry
+        return "ok" if apply_error is None else "refused"
+
+    # ---- the stages -----------------------------------------------------------------------------
+
+    def _lock(self, key: CrKey) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _read_cr(self, key: CrKey, fresh: bool) -> dict | None:
+        if not fresh:
+            cached = self.informers.cr(key)
+            if cached is not None:
+                return cached
+        cr = self.client.get(CR.api_version, CR.kind, *key)
+        if cr is not None:
+            self.informers.remember_cr(cr)
+        return cr
+
+    def _observed(self, obj: dict, fresh: bool) -> dict | None:
+        meta = obj["metadata"]
+        if not fresh:
+            cached = self.informers.child(obj["kind"], meta["namespace"], meta["name"])
+            if cached is not None:
+                return cached
+        observed = self.client.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        if observed is None:
+            self.informers.forget_child(obj["kind"], meta["namespace"], meta["name"])
+        else:
+            self.informers.remember_child(observed)
+        return observed
+
+    def _parse(self, cr: dict) -> tuple[DiffusionDeployment | None, list[validation.FieldError]]:
+        """The typed CR (None when invalid) and what is wrong with it: the schema's and the runtime's
+        checks (validation.py), then what the cluster lacks for it (the autoscaling engine)."""
+        meta = cr["metadata"]
+        parsed = validation.parse(meta["name"], meta["namespace"], cr.get("spec"))
+        if not parsed.ok or parsed.cr is None:
+            return None, parsed.errors
+        return parsed.cr, self.autoscalers.engine_errors(parsed.cr)
+
+    def _report_invalid(
+        self,
+        key: CrKey,
+        cr: dict,
+        old_status: dict,
+        dd: DiffusionDeployment | None,
+        errors: list[validation.FieldError],
+    ) -> str:
+        """Report an invalid spec; nothing is applied."""
+        if dd is not None:  # valid, but the cluster lacks KEDA: look again once discovery is stale
+            self.enqueue(*key, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
+        with self._guard:
+            self._invalid.add(key)
+        self.reporter.invalid(cr, old_status, errors)
+        self._update_gauges()
+        return "invalid"
+
+    def _model_cache(
+        self, dd: DiffusionDeployment, cr: dict, old_status: dict, fresh: bool, first: bool
+    ) -> dict | None:
+        if not dd.spec.model.cache:
+            return None
+        return model_cache.model_cache_status(self.client, self._observed, dd, cr, old_status, fresh, first)
+
+    def _build(self, dd: DiffusionDeployment, cr: dict, cache: dict | None) -> list[dict]:
+        """Every desired child, from the pure builders, with its spec hash."""
+        children = builders.build_all(
+            dd,
+            cr,
+            model_cache_ready=model_cache.is_ready(cache),
+            keda_prometheus_address=self.autoscalers.keda_prometheus_address,
+        )
+        return [with_spec_hash(obj) for obj in children]
+
+    def _apply(
+        self,
+        key: CrKey,
+        desired: list[dict],
+        observed: dict[str, dict | None],
+        first: bool,
+        cache_ready: bool,
+    ) -> tuple[tuple[str, str] | None, ApiError | None]:
+        """Apply the drifted children. Returns (the error to report, the transient error to raise after
+        reporting it); raises a transient error at once while it has not failed REPORT_TRANSIENT_AFTER times."""
+        stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
+        serving = observed.get("Deployment")
+        if not cache_ready and serving is not None and (serving.get("spec") or {}).get("replicas", 1):
+            # a new model (revision, variant) is downloading while pods serve the previous one from the
+            # same claim: they keep their configuration until the new folder is complete
+            stale = [obj for obj in stale if obj["kind"] not in ("ConfigMap", "Deployment")]
+        applied: list[str] = []
+        try:
+            self.applier.apply_changes(stale, observed, applied, first)
+        except ApiError as error:
+            retry = None
+            if not error.permanent:
+                if self.loop.failures(key) < REPORT_TRANSIENT_AFTER - 1:
+                    raise  # retried with backoff; reported in status once it keeps failing
+                retry = error
+            self.metrics.reconcile_errors.labels(error=str(error.status)).inc()
+            log.warning(
+                "a child was refused",
+                extra={"dd": "/".join(key), "error": f"{error.kind_name}: {error.reason}"},
+            )
+            return (error.code, f"{error.kind_name}: {error.reason}"), retry
+        finally:
+            if applied:
+                log.info("applied children", extra={"dd": "/".join(key), "applied": applied})
+        return None, None
+
+    def _report(
+        self,
+        key: CrKey,
+        dd: DiffusionDeployment,
+        cr: dict,
+        old_status: dict,
+        desired: list[dict],
+        observed: dict[str, dict | None],
+        apply_error: tuple[str, str] | None,
+        cache: dict | None,
+    ) -> None:
+        """Write the status (if it changed) and the gauges."""
+        with self._guard:
+            self._managed[key] = [
+                (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
+            ]
+        gate_pods = self.informers.pods_of(*key) if funcs.quality_gate_on(dd.spec) else None
+        startup = self.start_lines.status(cr, old_status)
+        new_status = serving_status(
+            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup
+        )
+        self.reporter.serving(cr, old_status, new_status, cache)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        with self._guard:
+            invalid, managed = len(self._invalid), dict(self._managed)
+        self.metrics.invalid_specs.set(invalid)
+        self.metrics.managed_objects.labels(kind=CR.kind).set(len(managed) + invalid)
+        self.metrics.managed_objects.labels(kind="children").set(sum(len(c) for c in managed.values()))

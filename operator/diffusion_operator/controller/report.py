@@ -1,0 +1,114 @@
+"""Status reporting glue: the status of a valid or an invalid spec (built by status.py and
+cache_status.py), written only when it changed, with one Warning event per distinct failure message.
+
+Errors: a child the API server refuses for good (422 invalid, 403 forbidden, ...) becomes
+`Synced=False` (and `ConfigValid=False` for invalid objects) with the server's message; transient
+errors are reported the same way once they failed REPORT_TRANSIENT_AFTER times (loop.py retries them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from diffusion_operator import builders
+from diffusion_operator import cache_status as cache_statuses
+from diffusion_operator import status as statuses
+from diffusion_operator.api import funcs
+from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.kube import KubeClient
+from diffusion_operator.validation import FieldError
+
+log = logging.getLogger("diffusion_operator")
+
+
+def condition_message(status: Mapping | None, type_: str) -> str:
+    for cond in (status or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "False":
+            return str(cond.get("message", ""))
+    return ""
+
+
+def serving_status(
+    dd: DiffusionDeployment,
+    cr: dict,
+    old_status: dict,
+    desired: list[dict],
+    observed: Mapping[str, dict | None],
+    apply_error: tuple[str, str] | None,
+    gate_pods: list[dict] | None,
+    cache: dict | None,
+    startup: dict | None,
+) -> dict:
+    """The status of a valid spec: the Deployment's progress, the children's apply, the quality gate,
+    the model cache and the start times."""
+    generation = cr["metadata"].get("generation", 1)
+    configmap = next(o for o in desired if o["kind"] == "ConfigMap")
+    new_status = statuses.valid_status(
+        old_status,
+        generation,
+        None if dd.spec.autoscaling else funcs.replicas(dd.spec),
+        observed.get("Deployment"),
+        builders.selector_string(dd.name),
+        builders.endpoint(dd),
+        builders.deployment.config_hash(configmap["data"]),
+        funcs.cache_tag(funcs.cache_dit_config(dd.spec)),
+        apply_error=apply_error,
+        gate_pods=gate_pods,
+    )
+    if cache is not None:
+        new_status = cache_statuses.gate_ready_condition(
+            {**new_status, "modelCache": cache}, cache, generation
+        )
+    if startup is not None:
+        new_status["startup"] = startup
+    return new_status
+
+
+class Reporter:
+    """Writes a CR's status when it changed (the answer goes to the informer cache) and posts events."""
+
+    def __init__(self, client: Callable[[], KubeClient], remember_cr: Callable[[dict], bool]) -> None:
+        self._client = client
+        self._remember_cr = remember_cr
+
+    def invalid(self, cr: dict, old_status: dict, errors: list[FieldError]) -> None:
+        """ConfigValid=False naming the fields, one InvalidSpec event per distinct message."""
+        meta = cr["metadata"]
+        new_status = statuses.invalid_status(old_status, meta.get("generation", 1), errors)
+        if statuses.same_status(old_status, new_status):
+            return
+        self._write(cr, new_status)
+        self._event_once(cr, old_status, new_status, statuses.CONFIG_VALID, "InvalidSpec")
+        log.warning(
+            "invalid spec",
+            extra={
+                "dd": f"{meta['namespace']}/{meta['name']}",
+                "errors": condition_message(new_status, statuses.CONFIG_VALID),
+            },
+        )
+
+    def serving(self, cr: dict, old_status: dict, new_status: dict, cache: dict | None) -> None:
+        """Write the status of a valid spec if it changed, with its events (apply, gate, model cache)."""
+        if statuses.same_status(old_status, new_status):
+            return
+        self._write(cr, new_status)
+        self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")
+        self._event_once(cr, old_status, new_status, statuses.QUALITY_GATE, "QualityGateFailed")
+        if cache is not None:
+            for type_, reason, message in cache_statuses.cache_events(old_status.get("modelCache"), cache):
+                self._client().post_event(cr, type_, reason, message)
+        meta = cr["metadata"]
+        log.debug("status written", extra={"dd": f"{meta['namespace']}/{meta['name']}", "status": new_status})
+
+    def _write(self, cr: dict, status: dict) -> None:
+        meta = cr["metadata"]
+        written = self._client().patch_status(meta["namespace"], meta["name"], status)
+        if written:
+            self._remember_cr(written)
+
+    def _event_once(self, cr: dict, old_status: dict, new_status: dict, type_: str, reason: str) -> None:
+        """A Warning event when the condition's failure message is new (once per distinct message)."""
+        message = condition_message(new_status, type_)
+        if message and message != condition_message(old_status, type_):
+            self._client().post_event(cr, "Warning", reason, message)
