@@ -304,25 +304,26 @@ def _section_type(annotation: Any) -> type[_Section] | None:
     return None
 
 
-def _construct(cls: type[_Section], raw: Any, where: str) -> Any:
-    """`cls` from a mapping, values as written (checked by `validate`); unknown keys refused."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+def _values(cls: type[_Section], raw: dict, where: str) -> dict[str, Any]:
+    """The values of `cls` as written (checked by `validate`): unknown keys refused, a section built
+    from its mapping, an absent or null section left to its default."""
     known = cls.model_fields
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        known_names = sorted(known) if cls is RuntimeConfig else list(known)
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(known)}"
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(known_names)}"
         )
-    values = {}
+    values: dict[str, Any] = {}
     for name, value in raw.items():
         section = _section_type(known[name].annotation)
-        if section is not None and value is not None:
-            value = _construct(section, value, f"{where}.{name}")
-        elif value is None and known[name].default is not None or value is None and section is not None:
-            continue  # the default (an absent section, or null written for a setting with a default)
-        values[name] = value
-    return cls.model_construct(**values)
+        if section is None:
+            values[name] = value
+        elif value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+            values[name] = section.model_construct(**_values(section, value, name))
+    return values
 
 
 def config_from_dict(raw: dict | None, base_dir: Path | None = None) -> RuntimeConfig:
@@ -330,25 +331,14 @@ def config_from_dict(raw: dict | None, base_dir: Path | None = None) -> RuntimeC
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"runtime config: expected a mapping at the top level, got {type(raw).__name__}")
-    top = RuntimeConfig.model_fields
-    unknown = sorted(set(raw) - set(top))
-    if unknown:
-        raise ConfigError(
-            f"runtime config: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(top))}"
-        )
-    raw = {k: v for k, v in raw.items() if not (k in ("cache_dit_config", "compile_cache_dir") and v == "")}
-    sections = {
-        name: _construct(section, raw[name], name) if raw.get(name) is not None else None
-        for name in top
-        if (section := _section_type(top[name].annotation)) is not None
+    # a file name or folder left empty is unset
+    raw = {
+        k: v
+        for k, v in raw.items()
+        if not (k in ("cache_dit_config", "compile_cache_dir") and v in (None, ""))
     }
-    values = {
-        name: value
-        for name, value in {**raw, **sections}.items()
-        if value is not None or name == "quality_gate"
-    }
-    cfg = RuntimeConfig.model_construct(**values)
-    if cfg.cache_dit_config is not None and isinstance(cfg.cache_dit_config, str):
+    cfg = RuntimeConfig.model_construct(**_values(RuntimeConfig, raw, "runtime config"))
+    if isinstance(cfg.cache_dit_config, str):
         path = Path(cfg.cache_dit_config)
         if not path.is_absolute() and base_dir is not None:
             cfg.cache_dit_config = str(base_dir / path)
