@@ -409,3 +409,17 @@ def test_huge_step_count_with_a_named_mask_is_refused_fast():
     spec["cacheDit"]["cache_config"].update(steps_computation_mask="fast", num_inference_steps=10**12)
     parsed = parse(spec)
     assert "spec.cacheDit.cache_config.num_inference_steps" in fields(parsed)
+
+
+def test_a_null_runtime_setting_never_crashes_the_parse():
+    """Every CR field that is a runtime setting, written as null: an error naming it or its default,
+    never an exception (the CR field reuses the runtime's bounds, not its validators)."""
+    for f in funcs.SETTING_FIELDS:
+        spec: dict = copy.deepcopy(FLUX)
+        where = spec
+        *sections, name = f.cr.split(".")[1:]
+        for section in sections:
+            where = where.setdefault(section, {})
+        where[name] = None
+        parsed = parse(spec)
+        assert parsed.ok or parsed.errors, f.cr

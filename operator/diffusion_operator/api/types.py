@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
+import annotated_types
 from diffusion_runtime.contract import cache_dit_facts as facts
 from diffusion_runtime.contract.config import Device, Dtype, QualityGateConfig, RuntimeConfig, setting_field
 from diffusion_runtime.contract.limits import (
@@ -103,8 +104,8 @@ def setting(path: str, *, bounds: bool = True, **field: Any) -> Any:
     kwargs.update(field)
     extra = {**(kwargs.pop("json_schema_extra", None) or {}), RUNTIME_SETTING: path, AS_IS: True}
     info = Field(**kwargs, json_schema_extra=extra)
-    if bounds:
-        info.metadata += base.metadata
+    if bounds:  # the constraints (ge, le, max_length ...), not the runtime's own validators
+        info.metadata += [m for m in base.metadata if isinstance(m, annotated_types.BaseMetadata)]
     return info
 
 
