@@ -169,3 +169,27 @@ def test_runtime_quant_types_are_the_crds():
     )
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec["quantize"]["properties"]["quant_type"]["enum"]) == set(QUANT_TYPES) | set(QUANT_ALIASES)
+
+
+def test_serve_flags_come_from_the_settings():
+    """`diffusion-runtime serve`'s flags are built from OVERRIDES and the settings' fields: the
+    choices are the config's Literal values, the types its field types, every flag overrides one."""
+    from diffusion_runtime.cli import _parser
+    from diffusion_runtime.contract.config import DEVICES, DTYPES, OVERRIDES, setting_field
+
+    serve = next(
+        a
+        for a in _parser()._subparsers._group_actions[0].choices.values()
+        if a.prog.endswith(" serve")  # type: ignore[union-attr]
+    )
+    flags = {a.dest: a for a in serve._actions}
+    assert set(OVERRIDES) <= set(flags)
+    assert tuple(flags["dtype"].choices) == DTYPES and tuple(flags["device"].choices) == DEVICES
+    assert flags["port"].type is int and flags["request_timeout"].type is float
+    for dest, path in OVERRIDES.items():
+        assert f"{setting_field(path).description} ({path})" in flags[dest].help  # the field's description
+    args = serve.parse_args(
+        ["--max-queue", "3", "--warmup-size", "64x64", "--warmup-size", "32x32", "--no-compile"]
+    )
+    cfg = apply_overrides(RuntimeConfig(), **{d: getattr(args, d) for d in OVERRIDES})
+    assert (cfg.server.max_queue, cfg.warmup.resolutions, cfg.compile) == (3, ["64x64", "32x32"], False)
