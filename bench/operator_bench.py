@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from diffusion_operator.spec import API_VERSION as CR_API
-from diffusion_operator.spec import KIND
+from diffusion_operator.api.group import API_VERSION as CR_API
+from diffusion_operator.api.group import KIND
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
@@ -47,12 +47,11 @@ def cr_body(name: str, namespace: str) -> dict:
 
 def direct_deployment(name: str, namespace: str) -> dict:
     """The Deployment the operator would build, applied by hand (no owner)."""
-    from diffusion_operator import builders
-    from diffusion_operator import spec as specs
+    from diffusion_operator import builders, validation
 
-    parsed = specs.parse(name, namespace, cr_body(name, namespace)["spec"])
+    parsed = validation.parse(name, namespace, cr_body(name, namespace)["spec"])
     owner = {"apiVersion": CR_API, "kind": KIND, "metadata": {"name": name, "uid": "none"}}
-    dep = builders.build_deployment(parsed.spec, owner, builders.build_configmap(parsed.spec, owner))
+    dep = builders.build_deployment(parsed.cr, owner, builders.build_configmap(parsed.cr, owner))
     dep["metadata"].pop("ownerReferences")
     return dep
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
     import torch
-    from diffusion_runtime.config import RuntimeConfig
+    from diffusion_runtime.contract.config import RuntimeConfig
     from diffusion_runtime.engine.model import load_model
     from diffusion_runtime.engine.params import GenerationParams
     from diffusion_runtime.tiny import write_tiny_model

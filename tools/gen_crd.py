@@ -4,7 +4,7 @@
 dataclasses (field names, types, defaults and the comment above each field become the schema), so the
 CRD stays strict (no x-kubernetes-preserve-unknown-fields there: a typo such as `enable_sperate_cfg`
 is refused by the apiserver, where cache-dit itself would silently drop it). The rest of `spec` is
-generated from the operator's typed model (`diffusion_operator.spec.DiffusionDeploymentSpec`: types,
+generated from the operator's typed model (`diffusion_operator.api.api_types.DiffusionDeploymentSpec`: types,
 defaults, bounds, descriptions, CEL rules), whose limits and defaults come from the runtime's own
 config type. cache-dit facts (quant types and aliases, mask policies, integer bounds) come from the
 shared facts module. A test checks that the committed CRD equals this script's output.
@@ -34,10 +34,11 @@ OUTPUT = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
 
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "runtime"), str(REPO / "tools")]
 import _generated as generated  # noqa: E402
-from diffusion_operator import spec as specs  # noqa: E402
-from diffusion_runtime import cache_dit_facts as facts  # noqa: E402
+from diffusion_operator.api import group, status_types  # noqa: E402
+from diffusion_operator.api import types as api_types  # noqa: E402
+from diffusion_runtime.contract import cache_dit_facts as facts  # noqa: E402
 
-GROUP, VERSION, KIND, PLURAL = specs.GROUP, specs.VERSION, specs.KIND, specs.PLURAL
+GROUP, VERSION, KIND, PLURAL = group.GROUP, group.VERSION, group.KIND, group.PLURAL
 
 # Fields of cache-dit's dataclasses that cannot be written as YAML (callables, tensors, modules,
 # device meshes) or that take free-form dicts (which would need preserve-unknown-fields and so break
@@ -267,13 +268,13 @@ def cache_dit_schemas() -> tuple[dict, dict, str]:
     for size in facts.PARALLEL_SIZE_KEYS:
         par_props[size]["description"] += (
             " Integers only here (the operator knows the pod's ranks, so cache-dit's `auto` is not needed); "
-            f"{specs.PARALLEL_SIZES} is the pod's rank count."
+            f"{api_types.PARALLEL_SIZES} is the pod's rank count."
         )
     parallelism = {
         "type": "object",
         "description": (
             "cache-dit `parallelism_config` (ParallelismConfig), keys verbatim. The pod runs "
-            f"{specs.PARALLEL_SIZES} ranks: {specs.PARALLEL_ON_GPUS}; {specs.PARALLEL_ON_CPU}. The sizes "
+            f"{api_types.PARALLEL_SIZES} ranks: {api_types.PARALLEL_ON_GPUS}; {api_types.PARALLEL_ON_CPU}. The sizes "
             "must not all be 1. Python-only fields (cp_plan, callables, free-form kwargs dicts) are not "
             "accepted. A layout the runtime does not run (on CPU: ring_size, tp_size without ulysses_size, "
             "ulysses_float8) is reported as ConfigValid=False with reason Unsupported."
@@ -342,7 +343,11 @@ def _structural(node: dict, defs: dict) -> dict:
         arm = _structural(arms[0], defs)
         node = {**arm, **{k: v for k, v in node.items() if k not in ("title",)}}
     node.pop("title", None)
-    if node.get("default", 0) is None or node.pop(specs.NO_CRD_DEFAULT, False):
+    node.pop(
+        api_types.RUNTIME_SETTING, None
+    )  # which runtime setting a field is: the operator's, not the CRD's
+    node.pop(api_types.AS_IS, None)
+    if node.get("default", 0) is None or node.pop(api_types.NO_CRD_DEFAULT, False):
         node.pop("default", None)
     if node.get("additionalProperties") is False or (
         node.get("additionalProperties") is True and node.get("x-kubernetes-preserve-unknown-fields")
@@ -360,7 +365,7 @@ def _structural(node: dict, defs: dict) -> dict:
 
 def spec_schema(cache_dit: dict, quantize: dict) -> dict:
     """`spec`: the operator's typed model, with cache-dit's generated schemas for cacheDit and quantize."""
-    schema = specs.DiffusionDeploymentSpec.model_json_schema(by_alias=True)
+    schema = api_types.DiffusionDeploymentSpec.model_json_schema(by_alias=True)
     out = _structural(schema, schema.get("$defs", {}))
     out.pop("$defs", None)
     out["properties"]["cacheDit"] = cache_dit
@@ -370,7 +375,7 @@ def spec_schema(cache_dit: dict, quantize: dict) -> dict:
 
 def status_schema() -> dict:
     """`status`: the operator's status model."""
-    schema = specs.DiffusionDeploymentStatus.model_json_schema(by_alias=True)
+    schema = status_types.DiffusionDeploymentStatus.model_json_schema(by_alias=True)
     out = _structural(schema, schema.get("$defs", {}))
     out.pop("$defs", None)
     return out

@@ -26,7 +26,7 @@ CHART = repo_root() / "charts" / "diffusion-operator"
 
 def default_image_names() -> dict[str, str]:
     """target -> the image name a user's cluster pulls (one source each: the chart, the CRD spec)."""
-    from diffusion_operator.spec import DEFAULT_IMAGE
+    from diffusion_operator.api.defaults import DEFAULT_IMAGE
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())

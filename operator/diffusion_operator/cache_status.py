@@ -2,7 +2,7 @@
 
 The phase comes from the Job's own status (conditions Complete / Failed, counts active / failed) and
 the claim's phase; bytes and files from the download's JSON progress lines
-(`diffusion_runtime.download.parse_progress_line`, the one format): the running pod's log tail while it
+(`diffusion_runtime.contract.lines.parse_progress_line`, the one format): the running pod's log tail while it
 downloads, a finished pod's termination message (its last line) after. Pods and logs are optional
 inputs: without them (no access, no log on that node) the phase is still exact, the bytes are left out.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffusion_runtime.download import last_progress
+from diffusion_runtime.contract.lines import last_progress
 
-from diffusion_operator.status import READY, condition, now
+from diffusion_operator.api.status_types import ModelCacheStatus
+from diffusion_operator.status import READY, condition, dump, now
 
 PENDING, DOWNLOADING, CACHE_READY, FAILED = "Pending", "Downloading", "Ready", "Failed"
 WAITING_REASON = "WaitingForModelCache"
@@ -94,14 +95,22 @@ def model_cache_status(
         out.update(phase=PENDING, message=message)
 
     if record is not None:
-        for key in ("bytesDone", "bytesTotal", "filesDone", "filesTotal", "commit"):
-            if record.get(key) is not None:
+        for key in ("bytesDone", "bytesTotal", "filesDone", "filesTotal"):
+            if _count(record.get(key)):
                 out[key] = record[key]
-        if record.get("modelDownload") == "Complete" and record.get("seconds") is not None:
-            out["downloadSeconds"] = record["seconds"]
+        if isinstance(record.get("commit"), str):
+            out["commit"] = record["commit"]
+        seconds = record.get("seconds")
+        if record.get("modelDownload") == "Complete" and (_count(seconds) or isinstance(seconds, float)):
+            out["downloadSeconds"] = seconds
     if out["phase"] == CACHE_READY and "bytesTotal" in out:
         out["bytesDone"] = out["bytesTotal"]
-    return out
+    return dump(ModelCacheStatus.model_validate(out))
+
+
+def _count(value: Any) -> bool:
+    """A count from a progress line (a log: anything may be there)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def gate_ready_condition(status: dict, cache: Mapping, generation: int) -> dict:

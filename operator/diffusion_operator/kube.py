@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import urllib3
 
+from diffusion_operator.api.group import API_VERSION, KIND
 from diffusion_operator.builders.common import FIELD_MANAGER
 from diffusion_operator.metrics import OperatorMetrics
 from diffusion_operator.resources import collection_path
-from diffusion_operator.spec import API_VERSION, KIND
 
 
 class ApiError(Exception):

@@ -1,4 +1,7 @@
-"""Status of a DiffusionDeployment: conditions per the Kubernetes API conventions, from the owned Deployment."""
+"""Status of a DiffusionDeployment: conditions per the Kubernetes API conventions, from the owned Deployment.
+
+Built with the status types (`api.status_types`, the CRD's status schema), so what the controller
+writes is what the CRD declares."""
 
 from __future__ import annotations
 
@@ -6,11 +9,12 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from diffusion_runtime.quality_gate import FAILED as GATE_FAILED
-from diffusion_runtime.startup import COLD, WARM
+from diffusion_runtime.contract.lines import COLD, GATE_FAILED, WARM
+from pydantic import BaseModel
 
+from diffusion_operator.api.status_types import Condition, DiffusionDeploymentStatus, StartRecord
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
-from diffusion_operator.spec import condition_reason
+from diffusion_operator.validation import condition_reason
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -26,12 +30,24 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A status type as the JSON the API server stores (camelCase, unset fields left out)."""
+    return model.model_dump(by_alias=True, exclude_none=True)
+
+
 def condition(type_: str, status: bool | str, reason: str, message: str, generation: int | None) -> dict:
     value = status if isinstance(status, str) else ("True" if status else "False")
-    cond: dict[str, str | int] = {"type": type_, "status": value, "reason": reason, "message": message}
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
+    return dump(
+        Condition.model_validate(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+            }
+        )
+    )
 
 
 def merge_conditions(old: list[dict] | None, new: list[dict], timestamp: str | None = None) -> list[dict]:
@@ -148,19 +164,22 @@ def valid_status(
     else:
         gate = quality_gate_condition(gate_pods, config_hash, ready_cond["status"] == "True", generation)
         conditions = merge_conditions(conditions, [gate])
-    status = {
-        "observedGeneration": generation,
-        "replicas": replicas,
-        "readyReplicas": ready,
-        "updatedReplicas": updated,
-        "ready": f"{ready}/{desired}",
-        "selector": selector,
-        "endpoint": endpoint,
-        "configHash": config_hash,
-        "cacheTag": cache_tag,
-        "conditions": conditions,
-    }
-    return status
+    # every condition stored passed the CRD's schema, so the status type takes them all
+    status = DiffusionDeploymentStatus.model_validate(
+        {
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+            "ready": f"{ready}/{desired}",
+            "selector": selector,
+            "endpoint": endpoint,
+            "configHash": config_hash,
+            "cacheTag": cache_tag,
+            "conditions": [Condition.model_validate(c) for c in conditions],
+        }
+    )
+    return dump(status)
 
 
 def gate_failure(pod: dict) -> str | None:
@@ -202,13 +221,14 @@ def quality_gate_condition(pods: list[dict], config_hash: str, ready: bool, gene
     )
 
 
-# status.startup: the newest start of each kind (diffusion_runtime.startup: cold | warm)
+# status.startup: the newest start of each kind (diffusion_runtime.contract.lines: cold | warm)
 STARTUP_FIELDS = {COLD: "lastCold", WARM: "lastWarm"}
 
 
 def start_entry(pod: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """A runtime's start record (`parse_ready_line`) as status.startup shows it: the pod, without `start`."""
-    return {"pod": pod, **{k: v for k, v in record.items() if k != "start"}}
+    known = {f.alias or name for name, f in StartRecord.model_fields.items()}  # a newer runtime may say more
+    return dump(StartRecord.model_validate({"pod": pod, **{k: v for k, v in record.items() if k in known}}))
 
 
 def newer_start(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

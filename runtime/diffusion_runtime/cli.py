@@ -6,16 +6,38 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from diffusion_runtime.config import (
+from diffusion_runtime.contract.config import (
+    DEVICES,
+    DTYPES,
+    OVERRIDES,
     ConfigError,
     RuntimeConfig,
     apply_overrides,
     load_config_file,
     parse_size,
+    setting_field,
     validate,
 )
 from diffusion_runtime.tiny import VARIANTS
+
+
+def _add_override_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per `OVERRIDES` entry, its type, choices and help taken from the setting's field."""
+    for dest, path in OVERRIDES.items():
+        field = setting_field(path)
+        flag = "--" + dest.replace("_", "-")
+        kind = next((a for a in (field.annotation, *get_args(field.annotation)) if a is not type(None)), str)
+        help = f"{field.description} ({path})"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif get_origin(kind) is Literal:
+            p.add_argument(flag, choices=get_args(kind), help=help)
+        elif get_origin(kind) is list:
+            p.add_argument(flag, action="append", help=f"{help}; repeatable")
+        else:
+            p.add_argument(flag, type=kind if kind in (int, float) else str, help=help)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,19 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI images API, /health, /ready, /metrics)")
     s.add_argument("--config", help="runtime.yaml (docs/contracts.md)")
-    s.add_argument("--model", help="folder, file:///path, hf://org/name or org/name")
-    s.add_argument("--cache-dit-config", help="cache-dit YAML (cache_config, quantize_config, ...)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--metrics-port", type=int, help="second listener serving only /metrics (0 = off)")
-    s.add_argument("--max-queue", type=int)
-    s.add_argument("--request-timeout", type=float, help="seconds")
-    s.add_argument("--device", choices=("auto", "cuda", "cpu"))
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--compile-cache-dir", help="shared folder for torch.compile artifacts (with --compile)")
-    s.add_argument("--warmup-steps", type=int)
-    s.add_argument("--warmup-size", action="append", help="WxH, repeatable")
+    _add_override_flags(s)
 
     g = sub.add_parser("generate", help="generate one image to a PNG file")
     g.add_argument("--model", required=True)
@@ -48,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance-scale", type=float)
     g.add_argument("--cache-dit-config")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--output", required=True, help="FILE.png")
 
     d = sub.add_parser(
@@ -72,39 +82,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(a: argparse.Namespace, argv: list[str]) -> int:
-    from diffusion_runtime.distributed import run_worker, worker_rank
+    from diffusion_runtime.engine.distributed import run_worker, worker_rank
     from diffusion_runtime.serve import device_warmup_defaults, run_server
 
     cfg = load_config_file(a.config) if a.config else RuntimeConfig()
     source = "the config" if a.config else "the flags"
     if not a.config and a.warmup_steps is None and a.warmup_size is None:
         source = device_warmup_defaults(cfg, a.device or cfg.device)
-    apply_overrides(
-        cfg, model=a.model, cache_dit_config=a.cache_dit_config, host=a.host, port=a.port,
-        metrics_port=a.metrics_port, max_queue=a.max_queue, request_timeout=a.request_timeout, device=a.device,
-        dtype=a.dtype, compile=a.compile, warmup_steps=a.warmup_steps, warmup_resolutions=a.warmup_size,
-        compile_cache_dir=a.compile_cache_dir,
-    )  # fmt: skip
+    apply_overrides(cfg, **{dest: getattr(a, dest) for dest in OVERRIDES})
     if worker_rank() is not None:  # a rank that rank 0 started: same command line, no HTTP
         return run_worker(cfg)
     return run_server(cfg, argv, warmup_source=source)
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from diffusion_runtime.model import load_model
+    from diffusion_runtime.engine.model import load_model
+    from diffusion_runtime.engine.params import GenerationParams
 
     width, height = parse_size(a.size)
     cfg = RuntimeConfig()
     apply_overrides(
         cfg, model=a.model, cache_dit_config=a.cache_dit_config, device=a.device, dtype=a.dtype,
-        warmup_steps=a.steps, warmup_resolutions=[a.size],
+        warmup_steps=a.steps, warmup_size=[a.size],
     )  # fmt: skip
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise ConfigError(f"--size {a.size}: width and height must be positive multiples of 16")
     validate(cfg)
     if a.cache_dit_config:
-        from diffusion_runtime.optimize import read_cache_dit_yaml
-        from diffusion_runtime.parallel import layout_of
+        from diffusion_runtime.contract.parallel import layout_of
+        from diffusion_runtime.engine.optimize import read_cache_dit_yaml
 
         layout = layout_of(read_cache_dit_yaml(a.cache_dit_config))
         if layout.world_size > 1:
@@ -113,7 +119,16 @@ def _generate(a: argparse.Namespace) -> int:
                 "`diffusion-runtime serve` starts the ranks"
             )
     model = load_model(cfg)
-    result = model.generate(a.prompt, width, height, a.steps, a.seed, guidance_scale=a.guidance_scale)
+    result = model.generate(
+        GenerationParams(
+            prompt=a.prompt,
+            width=width,
+            height=height,
+            steps=a.steps,
+            seed=a.seed,
+            guidance_scale=a.guidance_scale,
+        )
+    )
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out, format="PNG")
@@ -136,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from diffusion_runtime.model import ModelError
+    from diffusion_runtime.engine.model import ModelError
 
     try:
         if args.command == "serve":

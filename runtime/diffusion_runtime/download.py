@@ -35,11 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusion_runtime.contract.lines import (
+    PHASES as PHASES,
+)
+from diffusion_runtime.contract.lines import (
+    PROGRESS_KEY as PROGRESS_KEY,
+)
+from diffusion_runtime.contract.lines import last_progress as last_progress
+from diffusion_runtime.contract.lines import local_folder as local_folder
+from diffusion_runtime.contract.lines import parse_progress_line as parse_progress_line
+from diffusion_runtime.contract.lines import progress_line as progress_line
+
 COMPLETE_MARKER = ".download-complete.json"
 # huggingface_hub's local_dir bookkeeping folder: its presence marks DEST as a download target
 HF_LOCAL_DIR_METADATA = ".cache/huggingface"
-PROGRESS_KEY = "modelDownload"  # every progress line is {"modelDownload": PHASE, ...}
-PHASES = ("Resolving", "Downloading", "Verifying", "Complete", "Failed")
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -73,37 +82,6 @@ class RemoteFile:
 
 
 # ---------------------------------------------------------------- progress lines (operator contract)
-
-
-def progress_line(phase: str, **fields: Any) -> str:
-    """One machine-readable line: {"modelDownload": phase, "bytesDone": ..., ...} (no newline)."""
-    if phase not in PHASES:
-        raise ValueError(f"phase {phase!r} is not one of {PHASES}")
-    return json.dumps({PROGRESS_KEY: phase, **fields}, sort_keys=True, separators=(",", ":"))
-
-
-def parse_progress_line(line: str) -> dict[str, Any] | None:
-    """The progress record in one log line, or None for any other line (logs, warnings, garbage)."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        data = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or data.get(PROGRESS_KEY) not in PHASES:
-        return None
-    return data
-
-
-def last_progress(text: str) -> dict[str, Any] | None:
-    """The last progress record in a block of log text (a log tail or a termination message)."""
-    found = None
-    for line in text.splitlines():
-        parsed = parse_progress_line(line)
-        if parsed is not None:
-            found = parsed
-    return found
 
 
 # ---------------------------------------------------------------- file selection (pure)
@@ -311,12 +289,6 @@ class _Reporter:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
-def local_folder(repo_id: str, revision: str | None) -> str:
-    """`org--name/revision`: a model's folder inside a cache (the operator's claim uses the same shape)."""
-    parts = [repo_id.replace("/", "--"), revision or "main"]
-    return "/".join(re.sub(r"[^A-Za-z0-9._-]", "_", p).strip(".") or "_" for p in parts)
 
 
 def repo_id_of(uri: str) -> str:

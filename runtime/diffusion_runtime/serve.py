@@ -16,11 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffusion_runtime.api.state import Phase, RuntimeState
-from diffusion_runtime.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.contract.parallel import (
+    SINGLE,
+    Layout,
+    heads_refusal,
+    layout_of,
+    local_transformer_config,
+)
 from diffusion_runtime.engine.distributed import RankedModel, RankGroup
 from diffusion_runtime.engine.interface import Engine
 from diffusion_runtime.metrics import RuntimeMetrics
-from diffusion_runtime.parallel import SINGLE, Layout, heads_refusal, layout_of, local_transformer_config
 
 log = logging.getLogger("diffusion_runtime")
 # Kubernetes' default terminationMessagePath: kubelet mounts it into every container
@@ -93,7 +99,8 @@ def preflight(config: RuntimeConfig) -> tuple[str, Layout]:
 
 
 def _load_and_warm(state: RuntimeState, server: Any, ranks: RankGroup | None = None) -> None:
-    from diffusion_runtime import quality_gate, startup
+    from diffusion_runtime import startup
+    from diffusion_runtime.contract.lines import GATE_FAILED
     from diffusion_runtime.engine import compile_cache
     from diffusion_runtime.engine.model import ModelError, load_model
 
@@ -143,7 +150,7 @@ def _load_and_warm(state: RuntimeState, server: Any, ranks: RankGroup | None = N
             m.quality_gate_state.state("passed" if result.passed else "failed")
             local.quality_gate = None  # the reference images are not needed any more
             if not result.passed:
-                _fail(state, server, f"{quality_gate.FAILED}{result.summary()}")
+                _fail(state, server, f"{GATE_FAILED}{result.summary()}")
                 return
         if ranks is not None:
             ranks.serving()

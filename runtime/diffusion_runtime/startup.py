@@ -16,16 +16,14 @@ the newest cold and the newest warm start in `status.startup`.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import math
 from typing import Any
 
-READY_PREFIX = "diffusion-runtime ready: "
-COLD, WARM = "cold", "warm"
-# compile-cache lookup results (compile_cache.CompileCache.restore), plus "off": no cache consulted
-COMPILE_CACHE_RESULTS = ("hit", "miss", "corrupt", "error", "off")
-MODEL_SOURCES = ("downloaded", "local")
-SECONDS_FIELDS = ("seconds", "downloadSeconds", "loadSeconds", "warmupSeconds", "compileSeconds")
+from diffusion_runtime.contract.lines import COLD, WARM
+from diffusion_runtime.contract.lines import COMPILE_CACHE_RESULTS as COMPILE_CACHE_RESULTS
+from diffusion_runtime.contract.lines import MODEL_SOURCES as MODEL_SOURCES
+from diffusion_runtime.contract.lines import READY_PREFIX as READY_PREFIX
+from diffusion_runtime.contract.lines import parse_ready_line as parse_ready_line
+from diffusion_runtime.contract.lines import ready_line as ready_line
 
 
 def start_kind(model_downloaded: bool, compile: bool, compile_cache: str) -> str:
@@ -72,47 +70,3 @@ def summary(
         "warmupSeconds": round(warmup_seconds, 3),
         "compileSeconds": round(compile_seconds, 3),
     }
-
-
-def ready_line(record: dict[str, Any]) -> str:
-    return READY_PREFIX + json.dumps(record, sort_keys=True, separators=(",", ":"))
-
-
-def _valid(record: Any) -> bool:
-    if not isinstance(record, dict):
-        return False
-    if record.get("start") not in (COLD, WARM) or not isinstance(record.get("at"), str):
-        return False
-    if record.get("compileCache") not in COMPILE_CACHE_RESULTS or record.get("model") not in MODEL_SOURCES:
-        return False
-    if not isinstance(record.get("compile"), bool):
-        return False
-    for key in SECONDS_FIELDS:
-        value = record.get(key)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            return False
-    try:
-        dt.datetime.strptime(record["at"], "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        return False
-    return True
-
-
-def parse_ready_line(text: str) -> dict[str, Any] | None:
-    """The start record of the first well-formed ready line in `text` (a log), None without one."""
-    for line in text.splitlines():
-        index = line.find(READY_PREFIX)
-        if index < 0:
-            continue
-        try:
-            record = json.loads(line[index + len(READY_PREFIX) :])
-        except ValueError:
-            continue
-        if _valid(record):
-            return record
-    return None

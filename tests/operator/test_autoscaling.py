@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import defaults, funcs
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.keda import demand_query
 from diffusion_operator.controller import Reconciler
 from fakekube import FakeKube
@@ -26,47 +27,49 @@ def qwen(**autoscaling) -> dict:
     return doc
 
 
-def parsed(doc: dict) -> specs.Spec:
-    result = specs.parse(doc["metadata"]["name"], NS, doc["spec"])
+def parsed(doc: dict) -> DiffusionDeployment:
+    result = validation.parse(doc["metadata"]["name"], NS, doc["spec"])
     assert result.ok, [str(e) for e in result.errors]
-    assert result.spec is not None
-    return result.spec
+    assert result.cr is not None
+    return result.cr
 
 
 def errors(doc: dict) -> list[str]:
-    return [str(e) for e in specs.parse(doc["metadata"]["name"], NS, doc["spec"]).errors]
+    return [str(e) for e in validation.parse(doc["metadata"]["name"], NS, doc["spec"]).errors]
 
 
 # ---- spec -----------------------------------------------------------------------------------------
 
 
 def test_defaults_hpa_engine_demand_target_one_and_fast_up_slow_down():
-    a = parsed(qwen()).autoscaling
+    a = parsed(qwen()).spec.autoscaling
     assert a is not None
-    assert (a.engine, a.target_demand) == ("hpa", specs.DEFAULT_TARGET_DEMAND) == ("hpa", 1.0)
-    assert a.behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
-    assert a.behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
-    assert a.behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+    assert (a.engine, funcs.target_demand(a)) == ("hpa", defaults.DEFAULT_TARGET_DEMAND) == ("hpa", 1.0)
+    behavior = funcs.behavior(a.behavior)
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
 
 
 def test_target_queue_depth_is_a_deprecated_alias_of_target_demand():
-    a = parsed(qwen(targetQueueDepth=3)).autoscaling
-    assert a is not None and a.target_demand == 3.0 and a.deprecated_target_queue_depth
+    a = parsed(qwen(targetQueueDepth=3)).spec.autoscaling
+    assert a is not None and funcs.target_demand(a) == 3.0 and a.target_queue_depth is not None
     assert errors(qwen(targetQueueDepth=3, targetDemand=2)) == [
         "spec.autoscaling.targetQueueDepth: is the deprecated name of targetDemand: set only targetDemand"
     ]
 
 
 def test_behavior_merges_per_direction_and_field_over_the_defaults():
-    a = parsed(qwen(behavior={"scaleDown": {"stabilizationWindowSeconds": 30}})).autoscaling
+    a = parsed(qwen(behavior={"scaleDown": {"stabilizationWindowSeconds": 30}})).spec.autoscaling
     assert a is not None
-    assert a.behavior["scaleDown"]["stabilizationWindowSeconds"] == 30
-    assert a.behavior["scaleDown"]["policies"] == specs.DEFAULT_BEHAVIOR["scaleDown"]["policies"]
-    assert a.behavior["scaleUp"] == specs.DEFAULT_BEHAVIOR["scaleUp"]
+    behavior = funcs.behavior(a.behavior)
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 30
+    assert behavior["scaleDown"]["policies"] == defaults.DEFAULT_BEHAVIOR["scaleDown"]["policies"]
+    assert behavior["scaleUp"] == defaults.DEFAULT_BEHAVIOR["scaleUp"]
     policies = [{"type": "Pods", "value": 2, "periodSeconds": 5}]
-    a = parsed(qwen(behavior={"scaleUp": {"policies": policies, "selectPolicy": "Min"}})).autoscaling
-    assert a is not None and a.behavior["scaleUp"]["policies"] == policies
-    assert a.behavior["scaleUp"]["selectPolicy"] == "Min"
+    a = parsed(qwen(behavior={"scaleUp": {"policies": policies, "selectPolicy": "Min"}})).spec.autoscaling
+    assert a is not None and funcs.behavior(a.behavior)["scaleUp"]["policies"] == policies
+    assert funcs.behavior(a.behavior)["scaleUp"]["selectPolicy"] == "Min"
 
 
 @pytest.mark.parametrize(
@@ -104,7 +107,7 @@ def test_hpa_targets_the_demand_gauge_with_behavior():
         }
     ]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 20
-    assert hpa["spec"]["behavior"]["scaleUp"] == specs.DEFAULT_BEHAVIOR["scaleUp"]
+    assert hpa["spec"]["behavior"]["scaleUp"] == defaults.DEFAULT_BEHAVIOR["scaleUp"]
 
 
 def test_keda_engine_builds_a_scaled_object_and_no_hpa():
@@ -127,7 +130,9 @@ def test_keda_engine_builds_a_scaled_object_and_no_hpa():
         "name": "qwen-image",
     }
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (2, 4)
-    assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == s.autoscaling.behavior  # type: ignore[union-attr]
+    assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == funcs.behavior(
+        s.spec.autoscaling.behavior
+    )  # type: ignore[union-attr]
     assert so["spec"]["triggers"] == [
         {
             "type": "prometheus",
@@ -260,9 +265,9 @@ def test_readme_shows_the_scaled_object_the_operator_renders():
     shown = yaml.safe_load(block.group(1))
     doc = copy.deepcopy(sample("qwen-image.yaml"))
     doc["spec"]["autoscaling"]["engine"] = "keda"
-    result = specs.parse("qwen-image", "models", doc["spec"])
-    assert result.spec is not None
+    result = validation.parse("qwen-image", "models", doc["spec"])
+    assert result.cr is not None
     owner = owner_for(doc, "models")
-    rendered = builders.build_scaled_object(result.spec, owner, PROM)
+    rendered = builders.build_scaled_object(result.cr, owner, PROM)
     assert shown["spec"] == rendered["spec"]
     assert shown["metadata"] == {"name": "qwen-image", "namespace": "models"}

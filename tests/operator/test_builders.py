@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
 from diffusion_operator.builders.common import CONFIG_HASH_ANNOTATION, labels
 from diffusion_operator.controller.diff import is_subset, parse_quantity
 from diffusion_operator.hashing import config_hash
@@ -23,9 +23,9 @@ CONTRACT_LABELS = {
 
 
 def parsed(spec: dict | None = None, name: str = "flux-dev"):
-    result = specs.parse(name, "ns", spec if spec is not None else FLUX_DOC["spec"])
+    result = validation.parse(name, "ns", spec if spec is not None else FLUX_DOC["spec"])
     assert result.ok, [str(e) for e in result.errors]
-    return result.spec
+    return result.cr
 
 
 def test_every_child_has_contract_labels_and_controller_owner():
@@ -184,7 +184,7 @@ def test_probes_security_shm_token_and_rollout():
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the runtime's one-line reason
     startup = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
-    assert startup >= specs.startup_budget_seconds(parsed()) >= 900  # FLUX download + compile + warmup
+    assert startup >= funcs.startup_budget_seconds(parsed().spec) >= 900  # FLUX download + compile + warmup
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 1000 and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
 from op_helpers import owner_for, sample
 
 SEED = Path(__file__).parent / "seed"
 
 
 def render(doc: dict, tmp_path: Path) -> Path:
-    parsed = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    parsed = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert parsed.ok, [str(e) for e in parsed.errors]
-    cm = builders.build_configmap(parsed.spec, owner_for(doc))
+    cm = builders.build_configmap(parsed.cr, owner_for(doc))
     path = tmp_path / "cache-dit.yaml"
     path.write_text(cm["data"]["cache-dit.yaml"])
     return path
@@ -84,7 +84,7 @@ def test_cache_tag_matches_cache_dit_strify(tmp_path, load_configs):
     for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml"):
         doc = sample(name)
         rendered = load_configs(str(render(doc, tmp_path)))
-        assert specs.cache_tag(doc["spec"]["cacheDit"]) == rendered["cache_config"].strify(), name
+        assert funcs.cache_tag(doc["spec"]["cacheDit"]) == rendered["cache_config"].strify(), name
 
 
 def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
@@ -96,7 +96,7 @@ def test_rendered_yaml_keeps_cache_dit_keys_verbatim(tmp_path):
 
 def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
     from cache_dit.caching.cache_interface import steps_mask
-    from diffusion_runtime.cache_dit_facts import MASK_POLICIES
+    from diffusion_runtime.contract.cache_dit_facts import MASK_POLICIES
 
     for name in MASK_POLICIES:
         assert steps_mask(total_steps=8, mask_policy=name)  # each is a policy cache-dit knows
@@ -111,7 +111,7 @@ def test_mask_policy_names_match_cache_dit(tmp_path, load_configs):
 def test_named_mask_tag_and_expansion_equal_cache_dits_own(tmp_path, load_configs):
     """status.cacheTag for a named mask is what cache-dit's load_configs + strify give (not SCMfast)."""
     from cache_dit.caching.cache_interface import steps_mask
-    from diffusion_runtime import cache_dit_facts as facts
+    from diffusion_runtime.contract import cache_dit_facts as facts
 
     for steps in range(1, 101):
         for name in facts.MASK_POLICIES:
@@ -135,7 +135,7 @@ def test_named_mask_tag_and_expansion_equal_cache_dits_own(tmp_path, load_config
         if steps != 8:
             doc["spec"]["warmup"]["steps"] = min(steps, doc["spec"]["server"]["maxSteps"])
         rendered = load_configs(str(render(doc, tmp_path)))
-        tag = specs.cache_tag(doc["spec"]["cacheDit"])
+        tag = funcs.cache_tag(doc["spec"]["cacheDit"])
         assert tag == rendered["cache_config"].strify(), (name, steps)
         assert "SCM" + name not in tag
 
@@ -159,7 +159,7 @@ def test_block_lists_are_what_cache_dits_adapter_caches():
     """The facts' block lists for the tiny FLUX (2 double + 4 single blocks) are what cache-dit's own
     FLUX adapter hands its cached blocks: one joined list (dummy blocks, cache-dit's default)."""
     import cache_dit
-    from diffusion_runtime.cache_dit_facts import FLUX_ENABLE_DUMMY_BLOCKS, MODEL_BLOCK_LISTS
+    from diffusion_runtime.contract.cache_dit_facts import FLUX_ENABLE_DUMMY_BLOCKS, MODEL_BLOCK_LISTS
     from diffusion_runtime.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny", 0)

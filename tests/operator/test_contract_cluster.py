@@ -170,10 +170,10 @@ def test_int8_on_cpu_is_valid_and_float8_on_cpu_is_refused(cluster, namespace, o
 
 def test_kubectl_explain_shows_the_models_descriptions(cluster, crd):
     """The CRD is generated from the spec model: `kubectl explain` shows its descriptions and bounds."""
-    from diffusion_operator import spec as specs
+    from diffusion_operator.api import types
 
     out = cluster.kubectl("explain", "dd.spec.server.maxN").stdout
-    assert specs.ServerSpec.model_fields["max_n"].description in out, out
+    assert types.ServerSpec.model_fields["max_n"].description in out, out
     out = cluster.kubectl("explain", "dd.spec.warmup.resolutions").stdout
     assert "multiples of 16" in out, out
     out = cluster.kubectl("explain", "dd.spec.cacheDit.cache_config.Fn_compute_blocks").stdout
@@ -183,18 +183,19 @@ def test_kubectl_explain_shows_the_models_descriptions(cluster, crd):
 def test_a_parallel_layout_is_what_the_runtime_says(cluster, namespace, operator):
     """`cacheDit.parallelism_config`: the runtime's one function decides (config.parallel_layout_error,
     reached through cache_dit_errors); the operator reports its answer with no change of its own."""
-    from diffusion_operator import spec as specs
+    from diffusion_operator import validation
     from diffusion_operator.builders.configmap import render_cache_dit_config, runtime_config
-    from diffusion_runtime.config import runtime_errors
+    from diffusion_runtime.contract.config import runtime_errors
 
     doc = sample("tiny-cpu.yaml")
     doc["spec"]["gpu"] = {"count": 2}
     doc["spec"]["device"] = "auto"
     doc["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
-    view = specs.parse("tiny", namespace, doc["spec"]).spec
+    cr = validation.parse("tiny", namespace, doc["spec"]).cr
+    assert cr is not None
     runtime_says = [
         e
-        for e in runtime_errors(runtime_config(view), render_cache_dit_config(view), "cuda")
+        for e in runtime_errors(runtime_config(cr), render_cache_dit_config(cr), "cuda")
         if e.reason == "Unsupported"
     ]
     apply_doc(cluster, namespace, doc)

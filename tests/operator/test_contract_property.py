@@ -14,12 +14,12 @@ import copy
 import re
 
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
-from diffusion_operator.models import KNOWN_MODELS, product_capability
-from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import load_config_file, runtime_errors, validate
-from diffusion_runtime.optimize import plan_cache_dit, read_cache_dit_yaml
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs, types
+from diffusion_operator.api.model_facts import KNOWN_MODELS, product_capability
+from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract.config import load_config_file, runtime_errors, validate
+from diffusion_runtime.engine.optimize import plan_cache_dit, read_cache_dit_yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from op_helpers import OWNER, REPO
@@ -133,8 +133,8 @@ def apply_cel(spec: dict) -> dict:
         for k in facts.PARALLEL_SIZE_KEYS:
             product *= par.get(k, 1)
         spec.setdefault("gpu", {})
-        on_gpus = specs.ranks_device(spec.get("device", "auto"), spec["gpu"].get("count", 1)) == "cuda"
-        if product > specs.MAX_RANKS:
+        on_gpus = funcs.ranks_device(spec.get("device", "auto"), spec["gpu"].get("count", 1)) == "cuda"
+        if product > types.MAX_RANKS:
             spec["cacheDit"].pop("parallelism_config")
         else:  # one rank per GPU, or CPU ranks in a pod without GPUs
             spec["gpu"] = {**spec["gpu"], "count": product if on_gpus else 0}
@@ -169,25 +169,27 @@ def names_a_cr_field(path: str) -> bool:
     return True
 
 
-def runtime_accepts(parsed: specs.Parsed, tmp_path, load_configs) -> None:
+def runtime_accepts(parsed: validation.Parsed, tmp_path, load_configs) -> None:
     """The pod's own steps on the rendered files: load, validate, preflight the cache-dit YAML, and
     cache-dit's own loader on what the runtime hands it."""
-    s = parsed.spec
-    cm = builders.build_configmap(s, OWNER)
+    cr = parsed.cr
+    assert cr is not None
+    s, on = cr.spec, funcs.device_type(cr.spec)
+    cm = builders.build_configmap(cr, OWNER)
     for key, text in cm["data"].items():
         (tmp_path / key).write_text(text)
     cfg = validate(load_config_file(tmp_path / "runtime.yaml"))
-    assert cfg.server.max_n == s.max_n and cfg.warmup.steps == s.warmup_steps
-    capability = product_capability(s.gpu_product) if s.gpu_product and s.device_type == "cuda" else None
+    assert cfg.server.max_n == s.server.max_n and cfg.warmup.steps == s.warmup.steps
+    capability = product_capability(s.gpu.product) if s.gpu.product and on == "cuda" else None
     raw = read_cache_dit_yaml(cfg.cache_dit_config) if cfg.cache_dit_config else None
     # serve's preflight on the pod's device
-    assert runtime_errors(cfg, raw, s.device_type, capability) == []
+    assert runtime_errors(cfg, raw, on, capability) == []
     if raw is not None:
-        plan = plan_cache_dit(raw, s.device_type, capability)
+        plan = plan_cache_dit(raw, on, capability)
         if plan.uses_cache_dit:
             loaded = load_configs(copy.deepcopy(plan.raw))
             if "cache_config" in plan.raw:
-                assert loaded["cache_config"].strify() == specs.cache_tag(s.cache_dit)
+                assert loaded["cache_config"].strify() == funcs.cache_tag(funcs.cache_dit_config(s))
 
 
 def test_every_valid_spec_runs_and_every_refusal_names_a_cr_field(tmp_path, load_configs):
@@ -201,7 +203,7 @@ def test_every_valid_spec_runs_and_every_refusal_names_a_cr_field(tmp_path, load
     )
     @given(strategy(SPEC_SCHEMA).map(apply_cel))
     def check(spec: dict) -> None:
-        parsed = specs.parse("x", "ns", spec)
+        parsed = validation.parse("x", "ns", spec)
         if parsed.ok:
             seen["valid"] += 1
             runtime_accepts(parsed, tmp_path, load_configs)
@@ -271,7 +273,7 @@ def test_parse_never_raises_on_broken_specs():
     def check(drawn) -> None:
         spec, (path, value) = drawn
         broken = _replace(spec, path, value)
-        parsed = specs.parse("x", "ns", broken)
+        parsed = validation.parse("x", "ns", broken)
         counts["valid" if parsed.ok else "refused"] += 1
         for error in parsed.errors:
             field = error.field
@@ -279,8 +281,8 @@ def test_parse_never_raises_on_broken_specs():
                 field = re.sub(r"(\.[^.\[\]]+|\[[^\]]+\])$", "", field)
             assert field == "spec" or names_a_cr_field(field), (error.field, str(error), broken)
         if parsed.ok:
-            specs.cache_tag(parsed.spec.cache_dit)
-            builders.build_all(parsed.spec, OWNER)
+            funcs.cache_tag(funcs.cache_dit_config(parsed.cr.spec))
+            builders.build_all(parsed.cr, OWNER)
 
     check()
     print(f"broken specs: {counts}")

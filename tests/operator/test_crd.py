@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 import yaml
-from diffusion_operator import spec as specs
+from diffusion_operator.api import types
 from op_helpers import REPO
 
 CRD_PATH = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
@@ -112,7 +112,7 @@ def test_crd_names_subresources_columns_and_cel_rules():
     rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])
     assert "has(self.replicas) && has(self.autoscaling)" in rules and "ulysses_size" in rules
     messages = [r["message"] for r in spec["x-kubernetes-validations"]]
-    assert f"cacheDit.parallelism_config: {specs.PARALLEL_ON_GPUS}" in messages
-    assert f"cacheDit.parallelism_config: {specs.PARALLEL_ON_CPU}" in messages
+    assert f"cacheDit.parallelism_config: {types.PARALLEL_ON_GPUS}" in messages
+    assert f"cacheDit.parallelism_config: {types.PARALLEL_ON_CPU}" in messages
     auto = spec["properties"]["autoscaling"]["x-kubernetes-validations"][0]["rule"]
     assert auto == "self.minReplicas <= self.maxReplicas"

@@ -16,8 +16,8 @@ from diffusion_operator.builders.modelcache import (
     cache_subpath,
     claim_name,
 )
-from diffusion_operator.spec import parse
-from diffusion_runtime.config import config_from_dict
+from diffusion_operator.validation import parse
+from diffusion_runtime.contract.config import config_from_dict
 from diffusion_runtime.download import progress_line
 from fakekube import FakeKube
 from op_helpers import OWNER, sample
@@ -43,7 +43,7 @@ def cached_doc(name: str = "tiny", **cache) -> dict:
 def parsed(doc: dict):
     p = parse(doc["metadata"]["name"], NS, doc["spec"])
     assert p.ok, p.errors
-    return p.spec
+    return p.cr
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -351,12 +351,12 @@ def test_a_new_revision_downloads_while_the_running_pods_keep_serving_the_old_fo
 
 
 def test_startup_budget_has_no_download_in_the_pod_with_a_cache():
-    from diffusion_operator.spec import startup_budget_seconds
+    from diffusion_operator.api.funcs import startup_budget_seconds
 
     with_cache = parsed(cached_doc())
     doc = cached_doc()
     del doc["spec"]["model"]["cache"]
-    assert startup_budget_seconds(with_cache) < startup_budget_seconds(parsed(doc))
+    assert startup_budget_seconds(with_cache.spec) < startup_budget_seconds(parsed(doc).spec)
 
 
 def test_a_failed_job_deleted_by_the_user_is_created_again():

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
 from op_helpers import owner_for, sample
 
 
 def pod_of(doc: dict) -> dict:
-    result = specs.parse(doc["metadata"]["name"], "ns", doc["spec"])
+    result = validation.parse(doc["metadata"]["name"], "ns", doc["spec"])
     assert result.ok, [str(e) for e in result.errors]
-    s = result.spec
+    s = result.cr
     cm = builders.build_configmap(s, owner_for(doc))
     return builders.build_deployment(s, owner_for(doc), cm)["spec"]["template"]["spec"]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator import rbac
-from diffusion_operator import spec as specs
+from diffusion_operator.api import types
 from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
@@ -295,18 +295,18 @@ def test_schema_refuses_unknown_key_bad_enum_and_min_above_max(cluster, namespac
     par["spec"]["gpu"]["count"] = 4
     par["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     out = apply_doc(cluster, namespace, par, check=False)
-    assert specs.PARALLEL_ON_GPUS in out.stderr, out.stderr
+    assert types.PARALLEL_ON_GPUS in out.stderr, out.stderr
 
     cpu_ranks = sample("tiny-cpu.yaml")  # device cpu: the ranks are CPU processes, not GPUs
     cpu_ranks["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     holding = copy.deepcopy(cpu_ranks)
     holding["spec"]["gpu"] = {"count": 2}
     out = apply_doc(cluster, namespace, holding, check=False)
-    assert specs.PARALLEL_ON_CPU in out.stderr, out.stderr
+    assert types.PARALLEL_ON_CPU in out.stderr, out.stderr
     many = copy.deepcopy(cpu_ranks)
-    many["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 4, "tp_size": specs.MAX_RANKS}
+    many["spec"]["cacheDit"]["parallelism_config"] = {"ulysses_size": 4, "tp_size": types.MAX_RANKS}
     out = apply_doc(cluster, namespace, many, check=False)
-    assert specs.PARALLEL_ON_CPU in out.stderr, out.stderr
+    assert types.PARALLEL_ON_CPU in out.stderr, out.stderr
 
     assert get_json(cluster, "dd", "-n", namespace)["items"] == []  # nothing was stored
 

@@ -8,12 +8,13 @@ import copy
 
 import pytest
 import yaml
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
 from diffusion_operator import status as st
+from diffusion_operator.api import funcs
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
-from diffusion_runtime.config import config_from_dict, runtime_errors
-from diffusion_runtime.quality_gate import FAILED
+from diffusion_runtime.contract.config import config_from_dict, runtime_errors
+from diffusion_runtime.contract.lines import GATE_FAILED as FAILED
 from op_helpers import sample
 from test_reconciler import NS, conditions, cr, cr_doc, roll_out, setup, update_spec
 
@@ -21,10 +22,10 @@ GATE = {"prompts": ["a cat"], "seeds": [0, 1], "minPSNR": 30.0, "minSSIM": 0.8}
 FAILURE = f"{FAILED}PSNR 12.10 dB < min 30, SSIM 0.4000 < min 0.8 (worst of 2 canaries, optimized vs plain pipeline)"
 
 
-def parsed(spec: dict) -> specs.Spec:
-    p = specs.parse("tiny", NS, spec)
-    assert p.ok and p.spec is not None, p.errors
-    return p.spec
+def parsed(spec: dict) -> DiffusionDeployment:
+    p = validation.parse("tiny", NS, spec)
+    assert p.ok and p.cr is not None, p.errors
+    return p.cr
 
 
 def tiny_spec(**extra) -> dict:
@@ -33,7 +34,7 @@ def tiny_spec(**extra) -> dict:
     return doc
 
 
-def runtime_yaml(spec: specs.Spec) -> dict:
+def runtime_yaml(spec: DiffusionDeployment) -> dict:
     cm = builders.build_all(spec, {"metadata": {"name": "tiny", "uid": "u"}, "apiVersion": "x", "kind": "y"})[
         0
     ]
@@ -58,7 +59,7 @@ def test_disabled_or_absent_gate_renders_nothing():
 
 
 def test_defaults_come_from_the_runtime():
-    from diffusion_runtime.config import QualityGateConfig
+    from diffusion_runtime.contract.config import QualityGateConfig
 
     rendered = runtime_yaml(parsed(tiny_spec(qualityGate={})))["quality_gate"]
     d = QualityGateConfig()
@@ -82,18 +83,22 @@ def test_defaults_come_from_the_runtime():
     ],
 )
 def test_refusals_name_the_cr_field(gate, field):
-    p = specs.parse("tiny", NS, tiny_spec(qualityGate=gate))
+    p = validation.parse("tiny", NS, tiny_spec(qualityGate=gate))
     assert not p.ok
     assert any(e.field == field for e in p.errors), p.errors
 
 
 def test_with_a_gate_and_room_to_surge_a_rollout_never_takes_a_serving_pod_down():
     surge = {"maxSurge": 1}
-    assert parsed(tiny_spec(qualityGate=GATE, rollout=surge)).max_unavailable == 0
-    assert parsed(tiny_spec(rollout=surge)).max_unavailable == 1  # no gate: the usual default
-    assert parsed(tiny_spec(qualityGate=GATE)).max_unavailable == 1  # maxSurge 0: must take one down
+    assert funcs.max_unavailable(parsed(tiny_spec(qualityGate=GATE, rollout=surge)).spec) == 0
+    assert funcs.max_unavailable(parsed(tiny_spec(rollout=surge)).spec) == 1  # no gate: the usual default
+    assert (
+        funcs.max_unavailable(parsed(tiny_spec(qualityGate=GATE)).spec) == 1
+    )  # maxSurge 0: must take one down
     explicit = {"maxSurge": 1, "maxUnavailable": 1}
-    assert parsed(tiny_spec(qualityGate=GATE, rollout=explicit)).max_unavailable == 1  # the user decides
+    assert (
+        funcs.max_unavailable(parsed(tiny_spec(qualityGate=GATE, rollout=explicit)).spec) == 1
+    )  # the user decides
 
 
 # ---- the condition -----------------------------------------------------------------------------

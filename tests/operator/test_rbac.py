@@ -7,8 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from diffusion_operator import builders, rbac
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, rbac, validation
+from diffusion_operator.api import group
 from diffusion_operator.kube import Kube
 from diffusion_operator.resources import MANAGED_LABELS, RESOURCES, Watch, resource, watched
 
@@ -36,16 +36,16 @@ def test_every_child_the_builders_render_is_in_the_table_with_apply_verbs():
         "model": {"uri": "hf://org/model", "cache": {"size": "10Gi"}},
         "autoscaling": {"minReplicas": 1, "maxReplicas": 2},
     }
-    parsed = specs.parse("tiny", "ns", doc)
+    parsed = validation.parse("tiny", "ns", doc)
     assert parsed.ok, parsed.errors
-    owner = {"apiVersion": specs.API_VERSION, "kind": specs.KIND, "metadata": {"name": "tiny", "uid": "u"}}
-    objs = builders.build_all(parsed.spec, owner, model_cache_ready=True, keda_prometheus_address="http://p")
+    owner = {"apiVersion": group.API_VERSION, "kind": group.KIND, "metadata": {"name": "tiny", "uid": "u"}}
+    objs = builders.build_all(parsed.cr, owner, model_cache_ready=True, keda_prometheus_address="http://p")
     objs += [
-        builders.build_download_job(parsed.spec, owner),
-        builders.build_model_cache_pvc(parsed.spec, owner),
+        builders.build_download_job(parsed.cr, owner),
+        builders.build_model_cache_pvc(parsed.cr, owner),
     ]
-    keda = specs.parse("tiny", "ns", {**doc, "autoscaling": {**doc["autoscaling"], "engine": "keda"}})
-    objs += builders.build_all(keda.spec, owner, model_cache_ready=True, keda_prometheus_address="http://p")
+    keda = validation.parse("tiny", "ns", {**doc, "autoscaling": {**doc["autoscaling"], "engine": "keda"}})
+    objs += builders.build_all(keda.cr, owner, model_cache_ready=True, keda_prometheus_address="http://p")
     kinds = {(o["apiVersion"], o["kind"]) for o in objs}
     assert ("keda.sh/v1alpha1", "ScaledObject") in kinds and ("batch/v1", "Job") in kinds
     for api_version, kind in kinds:
@@ -69,8 +69,8 @@ def test_paths_come_from_the_table():
     assert Kube.collection("v1", "ConfigMap", "a b") == "/api/v1/namespaces/a%20b/configmaps"
     assert Kube.collection("apps/v1", "Deployment", None) == "/apis/apps/v1/deployments"
     assert (
-        Kube.collection(specs.API_VERSION, specs.KIND, "ns")
-        == f"/apis/{specs.API_VERSION}/namespaces/ns/{specs.PLURAL}"
+        Kube.collection(group.API_VERSION, group.KIND, "ns")
+        == f"/apis/{group.API_VERSION}/namespaces/ns/{group.PLURAL}"
     )
     assert (
         Kube.collection("keda.sh/v1alpha1", "ScaledObject", "ns")

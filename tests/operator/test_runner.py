@@ -14,7 +14,7 @@ def test_operator_modules_never_import_torch_or_cache_dit():
     code = (
         "import sys\n"
         "import diffusion_operator.runner, diffusion_operator.handlers, diffusion_operator.builders\n"
-        "import diffusion_operator.spec, diffusion_operator.kube, diffusion_operator.rbac\n"
+        "import diffusion_operator.validation, diffusion_operator.kube, diffusion_operator.rbac\n"
         "bad = [m for m in ('torch', 'cache_dit', 'diffusers', 'torchao') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )

@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 
 import pytest
-from diffusion_operator import spec as specs
-from diffusion_operator.models import model_facts, product_capability
+from diffusion_operator import validation
+from diffusion_operator.api import funcs, types
+from diffusion_operator.api.model_facts import model_facts, product_capability
 from op_helpers import sample
 
 FLUX = sample("flux-dev.yaml")["spec"]
 
 
 def parse(spec: dict, name: str = "x"):
-    return specs.parse(name, "ns", spec)
+    return validation.parse(name, "ns", spec)
 
 
 def fields(parsed) -> list[str]:
@@ -28,20 +29,23 @@ def test_samples_parse_without_errors():
 
 
 def test_flux_sample_values():
-    s = parse(FLUX).spec
+    s = parse(FLUX).cr.spec
     assert s.model.uri == "hf://black-forest-labs/FLUX.1-dev"
-    assert s.model.token_secret == "hf-token" and s.model.token_key == "token"
-    assert s.gpu_count == 1 and s.replicas == 1 and s.compile is True
-    assert s.quantize == {"quant_type": "float8_per_row", "exclude_layers": ["embedder", "embed"]}
-    assert s.needs_float8_gpu
+    assert funcs.token_secret(s) == ("hf-token", "token")
+    assert s.gpu.count == 1 and funcs.replicas(s) == 1 and s.compile is True
+    assert funcs.quantize_config(s) == {
+        "quant_type": "float8_per_row",
+        "exclude_layers": ["embedder", "embed"],
+    }
+    assert funcs.required_capability(s) == (8, 9)  # cache-dit's float8 floor
 
 
 def test_float8_alias_is_normalised():
     spec = copy.deepcopy(FLUX)
     spec["quantize"]["quant_type"] = "float8"
-    s = parse(spec).spec
-    assert s.quantize["quant_type"] == "float8_per_row"
-    assert s.quant_type_alias == "float8"
+    s = parse(spec).cr.spec
+    assert funcs.quantize_config(s)["quant_type"] == "float8_per_row"  # type: ignore[index]
+    assert funcs.quant_type_alias(s) == "float8"
     assert spec["quantize"]["quant_type"] == "float8"  # input untouched
 
 
@@ -82,7 +86,7 @@ def test_float8_on_h100_product_and_int8_on_a100_are_fine():
     spec["gpu"] = {"count": 1, "product": "NVIDIA-A100-SXM4-80GB"}
     spec["quantize"]["quant_type"] = "int8_per_row"
     parsed = parse(spec)
-    assert parsed.ok and not parsed.spec.needs_float8_gpu
+    assert parsed.ok and funcs.required_capability(parsed.cr.spec) is None
 
 
 def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
@@ -90,10 +94,10 @@ def test_on_gpus_parallel_sizes_must_multiply_to_gpu_count():
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
     spec["gpu"] = {"count": 2}
     parsed = parse(spec)
-    assert parsed.spec.device_type == "cuda"
+    assert funcs.device_type(parsed.cr.spec) == "cuda"
     assert set(fields(parsed)) == {"spec.cacheDit.parallelism_config"}
     (error,) = parsed.errors
-    assert error.message.startswith(specs.PARALLEL_ON_GPUS), error.message
+    assert error.message.startswith(types.PARALLEL_ON_GPUS), error.message
     assert "ulysses_size * ring_size * tp_size = 4, spec.gpu.count = 2" in error.message
     assert parsed.reason == "InvalidSpec"
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2, "ring_size": 2}
@@ -112,8 +116,8 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
     parsed = parse(spec)
     assert parsed.ok, [str(e) for e in parsed.errors]
-    s = parsed.spec
-    assert s.device == "cpu" and s.gpu_count == 0 and s.device_type == "cpu"
+    s = parsed.cr
+    assert s.spec.device == "cpu" and s.spec.gpu.count == 0 and funcs.device_type(s.spec) == "cpu"
     cm = builders.build_configmap(s, owner_for(doc))
     assert "ulysses_size: 2" in cm["data"]["cache-dit.yaml"]
     pod = builders.build_deployment(s, owner_for(doc), cm)["spec"]["template"]["spec"]
@@ -131,15 +135,15 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
     holding["gpu"] = {"count": 2}  # ranks on CPU while two GPUs sit idle
     parsed = parse(holding)
     assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-    assert parsed.errors[0].message.startswith(specs.PARALLEL_ON_CPU), parsed.errors[0].message
+    assert parsed.errors[0].message.startswith(types.PARALLEL_ON_CPU), parsed.errors[0].message
     assert "spec.gpu.count = 2, spec.device cpu" in parsed.errors[0].message
 
     many = copy.deepcopy(spec)
-    many["cacheDit"]["parallelism_config"] = {"ulysses_size": 2 * specs.MAX_RANKS}
+    many["cacheDit"]["parallelism_config"] = {"ulysses_size": 2 * types.MAX_RANKS}
     parsed = parse(many)
     assert fields(parsed) == ["spec.cacheDit.parallelism_config"]
-    assert f"at most {specs.MAX_RANKS}" in parsed.errors[0].message
-    assert f"= {2 * specs.MAX_RANKS}," in parsed.errors[0].message
+    assert f"at most {types.MAX_RANKS}" in parsed.errors[0].message
+    assert f"= {2 * types.MAX_RANKS}," in parsed.errors[0].message
 
 
 @pytest.mark.parametrize(
@@ -154,7 +158,7 @@ def test_on_cpu_the_parallel_sizes_are_the_rank_count_not_gpu_count():
 def test_on_cpu_what_the_runtime_does_not_run_is_unsupported_naming_the_key(layout, key, words):
     """The operator asks the runtime's own preflight: its refusal (parallel.layout_refusal) comes back
     as ConfigValid=False, reason Unsupported, naming the CR field."""
-    from diffusion_runtime.parallel import layout_refusal
+    from diffusion_runtime.contract.parallel import layout_refusal
 
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
     spec["cacheDit"]["parallelism_config"] = layout
@@ -170,7 +174,7 @@ def test_on_cpu_what_the_runtime_does_not_run_is_unsupported_naming_the_key(layo
 def test_parallelism_follows_the_runtime_layout_rules():
     """The runtime's one function (config.parallel_layout_error) decides; the operator follows it:
     Ulysses on GPUs is valid, what the runtime refuses is Unsupported naming the key."""
-    from diffusion_runtime.config import parallel_layout_error
+    from diffusion_runtime.contract.config import parallel_layout_error
 
     spec = copy.deepcopy(FLUX)
     spec["cacheDit"]["parallelism_config"] = {"ulysses_size": 2}
@@ -198,7 +202,7 @@ def test_parallel_sizes_all_one_is_refused():
 
 def test_quantize_on_cpu_int8_allowed_float8_refused():
     """One behaviour end to end: the runtime runs the int8 types on CPU with torchao, nothing else."""
-    from diffusion_runtime.config import CPU_QUANT_TYPES
+    from diffusion_runtime.contract.config import CPU_QUANT_TYPES
 
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
     for quant_type in CPU_QUANT_TYPES:
@@ -267,16 +271,16 @@ def test_model_facts_and_capabilities():
 
 
 def test_startup_budget_grows_with_compile_and_resolutions():
-    base = parse(FLUX).spec
+    base = parse(FLUX).cr.spec
     more = copy.deepcopy(FLUX)
     more["warmup"]["resolutions"] = ["1024x1024", "768x1344"]
-    assert specs.startup_budget_seconds(parse(more).spec) > specs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(more).cr.spec) > funcs.startup_budget_seconds(base)
     no_compile = copy.deepcopy(FLUX)
     no_compile["compile"] = False
-    assert specs.startup_budget_seconds(parse(no_compile).spec) < specs.startup_budget_seconds(base)
+    assert funcs.startup_budget_seconds(parse(no_compile).cr.spec) < funcs.startup_budget_seconds(base)
     pinned = copy.deepcopy(FLUX)
     pinned["startupTimeoutSeconds"] = 120
-    assert specs.startup_budget_seconds(parse(pinned).spec) == 120
+    assert funcs.startup_budget_seconds(parse(pinned).cr.spec) == 120
 
 
 @pytest.mark.parametrize(
@@ -344,19 +348,22 @@ def test_what_the_runtime_refuses_is_refused_naming_the_cr_field(mutate, field, 
 
 
 def test_runtime_paths_map_back_to_cr_fields():
-    assert specs.cr_field("server.max_n") == "spec.server.maxN"
-    assert specs.cr_field("warmup.resolutions") == "spec.warmup.resolutions"
-    assert specs.cr_field("cache_config.Fn_compute_blocks") == "spec.cacheDit.cache_config.Fn_compute_blocks"
-    assert specs.cr_field("quantize_config.quant_type") == "spec.quantize.quant_type"
-    assert specs.cr_field("parallelism_config") == "spec.cacheDit.parallelism_config"
-    assert specs.cr_field("server.port") == "spec"  # set by the operator, not from the CR
+    assert validation.cr_field("server.max_n") == "spec.server.maxN"
+    assert validation.cr_field("warmup.resolutions") == "spec.warmup.resolutions"
+    assert (
+        validation.cr_field("cache_config.Fn_compute_blocks")
+        == "spec.cacheDit.cache_config.Fn_compute_blocks"
+    )
+    assert validation.cr_field("quantize_config.quant_type") == "spec.quantize.quant_type"
+    assert validation.cr_field("parallelism_config") == "spec.cacheDit.parallelism_config"
+    assert validation.cr_field("server.port") == "spec"  # set by the operator, not from the CR
 
 
 def test_server_defaults_and_bounds_are_the_runtimes():
-    from diffusion_runtime.config import ServerConfig
-    from diffusion_runtime.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
+    from diffusion_runtime.contract.config import ServerConfig
+    from diffusion_runtime.contract.limits import MAX_N_LIMIT, MAX_STEPS_LIMIT
 
-    s = parse({"model": {"uri": "hf://a/b"}}).spec
+    s = parse({"model": {"uri": "hf://a/b"}}).cr.spec.server
     runtime = ServerConfig()
     assert (s.max_queue, s.max_pixels, s.max_steps, s.max_n) == (
         runtime.max_queue,
@@ -365,7 +372,7 @@ def test_server_defaults_and_bounds_are_the_runtimes():
         runtime.max_n,
     )
     assert s.request_timeout_seconds == runtime.request_timeout_seconds
-    server = specs.ServerSpec.model_json_schema(by_alias=True)["properties"]
+    server = types.ServerSpec.model_json_schema(by_alias=True)["properties"]
     assert server["maxN"]["maximum"] == MAX_N_LIMIT and server["maxSteps"]["maximum"] == MAX_STEPS_LIMIT
 
 
@@ -376,8 +383,8 @@ def test_the_operator_and_the_facts_import_without_torch():
     import sys
 
     code = (
-        "import sys, diffusion_operator.spec, diffusion_operator.builders, diffusion_operator.rbac, "
-        "diffusion_runtime.config, diffusion_runtime.cache_dit_facts as f; "
+        "import sys, diffusion_operator.validation, diffusion_operator.builders, diffusion_operator.rbac, "
+        "diffusion_runtime.contract.config, diffusion_runtime.contract.cache_dit_facts as f; "
         "assert f.steps_mask(total_steps=8, mask_policy='fast'); "
         "bad = [m for m in ('torch', 'cache_dit', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad"
@@ -386,8 +393,8 @@ def test_the_operator_and_the_facts_import_without_torch():
 
 
 def test_tiny_model_blocks_are_checked_like_the_pod_would():
-    from diffusion_operator.models import KNOWN_MODELS
-    from diffusion_runtime.cache_dit_facts import MODEL_BLOCK_LISTS
+    from diffusion_operator.api.model_facts import KNOWN_MODELS
+    from diffusion_runtime.contract.cache_dit_facts import MODEL_BLOCK_LISTS
 
     assert {m.name for m in KNOWN_MODELS.values()} == set(MODEL_BLOCK_LISTS)
     spec = copy.deepcopy(sample("tiny-cpu.yaml")["spec"])
@@ -402,3 +409,17 @@ def test_huge_step_count_with_a_named_mask_is_refused_fast():
     spec["cacheDit"]["cache_config"].update(steps_computation_mask="fast", num_inference_steps=10**12)
     parsed = parse(spec)
     assert "spec.cacheDit.cache_config.num_inference_steps" in fields(parsed)
+
+
+def test_a_null_runtime_setting_never_crashes_the_parse():
+    """Every CR field that is a runtime setting, written as null: an error naming it or its default,
+    never an exception (the CR field reuses the runtime's bounds, not its validators)."""
+    for f in funcs.SETTING_FIELDS:
+        spec: dict = copy.deepcopy(FLUX)
+        where = spec
+        *sections, name = f.cr.split(".")[1:]
+        for section in sections:
+            where = where.setdefault(section, {})
+        where[name] = None
+        parsed = parse(spec)
+        assert parsed.ok or parsed.errors, f.cr

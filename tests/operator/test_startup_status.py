@@ -7,11 +7,11 @@ from __future__ import annotations
 import copy
 
 from diffusion_operator import status as st
+from diffusion_operator.api.status_types import StartupStatus
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER
 from diffusion_operator.controller.informers import pod_gate_view
 from diffusion_operator.controller.startup import START_LOG_BYTES, ready_container
 from diffusion_operator.kube import ApiError
-from diffusion_operator.spec import StartupStatus
 from diffusion_runtime.startup import ready_line
 from test_reconciler import NS, cr, cr_doc, roll_out, setup
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from diffusion_operator import status as st
-from diffusion_operator.spec import FieldError
+from diffusion_operator.validation import FieldError
 
 
 def deployment(replicas=1, ready=1, updated=1, available=None, generation=1, observed=1, spec_replicas=1):

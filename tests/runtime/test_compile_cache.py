@@ -95,7 +95,7 @@ def test_second_process_loads_the_first_ones_artifacts_and_a_corrupt_file_recomp
 
 
 def test_compile_cache_dir_must_be_absolute(tmp_path):
-    from diffusion_runtime.config import ConfigError, config_from_dict, validate
+    from diffusion_runtime.contract.config import ConfigError, config_from_dict, validate
 
     raw = {"model": {"uri": "/m"}, "compile": True, "compile_cache_dir": "relative/path"}
     with pytest.raises(ConfigError, match="compile_cache_dir: expected an absolute path"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from diffusion_runtime.config import (
+from diffusion_runtime.contract.config import (
     ConfigError,
     RuntimeConfig,
     apply_overrides,
@@ -161,11 +161,35 @@ def test_runtime_quant_types_are_the_crds():
     from pathlib import Path
 
     import yaml
-    from diffusion_runtime.cache_dit_facts import QUANT_TYPE_ALIASES as QUANT_ALIASES
-    from diffusion_runtime.cache_dit_facts import QUANT_TYPES
+    from diffusion_runtime.contract.cache_dit_facts import QUANT_TYPE_ALIASES as QUANT_ALIASES
+    from diffusion_runtime.contract.cache_dit_facts import QUANT_TYPES
 
     crd = yaml.safe_load(
         (Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml").read_text()
     )
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec["quantize"]["properties"]["quant_type"]["enum"]) == set(QUANT_TYPES) | set(QUANT_ALIASES)
+
+
+def test_serve_flags_come_from_the_settings():
+    """`diffusion-runtime serve`'s flags are built from OVERRIDES and the settings' fields: the
+    choices are the config's Literal values, the types its field types, every flag overrides one."""
+    from diffusion_runtime.cli import _parser
+    from diffusion_runtime.contract.config import DEVICES, DTYPES, OVERRIDES, setting_field
+
+    serve = next(
+        a
+        for a in _parser()._subparsers._group_actions[0].choices.values()
+        if a.prog.endswith(" serve")  # type: ignore[union-attr]
+    )
+    flags = {a.dest: a for a in serve._actions}
+    assert set(OVERRIDES) <= set(flags)
+    assert tuple(flags["dtype"].choices) == DTYPES and tuple(flags["device"].choices) == DEVICES
+    assert flags["port"].type is int and flags["request_timeout"].type is float
+    for dest, path in OVERRIDES.items():
+        assert f"{setting_field(path).description} ({path})" in flags[dest].help  # the field's description
+    args = serve.parse_args(
+        ["--max-queue", "3", "--warmup-size", "64x64", "--warmup-size", "32x32", "--no-compile"]
+    )
+    cfg = apply_overrides(RuntimeConfig(), **{d: getattr(args, d) for d in OVERRIDES})
+    assert (cfg.server.max_queue, cfg.warmup.resolutions, cfg.compile) == (3, ["64x64", "32x32"], False)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from diffusion_runtime.config import ConfigError, parallel_layout_error
-from diffusion_runtime.engine.optimize import plan_cache_dit
-from diffusion_runtime.parallel import (
+from diffusion_runtime.contract.config import ConfigError, parallel_layout_error
+from diffusion_runtime.contract.parallel import (
     SINGLE,
     Layout,
     heads_refusal,
@@ -13,6 +12,7 @@ from diffusion_runtime.parallel import (
     layout_refusal,
     local_transformer_config,
 )
+from diffusion_runtime.engine.optimize import plan_cache_dit
 
 
 def test_layout_world_size_labels_and_description():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from diffusion_runtime.config import ConfigError, config_from_dict, validate
+from diffusion_runtime.contract.config import ConfigError, config_from_dict, validate
 from fixtures_runtime import STATIC_CACHE_DIT
 from test_runtime_server import generate, scrape, value
 

@@ -65,7 +65,7 @@ def test_rank_calls_pickle_with_their_parameters():
 
 def test_the_request_models_have_every_field_the_serving_object_reads():
     from diffusion_runtime.api.protocol import EditRequestFields, ImageRequestFields, build_protocol
-    from diffusion_runtime.config import RuntimeConfig
+    from diffusion_runtime.contract.config import RuntimeConfig
 
     protocol = build_protocol(RuntimeConfig())
     reads = set(ImageRequestFields.__annotations__)

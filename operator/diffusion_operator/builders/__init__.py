@@ -1,7 +1,9 @@
-"""Pure builders: parsed spec in, Kubernetes object (a dict) out. No API calls here."""
+"""Pure builders: the typed CR (`api.types.DiffusionDeployment`) in, Kubernetes object (a dict) out.
+No API calls here, no validation (`diffusion_operator.validation` sits above them)."""
 
 from __future__ import annotations
 
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import labels, owner_reference, selector, selector_string
 from diffusion_operator.builders.configmap import (
     build_configmap,
@@ -36,7 +38,7 @@ __all__ = [
 
 
 def build_all(
-    spec, owner: dict, model_cache_ready: bool = True, keda_prometheus_address: str = ""
+    dd: DiffusionDeployment, owner: dict, model_cache_ready: bool = True, keda_prometheus_address: str = ""
 ) -> list[dict]:
     """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
     then the Deployment (the slow part: scheduling, image pull, model load), then the rest; with
@@ -44,18 +46,18 @@ def build_all(
     (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
     The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
     reading `keda_prometheus_address`), never both."""
-    configmap = build_configmap(spec, owner)
+    configmap = build_configmap(dd, owner)
     children = [
         configmap,
-        build_deployment(spec, owner, configmap, model_cache_ready=model_cache_ready),
-        build_service(spec, owner),
-        build_pdb(spec, owner),
+        build_deployment(dd, owner, configmap, model_cache_ready=model_cache_ready),
+        build_service(dd, owner),
+        build_pdb(dd, owner),
     ]
-    if spec.autoscaling is not None and model_cache_ready:
-        if spec.autoscaling.engine == "keda":
-            children.append(build_scaled_object(spec, owner, keda_prometheus_address))
+    if dd.spec.autoscaling is not None and model_cache_ready:
+        if dd.spec.autoscaling.engine == "keda":
+            children.append(build_scaled_object(dd, owner, keda_prometheus_address))
         else:
-            children.append(build_hpa(spec, owner))
-    if spec.model_cache is not None:
-        children += [build_model_cache_pvc(spec, owner), build_download_job(spec, owner)]
+            children.append(build_hpa(dd, owner))
+    if dd.spec.model.cache is not None:
+        children += [build_model_cache_pvc(dd, owner), build_download_job(dd, owner)]
     return children

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from diffusion_runtime.config import ServerConfig
+from diffusion_runtime.contract.config import ServerConfig
 
-from diffusion_operator.spec import API_VERSION, KIND
+from diffusion_operator.api.group import API_VERSION, KIND
+from diffusion_operator.api.types import DiffusionDeployment
 
 MANAGED_BY = "diffusion-operator"
 FIELD_MANAGER = "diffusion-operator"
@@ -67,10 +68,10 @@ def owner_reference(owner: dict) -> dict:
     }
 
 
-def metadata(name: str, spec, owner: dict) -> dict:
+def metadata(name: str, dd: DiffusionDeployment, owner: dict) -> dict:
     return {
         "name": name,
-        "namespace": spec.namespace,
-        "labels": labels(spec.name),
+        "namespace": dd.namespace,
+        "labels": labels(dd.name),
         "ownerReferences": [owner_reference(owner)],
     }

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import yaml
-from diffusion_runtime.config import ModelConfig, RuntimeConfig, ServerConfig, WarmupConfig
+from typing import Any
 
+import yaml
+from diffusion_runtime.contract.config import RuntimeConfig, config_from_dict
+
+from diffusion_operator.api.funcs import (
+    cache_dit_config,
+    has_cache_dit_file,
+    model_pvc,
+    quality_gate_on,
+    quantize_config,
+    runtime_settings,
+)
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
+from diffusion_operator.builders.modelcache import model_path_in_pod
 
 CONFIG_DIR = "/etc/diffusion"
 MODELS_DIR = "/models"
@@ -15,65 +27,60 @@ CACHE_DIT_FILE = "cache-dit.yaml"  # beside runtime.yaml; the runtime resolves i
 COMPILE_CACHE_MOUNT = "/var/cache/diffusion-compile"  # spec.compileCache's claim, read-write
 
 
-def model_uri_in_pod(spec) -> str:
+def model_uri_in_pod(dd: DiffusionDeployment) -> str:
     """pvc://claim/path is mounted at /models/claim; the runtime sees a plain path. With spec.model.cache
     the model is the folder the download Job filled (builders.modelcache)."""
-    if getattr(spec, "model_cache", None) is not None:
-        from diffusion_operator.builders.modelcache import model_path_in_pod
-
-        return model_path_in_pod(spec)
-    pvc = spec.model.pvc
+    if dd.spec.model.cache is not None:
+        return model_path_in_pod(dd)
+    pvc = model_pvc(dd.spec)
     if pvc is None:
-        return spec.model.uri
+        return dd.spec.model.uri
     claim, path = pvc
     return f"{MODELS_DIR}/{claim}/{path}".rstrip("/")
 
 
-def render_cache_dit_config(spec) -> dict:
+def render_cache_dit_config(dd: DiffusionDeployment) -> dict:
     """What `cache_dit.load_configs` reads: cache_config, parallelism_config, attention_backend, quantize_config."""
     out: dict = {}
+    cache_dit = cache_dit_config(dd.spec)
     for key in ("cache_config", "parallelism_config", "attention_backend"):
-        if spec.cache_dit.get(key) is not None:
-            out[key] = spec.cache_dit[key]
-    if spec.quantize:
-        out["quantize_config"] = spec.quantize
+        if cache_dit.get(key) is not None:
+            out[key] = cache_dit[key]
+    quantize = quantize_config(dd.spec)
+    if quantize:
+        out["quantize_config"] = quantize
     return out
 
 
-def render_cache_dit_yaml(spec) -> str:
-    return yaml.safe_dump(render_cache_dit_config(spec), sort_keys=False)
+def render_cache_dit_yaml(dd: DiffusionDeployment) -> str:
+    return yaml.safe_dump(render_cache_dit_config(dd), sort_keys=False)
 
 
-def runtime_config(spec) -> RuntimeConfig:
-    """runtime.yaml as the runtime's own config type (the operator validates this very object)."""
-    cfg = RuntimeConfig(
-        model=ModelConfig(
-            uri=model_uri_in_pod(spec),
-            revision=spec.model.revision,
-            pipeline=spec.model.pipeline,
-            dtype=spec.model.dtype,
-        ),
-        cache_dit_config=CACHE_DIT_FILE if spec.has_cache_dit_file else None,
-        compile=spec.compile,
-        device=spec.device,
-        warmup=WarmupConfig(resolutions=list(spec.warmup_resolutions), steps=spec.warmup_steps),
-        server=ServerConfig(
-            host="0.0.0.0",
-            port=HTTP_PORT,
-            metrics_port=METRICS_PORT,
-            max_queue=spec.max_queue,
-            request_timeout_seconds=spec.request_timeout_seconds,
-            max_pixels=spec.max_pixels,
-            max_steps=spec.max_steps,
-            max_n=spec.max_n,
-        ),
-    )
-    if spec.warmup_prompt:
-        cfg.warmup.prompt = spec.warmup_prompt
-    if getattr(spec, "compile_cache_claim", None):
-        cfg.compile_cache_dir = COMPILE_CACHE_MOUNT
-    cfg.quality_gate = spec.quality_gate
-    return cfg
+def _put(raw: dict, path: str, value: Any) -> None:
+    *sections, name = path.split(".")
+    for section in sections:
+        raw = raw.setdefault(section, {})
+    raw[name] = value
+
+
+def runtime_config(dd: DiffusionDeployment) -> RuntimeConfig:
+    """runtime.yaml as the runtime's own config type (the operator validates this very object): every
+    CR field that is a runtime setting as it is (`api.funcs.runtime_settings`), plus what the pod
+    decides (the model's path in the pod, ports, mounted files)."""
+    cr = dd.spec
+    raw: dict[str, Any] = {}
+    for path, value in runtime_settings(cr).items():
+        if not path.startswith("quality_gate.") or quality_gate_on(cr):
+            _put(raw, path, value)
+    _put(raw, "model.uri", model_uri_in_pod(dd))
+    _put(raw, "server.host", "0.0.0.0")
+    _put(raw, "server.port", HTTP_PORT)
+    _put(raw, "server.metrics_port", METRICS_PORT)
+    if has_cache_dit_file(cr):
+        raw["cache_dit_config"] = CACHE_DIT_FILE
+    if cr.compile_cache is not None:
+        raw["compile_cache_dir"] = COMPILE_CACHE_MOUNT
+    return config_from_dict(raw)
 
 
 def _without_none(value):
@@ -82,22 +89,22 @@ def _without_none(value):
     return value
 
 
-def render_runtime_config(spec) -> dict:
-    """runtime.yaml's mapping: `runtime_config(spec)`, unset (None) settings left out."""
-    return _without_none(runtime_config(spec).to_dict())
+def render_runtime_config(dd: DiffusionDeployment) -> dict:
+    """runtime.yaml's mapping: `runtime_config(dd)`, unset (None) settings left out."""
+    return _without_none(runtime_config(dd).to_dict())
 
 
-def configmap_name(spec) -> str:
-    return f"{spec.name}-config"
+def configmap_name(dd: DiffusionDeployment) -> str:
+    return f"{dd.name}-config"
 
 
-def build_configmap(spec, owner: dict) -> dict:
-    data = {"runtime.yaml": yaml.safe_dump(render_runtime_config(spec), sort_keys=False)}
-    if spec.has_cache_dit_file:
-        data[CACHE_DIT_FILE] = render_cache_dit_yaml(spec)
+def build_configmap(dd: DiffusionDeployment, owner: dict) -> dict:
+    data = {"runtime.yaml": yaml.safe_dump(render_runtime_config(dd), sort_keys=False)}
+    if has_cache_dit_file(dd.spec):
+        data[CACHE_DIT_FILE] = render_cache_dit_yaml(dd)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(configmap_name(spec), spec, owner),
+        "metadata": metadata(configmap_name(dd), dd, owner),
         "data": data,
     }

@@ -5,8 +5,18 @@ from __future__ import annotations
 import copy
 import math
 
-from diffusion_runtime.cache_dit_facts import FLOAT8_MIN_CAPABILITY
-
+from diffusion_operator.api.funcs import (
+    device_type,
+    max_unavailable,
+    model_pvc,
+    replicas,
+    required_capability,
+    startup_budget_seconds,
+    template_env,
+    token_secret,
+)
+from diffusion_operator.api.funcs import tolerations as tolerations_of
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import (
     CONFIG_HASH_ANNOTATION,
     HTTP_PORT,
@@ -20,7 +30,6 @@ from diffusion_operator.builders.common import (
 from diffusion_operator.builders.configmap import COMPILE_CACHE_MOUNT, CONFIG_DIR, MODELS_DIR, configmap_name
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
 from diffusion_operator.hashing import config_hash
-from diffusion_operator.spec import startup_budget_seconds
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -43,11 +52,6 @@ def capability_node_terms(floor: tuple[int, int]) -> list[dict]:
     return terms
 
 
-def float8_node_terms() -> list[dict]:
-    """Compute capability >= 8.9 (cache-dit's float8 floor)."""
-    return capability_node_terms(FLOAT8_MIN_CAPABILITY)
-
-
 def merge_required_terms(user_terms: list[dict], ours: list[dict]) -> list[dict]:
     """AND of two ORed term lists: every (user, ours) pair, expressions concatenated."""
     if not user_terms:
@@ -61,10 +65,10 @@ def merge_required_terms(user_terms: list[dict], ours: list[dict]) -> list[dict]
     return merged
 
 
-def build_affinity(spec) -> dict | None:
-    affinity = copy.deepcopy(spec.affinity) if spec.affinity else {}
-    floor = spec.required_capability
-    if floor is not None and spec.gpu_count > 0:
+def build_affinity(dd: DiffusionDeployment) -> dict | None:
+    affinity = copy.deepcopy(dd.spec.template.affinity) if dd.spec.template.affinity else {}
+    floor = required_capability(dd.spec)
+    if floor is not None and dd.spec.gpu.count > 0:
         node = affinity.setdefault("nodeAffinity", {})
         required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
         required["nodeSelectorTerms"] = merge_required_terms(
@@ -73,58 +77,55 @@ def build_affinity(spec) -> dict | None:
     return affinity or None
 
 
-def build_tolerations(spec) -> list[dict]:
+def build_tolerations(dd: DiffusionDeployment) -> list[dict]:
     tolerations = []
-    if spec.gpu_count > 0:
+    if dd.spec.gpu.count > 0:
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    tolerations += copy.deepcopy(spec.tolerations)
+    tolerations += tolerations_of(dd.spec)
     return tolerations
 
 
-def build_resources(spec) -> dict:
-    resources = copy.deepcopy(spec.resources) if spec.resources else {}
-    if spec.gpu_count > 0:
-        resources.setdefault("limits", {})[GPU_RESOURCE] = str(spec.gpu_count)
-    return resources
+def build_resources(dd: DiffusionDeployment) -> dict:
+    resources = dd.spec.template.resources
+    out = resources.model_dump(by_alias=True, exclude_none=True) if resources else {}
+    if dd.spec.gpu.count > 0:
+        out.setdefault("limits", {})[GPU_RESOURCE] = str(dd.spec.gpu.count)
+    return out
 
 
-def startup_failure_threshold(spec) -> int:
-    return max(1, math.ceil(startup_budget_seconds(spec) / STARTUP_PERIOD_SECONDS))
+def startup_failure_threshold(dd: DiffusionDeployment) -> int:
+    return max(1, math.ceil(startup_budget_seconds(dd.spec) / STARTUP_PERIOD_SECONDS))
 
 
-def build_env(spec) -> list[dict]:
+def build_env(dd: DiffusionDeployment) -> list[dict]:
     env: list[dict] = [
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/inductor"},
         {"name": "HOME", "value": CACHE_DIR},
     ]
-    if spec.model.token_secret:
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret, "key": spec.model.token_key}},
-            }
-        )
-    if spec.model_cache is not None:
+    token = token_secret(dd.spec)
+    if token is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token[0], "key": token[1]}}})
+    if dd.spec.model.cache is not None:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the cache is complete: never download
-    env += copy.deepcopy(spec.env)
+    env += template_env(dd.spec)
     return env
 
 
-def shm_size(spec) -> str:
+def shm_size(dd: DiffusionDeployment) -> str:
     """/dev/shm follows where the ranks run: on GPUs one rank per GPU, each with NCCL's shared-memory
     buffers and pinned host copies, so 8Gi per GPU; on CPU 1Gi whatever the rank count, since gloo
     talks TCP between CPU ranks (measured: one 4 KiB semaphore per rank in /dev/shm, docs/multi-gpu.md).
     template.shmSize wins."""
-    if spec.shm_size:
-        return spec.shm_size
-    return f"{8 * spec.gpu_count}Gi" if spec.device_type == "cuda" else "1Gi"
+    if dd.spec.template.shm_size is not None and str(dd.spec.template.shm_size):
+        return str(dd.spec.template.shm_size)
+    return f"{8 * dd.spec.gpu.count}Gi" if device_type(dd.spec) == "cuda" else "1Gi"
 
 
-def build_volumes(spec) -> tuple[list[dict], list[dict]]:
-    shm = shm_size(spec)
+def build_volumes(dd: DiffusionDeployment) -> tuple[list[dict], list[dict]]:
+    shm = shm_size(dd)
     volumes: list[dict] = [
-        {"name": "config", "configMap": {"name": configmap_name(spec)}},
+        {"name": "config", "configMap": {"name": configmap_name(dd)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -135,49 +136,51 @@ def build_volumes(spec) -> tuple[list[dict], list[dict]]:
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    pvc = spec.model.pvc
+    pvc = model_pvc(dd.spec)
     if pvc is not None:
         claim, _ = pvc
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
-    if spec.model_cache is not None:
+    if dd.spec.model.cache is not None:
         volumes.append(
             {
                 "name": "model-cache",
-                "persistentVolumeClaim": {"claimName": claim_name(spec), "readOnly": True},
+                "persistentVolumeClaim": {"claimName": claim_name(dd), "readOnly": True},
             }
         )
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
-    if spec.compile_cache_claim:
-        volumes.append(
-            {"name": "compile-cache", "persistentVolumeClaim": {"claimName": spec.compile_cache_claim}}
-        )
+    if dd.spec.compile_cache is not None:
+        claim = dd.spec.compile_cache.claim_name
+        volumes.append({"name": "compile-cache", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_MOUNT})
     return volumes, mounts
 
 
-def same_node_affinity(spec, affinity: dict | None) -> dict | None:
+def same_node_affinity(dd: DiffusionDeployment, affinity: dict | None) -> dict | None:
     """A ReadWriteOnce model cache attaches to one node: every replica goes where the others are (the
     first one may go anywhere: a pod that matches its own required term schedules alone)."""
-    if spec.model_cache is None or spec.model_cache.access_mode != "ReadWriteOnce":
+    if dd.spec.model.cache is None or dd.spec.model.cache.access_mode != "ReadWriteOnce":
         return affinity
     out = copy.deepcopy(affinity) if affinity else {}
     required = out.setdefault("podAffinity", {}).setdefault(
         "requiredDuringSchedulingIgnoredDuringExecution", []
     )
     required.append(
-        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector(spec.name)}}
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector(dd.name)}}
     )
     return out
 
 
-def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool = True) -> dict:
+def build_deployment(
+    dd: DiffusionDeployment, owner: dict, configmap: dict, model_cache_ready: bool = True
+) -> dict:
     """`model_cache_ready` False (spec.model.cache not complete yet): 0 replicas, so no pod holds a GPU
     waiting for the model, and none ever serves a partial download."""
-    volumes, mounts = build_volumes(spec)
+    spec = dd.spec
+    volumes, mounts = build_volumes(dd)
     container = {
         "name": RUNTIME_CONTAINER,
-        "image": spec.image,
+        "image": spec.template.image,
         "command": ["diffusion-runtime"],
         "args": ["serve", "--config", f"{CONFIG_DIR}/runtime.yaml"],
         # the runtime's last stderr line names a bad setting (float8 on an old GPU, Fn+Bn too large):
@@ -187,14 +190,14 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "env": build_env(spec),
-        "resources": build_resources(spec),
+        "env": build_env(dd),
+        "resources": build_resources(dd),
         "volumeMounts": mounts,
         "startupProbe": {
             "httpGet": {"path": "/ready", "port": "http"},
             "periodSeconds": STARTUP_PERIOD_SECONDS,
             "timeoutSeconds": 5,
-            "failureThreshold": startup_failure_threshold(spec),
+            "failureThreshold": startup_failure_threshold(dd),
         },
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": "http"},
@@ -213,41 +216,41 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
         },
         "securityContext": container_security_context(),
     }
-    if spec.image_pull_policy:
-        container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.template.image_pull_policy:
+        container["imagePullPolicy"] = spec.template.image_pull_policy
 
     pod_spec: dict = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": spec.request_timeout_seconds + 30,
+        "terminationGracePeriodSeconds": spec.server.request_timeout_seconds + 30,
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }
     # always sent: the API server mirrors it into the deprecated `serviceAccount`, which would bring a
     # removed serviceAccountName back (server-side apply cannot remove a field that has an alias)
-    pod_spec["serviceAccountName"] = spec.service_account or "default"
-    node_selector = dict(spec.node_selector)
-    if spec.gpu_product and spec.gpu_count > 0:
-        node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
+    pod_spec["serviceAccountName"] = spec.template.service_account_name or "default"
+    node_selector = dict(spec.template.node_selector or {})
+    if spec.gpu.product and spec.gpu.count > 0:
+        node_selector[GPU_PRODUCT_LABEL] = spec.gpu.product
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    tolerations = build_tolerations(spec)
+    tolerations = build_tolerations(dd)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = same_node_affinity(spec, build_affinity(spec))
+    affinity = same_node_affinity(dd, build_affinity(dd))
     if affinity:
         pod_spec["affinity"] = affinity
 
     deployment_spec: dict = {
-        "selector": {"matchLabels": selector(spec.name)},
+        "selector": {"matchLabels": selector(dd.name)},
         "strategy": {
             "type": "RollingUpdate",
-            "rollingUpdate": {"maxSurge": spec.max_surge, "maxUnavailable": spec.max_unavailable},
+            "rollingUpdate": {"maxSurge": spec.rollout.max_surge, "maxUnavailable": max_unavailable(spec)},
         },
         "template": {
             "metadata": {
-                "labels": labels(spec.name),
+                "labels": labels(dd.name),
                 "annotations": {CONFIG_HASH_ANNOTATION: config_hash(configmap["data"])},
             },
             "spec": pod_spec,
@@ -256,10 +259,10 @@ def build_deployment(spec, owner: dict, configmap: dict, model_cache_ready: bool
     if not model_cache_ready:
         deployment_spec = {"replicas": 0, **deployment_spec}
     elif spec.autoscaling is None:
-        deployment_spec = {"replicas": spec.replicas, **deployment_spec}
+        deployment_spec = {"replicas": replicas(spec), **deployment_spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(spec.name, spec, owner),
+        "metadata": metadata(dd.name, dd, owner),
         "spec": deployment_spec,
     }

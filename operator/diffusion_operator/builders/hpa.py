@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import copy
-
+from diffusion_operator.api.funcs import behavior, target_demand
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
 
 # the runtime's per-pod demand gauge (waiting + running requests, sync and async): every autoscaling
@@ -18,14 +18,15 @@ def quantity(value: float) -> str:
     return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
 
 
-def build_hpa(spec, owner: dict) -> dict:
-    a = spec.autoscaling
+def build_hpa(dd: DiffusionDeployment, owner: dict) -> dict:
+    a = dd.spec.autoscaling
+    assert a is not None
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": metadata(spec.name, spec, owner),
+        "metadata": metadata(dd.name, dd, owner),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": dd.name},
             "minReplicas": a.min_replicas,
             "maxReplicas": a.max_replicas,
             "metrics": [
@@ -33,10 +34,10 @@ def build_hpa(spec, owner: dict) -> dict:
                     "type": "Pods",
                     "pods": {
                         "metric": {"name": DEMAND_METRIC},
-                        "target": {"type": "AverageValue", "averageValue": quantity(a.target_demand)},
+                        "target": {"type": "AverageValue", "averageValue": quantity(target_demand(a))},
                     },
                 }
             ],
-            "behavior": copy.deepcopy(a.behavior),
+            "behavior": behavior(a.behavior),
         },
     }

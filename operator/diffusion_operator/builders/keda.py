@@ -12,8 +12,8 @@ targetDemand. No series (no pod scraped yet) reads as 0 (`or vector(0)`).
 
 from __future__ import annotations
 
-import copy
-
+from diffusion_operator.api.funcs import behavior, target_demand
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
 from diffusion_operator.builders.hpa import DEMAND_METRIC, quantity
 
@@ -32,25 +32,26 @@ def threshold(value: float) -> str:
     return f"{value:g}"
 
 
-def build_scaled_object(spec, owner: dict, prometheus_address: str) -> dict:
-    a = spec.autoscaling
+def build_scaled_object(dd: DiffusionDeployment, owner: dict, prometheus_address: str) -> dict:
+    a = dd.spec.autoscaling
+    assert a is not None
     return {
         "apiVersion": KEDA_API_VERSION,
         "kind": SCALED_OBJECT,
-        "metadata": metadata(spec.name, spec, owner),
+        "metadata": metadata(dd.name, dd, owner),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": dd.name},
             "minReplicaCount": a.min_replicas,
             "maxReplicaCount": a.max_replicas,
-            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": copy.deepcopy(a.behavior)}},
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(a.behavior)}},
             "triggers": [
                 {
                     "type": "prometheus",
                     "metricType": "AverageValue",
                     "metadata": {
                         "serverAddress": prometheus_address,
-                        "query": demand_query(spec.namespace, spec.name),
-                        "threshold": threshold(a.target_demand),
+                        "query": demand_query(dd.namespace, dd.name),
+                        "threshold": threshold(target_demand(a)),
                     },
                 }
             ],

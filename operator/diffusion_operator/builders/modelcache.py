@@ -10,8 +10,10 @@ immutable) and a finished one is never rerun. The serving pods mount the claim r
 
 from __future__ import annotations
 
-from diffusion_runtime.download import local_folder
+from diffusion_runtime.contract.lines import local_folder
 
+from diffusion_operator.api.funcs import template_env, token_secret, tolerations
+from diffusion_operator.api.types import DiffusionDeployment, ModelCacheSpec
 from diffusion_operator.builders.common import (
     MANAGED_BY,
     container_security_context,
@@ -28,49 +30,56 @@ TERMINATION_LOG = "/dev/termination-log"
 JOB_ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a stuck download fails instead of holding the claim for ever
 
 
-def claim_name(spec) -> str:
-    return f"{spec.name}-model-cache"
+def claim_name(dd: DiffusionDeployment) -> str:
+    return f"{dd.name}-model-cache"
 
 
-def cache_subpath(spec) -> str:
+def _cache(dd: DiffusionDeployment) -> ModelCacheSpec:
+    cache = dd.spec.model.cache
+    if cache is None:
+        raise ValueError(f"{dd.namespace}/{dd.name} has no spec.model.cache")
+    return cache
+
+
+def cache_subpath(dd: DiffusionDeployment) -> str:
     """Folder of this model inside the claim: org--name/revision[/variant] (the runtime's own layout,
-    `diffusion_runtime.download.local_folder`; several revisions can coexist)."""
-    path = local_folder(spec.model.uri[len("hf://") :], spec.model.revision)
-    variant = spec.model_cache.variant
+    `diffusion_runtime.contract.lines.local_folder`; several revisions can coexist)."""
+    path = local_folder(dd.spec.model.uri[len("hf://") :], dd.spec.model.revision)
+    variant = _cache(dd).variant
     return f"{path}/{variant}" if variant else path  # the spec's pattern keeps it one plain segment
 
 
-def model_path_in_pod(spec) -> str:
-    return f"{MODEL_CACHE_MOUNT}/{cache_subpath(spec)}"
+def model_path_in_pod(dd: DiffusionDeployment) -> str:
+    return f"{MODEL_CACHE_MOUNT}/{cache_subpath(dd)}"
 
 
-def job_name(spec, job_spec: dict) -> str:
+def job_name(dd: DiffusionDeployment, job_spec: dict) -> str:
     """`<name>-download-<hash of the Job's spec>` (at most 63 characters: it becomes a pod label). A Job's
     template cannot change, so any change (revision, image, token, node selection) is a new Job; a
     download already complete on the claim then finishes at once (the completion marker)."""
     digest = stable_hash(job_spec)[:8]
-    return f"{spec.name[: 63 - len('-download-') - 8]}-download-{digest}"
+    return f"{dd.name[: 63 - len('-download-') - 8]}-download-{digest}"
 
 
-def build_model_cache_pvc(spec, owner: dict) -> dict:
-    cache = spec.model_cache
+def build_model_cache_pvc(dd: DiffusionDeployment, owner: dict) -> dict:
+    cache = _cache(dd)
     pvc_spec: dict = {
         "accessModes": [cache.access_mode],
-        "resources": {"requests": {"storage": cache.size}},
+        "resources": {"requests": {"storage": str(cache.size)}},
     }
     if cache.storage_class_name:
         pvc_spec["storageClassName"] = cache.storage_class_name
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(claim_name(spec), spec, owner),
+        "metadata": metadata(claim_name(dd), dd, owner),
         "spec": pvc_spec,
     }
 
 
-def build_download_job(spec, owner: dict) -> dict:
-    cache = spec.model_cache
-    dest = model_path_in_pod(spec)
+def build_download_job(dd: DiffusionDeployment, owner: dict) -> dict:
+    spec, cache = dd.spec, _cache(dd)
+    dest = model_path_in_pod(dd)
     args = ["download", "--model", spec.model.uri, "--dest", dest, "--termination-log", TERMINATION_LOG]
     if spec.model.revision:
         args += ["--revision", spec.model.revision]
@@ -81,17 +90,13 @@ def build_download_job(spec, owner: dict) -> dict:
         {"name": "HF_HOME", "value": "/tmp/huggingface"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
-    env += [dict(e) for e in spec.env]  # HF_ENDPOINT (a mirror), proxies: as for the serving pods
-    if spec.model.token_secret:
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret, "key": spec.model.token_key}},
-            }
-        )
+    env += template_env(spec)  # HF_ENDPOINT (a mirror), proxies: as for the serving pods
+    token = token_secret(spec)
+    if token is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token[0], "key": token[1]}}})
     container: dict = {
         "name": DOWNLOAD_CONTAINER,
-        "image": spec.image,
+        "image": spec.template.image,
         "command": ["diffusion-runtime"],
         "args": args,
         "env": env,
@@ -104,47 +109,47 @@ def build_download_job(spec, owner: dict) -> dict:
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
         "securityContext": container_security_context(),
     }
-    if spec.image_pull_policy:
-        container["imagePullPolicy"] = spec.image_pull_policy
-    pod_labels = download_pod_labels(spec)
+    if spec.template.image_pull_policy:
+        container["imagePullPolicy"] = spec.template.image_pull_policy
+    pod_labels = download_pod_labels(dd)
     pod_spec: dict = {
         "restartPolicy": "Never",  # a failed attempt is a new pod (the Job's backoff), its log kept
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "serviceAccountName": spec.service_account or "default",
+        "serviceAccountName": spec.template.service_account_name or "default",
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
-            {"name": "model-cache", "persistentVolumeClaim": {"claimName": claim_name(spec)}},
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": claim_name(dd)}},
             {"name": "tmp", "emptyDir": {}},
         ],
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.template.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.template.node_selector)
+    if spec.template.tolerations:
+        pod_spec["tolerations"] = tolerations(spec)
     if cache.access_mode == "ReadWriteOnce":
         # a re-download while pods serve: the volume is attached to their node, so go there
         pod_spec["affinity"] = {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
             {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
-                                                "labelSelector": {"matchLabels": selector(spec.name)}}}
+                                                "labelSelector": {"matchLabels": selector(dd.name)}}}
         ]}}  # fmt: skip
     job_spec = {
         "backoffLimit": cache.backoff_limit,
         "activeDeadlineSeconds": JOB_ACTIVE_DEADLINE_SECONDS,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
-    meta = metadata(job_name(spec, job_spec), spec, owner)
+    meta = metadata(job_name(dd, job_spec), dd, owner)
     meta["labels"] = {**meta["labels"], DOWNLOAD_LABEL: "model-download"}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def download_pod_labels(spec) -> dict[str, str]:
+def download_pod_labels(dd: DiffusionDeployment) -> dict[str, str]:
     """Not the serving pods' labels: the Service, PDB and Deployment must never select a download pod."""
     return {
         "app.kubernetes.io/name": "diffusion-model-download",
-        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/instance": dd.name,
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        "diffusion.dev/deployment": spec.name,
+        "diffusion.dev/deployment": dd.name,
         DOWNLOAD_LABEL: "model-download",
     }

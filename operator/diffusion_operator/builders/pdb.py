@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata, selector
 
 
-def build_pdb(spec, owner: dict) -> dict:
+def build_pdb(dd: DiffusionDeployment, owner: dict) -> dict:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": metadata(spec.name, spec, owner),
+        "metadata": metadata(dd.name, dd, owner),
         "spec": {
-            "maxUnavailable": spec.pdb_max_unavailable,
-            "selector": {"matchLabels": selector(spec.name)},
+            "maxUnavailable": dd.spec.disruption.max_unavailable,
+            "selector": {"matchLabels": selector(dd.name)},
         },
     }

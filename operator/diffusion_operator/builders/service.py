@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata, selector
 
 
-def endpoint(spec) -> str:
-    return f"http://{spec.name}.{spec.namespace}.svc:{HTTP_PORT}"
+def endpoint(dd: DiffusionDeployment) -> str:
+    return f"http://{dd.name}.{dd.namespace}.svc:{HTTP_PORT}"
 
 
-def build_service(spec, owner: dict) -> dict:
+def build_service(dd: DiffusionDeployment, owner: dict) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(spec.name, spec, owner),
+        "metadata": metadata(dd.name, dd, owner),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector(spec.name),
+            "selector": selector(dd.name),
             "ports": [
                 {"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},

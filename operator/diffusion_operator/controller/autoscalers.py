@@ -12,10 +12,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from diffusion_operator import spec as specs
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.controller.informers import Informers, owned_by
 from diffusion_operator.kube import KubeClient
 from diffusion_operator.resources import HPA, SCALED_OBJECT
+from diffusion_operator.validation import FieldError
 
 # API discovery of keda.sh/v1alpha1 is cached this long; a CR refused for its absence is looked at
 # again after it
@@ -55,14 +56,14 @@ class Autoscalers:
             self._keda_seen = (now, served)
         return served
 
-    def engine_errors(self, spec: specs.Spec) -> list[specs.FieldError]:
+    def engine_errors(self, dd: DiffusionDeployment) -> list[FieldError]:
         """What the cluster or the operator's configuration lacks for the spec's autoscaling engine."""
-        if spec.autoscaling is None or spec.autoscaling.engine != "keda":
+        if dd.spec.autoscaling is None or dd.spec.autoscaling.engine != "keda":
             return []
         errors = []
         if not self.keda_available():
             errors.append(
-                specs.FieldError(
+                FieldError(
                     "spec.autoscaling.engine",
                     f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECT.plural}.{SCALED_OBJECT.api_version}), "
                     "which this cluster does not serve: install KEDA, or use engine hpa",
@@ -70,7 +71,7 @@ class Autoscalers:
             )
         if not self.keda_prometheus_address:
             errors.append(
-                specs.FieldError(
+                FieldError(
                     "spec.autoscaling.engine",
                     f"keda needs the Prometheus address its trigger queries: run the operator with {KEDA_FLAG} "
                     f"(chart value {KEDA_CHART_VALUE})",
@@ -78,12 +79,12 @@ class Autoscalers:
             )
         return errors
 
-    def delete_unwanted(self, cr: dict, spec: specs.Spec, fresh: bool) -> None:
+    def delete_unwanted(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
         """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
         engine's when the engine is switched. ScaledObjects are looked up only when KEDA is served
         (discovery), else there are none."""
         namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
-        wanted = spec.autoscaling.engine if spec.autoscaling is not None else None
+        wanted = dd.spec.autoscaling.engine if dd.spec.autoscaling is not None else None
         for engine, resource in AUTOSCALERS.items():
             if engine == wanted or (engine == "keda" and not self.keda_available()):
                 continue

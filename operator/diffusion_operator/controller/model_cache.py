@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from diffusion_operator import builders
 from diffusion_operator import cache_status as cache_statuses
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders import modelcache
 from diffusion_operator.kube import ApiError, KubeClient
 
@@ -34,11 +35,17 @@ def downloading(cache: dict | None) -> bool:
 
 
 def model_cache_status(
-    client: KubeClient, observe: Observe, spec, cr: dict, old_status: dict, fresh: bool, first: bool
+    client: KubeClient,
+    observe: Observe,
+    dd: DiffusionDeployment,
+    cr: dict,
+    old_status: dict,
+    fresh: bool,
+    first: bool,
 ) -> dict:
     """status.modelCache: the download Job's phase, with bytes from its pods' progress lines."""
-    job_obj = builders.build_download_job(spec, cr)
-    pvc_obj = builders.build_model_cache_pvc(spec, cr)
+    job_obj = builders.build_download_job(dd, cr)
+    pvc_obj = builders.build_model_cache_pvc(dd, cr)
     job_name = job_obj["metadata"]["name"]
     job = pvc = None
     if not first:
@@ -52,19 +59,19 @@ def model_cache_status(
     ):
         pods: list[dict] | None = None  # finished before: the figures in status stay as they were
     else:
-        pods = _download_pods(client, spec.namespace, job_name) if job is not None else None
+        pods = _download_pods(client, dd.namespace, job_name) if job is not None else None
     tail = None
     running = [p for p in pods or [] if (p.get("status") or {}).get("phase") == "Running"]
     if running:
         try:
             tail = client.pod_log(
-                spec.namespace, running[-1]["metadata"]["name"], modelcache.DOWNLOAD_CONTAINER,
+                dd.namespace, running[-1]["metadata"]["name"], modelcache.DOWNLOAD_CONTAINER,
                 DOWNLOAD_LOG_TAIL_LINES,
             )  # fmt: skip
         except ApiError as error:
             log.debug(f"download log of {job_name} unreadable: {error}")
     status = cache_statuses.model_cache_status(
-        pvc_obj["metadata"]["name"], job_name, modelcache.model_path_in_pod(spec), job, pvc, pods, tail
+        pvc_obj["metadata"]["name"], job_name, modelcache.model_path_in_pod(dd), job, pvc, pods, tail
     )
     if pods is None and old.get("jobName") == job_name and old.get("phase") == status["phase"]:
         status = {**old, **{k: v for k, v in status.items() if k in ("phase", "message", "failedAttempts")}}

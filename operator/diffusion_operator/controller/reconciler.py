@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Mapping
 
-from diffusion_operator import builders
-from diffusion_operator import spec as specs
+from diffusion_operator import builders, validation
+from diffusion_operator.api import funcs
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.controller import model_cache
 from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
@@ -215,20 +216,20 @@ class Reconciler:
             self.forget_cr(namespace, name)
             return "gone"  # children are garbage-collected through their owner references
         old_status = cr.get("status") or {}
-        spec, errors = self._parse(cr)
-        if spec is None or errors:
-            return self._report_invalid(key, cr, old_status, spec, errors)
+        dd, errors = self._parse(cr)
+        if dd is None or errors:
+            return self._report_invalid(key, cr, old_status, dd, errors)
         with self._guard:
             self._invalid.discard(key)
         # a CR never reconciled before (no status yet) has no children: apply without reading first
         first = not old_status.get("observedGeneration")
-        cache = self._model_cache(spec, cr, old_status, fresh, first)
-        desired = self._build(spec, cr, cache)
+        cache = self._model_cache(dd, cr, old_status, fresh, first)
+        desired = self._build(dd, cr, cache)
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
-            self.autoscalers.delete_unwanted(cr, spec, fresh)
-        self._report(key, spec, cr, old_status, desired, observed, apply_error, cache)
+            self.autoscalers.delete_unwanted(cr, dd, fresh)
+        self._report(key, dd, cr, old_status, desired, observed, apply_error, cache)
         if self.cache_poll is not None and model_cache.downloading(cache):
             # bytes move without any event: look again (fresh, so the echo check does not skip it)
             self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
@@ -265,20 +266,25 @@ class Reconciler:
             self.informers.remember_child(observed)
         return observed
 
-    def _parse(self, cr: dict) -> tuple[specs.Spec | None, list[specs.FieldError]]:
-        """The spec (None when invalid) and what is wrong with it: the schema's and the runtime's
-        checks (spec.py), then what the cluster lacks for it (the autoscaling engine)."""
+    def _parse(self, cr: dict) -> tuple[DiffusionDeployment | None, list[validation.FieldError]]:
+        """The typed CR (None when invalid) and what is wrong with it: the schema's and the runtime's
+        checks (validation.py), then what the cluster lacks for it (the autoscaling engine)."""
         meta = cr["metadata"]
-        parsed = specs.parse(meta["name"], meta["namespace"], cr.get("spec"))
-        if not parsed.ok or parsed.spec is None:
+        parsed = validation.parse(meta["name"], meta["namespace"], cr.get("spec"))
+        if not parsed.ok or parsed.cr is None:
             return None, parsed.errors
-        return parsed.spec, self.autoscalers.engine_errors(parsed.spec)
+        return parsed.cr, self.autoscalers.engine_errors(parsed.cr)
 
     def _report_invalid(
-        self, key: CrKey, cr: dict, old_status: dict, spec: specs.Spec | None, errors: list[specs.FieldError]
+        self,
+        key: CrKey,
+        cr: dict,
+        old_status: dict,
+        dd: DiffusionDeployment | None,
+        errors: list[validation.FieldError],
     ) -> str:
         """Report an invalid spec; nothing is applied."""
-        if spec is not None:  # valid, but the cluster lacks KEDA: look again once discovery is stale
+        if dd is not None:  # valid, but the cluster lacks KEDA: look again once discovery is stale
             self.enqueue(*key, delay=max(self.discovery_ttl, REFUSED_RETRY), fresh=True)
         with self._guard:
             self._invalid.add(key)
@@ -287,16 +293,16 @@ class Reconciler:
         return "invalid"
 
     def _model_cache(
-        self, spec: specs.Spec, cr: dict, old_status: dict, fresh: bool, first: bool
+        self, dd: DiffusionDeployment, cr: dict, old_status: dict, fresh: bool, first: bool
     ) -> dict | None:
-        if not spec.model_cache:
+        if not dd.spec.model.cache:
             return None
-        return model_cache.model_cache_status(self.client, self._observed, spec, cr, old_status, fresh, first)
+        return model_cache.model_cache_status(self.client, self._observed, dd, cr, old_status, fresh, first)
 
-    def _build(self, spec: specs.Spec, cr: dict, cache: dict | None) -> list[dict]:
+    def _build(self, dd: DiffusionDeployment, cr: dict, cache: dict | None) -> list[dict]:
         """Every desired child, from the pure builders, with its spec hash."""
         children = builders.build_all(
-            spec,
+            dd,
             cr,
             model_cache_ready=model_cache.is_ready(cache),
             keda_prometheus_address=self.autoscalers.keda_prometheus_address,
@@ -342,7 +348,7 @@ class Reconciler:
     def _report(
         self,
         key: CrKey,
-        spec: specs.Spec,
+        dd: DiffusionDeployment,
         cr: dict,
         old_status: dict,
         desired: list[dict],
@@ -355,10 +361,10 @@ class Reconciler:
             self._managed[key] = [
                 (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
             ]
-        gate_pods = self.informers.pods_of(*key) if spec.quality_gate is not None else None
+        gate_pods = self.informers.pods_of(*key) if funcs.quality_gate_on(dd.spec) else None
         startup = self.start_lines.status(cr, old_status)
         new_status = serving_status(
-            spec, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup
+            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup
         )
         self.reporter.serving(cr, old_status, new_status, cache)
         self._update_gauges()

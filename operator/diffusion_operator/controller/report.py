@@ -13,9 +13,11 @@ from collections.abc import Callable, Mapping
 
 from diffusion_operator import builders
 from diffusion_operator import cache_status as cache_statuses
-from diffusion_operator import spec as specs
 from diffusion_operator import status as statuses
+from diffusion_operator.api import funcs
+from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.kube import KubeClient
+from diffusion_operator.validation import FieldError
 
 log = logging.getLogger("diffusion_operator")
 
@@ -28,7 +30,7 @@ def condition_message(status: Mapping | None, type_: str) -> str:
 
 
 def serving_status(
-    spec: specs.Spec,
+    dd: DiffusionDeployment,
     cr: dict,
     old_status: dict,
     desired: list[dict],
@@ -45,12 +47,12 @@ def serving_status(
     new_status = statuses.valid_status(
         old_status,
         generation,
-        None if spec.autoscaling else spec.replicas,
+        None if dd.spec.autoscaling else funcs.replicas(dd.spec),
         observed.get("Deployment"),
-        builders.selector_string(spec.name),
-        builders.endpoint(spec),
+        builders.selector_string(dd.name),
+        builders.endpoint(dd),
         builders.deployment.config_hash(configmap["data"]),
-        specs.cache_tag(spec.cache_dit),
+        funcs.cache_tag(funcs.cache_dit_config(dd.spec)),
         apply_error=apply_error,
         gate_pods=gate_pods,
     )
@@ -70,7 +72,7 @@ class Reporter:
         self._client = client
         self._remember_cr = remember_cr
 
-    def invalid(self, cr: dict, old_status: dict, errors: list[specs.FieldError]) -> None:
+    def invalid(self, cr: dict, old_status: dict, errors: list[FieldError]) -> None:
         """ConfigValid=False naming the fields, one InvalidSpec event per distinct message."""
         meta = cr["metadata"]
         new_status = statuses.invalid_status(old_status, meta.get("generation", 1), errors)

@@ -1,4 +1,4 @@
-"""Start lines: status.startup from the runtime's start line (diffusion_runtime.startup) in the head of
+"""Start lines: status.startup from the runtime's start line (diffusion_runtime.contract.lines) in the head of
 each Ready serving container's log, read once per container by a small pool of threads (off the
 reconcile workers, so a node that serves logs slowly blocks nothing).
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from queue import SimpleQueue
 
-from diffusion_runtime.startup import parse_ready_line
+from diffusion_runtime.contract.lines import parse_ready_line
 
 from diffusion_operator import status as statuses
 from diffusion_operator.builders.deployment import RUNTIME_CONTAINER

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from diffusion_runtime.config import RuntimeConfig
-from diffusion_runtime.limits import SIZE_MULTIPLE, SIZE_PATTERN
+from diffusion_runtime.contract.config import RuntimeConfig
+from diffusion_runtime.contract.limits import SIZE_MULTIPLE, SIZE_PATTERN
 
 PROMPT_MAX_CHARS = 32000  # OpenAI's limit for GPT image models
 SIZE_FORMAT = "image-size"

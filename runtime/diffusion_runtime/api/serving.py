@@ -33,7 +33,8 @@ from diffusion_runtime.api.protocol import (
     prefers_async,
 )
 from diffusion_runtime.api.state import RuntimeState
-from diffusion_runtime.config import parse_size
+from diffusion_runtime.contract.config import parse_size
+from diffusion_runtime.contract.limits import SIZE_MULTIPLE
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.imaging import decode_upload, encode_result, fit_size, mask_from_upload
 from diffusion_runtime.engine.params import (
@@ -44,7 +45,6 @@ from diffusion_runtime.engine.params import (
     StepCallback,
 )
 from diffusion_runtime.engine.scheduler import PipelineCall, Scheduler, Work
-from diffusion_runtime.limits import SIZE_MULTIPLE
 
 log = logging.getLogger("diffusion_runtime")
 
@@ -101,9 +101,7 @@ class ImageServing:
 
     def start(self) -> Scheduler:
         """The queue and its worker (in the server's event loop; the app's lifespan)."""
-        self.scheduler = Scheduler(
-            self.state.metrics, self.state.config.server.max_queue, self.state.accepting
-        )
+        self.scheduler = Scheduler(self.state.metrics, self.state.config.server, self.state.accepting)
         self.scheduler.start()
         return self.scheduler
 

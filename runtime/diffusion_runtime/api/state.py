@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from diffusion_runtime.config import RuntimeConfig
+from diffusion_runtime.contract.config import RuntimeConfig
 from diffusion_runtime.engine.errors import Unavailable
 from diffusion_runtime.engine.interface import Engine
 from diffusion_runtime.metrics import RuntimeMetrics

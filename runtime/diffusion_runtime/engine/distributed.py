@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from diffusion_runtime.config import ConfigError, RuntimeConfig
+from diffusion_runtime.contract.config import ConfigError, RuntimeConfig
+from diffusion_runtime.contract.parallel import Layout
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
-from diffusion_runtime.parallel import Layout
 
 if TYPE_CHECKING:
     from diffusion_runtime.engine.model import Model

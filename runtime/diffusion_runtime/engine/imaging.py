@@ -7,9 +7,9 @@ import math
 import warnings
 from typing import Any
 
+from diffusion_runtime.contract.limits import SIZE_MULTIPLE
 from diffusion_runtime.engine.errors import InvalidInput
 from diffusion_runtime.engine.params import EncodedResult, GenerationResult, OutputFormat
-from diffusion_runtime.limits import SIZE_MULTIPLE
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}  # PIL format name -> ours

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusion_runtime.config import ConfigError, RuntimeConfig, parse_size
+from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, parse_size
 from diffusion_runtime.engine import cache_dit_adapter
 from diffusion_runtime.engine.optimize import (
     CacheDitPlan,

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from diffusion_runtime import cache_dit_facts as facts
-from diffusion_runtime.config import ConfigError, cache_dit_errors
+from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract.config import ConfigError, cache_dit_errors
 from diffusion_runtime.engine import cache_dit_adapter
 
 log = logging.getLogger("diffusion_runtime")
@@ -129,7 +129,7 @@ def check_against_pipeline(plan: CacheDitPlan, pipe: Any) -> None:
 
 def check_parallel_heads(plan: CacheDitPlan, pipe: Any) -> None:
     """The loaded transformer's heads against the layout (parallel.heads_refusal)."""
-    from diffusion_runtime.parallel import heads_refusal
+    from diffusion_runtime.contract.parallel import heads_refusal
 
     transformer = getattr(pipe, "transformer", None)
     heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)

@@ -9,7 +9,7 @@ each. Both must meet the thresholds or the pod never turns Ready: it exits with 
 the figures and the thresholds (also written as the container's termination message).
 
 With random-weight test models the figures show the mechanism, not real image quality. How the
-failed gate's line starts, which the operator reads, is not the engine's: `diffusion_runtime.quality_gate`.
+failed gate's line starts, which the operator reads, is the contract's: `contract.lines.GATE_FAILED`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusion_runtime.config import QualityGateConfig, RuntimeConfig, parse_size
+from diffusion_runtime.contract.config import QualityGateConfig, RuntimeConfig, parse_size
 from diffusion_runtime.engine.params import GenerationParams, GenerationResult
 
 log = logging.getLogger("diffusion_runtime")

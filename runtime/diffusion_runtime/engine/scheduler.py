@@ -8,8 +8,10 @@ the pipeline's step callback checks: a withdrawn running item stops at its next 
 Gauges: `diffusion_queue_depth` (waiting), `diffusion_requests_in_flight` (running, 0 or 1) and
 `diffusion_demand_requests` (waiting + running: the autoscaling signal).
 
-Admission asks `accepting` (the server's phase: raises Unavailable) and refuses past `max_queue`
-(QueueFull); the HTTP layer turns those into 503 and 429.
+Admission asks `accepting` (the server's phase: raises Unavailable) and refuses past
+`server.max_queue` (QueueFull, with its Retry-After estimate capped by `server.max_retry_after_seconds`);
+the HTTP layer turns those into 503 and 429. The scheduler reads its limits from the `server` section
+of the runtime config itself, so a new queue setting is a field there and its use here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from diffusion_runtime.contract.config import ServerConfig
 from diffusion_runtime.engine.errors import Cancelled, QueueFull
 from diffusion_runtime.engine.params import EncodedResult, StepCallback
 from diffusion_runtime.metrics import RuntimeMetrics
@@ -51,9 +54,9 @@ class Work:
 class Scheduler:
     """FIFO queue of Work in front of one worker thread that owns the pipeline."""
 
-    def __init__(self, metrics: RuntimeMetrics, max_queue: int, accepting: Callable[[], None]):
+    def __init__(self, metrics: RuntimeMetrics, limits: ServerConfig, accepting: Callable[[], None]):
         self.metrics = metrics
-        self.max_queue = max_queue
+        self.limits = limits
         self.accepting = accepting  # raises Unavailable while the server takes no work
         self.queue: collections.deque[Work] = collections.deque()
         self.running: Work | None = None
@@ -87,7 +90,9 @@ class Scheduler:
 
     def retry_after(self) -> int:
         per_item = self._avg_seconds or 1.0
-        return max(1, math.ceil(per_item * (len(self.queue) + 1)))
+        seconds = max(1, math.ceil(per_item * (len(self.queue) + 1)))
+        cap = self.limits.max_retry_after_seconds
+        return seconds if cap is None else min(seconds, cap)
 
     def _gauges(self) -> None:
         m = self.metrics
@@ -98,7 +103,7 @@ class Scheduler:
     def admit(self) -> None:
         """Raise Unavailable or QueueFull unless a new item could be queued now."""
         self.accepting()
-        if len(self.queue) >= self.max_queue:
+        if len(self.queue) >= self.limits.max_queue:
             raise QueueFull(f"queue full ({len(self.queue)} waiting)", retry_after=self.retry_after())
 
     def submit(self, work: Work) -> None:

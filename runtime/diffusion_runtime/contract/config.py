@@ -1,30 +1,44 @@
-"""The runtime config file (`runtime.yaml`, see docs/contracts.md): parsing, defaults, validation.
+"""The runtime config file (`runtime.yaml`, see docs/contracts.md): one typed model, its defaults,
+bounds, descriptions and cross-field rules, and the runtime's whole preflight.
 
-Pure functions only: no torch import here, so the config can be checked cheaply and tested alone.
+The models are pydantic (strict: `"80"` is not a port, `true` is not a number). A setting is written
+once, here: the runtime reads it, the CLI's flags come from it (`OVERRIDES`), and the operator's CR
+reuses the fields it exposes (camelCase aliases; `diffusion_operator.api.types`), so the CRD carries
+the same bounds, defaults and descriptions.
+
+Two steps, as the runtime needs them: `config_from_dict` builds the object (unknown keys and
+non-mapping sections refused, values as written), flags may override values, then `validate` /
+`config_errors` check every value. Pure functions only: no torch import here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from diffusion_runtime import cache_dit_facts as facts
-
-# the limits live in diffusion_runtime.limits; re-exported here for readers of the config
-from diffusion_runtime.limits import MAX_JOBS_LIMIT as MAX_JOBS_LIMIT
-from diffusion_runtime.limits import MAX_N_LIMIT as MAX_N_LIMIT
-from diffusion_runtime.limits import MAX_STEPS_LIMIT as MAX_STEPS_LIMIT
-from diffusion_runtime.limits import MIN_PIXELS as MIN_PIXELS
-from diffusion_runtime.limits import MIN_UPLOAD_BYTES as MIN_UPLOAD_BYTES
-from diffusion_runtime.limits import QUALITY_GATE_MAX_CANARIES as QUALITY_GATE_MAX_CANARIES
-from diffusion_runtime.limits import SIZE_MULTIPLE as SIZE_MULTIPLE
-from diffusion_runtime.limits import SIZE_PATTERN as SIZE_PATTERN
-from diffusion_runtime.parallel import layout_refusal
+from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract.limits import (
+    MAX_JOBS_LIMIT,
+    MAX_N_LIMIT,
+    MAX_STEPS_LIMIT,
+    MIN_PIXELS,
+    MIN_UPLOAD_BYTES,
+    QUALITY_GATE_MAX_CANARIES,
+    SIZE_MULTIPLE,
+)
+from diffusion_runtime.contract.parallel import layout_refusal
 
 
 class ConfigError(ValueError):
@@ -44,8 +58,18 @@ def _error(path: str, message: str, reason: str = "Invalid") -> ConfigError:
     return ConfigError(f"{path}: {message}", path, reason)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cuda", "cpu")
+class _Refused(ValueError):
+    """Several ConfigErrors from one cross-field rule (pydantic keeps one exception per validator)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cuda", "cpu"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+DEVICES: tuple[str, ...] = get_args(Device)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 # quant types the runtime runs on CPU: torchao's int8 configs applied directly (cache-dit's own
 # quantization asserts CUDA), see optimize.quantize_with_torchao
@@ -57,70 +81,6 @@ QUANTIZE_BACKENDS = ("auto", "torchao", "ao")
 CPU_QUANTIZE_KEYS = ("quant_type", "exclude_layers", "components_to_quantize", "backend", "verbose")
 
 
-@dataclass
-class ModelConfig:
-    uri: str = ""
-    revision: str | None = None
-    pipeline: str | None = None
-    dtype: str = "bfloat16"
-
-
-@dataclass
-class WarmupConfig:
-    resolutions: list[str] = field(default_factory=lambda: ["1024x1024"])
-    steps: int = 28
-    prompt: str = "a photo of a cat"
-
-
-@dataclass
-class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    metrics_port: int = 9090
-    max_queue: int = 16
-    request_timeout_seconds: float = 300.0
-    max_pixels: int = 4194304
-    max_steps: int = 100
-    max_n: int = 4
-    max_upload_bytes: int = 32 << 20  # body bound of POST /v1/images/edits
-    max_jobs: int = 64  # finished async jobs and url results kept in memory ...
-    job_ttl_seconds: float = 600.0  # ... for at most this long
-
-
-# quality gate: defaults and bounds (the CR's qualityGate fields come from here)
-QUALITY_GATE_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk, oil painting")
-QUALITY_GATE_MIN_PSNR = 25.0  # dB, optimized vs plain pipeline, worst canary
-QUALITY_GATE_MIN_SSIM = 0.75  # worst canary
-
-
-@dataclass
-class QualityGateConfig:
-    """Canary images from the plain and the optimized pipeline, compared before the pod turns Ready."""
-
-    prompts: list[str] = field(default_factory=lambda: list(QUALITY_GATE_PROMPTS))
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int | None = None  # default: warmup.steps
-    size: str | None = None  # default: the first warmup resolution
-    min_psnr: float = QUALITY_GATE_MIN_PSNR
-    min_ssim: float = QUALITY_GATE_MIN_SSIM
-
-
-@dataclass
-class RuntimeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cache_dit_config: str | None = None
-    compile: bool = False
-    # shared folder for torch.compile artifacts (diffusion_runtime.compile_cache); None: off
-    compile_cache_dir: str | None = None
-    device: str = "auto"
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    quality_gate: QualityGateConfig | None = None  # None: no gate
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """'1024x768' -> (1024, 768) as (width, height)."""
     m = _SIZE_RE.match(str(text))
@@ -129,51 +89,259 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _section(raw: dict, key: str, cls: type, where: str) -> Any:
-    value = raw.get(key)
-    if value is None:
-        return cls()
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}{key}: expected a mapping, got {type(value).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(known))
+def _check_size(text: str) -> str:
+    width, height = parse_size(text)
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        raise ValueError(f"{text}: width and height must be multiples of {SIZE_MULTIPLE}")
+    return text
+
+
+def _pixels_error(path: str, text: str, max_pixels: int) -> ConfigError | None:
+    width, height = parse_size(text)
+    if width * height > max_pixels:
+        return _error(path, f"{text} = {width * height} pixels exceeds server.max_pixels={max_pixels}")
+    return None
+
+
+def _steps_error(path: str, steps: int, max_steps: int) -> ConfigError | None:
+    if steps > max_steps:
+        return _error(path, f"{steps} is out of range [1, {max_steps} (server.max_steps)]")
+    return None
+
+
+def _non_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must be a non-empty string")
+    return text
+
+
+# WIDTHxHEIGHT, width and height multiples of SIZE_MULTIPLE (within server.max_pixels: RuntimeConfig)
+Size = Annotated[str, AfterValidator(_check_size)]
+NonBlank = Annotated[str, AfterValidator(_non_blank)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(warnings=False)
+
+
+class ModelConfig(_Section):
+    uri: str = Field(
+        default="",
+        description="The model: a folder, file:///path, hf://org/name or org/name.",
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit); hf:// only."
+    )
+    pipeline: str | None = Field(
+        default=None,
+        description="diffusers pipeline class, e.g. FluxPipeline; when empty, model_index.json decides.",
+    )
+    dtype: Dtype = Field(default="bfloat16", description="Weights dtype.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_required(cls, value: str) -> str:
+        if not value:
+            raise ValueError("required (a folder, file:///path, hf://org/name or org/name)")
+        return value
+
+
+class WarmupConfig(_Section):
+    resolutions: list[Size] = Field(
+        default_factory=lambda: ["1024x1024"],
+        description="WIDTHxHEIGHT sizes to warm up (each compiles its own graph); width and height "
+        f"multiples of {SIZE_MULTIPLE}, width*height within server.max_pixels.",
+    )
+    steps: int = Field(
+        default=28,
+        description="Inference steps per warmup generation; at most server.max_steps.",
+        ge=1,
+        le=MAX_STEPS_LIMIT,
+    )
+    prompt: NonBlank = Field(default="a photo of a cat", description="Warmup prompt.")
+
+
+class ServerConfig(_Section):
+    host: NonBlank = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8000, description="HTTP port (API, /health, /ready, /metrics).", ge=1, le=65535)
+    metrics_port: int = Field(
+        default=9090, description="Second listener serving only /metrics (0 = off).", ge=0, le=65535
+    )
+    max_queue: int = Field(
+        default=16, description="Bounded queue length; a full queue answers 429 with Retry-After.", ge=1
+    )
+    request_timeout_seconds: float = Field(default=300.0, description="Per-request timeout.", gt=0)
+    max_pixels: int = Field(default=4194304, description="Largest width*height accepted.", ge=MIN_PIXELS)
+    max_steps: int = Field(
+        default=100, description="Largest num_inference_steps accepted.", ge=1, le=MAX_STEPS_LIMIT
+    )
+    max_retry_after_seconds: int | None = Field(
+        default=None,
+        description="Longest Retry-After a full queue answers; unset, it is the estimated wait (average "
+        "generation time x the requests ahead), however long.",
+        ge=1,
+    )
+    max_n: int = Field(
+        default=4, description="Largest n (images per request) accepted.", ge=1, le=MAX_N_LIMIT
+    )
+    max_upload_bytes: int = Field(
+        default=32 << 20, description="Body bound of POST /v1/images/edits.", ge=MIN_UPLOAD_BYTES
+    )
+    max_jobs: int = Field(
+        default=64, description="Finished async jobs and url results kept in memory.", ge=1, le=MAX_JOBS_LIMIT
+    )
+    job_ttl_seconds: float = Field(default=600.0, description="How long a finished job is kept.", gt=0)
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerConfig:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise _error(
+                "server.metrics_port", f"{self.metrics_port} equals server.port; use another port or 0 (off)"
+            )
+        return self
+
+
+# quality gate: defaults and bounds (the CR's qualityGate fields come from here)
+QUALITY_GATE_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk, oil painting")
+QUALITY_GATE_MIN_PSNR = 25.0  # dB, optimized vs plain pipeline, worst canary
+QUALITY_GATE_MIN_SSIM = 0.75  # worst canary
+
+
+class QualityGateConfig(_Section):
+    """Canary images from the plain and the optimized pipeline, compared before the pod turns Ready."""
+
+    prompts: list[Annotated[NonBlank, Field(max_length=1000)]] = Field(
+        default_factory=lambda: list(QUALITY_GATE_PROMPTS),
+        description="Canary prompts.",
+        min_length=1,
+        max_length=QUALITY_GATE_MAX_CANARIES,
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0],
+        description=f"Seeds; every prompt is rendered with every seed (at most {QUALITY_GATE_MAX_CANARIES} "
+        "canaries in all).",
+        min_length=1,
+        max_length=QUALITY_GATE_MAX_CANARIES,
+    )
+    steps: int | None = Field(
+        default=None,
+        description="Inference steps of each canary (default warmup.steps).",
+        ge=1,
+        le=MAX_STEPS_LIMIT,
+    )
+    size: Size | None = Field(
+        default=None, description="WIDTHxHEIGHT of the canaries (default: the first warmup resolution)."
+    )
+    min_psnr: float = Field(
+        default=QUALITY_GATE_MIN_PSNR,
+        description="Lowest PSNR in dB of an optimized canary against its plain twin.",
+        ge=0,
+    )
+    min_ssim: float = Field(
+        default=QUALITY_GATE_MIN_SSIM,
+        description="Lowest SSIM of an optimized canary against its plain twin.",
+        ge=-1,
+        le=1,
+    )
+
+    @model_validator(mode="after")
+    def _canaries(self) -> QualityGateConfig:
+        count = len(self.prompts) * len(self.seeds)
+        if count > QUALITY_GATE_MAX_CANARIES:
+            raise _error(
+                "quality_gate.seeds",
+                f"{len(self.prompts)} prompts x {len(self.seeds)} seeds = {count} canaries; "
+                f"at most {QUALITY_GATE_MAX_CANARIES} (each is generated twice during warmup)",
+            )
+        return self
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is not None and not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {path!r}")
+    return path
+
+
+class RuntimeConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache_dit_config: str | None = Field(
+        default=None,
+        description="cache-dit YAML (cache_config, quantize_config, ...); in runtime.yaml, relative to its folder.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the transformer before warmup.")
+    compile_cache_dir: Annotated[str | None, AfterValidator(_absolute)] = Field(
+        default=None, description="Shared folder for torch.compile artifacts (with compile)."
+    )
+    device: Device = Field(default="auto", description="Runtime device.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    quality_gate: QualityGateConfig | None = None  # None: no gate
+
+    @model_validator(mode="after")
+    def _within_server_limits(self) -> RuntimeConfig:
+        """Warmup and canary sizes within server.max_pixels, their steps within server.max_steps."""
+        s, w, g = self.server, self.warmup, self.quality_gate
+        found = [_pixels_error("warmup.resolutions", r, s.max_pixels) for r in w.resolutions]
+        found.append(_steps_error("warmup.steps", w.steps, s.max_steps))
+        if g is not None:
+            if g.steps is not None:
+                found.append(_steps_error("quality_gate.steps", g.steps, s.max_steps))
+            if g.size is not None:
+                found.append(_pixels_error("quality_gate.size", g.size, s.max_pixels))
+        errors = [e for e in found if e is not None]
+        if errors:
+            raise _Refused(errors)
+        return self
+
+
+def _section_type(annotation: Any) -> type[_Section] | None:
+    for arm in (annotation, *get_args(annotation)):
+        if isinstance(arm, type) and issubclass(arm, _Section):
+            return arm
+    return None
+
+
+def _values(cls: type[_Section], raw: dict, where: str) -> dict[str, Any]:
+    """The values of `cls` as written (checked by `validate`): unknown keys refused, a section built
+    from its mapping, an absent or null section left to its default."""
+    known = cls.model_fields
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f"{where}{key}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    obj = cls()
-    for name, v in value.items():
-        setattr(obj, name, v)
-    return obj
+        known_names = sorted(known) if cls is RuntimeConfig else list(known)
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(known_names)}"
+        )
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        section = _section_type(known[name].annotation)
+        if section is None:
+            values[name] = value
+        elif value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+            values[name] = section.model_construct(**_values(section, value, name))
+    return values
 
 
 def config_from_dict(raw: dict | None, base_dir: Path | None = None) -> RuntimeConfig:
-    """Build and validate a RuntimeConfig from the parsed YAML mapping."""
+    """Build a RuntimeConfig from the parsed YAML mapping (`validate` checks the values)."""
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"runtime config: expected a mapping at the top level, got {type(raw).__name__}")
-    top = {f.name for f in dataclasses.fields(RuntimeConfig)}
-    unknown = sorted(set(raw) - top)
-    if unknown:
-        raise ConfigError(
-            f"runtime config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(top))}"
-        )
-    cfg = RuntimeConfig(
-        model=_section(raw, "model", ModelConfig, ""),
-        warmup=_section(raw, "warmup", WarmupConfig, ""),
-        server=_section(raw, "server", ServerConfig, ""),
-    )
-    if "cache_dit_config" in raw and raw["cache_dit_config"] not in (None, ""):
-        path = Path(str(raw["cache_dit_config"]))
+    # a file name or folder left empty is unset
+    raw = {
+        k: v
+        for k, v in raw.items()
+        if not (k in ("cache_dit_config", "compile_cache_dir") and v in (None, ""))
+    }
+    cfg = RuntimeConfig.model_construct(**_values(RuntimeConfig, raw, "runtime config"))
+    if isinstance(cfg.cache_dit_config, str):
+        path = Path(cfg.cache_dit_config)
         if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        cfg.cache_dit_config = str(path)
-    if "compile" in raw:
-        cfg.compile = raw["compile"]
-    if raw.get("compile_cache_dir") not in (None, ""):
-        cfg.compile_cache_dir = raw["compile_cache_dir"]
-    if "device" in raw:
-        cfg.device = raw["device"]
-    if raw.get("quality_gate") is not None:
-        cfg.quality_gate = _section(raw, "quality_gate", QualityGateConfig, "")
+            cfg.cache_dit_config = str(base_dir / path)
     return cfg
 
 
@@ -190,148 +358,42 @@ def load_config_file(path: str | Path) -> RuntimeConfig:
     return config_from_dict(raw, base_dir=path.parent.resolve())
 
 
-def _int_error(
-    path: str, value: Any, lo: int, hi: int | None = None, hi_name: str = ""
-) -> ConfigError | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return _error(path, f"expected an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"{hi}{f' ({hi_name})' if hi_name else ''}" if hi is not None else "inf"
-        return _error(path, f"{value} is out of range [{lo}, {bound}]")
-    return None
+def _setting(loc: tuple) -> str:
+    """A pydantic error location as a setting path (list indices dropped: `warmup.resolutions`)."""
+    return ".".join(str(p) for p in loc if isinstance(p, str))
 
 
-def _size_error(path: str, text: Any, max_pixels: int | None) -> ConfigError | None:
-    """A WIDTHxHEIGHT setting: parseable, multiples of SIZE_MULTIPLE, within max_pixels (None: unchecked)."""
-    try:
-        width, height = parse_size(text)
-    except ValueError as e:
-        return _error(path, str(e))
-    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        return _error(path, f"{text}: width and height must be multiples of {SIZE_MULTIPLE}")
-    if max_pixels is not None and width * height > max_pixels:
-        return _error(path, f"{text} = {width * height} pixels exceeds server.max_pixels={max_pixels}")
-    return None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _quality_gate_errors(
-    g: QualityGateConfig, max_pixels: int | None, steps_ceiling: int, steps_bound: str
-) -> list[ConfigError]:
-    errors: list[ConfigError] = []
-    if (
-        not isinstance(g.prompts, list)
-        or not g.prompts
-        or not all(isinstance(p, str) and p.strip() for p in g.prompts)
-    ):
-        errors.append(
-            _error("quality_gate.prompts", f"expected a non-empty list of prompts, got {g.prompts!r}")
-        )
-    if (
-        not isinstance(g.seeds, list)
-        or not g.seeds
-        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in g.seeds)
-    ):
-        errors.append(
-            _error("quality_gate.seeds", f"expected a non-empty list of integers >= 0, got {g.seeds!r}")
-        )
-    elif isinstance(g.prompts, list) and len(g.prompts) * len(g.seeds) > QUALITY_GATE_MAX_CANARIES:
-        errors.append(
-            _error(
-                "quality_gate.seeds",
-                f"{len(g.prompts)} prompts x {len(g.seeds)} seeds = {len(g.prompts) * len(g.seeds)} canaries; "
-                f"at most {QUALITY_GATE_MAX_CANARIES} (each is generated twice during warmup)",
-            )
-        )
-    if g.steps is not None:
-        error = _int_error("quality_gate.steps", g.steps, 1, steps_ceiling, steps_bound)
-        if error is not None:
-            errors.append(error)
-    if g.size is not None:
-        error = _size_error("quality_gate.size", g.size, max_pixels)
-        if error is not None:
-            errors.append(error)
-    if not _number(g.min_psnr) or g.min_psnr < 0:
-        errors.append(
-            _error("quality_gate.min_psnr", f"expected a number of decibels >= 0, got {g.min_psnr!r}")
-        )
-    if not _number(g.min_ssim) or not -1 <= g.min_ssim <= 1:
-        errors.append(_error("quality_gate.min_ssim", f"expected a number in [-1, 1], got {g.min_ssim!r}"))
-    return errors
+def errors_of(error: ValidationError) -> list[ConfigError]:
+    """A ValidationError of the config models as ConfigErrors, one line each, naming the setting."""
+    out: list[ConfigError] = []
+    for e in error.errors(include_url=False):
+        raised = (e.get("ctx") or {}).get("error")
+        if isinstance(raised, _Refused):
+            out += raised.errors
+            continue
+        if isinstance(raised, ConfigError) and raised.path:
+            out.append(raised)
+            continue
+        path = _setting(tuple(e["loc"]))
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif not isinstance(raised, ValueError):
+            message = f"{message[:1].lower()}{message[1:]}, got {e.get('input')!r}"
+        out.append(_error(path, message))
+    seen: dict[str, ConfigError] = {}
+    for ce in out:
+        seen.setdefault(str(ce), ce)
+    return list(seen.values())
 
 
 def config_errors(cfg: RuntimeConfig) -> list[ConfigError]:
     """Every setting the runtime refuses, each naming its setting (empty: the config is valid)."""
-    errors: list[ConfigError] = []
-
-    def add(error: ConfigError | None) -> None:
-        if error is not None:
-            errors.append(error)
-
-    m = cfg.model
-    if not m.uri or not isinstance(m.uri, str):
-        add(_error("model.uri", "required (a folder, file:///path, hf://org/name or org/name)"))
-    for key in ("revision", "pipeline"):
-        value = getattr(m, key)
-        if value is not None and not isinstance(value, str):
-            add(_error(f"model.{key}", f"expected a string, got {value!r}"))
-    if m.dtype not in DTYPES:
-        add(_error("model.dtype", f"{m.dtype!r} is not one of {', '.join(DTYPES)}"))
-    if cfg.device not in DEVICES:
-        add(_error("device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}"))
-    if not isinstance(cfg.compile, bool):
-        add(_error("compile", f"expected true or false, got {cfg.compile!r}"))
-    if cfg.cache_dit_config is not None and not isinstance(cfg.cache_dit_config, str):
-        add(_error("cache_dit_config", f"expected a file name, got {cfg.cache_dit_config!r}"))
-    if cfg.compile_cache_dir is not None and (
-        not isinstance(cfg.compile_cache_dir, str) or not cfg.compile_cache_dir.startswith("/")
-    ):
-        add(_error("compile_cache_dir", f"expected an absolute path, got {cfg.compile_cache_dir!r}"))
-    s = cfg.server
-    if not isinstance(s.host, str) or not s.host:
-        add(_error("server.host", f"expected an address, got {s.host!r}"))
-    add(_int_error("server.port", s.port, 1, 65535))
-    add(_int_error("server.metrics_port", s.metrics_port, 0, 65535))
-    if isinstance(s.port, int) and s.metrics_port and s.metrics_port == s.port:
-        add(
-            _error("server.metrics_port", f"{s.metrics_port} equals server.port; use another port or 0 (off)")
-        )
-    add(_int_error("server.max_queue", s.max_queue, 1))
-    max_pixels_error = _int_error("server.max_pixels", s.max_pixels, MIN_PIXELS)
-    add(max_pixels_error)
-    max_steps_error = _int_error("server.max_steps", s.max_steps, 1, MAX_STEPS_LIMIT)
-    add(max_steps_error)
-    add(_int_error("server.max_n", s.max_n, 1, MAX_N_LIMIT))
-    add(_int_error("server.max_upload_bytes", s.max_upload_bytes, MIN_UPLOAD_BYTES))
-    add(_int_error("server.max_jobs", s.max_jobs, 1, MAX_JOBS_LIMIT))
-    ttl = s.job_ttl_seconds
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        add(_error("server.job_ttl_seconds", f"expected a number, got {ttl!r}"))
-    elif ttl <= 0:
-        add(_error("server.job_ttl_seconds", "must be > 0"))
-    timeout = s.request_timeout_seconds
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        add(_error("server.request_timeout_seconds", f"expected a number, got {timeout!r}"))
-    elif timeout <= 0:
-        add(_error("server.request_timeout_seconds", "must be > 0"))
-    w = cfg.warmup
-    pixels = s.max_pixels if max_pixels_error is None else None
-    if not isinstance(w.resolutions, list):
-        add(_error("warmup.resolutions", f"expected a list like ['1024x1024'], got {w.resolutions!r}"))
-    else:
-        for r in w.resolutions:
-            add(_size_error("warmup.resolutions", r, pixels))
-    steps_ceiling = s.max_steps if max_steps_error is None else MAX_STEPS_LIMIT
-    steps_bound = "server.max_steps" if max_steps_error is None else ""
-    add(_int_error("warmup.steps", w.steps, 1, steps_ceiling, steps_bound))
-    if cfg.quality_gate is not None:
-        errors.extend(_quality_gate_errors(cfg.quality_gate, pixels, steps_ceiling, steps_bound))
-    if not isinstance(w.prompt, str) or not w.prompt.strip():
-        add(_error("warmup.prompt", "must be a non-empty string"))
-    return errors
+    try:
+        RuntimeConfig.model_validate(cfg.model_dump(warnings=False))
+    except ValidationError as e:
+        return errors_of(e)
+    return []
 
 
 def validate(cfg: RuntimeConfig) -> RuntimeConfig:
@@ -595,28 +657,44 @@ def runtime_errors(
     return errors + cache_dit_errors(cache_dit, device_type, capability, cfg.model.dtype)
 
 
+# `diffusion-runtime serve --FLAG` (dashes for underscores) -> the setting it overrides; cli.py builds
+# each flag from its setting's type, choices and description
+OVERRIDES: dict[str, str] = {
+    "model": "model.uri",
+    "dtype": "model.dtype",
+    "host": "server.host",
+    "port": "server.port",
+    "metrics_port": "server.metrics_port",
+    "max_queue": "server.max_queue",
+    "request_timeout": "server.request_timeout_seconds",
+    "cache_dit_config": "cache_dit_config",
+    "device": "device",
+    "compile": "compile",
+    "compile_cache_dir": "compile_cache_dir",
+    "warmup_steps": "warmup.steps",
+    "warmup_size": "warmup.resolutions",  # repeatable
+}
+
+
+def setting_field(path: str) -> Any:
+    """The pydantic FieldInfo of a setting (`server.max_queue`)."""
+    cls: Any = RuntimeConfig
+    *sections, name = path.split(".")
+    for section in sections:
+        cls = _section_type(cls.model_fields[section].annotation)
+    return cls.model_fields[name]
+
+
 def apply_overrides(cfg: RuntimeConfig, **overrides: Any) -> RuntimeConfig:
-    """CLI flags win over the file. Keys: model, cache_dit_config, host, port, max_queue, ... (None = unset)."""
-    mapping = {
-        "model": (cfg.model, "uri"),
-        "dtype": (cfg.model, "dtype"),
-        "host": (cfg.server, "host"),
-        "port": (cfg.server, "port"),
-        "metrics_port": (cfg.server, "metrics_port"),
-        "max_queue": (cfg.server, "max_queue"),
-        "request_timeout": (cfg.server, "request_timeout_seconds"),
-        "cache_dit_config": (cfg, "cache_dit_config"),
-        "device": (cfg, "device"),
-        "compile": (cfg, "compile"),
-        "compile_cache_dir": (cfg, "compile_cache_dir"),
-        "warmup_steps": (cfg.warmup, "steps"),
-        "warmup_resolutions": (cfg.warmup, "resolutions"),
-    }
+    """CLI flags win over the file. Keys: those of `OVERRIDES` (model, port, max_queue, ...; None = unset)."""
     for key, value in overrides.items():
         if value is None:
             continue
-        if key not in mapping:
+        if key not in OVERRIDES:
             raise KeyError(key)
-        obj, attr = mapping[key]
+        *sections, attr = OVERRIDES[key].split(".")
+        obj: Any = cfg
+        for section in sections:
+            obj = getattr(obj, section)
         setattr(obj, attr, value)
     return cfg

@@ -1,7 +1,7 @@
 """Parallel layouts: which cache-dit `parallelism_config` this runtime runs, on which device.
 
 Torch-free, so the operator asks the same function before it reports a CR valid. The runtime starts
-one rank per device itself (`diffusion_runtime.distributed`); the world size is the product of the
+one rank per device itself (`diffusion_runtime.engine.distributed`); the world size is the product of the
 parallel sizes. What runs where (cache-dit 1.5.3, checked on CPU with gloo and on CUDA):
 
 - CUDA (NCCL): every layout cache-dit runs: Ulysses, ring, TP and their hybrids; `ulysses_float8`
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_runtime.cache_dit_facts import PARALLEL_SIZE_KEYS as SIZE_KEYS
+from diffusion_runtime.contract.cache_dit_facts import PARALLEL_SIZE_KEYS as SIZE_KEYS
 
 
 @dataclass(frozen=True)

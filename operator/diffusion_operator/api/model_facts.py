@@ -1,9 +1,9 @@
-"""Known facts about named models and GPU products, used by the semantic checks of `spec.py`.
+"""Known facts about named models and GPU products, used by the semantic checks (`diffusion_operator.validation`).
 
 cache-dit asserts `Fn_compute_blocks <= len(blocks)` and `Bn_compute_blocks <= len(blocks)` for each
 cached block list of the transformer at load time (an assertion in the pod). The block lists of known
 models, as cache-dit's adapters see them (FLUX.1: 19 + 38 joined into one list of 57), come from the
-generated cache-dit facts (`diffusion_runtime.cache_dit_facts.MODEL_BLOCK_LISTS`); this module adds the
+generated cache-dit facts (`diffusion_runtime.contract.cache_dit_facts.MODEL_BLOCK_LISTS`); this module adds the
 operator's own facts (pipeline class, startup budget) and GPU compute capabilities. Unknown models are
 not checked (the runtime reports it).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from diffusion_runtime.cache_dit_facts import MODEL_BLOCK_LISTS
+from diffusion_runtime.contract.cache_dit_facts import MODEL_BLOCK_LISTS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from diffusion_runtime._cache_dit_pinned import (
+from diffusion_runtime.contract._cache_dit_pinned import (
     CACHE_CONFIG_FIELDS,
     CACHE_DIT_VERSION,
     CALIBRATOR_KEYS,
@@ -36,7 +36,7 @@ from diffusion_runtime._cache_dit_pinned import (
     dbprune_strify,
     steps_mask,
 )
-from diffusion_runtime.limits import MAX_STEPS_LIMIT
+from diffusion_runtime.contract.limits import MAX_STEPS_LIMIT
 
 __all__ = [
     "CACHE_CONFIG_FIELDS",
