@@ -72,15 +72,19 @@ def _buildah_env() -> dict[str, str]:
 
 
 def _seed_pip_cache() -> None:
-    """Make the Dockerfile's pip cache mount the host's pip cache (when the host has one)."""
-    cache_parent = buildah_tmp() / f"buildah-cache-{os.getuid()}"
-    cache_parent.mkdir(parents=True, exist_ok=True)
-    mount = cache_parent / PIP_CACHE_ID
-    if mount.exists() or mount.is_symlink():
-        return
+    """Make the Dockerfile's pip cache mount the host's pip cache (when the host has one).
+
+    buildah keeps `RUN --mount=type=cache` folders in `$TMPDIR/buildah-cache/<id>` (Debian
+    bookworm's 1.28) or `$TMPDIR/buildah-cache-<uid>/<id>` (later releases): both are seeded.
+    """
     host = Path(os.environ.get("PIP_CACHE_DIR") or Path.home() / ".cache" / "pip")
     host.mkdir(parents=True, exist_ok=True)
-    mount.symlink_to(host)
+    for parent in ("buildah-cache", f"buildah-cache-{os.getuid()}"):
+        cache_parent = buildah_tmp() / parent
+        cache_parent.mkdir(parents=True, exist_ok=True)
+        mount = cache_parent / PIP_CACHE_ID
+        if not (mount.exists() or mount.is_symlink()):
+            mount.symlink_to(host)
 
 
 def host_pip_volumes(work: Path) -> list[str]:
