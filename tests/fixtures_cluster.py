@@ -31,7 +31,7 @@ from diffusion_dev import (  # noqa: E402
     LocalCluster,
     wait_for,
 )
-from diffusion_dev.node import NodeError  # noqa: E402
+from diffusion_dev.real_node import NodeError  # noqa: E402
 
 REAL_NODE_OFF = "the real node was turned off (DIFFUSION_DEV_REAL_NODE=0); it is on by default (root, runc, CNI plugins, buildah)"
 

@@ -8,7 +8,15 @@ kube-proxy), image builds from the repository's Dockerfile with buildah, and the
 from .build import BuildError, ensure_binaries
 from .cluster import KubectlError, LocalCluster, find_kubectl
 from .components import ApiError, ComponentError, wait_for
-from .nodes import DEFAULT_POOL, PROFILES, REAL_NODE_POOL, NodeSpec, node_object, on_fake_cpu_node, parse_pool
+from .fake_nodes import (
+    DEFAULT_POOL,
+    PROFILES,
+    REAL_NODE_POOL,
+    NodeSpec,
+    node_object,
+    on_fake_cpu_node,
+    parse_pool,
+)
 
 __all__ = [
     "DEFAULT_POOL",

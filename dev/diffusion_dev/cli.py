@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .build import BuildError, assets_override, build, cache_home, sync_k8s_replaces, tools_dir
 from .cluster import real_node_default
-from .node import NodeClient, NodeError, lock_path, recover_stale
-from .nodes import DEFAULT_POOL, REAL_NODE_POOL, parse_pool
+from .fake_nodes import DEFAULT_POOL, REAL_NODE_POOL, parse_pool
+from .real_node import NodeClient, NodeError, lock_path, recover_stale
 
 
 def state_dir() -> Path:
@@ -102,7 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     nodes = args.nodes or (REAL_NODE_POOL if real else DEFAULT_POOL)
     parse_pool(nodes)  # fail fast on a bad pool, before building anything
     if real:
-        from .node import check_host
+        from .real_node import check_host
 
         check_host()
     t0 = time.monotonic()

@@ -30,10 +30,10 @@ import yaml
 
 from .build import CONTROL_PLANE, ensure_binaries
 from .components import ApiError, Component, ComponentError, free_port, log_tail, wait_for
+from .fake_nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 from .monitoring import MetricsPipeline, metrics_default
-from .node import NODE_IP, RealNode
-from .nodes import DEFAULT_POOL, KWOK_SELECTOR, REAL_NODE_POOL, NodeSpec, node_object, parse_pool
 from .pki import PKI, make_pki
+from .real_node import NODE_IP, RealNode
 
 SERVICE_CIDR = "10.0.0.0/24"
 REAL_NODE_ENV = "DIFFUSION_DEV_REAL_NODE"
@@ -92,7 +92,7 @@ def _stop_all() -> None:
 @dataclass(eq=False)
 class LocalCluster:
     """A local control plane with fake GPU nodes (kwok) and, with `real_node`, one real node
-    (containerd + kubelet + kube-proxy, see `node.py`). Use as a context manager, or start()/stop().
+    (containerd + kubelet + kube-proxy, see `real_node.py`). Use as a context manager, or start()/stop().
 
     `nodes` is the kwok pool; by default GPU nodes plus, without the real node, one CPU-only node
     (with the real node, CPU pods land on it instead).
@@ -465,7 +465,7 @@ class LocalCluster:
         return node
 
     def _kubelet_reachable(self) -> bool:
-        from .node import NODE_NAME
+        from .real_node import NODE_NAME
 
         ok = 0
         for _ in range(3):  # three in a row: no stale connection left in the pool

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import hosttools
 from .build import cache_home, repo_root
-from .node import NodeClient
+from .real_node import NodeClient
 
 TARGETS = ("operator", "runtime")
 REGISTRY = "localhost/diffusion-dev"

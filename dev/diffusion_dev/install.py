@@ -19,7 +19,7 @@ import yaml
 
 from . import images
 from .build import repo_root
-from .node import NodeClient
+from .real_node import NodeClient
 
 CHART = repo_root() / "charts" / "diffusion-operator"
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .build import cache_home, repo_root
-from .node import NODE_NAME
+from .real_node import NODE_NAME
 
 MODEL_CLAIM = "tiny-model"  # samples/tiny-cpu.yaml: pvc://tiny-model/tiny-flux
 MODEL_FOLDER = "tiny-flux"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from chartlib import CHART, REPO, forbidden_lines, run_helm
 from diffusion_dev import on_fake_cpu_node
-from diffusion_dev.node import NODE_NAME
+from diffusion_dev.real_node import NODE_NAME
 
 pytestmark = pytest.mark.cluster
 

@@ -17,7 +17,7 @@ import pytest
 from diffusion_dev import wait_for
 from diffusion_dev.loadgen import ClosedLoopLoad
 from diffusion_dev.monitoring import CHART, alert_exprs, dashboard_exprs, render_chart_monitoring, signal_expr
-from diffusion_dev.node import NODE_NAME
+from diffusion_dev.real_node import NODE_NAME
 from test_cluster_realpods import (  # noqa: F401
     _apply,
     _diagnose,

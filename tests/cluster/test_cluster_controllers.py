@@ -6,7 +6,7 @@ import json
 
 import pytest
 from diffusion_dev import wait_for
-from diffusion_dev.nodes import fake_cpu_placement
+from diffusion_dev.fake_nodes import fake_cpu_placement
 
 pytestmark = pytest.mark.cluster
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.install import install_operator, load_images, restricted
-from diffusion_dev.node import NODE_IP, NODE_NAME
+from diffusion_dev.real_node import NODE_IP, NODE_NAME
 from diffusion_dev.workloads import MODEL_FOLDER, tiny_model_root
 from diffusion_runtime.engine.compile_cache import SUFFIX
 from hub_server import HubServer

@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 from diffusion_dev import hoststate, wait_for
+from diffusion_dev.fake_nodes import FAKE_CPU_TAINT
 from diffusion_dev.install import default_image_names
-from diffusion_dev.node import NODE_IP, NODE_NAME, POD_SUBNET
-from diffusion_dev.nodes import FAKE_CPU_TAINT
+from diffusion_dev.real_node import NODE_IP, NODE_NAME, POD_SUBNET
 
 pytestmark = pytest.mark.cluster
 

@@ -28,7 +28,7 @@ import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.install import default_image_names, install_operator, load_images, restricted
 from diffusion_dev.loadgen import DEFAULT_BODY, ClosedLoopLoad, post
-from diffusion_dev.node import NODE_NAME
+from diffusion_dev.real_node import NODE_NAME
 from diffusion_dev.workloads import model_volume, tiny_model_root, with_model_on_volume
 from fixtures_cluster import REAL_NODE_OFF
 from PIL import Image

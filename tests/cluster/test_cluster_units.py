@@ -177,7 +177,7 @@ def test_host_state_diff_names_every_kind_of_change():
 
 
 def test_pods_get_no_default_route_no_masquerade_and_the_kubelet_fits_these_vms(tmp_path):
-    from diffusion_dev import node as n
+    from diffusion_dev import real_node as n
 
     cni = n.cni_config(tmp_path, "10.0.0.0/24")["plugins"][0]
     assert cni["ipMasq"] is False and cni["isGateway"] is False
@@ -198,7 +198,7 @@ def test_pause_image_archive_is_one_layer_with_the_binary(tmp_path):
     import json
     import tarfile
 
-    from diffusion_dev.node import pause_archive
+    from diffusion_dev.real_node import pause_archive
 
     binary = tmp_path / "pause"
     binary.write_bytes(b"\x7fELF fake")
