@@ -440,6 +440,12 @@ def build_crd() -> dict:
                             "type": "string",
                             "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
                         },
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+                            "description": "why Ready is what it is (a failing pod: CrashLoopBackOff, OOMKilled, ...)",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {
                             "name": "Cold",
@@ -453,6 +459,13 @@ def build_crd() -> dict:
                             "type": "number",
                             "jsonPath": ".status.startup.lastWarm.seconds",
                             "description": "seconds to Ready of the newest warm start",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Message",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+                            "description": "the Ready condition's message (a failing pod's own words)",
                             "priority": 1,
                         },
                     ],

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from diffusion_operator.api.status_types import Condition, DiffusionDeploymentStatus, StartRecord
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
+from diffusion_operator.pod_status import PodSummary, summarize
 from diffusion_operator.validation import condition_reason
 
 READY = "Ready"
@@ -97,10 +98,12 @@ def valid_status(
     cache_tag: str,
     apply_error: tuple[str, str] | None = None,
     gate_pods: list[dict] | None = None,
+    pods: list[dict] | None = None,
 ) -> dict:
     """Status of a parsed spec. `apply_error` (Status reason, message): a child the API server refused:
     Synced=False with the server's message (and ConfigValid=False when the server calls it invalid).
-    `gate_pods`: the CR's pods when its quality gate is on (None: off)."""
+    `gate_pods`: the CR's pods when its quality gate is on (None: off). `pods`: the CR's pod views
+    (informers.pod_gate_view; None: not known), so a Ready=False says why (not_ready_condition)."""
     dstatus = (deployment or {}).get("status", {})
     dspec = (deployment or {}).get("spec", {})
     desired = desired_replicas if desired_replicas is not None else int(dspec.get("replicas", 1) or 0)
@@ -138,13 +141,8 @@ def valid_status(
         progressing = condition(PROGRESSING, False, "Complete", "rollout complete", generation)
     else:
         reason = "RollingOut" if updated < desired or replicas > desired else "WaitingForReady"
-        ready_cond = condition(
-            READY,
-            False,
-            reason,
-            f"{ready}/{desired} pods ready, {updated}/{desired} updated (loading, compiling or warming up)",
-            generation,
-        )
+        summary = None if pods is None else summarize(pods)
+        ready_cond = not_ready_condition(reason, ready, updated, desired, summary, generation)
         progressing = condition(
             PROGRESSING, True, reason, f"{updated}/{desired} pods updated, {ready} ready", generation
         )
@@ -180,6 +178,29 @@ def valid_status(
         }
     )
     return dump(status)
+
+
+def not_ready_condition(
+    reason: str, ready: int, updated: int, desired: int, pods: PodSummary | None, generation: int | None
+) -> dict:
+    """Ready=False while the pods are not all ready: a failing pod's reason and own words (its
+    termination message, else its container state's), else what the others do: "loading, compiling or
+    warming up" only while a pod runs and is not ready yet, the scheduler's word while pods are pending."""
+    counts = f"{ready}/{desired} pods ready, {updated}/{desired} updated"
+    if pods is not None and pods.failures:
+        name, failure = pods.failures[0]
+        more = len(pods.failures) - 1
+        also = f"; {more} more pod{'s' if more > 1 else ''} failing" if more else ""
+        return condition(
+            READY, False, failure.reason, f"{counts}: pod {name}: {failure.message}{also}", generation
+        )
+    if pods is None or pods.starting:
+        doing = "loading, compiling or warming up"
+    elif pods.pending:
+        doing = pods.pending_note or "pods pending"
+    else:
+        doing = "waiting for pods"
+    return condition(READY, False, reason, f"{counts} ({doing})", generation)
 
 
 def gate_failure(pod: dict) -> str | None:

@@ -104,9 +104,20 @@ def test_crd_names_subresources_columns_and_cel_rules():
     }
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "Ready", "Cache", "Quant", "Status", "Age", "Cold", "Warm"]
+    assert columns == [
+        "Model",
+        "Ready",
+        "Cache",
+        "Quant",
+        "Status",
+        "Reason",
+        "Age",
+        "Cold",
+        "Warm",
+        "Message",
+    ]
     wide = {c["name"]: c for c in version["additionalPrinterColumns"] if c.get("priority")}
-    assert set(wide) == {"Cold", "Warm"}  # kubectl get dd -o wide
+    assert set(wide) == {"Cold", "Warm", "Message"}  # kubectl get dd -o wide
     assert wide["Cold"]["jsonPath"] == ".status.startup.lastCold.seconds"
     spec = schema()["properties"]["spec"]
     rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])

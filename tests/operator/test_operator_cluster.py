@@ -139,14 +139,15 @@ def test_flux_sample_children_scheduling_status_columns_and_scale(cluster, names
     assert nodes[node]["nvidia.com/gpu.compute.major"] == "9", nodes[node]  # float8 -> compute >= 8.9 only
 
     table = cluster.kubectl("get", "dd", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODEL", "READY", "CACHE", "QUANT", "STATUS", "AGE"], table
-    assert table[1].split()[:6] == [
+    assert table[0].split() == ["NAME", "MODEL", "READY", "CACHE", "QUANT", "STATUS", "REASON", "AGE"], table
+    assert table[1].split()[:7] == [
         "flux-dev",
         "hf://black-forest-labs/FLUX.1-dev",
         "1/1",
         "DBCache_F1B0_W8I2M0MC2_R0.12",
         "float8_per_row",
         "True",
+        "AllReplicasReady",
     ], table
 
     cluster.kubectl("scale", "dd/flux-dev", "-n", namespace, "--replicas", "2")
@@ -617,7 +618,7 @@ def test_a_child_the_api_server_refuses_is_a_condition_with_its_message_and_one_
     assert cond["Ready"]["status"] == "False"
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     table = cluster.kubectl("get", "dd", "tiny", "-n", namespace).stdout.splitlines()
-    assert table[1].split()[-2] == "False", table  # the STATUS column shows it
+    assert table[1].split()[-3] == "False", table  # the STATUS column shows it (then REASON, AGE)
 
     events = wait_for(lambda: events_for(cluster, namespace, "tiny"), 15, "the Warning event")
     assert [(e["type"], e["reason"], e["message"]) for e in events] == [("Warning", "ApplyFailed", message)]

@@ -3,8 +3,9 @@ answers of our own writes), and what a watch event queues.
 
 kopf delivers the events (handlers.py); this file decides whether one matters. The echo of our own
 write is not queued (same resourceVersion as the apply answer we cached); a child event that changes
-nothing a reconcile reads queues nothing; a pod matters when its gate view changes or a runtime
-container turned Ready (its start line is then read: startup.py).
+nothing a reconcile reads queues nothing; a pod matters when its view changes (the gate failure, its
+state: pending, starting, ready or failing and why: pod_status.py) or a runtime container turned Ready
+(its start line is then read: startup.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from diffusion_operator import pod_status
 from diffusion_operator import status as statuses
 from diffusion_operator.controller.apply import SPEC_HASH_ANNOTATION
 from diffusion_operator.controller.startup import ready_container
@@ -73,12 +75,18 @@ def inputs_of(child: Mapping) -> tuple:
 
 def pod_gate_view(pod: Mapping) -> dict:
     """The part of a pod the operator reads: the QualityGate condition's (status.gate_failure, the
-    config-hash annotation) and, while it is Ready, its runtime container (`ready`, whose start line
-    goes into status.startup), as a small pod-shaped dict."""
+    config-hash annotation), the Ready condition's (`state`, `problem`: pod_status.py; `pendingNote`)
+    and, while it is Ready, its runtime container (`ready`, whose start line goes into status.startup),
+    as a small pod-shaped dict."""
     meta = pod.get("metadata") or {}
     obj = plain({"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations")}})
     obj["metadata"]["labels"] = obj["metadata"]["labels"] or {}
     obj["ready"] = ready_container(pod)
+    body = plain(pod)
+    failure = pod_status.pod_failure(body)
+    obj["state"] = pod_status.pod_state(body)
+    obj["problem"] = None if failure is None else failure.as_dict()
+    obj["pendingNote"] = pod_status.pending_message(body) if obj["state"] == pod_status.PENDING else None
     obj["failure"] = statuses.gate_failure(plain(pod))
     if obj["failure"] is not None:
         obj["status"] = {"containerStatuses": [{"lastState": {"terminated": {"message": obj["failure"]}}}]}
@@ -102,7 +110,7 @@ class Queue:
 @dataclass(frozen=True)
 class PodChange:
     """A serving pod's event: its owner, its Ready runtime container (None: not Ready, or gone) and
-    whether its gate view changed in a way the QualityGate condition reads."""
+    whether its view changed in a way the QualityGate or the Ready condition reads."""
 
     pod: PodKey
     owner: str
@@ -225,5 +233,18 @@ class Informers:
             before = self._pods.pop(key, None)
             if view is not None:
                 self._pods[key] = view
-        gate_changed = before != view and (view or before or {}).get("failure") is not None
-        return PodChange(key, owner, (view or {}).get("ready"), view is None, gate_changed)
+        return PodChange(key, owner, (view or {}).get("ready"), view is None, view_changed(before, view))
+
+
+def view_changed(before: dict | None, view: dict | None) -> bool:
+    """Whether a pod's new view changes a condition: a gate failure or a pod failure appears, changes
+    or goes, or a pod seen before changes state (pending -> starting: the Deployment's counts do not
+    move). A new pod with no failure queues nothing (its Deployment's status changes anyway)."""
+    if before == view:
+        return False
+    old, new = before or {}, view or {}
+    if old.get("failure") is not None or new.get("failure") is not None:
+        return True
+    if old.get("problem") != new.get("problem"):
+        return True
+    return before is not None and view is not None and old.get("state") != new.get("state")

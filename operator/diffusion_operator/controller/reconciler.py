@@ -130,6 +130,7 @@ class Reconciler:
         self.informers.forget_cr(key)
         self.loop.forget(key)
         self.start_lines.forget(namespace, name)
+        self.reporter.forget(namespace, name)
         with self._guard:
             self._invalid.discard(key)
             self._managed.pop(key, None)
@@ -361,12 +362,13 @@ class Reconciler:
             self._managed[key] = [
                 (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
             ]
-        gate_pods = self.informers.pods_of(*key) if funcs.quality_gate_on(dd.spec) else None
+        pods = self.informers.pods_of(*key)
+        gate_pods = pods if funcs.quality_gate_on(dd.spec) else None
         startup = self.start_lines.status(cr, old_status)
         new_status = serving_status(
-            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup
+            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods
         )
-        self.reporter.serving(cr, old_status, new_status, cache)
+        self.reporter.serving(cr, old_status, new_status, cache, pods)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -1,5 +1,6 @@
 """Status reporting glue: the status of a valid or an invalid spec (built by status.py and
-cache_status.py), written only when it changed, with one Warning event per distinct failure message.
+cache_status.py), written only when it changed, with one Warning event per distinct failure message
+and one per distinct cause of a failing pod (pod_status.py: not one per reconcile or restart).
 
 Errors: a child the API server refuses for good (422 invalid, 403 forbidden, ...) becomes
 `Synced=False` (and `ConfigValid=False` for invalid objects) with the server's message; transient
@@ -9,9 +10,10 @@ errors are reported the same way once they failed REPORT_TRANSIENT_AFTER times (
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 
-from diffusion_operator import builders
+from diffusion_operator import builders, pod_status
 from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import status as statuses
 from diffusion_operator.api import funcs
@@ -20,6 +22,12 @@ from diffusion_operator.kube import KubeClient
 from diffusion_operator.validation import FieldError
 
 log = logging.getLogger("diffusion_operator")
+# causes remembered per CR (per configuration): a pod looping through ever new messages stays bounded
+MAX_CAUSES = 32
+
+
+def condition_of(status: Mapping | None, type_: str) -> dict:
+    return next((dict(c) for c in (status or {}).get("conditions") or [] if c.get("type") == type_), {})
 
 
 def condition_message(status: Mapping | None, type_: str) -> str:
@@ -39,6 +47,7 @@ def serving_status(
     gate_pods: list[dict] | None,
     cache: dict | None,
     startup: dict | None,
+    pods: list[dict] | None = None,
 ) -> dict:
     """The status of a valid spec: the Deployment's progress, the children's apply, the quality gate,
     the model cache and the start times."""
@@ -55,6 +64,7 @@ def serving_status(
         funcs.cache_tag(funcs.cache_dit_config(dd.spec)),
         apply_error=apply_error,
         gate_pods=gate_pods,
+        pods=pods,
     )
     if cache is not None:
         new_status = cache_statuses.gate_ready_condition(
@@ -71,6 +81,13 @@ class Reporter:
     def __init__(self, client: Callable[[], KubeClient], remember_cr: Callable[[dict], bool]) -> None:
         self._client = client
         self._remember_cr = remember_cr
+        # (namespace, name) -> (config hash, the pod failure causes an event was posted for)
+        self._posted: dict[tuple[str, str], tuple[str, set[str]]] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._posted.pop((namespace, name), None)
 
     def invalid(self, cr: dict, old_status: dict, errors: list[FieldError]) -> None:
         """ConfigValid=False naming the fields, one InvalidSpec event per distinct message."""
@@ -88,8 +105,12 @@ class Reporter:
             },
         )
 
-    def serving(self, cr: dict, old_status: dict, new_status: dict, cache: dict | None) -> None:
-        """Write the status of a valid spec if it changed, with its events (apply, gate, model cache)."""
+    def serving(
+        self, cr: dict, old_status: dict, new_status: dict, cache: dict | None, pods: list[dict] | None = None
+    ) -> None:
+        """Write the status of a valid spec if it changed, with its events (apply, gate, model cache,
+        failing pods)."""
+        self._pod_events(cr, old_status, new_status, pods or [])
         if statuses.same_status(old_status, new_status):
             return
         self._write(cr, new_status)
@@ -106,6 +127,44 @@ class Reporter:
         written = self._client().patch_status(meta["namespace"], meta["name"], status)
         if written:
             self._remember_cr(written)
+
+    def _pod_events(self, cr: dict, old_status: dict, new_status: dict, pods: list[dict]) -> None:
+        """One Warning event per distinct cause of the failing pods (reason: the Ready condition's, e.g.
+        CrashLoopBackOff, OOMKilled), while Ready is False. A cause is posted once per configuration: not
+        again on the next reconcile, restart or back-off, nor after an operator restart when the stored
+        Ready condition already names it. A failed quality gate has its own event (QualityGateFailed)."""
+        ready = condition_of(new_status, statuses.READY)
+        if ready.get("status") != "False":
+            return
+        summary = pod_status.summarize(pods)
+        if not summary.failures:
+            return
+        old_ready = condition_of(old_status, statuses.READY)
+        meta = cr["metadata"]
+        key = (meta["namespace"], meta["name"])
+        config = str(new_status.get("configHash", ""))
+        names = {f.cause: n for n, f in reversed(summary.failures)}
+        post = []
+        with self._lock:
+            seen_config, posted = self._posted.get(key, (config, set()))
+            if seen_config != config:
+                posted = set()
+            for failure in summary.causes():
+                if failure.cause in posted or failure.reason == "QualityGateFailed":
+                    continue
+                if len(posted) >= MAX_CAUSES:
+                    break
+                posted.add(failure.cause)
+                stored = old_ready.get("reason") == failure.reason and failure.message in str(
+                    old_ready.get("message", "")
+                )
+                if not stored:  # an operator restarted after posting it: the status says so already
+                    post.append(failure)
+            self._posted[key] = (config, posted)
+        for failure in post:
+            self._client().post_event(
+                cr, "Warning", failure.reason, f"pod {names[failure.cause]}: {failure.message}"
+            )
 
     def _event_once(self, cr: dict, old_status: dict, new_status: dict, type_: str, reason: str) -> None:
         """A Warning event when the condition's failure message is new (once per distinct message)."""
