@@ -103,7 +103,7 @@ class RuntimeMetrics:
         )
         self.webhooks = Counter(
             "diffusion_webhook_deliveries",
-            "Webhook deliveries, by result (ok|error).",
+            "Webhook deliveries, by result: delivered|failed|refused, and retried (one per retry).",
             ["result"],
             registry=r,
         )

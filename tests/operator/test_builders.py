@@ -73,6 +73,11 @@ def test_configmap_runtime_yaml_follows_the_contract():
             "max_upload_bytes": 33554432,
             "max_jobs": 64,
             "job_ttl_seconds": 600.0,
+            "webhook_allow": [],
+            "webhook_attempts": 5,
+            "webhook_backoff_seconds": 1.0,
+            "webhook_backoff_max_seconds": 30.0,
+            "webhook_timeout_seconds": 10.0,
         },
     }
     cache = yaml.safe_load(cm["data"]["cache-dit.yaml"])

@@ -4,7 +4,9 @@ The schema names two constraints JSON Schema cannot express, and this module tea
 to generate them, as schemathesis documents for custom formats:
 - `format: image-size`: WIDTHxHEIGHT, multiples of `x-multiple-of` within `x-max-pixels`, taken
   from the environment (FUZZ_MAX_PIXELS, FUZZ_SIZE_MULTIPLE) the test sets from the same config;
-- `format: binary` uploads (`contentMediaType: image/png`): real small PNG, JPEG and WebP images.
+- `format: binary` uploads (`contentMediaType: image/png`): real small PNG, JPEG and WebP images;
+- `format: webhook-url`: URLs the server's `webhook_allow` admits: loopback, on a port where nothing
+  listens (FUZZ_WEBHOOK_PORT), so deliveries fail there and nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -37,4 +39,10 @@ def _image(fmt: str, size: tuple[int, int]) -> bytes:
 schemathesis.openapi.format("image-size", st.sampled_from(_sizes()))
 schemathesis.openapi.format(
     "binary", st.sampled_from([_image("PNG", (32, 32)), _image("JPEG", (32, 32)), _image("WEBP", (32, 32))])
+)
+schemathesis.openapi.format(
+    "webhook-url",
+    st.sampled_from(
+        [f"http://127.0.0.1:{os.environ['FUZZ_WEBHOOK_PORT']}{path}" for path in ("/", "/hook", "/a?b=c")]
+    ),
 )

@@ -24,7 +24,9 @@ GEN = "/v1/images/generations"
 EDITS = "/v1/images/edits"
 JOBS = "/v1/images/jobs"
 ASYNC = {"Prefer": "respond-async"}
-LIMITS = {"max_steps": 200, "max_pixels": 256 * 256, "max_n": 4, "max_queue": 8}
+# webhook receivers here listen on loopback, refused unless allowed (test_webhooks.py): allowed
+LIMITS = {"max_steps": 200, "max_pixels": 256 * 256, "max_n": 4, "max_queue": 8,
+          "webhook_allow": ["127.0.0.1/32"]}  # fmt: skip
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -359,7 +361,7 @@ def test_webhook_on_loopback_receives_the_result(api_server):
         assert payload["result"]["seed"] == 4
         decode(payload["result"]["data"][0]["b64_json"], "png")
         deadline = time.monotonic() + 10
-        while metric(api_server.url, "diffusion_webhook_deliveries_total", result="ok") < 1:
+        while metric(api_server.url, "diffusion_webhook_deliveries_total", result="delivered") < 1:
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:

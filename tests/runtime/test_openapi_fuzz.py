@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fixtures_runtime import start_runtime
+from fixtures_runtime import free_port, start_runtime
 
 pytestmark = pytest.mark.runtime
 HERE = Path(__file__).parent
@@ -27,6 +27,8 @@ FUZZ_LIMITS = {
     "max_n": 2,
     "max_queue": 8,
     "request_timeout_seconds": 60,
+    "webhook_allow": ["127.0.0.1/32"],  # the hooks' webhook-url format: loopback, nothing listening
+    "webhook_attempts": 1,
 }
 MAX_EXAMPLES = 15  # per operation and phase; ~600 requests in about a minute on two shared cores
 
@@ -39,6 +41,7 @@ def test_schemathesis_finds_nothing(tiny_model_dir, tmp_path):
         env = dict(
             os.environ,
             FUZZ_MAX_PIXELS=str(FUZZ_LIMITS["max_pixels"]),
+            FUZZ_WEBHOOK_PORT=str(free_port()),
             SCHEMATHESIS_HOOKS="schemathesis_hooks",
             PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
             NO_COLOR="1",

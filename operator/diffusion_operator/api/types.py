@@ -132,6 +132,14 @@ class TokenSecretRef(_Types):
     key: str = Field("token", description="Key in the Secret.", max_length=253)
 
 
+class WebhookSecretRef(_Types):
+    """Secret holding the Standard Webhooks signing secret (whsec_<base64>); passed to the pod only as
+    env DIFFUSION_WEBHOOK_SECRET via secretKeyRef. Without it, webhook deliveries are unsigned."""
+
+    name: str = Field(description="Secret name (same namespace).", max_length=253)
+    key: str = Field("secret", description="Key in the Secret.", max_length=253)
+
+
 CacheAccessMode = Literal["ReadWriteOnce", "ReadWriteMany"]
 CACHE_ACCESS_MODES: tuple[str, ...] = get_args(CacheAccessMode)
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -252,6 +260,13 @@ class ServerSpec(_Types):
     max_steps: int = setting("server.max_steps")
     max_n: int = setting("server.max_n")
     max_retry_after_seconds: int | None = setting("server.max_retry_after_seconds")
+    webhook_allow: list[str] | None = setting("server.webhook_allow", default=None)
+    webhook_secret_ref: WebhookSecretRef | None = Field(
+        None,
+        alias="webhookSecretRef",
+        description="Secret with the webhook signing secret (Standard Webhooks, whsec_<base64>); reaches "
+        "the pod only as DIFFUSION_WEBHOOK_SECRET via secretKeyRef. Unset: deliveries are unsigned.",
+    )
 
 
 AutoscalingEngine = Literal["hpa", "keda"]

@@ -106,6 +106,14 @@ def build_env(dd: DiffusionDeployment) -> list[dict]:
     token = token_secret(dd.spec)
     if token is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token[0], "key": token[1]}}})
+    hook = dd.spec.server.webhook_secret_ref
+    if hook is not None:
+        env.append(
+            {
+                "name": "DIFFUSION_WEBHOOK_SECRET",
+                "valueFrom": {"secretKeyRef": {"name": hook.name, "key": hook.key}},
+            }
+        )
     if dd.spec.model.cache is not None:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the cache is complete: never download
     env += template_env(dd.spec)

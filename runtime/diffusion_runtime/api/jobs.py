@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from diffusion_runtime.api.protocol import ErrorDetail, ImagesResponse, JobProgress, JobStatus
 from diffusion_runtime.engine.scheduler import Scheduler, Work
 
 log = logging.getLogger("diffusion_runtime")
 FINAL = ("succeeded", "failed", "cancelled")
-WEBHOOK_TIMEOUT_SECONDS = 10.0
 STORE_MAX_BYTES = 512 << 20  # image data kept by each store (finished jobs' results, url results)
 
 
@@ -169,30 +166,3 @@ class ResultStore:
             f"result {rid!r} is not known to this pod: results are kept {self.ttl:g}s, at most "
             f"{self.max_items} images and {self.max_bytes >> 20} MiB (server.job_ttl_seconds, server.max_jobs)"
         )
-
-
-def _post_json(url: str, body: bytes) -> int:
-    req = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={"content-type": "application/json", "user-agent": "diffusion-runtime"},
-    )
-    with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT_SECONDS) as resp:  # noqa: S310 - http(s) only
-        return int(resp.status)
-
-
-async def deliver_webhook(url: str, payload: dict[str, Any], on_done: Any = None) -> bool:
-    """POST the finished job to `url` (one try, WEBHOOK_TIMEOUT_SECONDS); failures are logged."""
-    body = json.dumps(payload).encode()
-    try:
-        status = await asyncio.to_thread(_post_json, url, body)
-        ok = 200 <= status < 300
-        if not ok:
-            log.warning("webhook %s answered %d for job %s", url, status, payload.get("id"))
-    except Exception as e:  # noqa: BLE001 - a receiver's failure is its own; log one line
-        log.warning("webhook %s failed for job %s: %s: %s", url, payload.get("id"), type(e).__name__, e)
-        ok = False
-    if on_done is not None:
-        on_done(ok)
-    return ok

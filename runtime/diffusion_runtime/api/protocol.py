@@ -6,7 +6,8 @@ document describes every answer, errors included (`ErrorResponse`, the OpenAI er
 
 Limits JSON Schema cannot state are named in the schema instead: `size` carries the custom format
 `image-size` (WIDTHxHEIGHT, both multiples of `SIZE_MULTIPLE`, at most `x-max-pixels` pixels) and
-the edit uploads carry `contentMediaType` (PNG, JPEG or WebP).
+the edit uploads carry `contentMediaType` (PNG, JPEG or WebP); `webhook` carries the custom format
+`webhook-url` (an http(s) URL whose destination `server.webhook_allow` admits: api/webhooks.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from diffusion_runtime.contract.limits import SIZE_MULTIPLE, SIZE_PATTERN
 
 PROMPT_MAX_CHARS = 32000  # OpenAI's limit for GPT image models
 SIZE_FORMAT = "image-size"
+WEBHOOK_FORMAT = "webhook-url"
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 RESPONSE_FORMATS = ("b64_json", "url")
 UPLOAD_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -232,7 +234,10 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
                 None,
                 max_length=2048,
                 pattern=WEBHOOK_PATTERN,
-                description="http(s) URL that receives the finished job (JobStatus JSON) by POST",
+                description="http(s) URL that receives the finished job (JobStatus JSON) by POST, signed per "
+                "Standard Webhooks when the server has a secret; loopback, link-local, private and reserved "
+                "destinations are refused (400) unless server.webhook_allow admits them",
+                json_schema_extra={"format": WEBHOOK_FORMAT},
             ),
         ),
         "model": (str | None, Field(None, max_length=256, description="accepted and ignored (one model)")),

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from diffusion_runtime.api.errors import Rejected, error_detail, validation_message
-from diffusion_runtime.api.jobs import Job, JobStore, ResultStore, deliver_webhook
+from diffusion_runtime.api.jobs import Job, JobStore, ResultStore
 from diffusion_runtime.api.protocol import (
     CacheSteps,
     EditRequestFields,
@@ -33,6 +33,7 @@ from diffusion_runtime.api.protocol import (
     prefers_async,
 )
 from diffusion_runtime.api.state import RuntimeState
+from diffusion_runtime.api.webhooks import Delivery, Fence, Outcome, Refused, secret_from_env
 from diffusion_runtime.contract.config import parse_size
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE
 from diffusion_runtime.engine.errors import Cancelled
@@ -98,6 +99,12 @@ class ImageServing:
         self.jobs = JobStore(s.max_jobs, s.job_ttl_seconds)
         self.results = ResultStore(s.max_jobs * s.max_n, s.job_ttl_seconds)
         self.scheduler: Scheduler | None = None
+        self.webhooks = Delivery(
+            Fence(s.webhook_allow), secret_from_env(), attempts=s.webhook_attempts,
+            backoff_base=s.webhook_backoff_seconds, backoff_max=s.webhook_backoff_max_seconds,
+            timeout=s.webhook_timeout_seconds,
+        )  # fmt: skip
+        self._deliveries: set[asyncio.Task] = set()
 
     def start(self) -> Scheduler:
         """The queue and its worker (in the server's event loop; the app's lifespan)."""
@@ -277,6 +284,8 @@ class ImageServing:
         """Queue the work; answer 202 + job (Prefer: respond-async) or wait and answer the images."""
         t0 = request.scope.get("t0", time.perf_counter())
         base_url = str(request.base_url)
+        if req.webhook:
+            await self.check_webhook(req.webhook)
         if prefers_async(prefer):
             job = Job(endpoint=endpoint, work=work, webhook=req.webhook)
             self.sched.submit(work)
@@ -293,11 +302,23 @@ class ImageServing:
         self.finish(endpoint, 200, t0)
         if req.webhook:
             event = ImageResultEvent(endpoint=endpoint, result=body)
-            asyncio.create_task(deliver_webhook(req.webhook, _json(event), self._webhook_done))
+            task = asyncio.create_task(
+                self.webhooks.deliver(req.webhook, _json(event), self._webhook_outcome)
+            )
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
         return body
 
-    def _webhook_done(self, ok: bool) -> None:
-        self.state.metrics.webhooks.labels(result="ok" if ok else "error").inc()
+    async def check_webhook(self, url: str) -> None:
+        """The destination fence at submission: 400 naming the rule (resolved off the event loop)."""
+        try:
+            await asyncio.to_thread(self.webhooks.fence.check, url)
+        except Refused as e:
+            self._webhook_outcome("refused")
+            raise Rejected(400, str(e), param="webhook") from e
+
+    def _webhook_outcome(self, outcome: Outcome) -> None:
+        self.state.metrics.webhooks.labels(result=outcome).inc()
 
     async def _follow(
         self, job: Job, params: GenerationParams, req: ImageRequestFields, base_url: str, t0: float
@@ -320,7 +341,7 @@ class ImageServing:
             job.finish("succeeded", result=self.images_response(work, result, params, req, base_url, t0))
         self.state.metrics.jobs.labels(endpoint=job.endpoint, status=job.final).inc()
         if job.webhook:
-            await deliver_webhook(job.webhook, _json(job.view(self.sched)), self._webhook_done)
+            await self.webhooks.deliver(job.webhook, _json(job.view(self.sched)), self._webhook_outcome)
 
     # ------------------------------------------------------------ edits: the multipart form
 

@@ -194,6 +194,28 @@ class ServerConfig(_Section):
         default=64, description="Finished async jobs and url results kept in memory.", ge=1, le=MAX_JOBS_LIMIT
     )
     job_ttl_seconds: float = Field(default=600.0, description="How long a finished job is kept.", gt=0)
+    webhook_allow: list[Annotated[NonBlank, Field(max_length=253)]] = Field(
+        default_factory=list,
+        description="Webhook destinations allowed besides public addresses: host names and/or addresses "
+        "or CIDRs (e.g. 10.0.0.0/8, hooks.internal). Loopback, link-local (169.254.169.254), private, "
+        "shared and reserved addresses are refused unless listed here.",
+        max_length=64,
+    )
+    webhook_attempts: int = Field(
+        default=5,
+        description="Webhook delivery attempts in all (5xx, 429, timeouts are retried).",
+        ge=1,
+        le=10,
+    )
+    webhook_backoff_seconds: float = Field(
+        default=1.0, description="Webhook retry backoff base (full jitter, doubling per retry).", gt=0, le=60
+    )
+    webhook_backoff_max_seconds: float = Field(
+        default=30.0, description="Longest webhook retry backoff.", gt=0, le=600
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, description="Timeout of one webhook attempt.", gt=0, le=120
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerConfig:
