@@ -151,6 +151,12 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
         errors.append(FieldError("spec.rollout", "maxSurge and maxUnavailable cannot both be 0"))
     if any(e.name == "HF_TOKEN" for e in s.template.env or []):
         errors.append(FieldError("spec.template.env", "HF_TOKEN comes only from spec.model.tokenSecretRef"))
+    if any(e.name == "DIFFUSION_WEBHOOK_SECRET" for e in s.template.env or []):
+        errors.append(
+            FieldError(
+                "spec.template.env", "DIFFUSION_WEBHOOK_SECRET comes only from spec.server.webhookSecretRef"
+            )
+        )
     if s.model.cache is not None and not s.model.uri.startswith("hf://"):
         errors.append(
             FieldError(

@@ -140,7 +140,9 @@ def apply_cel(spec: dict) -> dict:
             spec["gpu"] = {**spec["gpu"], "count": product if on_gpus else 0}
     env = (spec.get("template") or {}).get("env")
     if env:
-        spec["template"]["env"] = [e for e in env if e["name"] != "HF_TOKEN"]
+        spec["template"]["env"] = [
+            e for e in env if e["name"] not in ("HF_TOKEN", "DIFFUSION_WEBHOOK_SECRET")
+        ]
     return spec
 
 

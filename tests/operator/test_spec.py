@@ -234,6 +234,12 @@ def test_quantize_on_cpu_int8_allowed_float8_refused():
             "spec.autoscaling.minReplicas",
         ),
         (lambda s: s.update(template={"env": [{"name": "HF_TOKEN", "value": "leak"}]}), "spec.template.env"),
+        (
+            lambda s: s.update(
+                template={"env": [{"name": "DIFFUSION_WEBHOOK_SECRET", "value": "whsec_AA=="}]}
+            ),
+            "spec.template.env",
+        ),
         (lambda s: s["cacheDit"].update(cache_configs={}), "spec.cacheDit.cache_configs"),
         (lambda s: s.update(rollout={"maxSurge": 0, "maxUnavailable": 0}), "spec.rollout"),
     ],

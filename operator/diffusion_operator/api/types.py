@@ -446,13 +446,18 @@ class TemplateSpec(_Types):
     resources: Resources | None = None
     env: list[EnvVar] | None = Field(
         None,
-        description="Extra environment variables (name/value only; HF_TOKEN is set from model.tokenSecretRef).",
+        description="Extra environment variables (name/value only; HF_TOKEN is set from model.tokenSecretRef, "
+        "DIFFUSION_WEBHOOK_SECRET from server.webhookSecretRef).",
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
                     "rule": "self.all(e, e.name != 'HF_TOKEN')",
                     "message": "HF_TOKEN comes only from spec.model.tokenSecretRef",
-                }
+                },
+                {
+                    "rule": "self.all(e, e.name != 'DIFFUSION_WEBHOOK_SECRET')",
+                    "message": "DIFFUSION_WEBHOOK_SECRET comes only from spec.server.webhookSecretRef",
+                },
             ]
         },
     )
