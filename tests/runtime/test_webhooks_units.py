@@ -120,6 +120,13 @@ def test_the_settings_are_checked():
         validate(config_from_dict({"model": {"uri": "/m"}, "server": {"webhook_attempts": 0}}))
     with pytest.raises(ConfigError, match="server.webhook_allow"):
         validate(config_from_dict({"model": {"uri": "/m"}, "server": {"webhook_allow": [" "]}}))
+    for bad in ("10.0.0.0/33", "hooks/internal", "http://hooks.internal", "a b"):
+        with pytest.raises(ConfigError, match="server.webhook_allow.*neither an address"):
+            validate(config_from_dict({"model": {"uri": "/m"}, "server": {"webhook_allow": [bad]}}))
+    ok = ["10.0.0.0/8", "fd00::/8", "127.0.0.1", "hooks.internal", "receiver.ns.svc.cluster.local."]
+    assert validate(
+        config_from_dict({"model": {"uri": "/m"}, "server": {"webhook_allow": ok}})
+    ).server.webhook_allow
     cfg = validate(config_from_dict({"model": {"uri": "/m"}}))
     assert cfg.server.webhook_allow == [] and cfg.server.webhook_attempts == 5
 
@@ -145,6 +152,8 @@ def test_the_cr_fields_render_into_runtime_yaml_and_the_secret_reference():
         "valueFrom": {"secretKeyRef": {"name": "hooks", "key": "secret"}},
     } in env
     assert validation.cr_field("server.webhook_allow") == "spec.server.webhookAllow"
+    refused = validation.parse("tiny", "ns", {**spec, "server": {"webhookAllow": ["10.0.0.0/33"]}})
+    assert [e.field for e in refused.errors] == ["spec.server.webhookAllow"], refused.errors
     unset = validation.parse("tiny", "ns", {**spec, "server": {}})
     assert unset.cr is not None
     text = builders.build_configmap(unset.cr, owner)["data"]["runtime.yaml"]

@@ -13,6 +13,7 @@ non-mapping sections refused, values as written), flags may override values, the
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -164,6 +165,11 @@ class WarmupConfig(_Section):
     prompt: NonBlank = Field(default="a photo of a cat", description="Warmup prompt.")
 
 
+HOST_NAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+)
+
+
 class ServerConfig(_Section):
     host: NonBlank = Field(default="0.0.0.0", description="Address to listen on.")
     port: int = Field(default=8000, description="HTTP port (API, /health, /ready, /metrics).", ge=1, le=65535)
@@ -216,6 +222,19 @@ class ServerConfig(_Section):
     webhook_timeout_seconds: float = Field(
         default=10.0, description="Timeout of one webhook attempt.", gt=0, le=120
     )
+
+    @model_validator(mode="after")
+    def _webhook_allow_entries(self) -> ServerConfig:
+        for entry in self.webhook_allow:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                if "/" in entry or not HOST_NAME.fullmatch(entry.strip()):
+                    raise _error(
+                        "server.webhook_allow",
+                        f"{entry!r} is neither an address, a CIDR (10.0.0.0/8, fd00::/8) nor a host name",
+                    ) from None
+        return self
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerConfig:
