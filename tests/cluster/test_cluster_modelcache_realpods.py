@@ -218,9 +218,13 @@ def test_scaled_from_one_to_three_each_file_is_downloaded_once_and_new_replicas_
     assert 0 < warm["seconds"] and warm["compileSeconds"] < cold["compileSeconds"], (warm, cold)
     assert startup["lastCold"] == cold
     wide = cluster.kubectl("get", "dd", "cached", "-n", ns, "-o", "wide").stdout.splitlines()
-    header, row = wide[0].split(), wide[1].split()
-    assert header[-2:] == ["COLD", "WARM"], wide
-    assert [float(v) for v in row[-2:]] == [cold["seconds"], warm["seconds"]], wide
+    # kubectl aligns the columns under their headers; MESSAGE (free text) follows WARM
+    header, row = wide[0], wide[1]
+    names = header.split()
+    assert names[-3:] == ["COLD", "WARM", "MESSAGE"], wide
+    at = [(header + " ").index(f" {name} ") + 1 for name in ("COLD", "WARM", "MESSAGE")]
+    shown = [row[at[0] : at[1]].strip(), row[at[1] : at[2]].strip()]
+    assert [float(v) for v in shown] == [cold["seconds"], warm["seconds"]], wide
     print("\n".join(["", *wide, f"cold {cold}", f"warm {warm}"]))  # the figures, for the record (-s)
     for pod in serving:
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
