@@ -80,11 +80,13 @@ fi
 
 # ---------------------------------------------------------------- 2. Debian tools, promtool
 # One table of host tools and their Debian packages: dev/diffusion_dev/hosttools.py.
-# openssl (the local cluster's certificates) always; as root with the real node on, also the node's
-# tools (runc, CNI plugins, iptables, iproute2, mount) and the image builds' (buildah, mmdebstrap).
+# openssl (the local cluster's certificates) always; as root the image builds' tools (buildah,
+# mmdebstrap: tests/cluster/test_fresh_cache.py builds the base image whatever the real node's switch)
+# and, with the real node on, the node's (runc, CNI plugins, iptables, iproute2, mount).
 real_node="${DIFFUSION_DEV_REAL_NODE:-}"
 groups=(cluster)
-if [ "$real_node" != "0" ] && [ "$(id -u)" -eq 0 ]; then groups+=(node images); fi
+if [ "$(id -u)" -eq 0 ]; then groups+=(images); fi
+if [ "$real_node" != "0" ] && [ "$(id -u)" -eq 0 ]; then groups+=(node); fi
 listed="$("$venv/bin/diffusion-dev" host-tools --missing "${groups[@]}")" \
   || die "cannot list the host tools (diffusion-dev host-tools)"
 missing=()
