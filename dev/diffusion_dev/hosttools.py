@@ -29,6 +29,7 @@ TOOLS: tuple[Tool, ...] = (
     Tool("runc", "/usr/sbin/runc", "the real node's container runtime (containerd's shim runs it)", "node"),
     Tool("containernetworking-plugins", "/usr/lib/cni/bridge", "the real node's pod network (CNI)", "node"),
     Tool("iptables", "/usr/sbin/iptables", "kube-proxy's Service rules; host-state snapshot", "node"),
+    Tool("redis-server", "redis-server", "the queue tests' real Redis server (docs/queue.md)", "cluster"),
     Tool("iproute2", "ip", "the real node's bridge; host-state snapshot", "node"),
     Tool("mount", "umount", "unmounting the node's leftovers on teardown", "node"),
     Tool("buildah", "buildah", "building the Dockerfile's images", "images"),
