@@ -300,6 +300,56 @@ class QualityGateConfig(_Section):
         return self
 
 
+QUEUE_URL_ENV = "DIFFUSION_QUEUE_URL"  # redis://[:password@]host:port/db, from a Secret (docs/queue.md)
+QUEUE_MAX_ATTEMPTS_LIMIT = 10
+
+
+class QueueConfig(_Section):
+    """The shared work queue (Redis Streams): the front door enqueues, runtime pods pull only when they
+    have room. Absent: the runtime serves its own HTTP API alone (one pod, a workstation, tests).
+    The server's address and password never sit here: they come from the `DIFFUSION_QUEUE_URL`
+    environment variable, filled from a Secret by reference."""
+
+    name: NonBlank = Field(
+        description="The deployment's queue: every key and stream of it starts with this name "
+        "(the operator writes NAMESPACE/NAME).",
+        max_length=253,
+    )
+    max_attempts: int = Field(
+        default=3,
+        description="Times a job is started in all: a pod that dies mid-job has its job redelivered until "
+        "then, after which the job fails naming the reason.",
+        ge=1,
+        le=QUEUE_MAX_ATTEMPTS_LIMIT,
+    )
+    claim_idle_seconds: float = Field(
+        default=30.0,
+        description="A started job whose pod stopped renewing it for this long is redelivered to another "
+        "pod (a running job is renewed every third of it).",
+        ge=3,
+        le=3600,
+    )
+    max_waiting: int = Field(
+        default=10000,
+        description="Jobs waiting in the queue (not yet started) beyond which the front door answers 429.",
+        ge=1,
+        le=1000000,
+    )
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of this deployment's queue in the Redis server."""
+        return f"dq:{self.name}:"
+
+    @property
+    def stream(self) -> str:
+        """The work stream (KEDA's redis-streams scaler reads it with QUEUE_GROUP)."""
+        return self.prefix + "work"
+
+
+QUEUE_GROUP = "workers"  # the stream's consumer group: every runtime pod of the deployment
+
+
 def _absolute(path: str | None) -> str | None:
     if path is not None and not path.startswith("/"):
         raise ValueError(f"expected an absolute path, got {path!r}")
@@ -320,6 +370,7 @@ class RuntimeConfig(_Section):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     quality_gate: QualityGateConfig | None = None  # None: no gate
+    queue: QueueConfig | None = None  # None: no shared queue, the pod's own HTTP API only
 
     @model_validator(mode="after")
     def _within_server_limits(self) -> RuntimeConfig:
