@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -39,6 +40,12 @@ def spread(xs: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--rounds", type=int, default=200)
@@ -50,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     import httpx
-    from fixtures_queue import RedisServer
-    from fixtures_runtime import start_runtime
-
     from diffusion_runtime.contract.config import QUEUE_URL_ENV
     from diffusion_runtime.tiny import write_tiny_model
+    from fixtures_queue import RedisServer
+    from fixtures_runtime import start_runtime
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     model_dir = Path(a.model) if a.model else write_tiny_model(tmp / "tiny")
@@ -66,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rt = start_runtime(model_dir, tmp / "runtime", warmup=warm, queue=queue, extra_env=env)
         procs.append(rt)
-        fd = start_runtime(model_dir, tmp / "front-door", warmup=warm, queue=queue, extra_env=env, command="front-door")
+        fd = start_runtime(
+            model_dir, tmp / "front-door", warmup=warm, queue=queue, extra_env=env, command="front-door"
+        )
         procs.append(fd)
         body = {"prompt": "a photo of a cat", "size": a.size, "num_inference_steps": a.steps, "seed": 1}
         direct, queued, paired = [], [], []
@@ -79,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 assert r.status_code == 200, r.text
                 return dt
 
+            cpu0: dict[str, float] = {}
             for i in range(a.rounds + a.warmup):
+                if i == a.warmup:
+                    cpu0 = {"front_door": cpu_seconds(fd.proc.pid), "redis": cpu_seconds(redis.proc.pid)}
                 if i % 2 == 0:
                     d, q = call(rt.url), call(fd.url)
                 else:
@@ -88,27 +99,38 @@ def main(argv: list[str] | None = None) -> int:
                     direct.append(d)
                     queued.append(q)
                     paired.append(q - d)
+            cpu = {
+                f"{k}_cpu_ms_per_request": round((cpu_seconds(pid) - cpu0[k]) * 1000 / a.rounds, 3)
+                for k, pid in (("front_door", fd.proc.pid), ("redis", redis.proc.pid))
+            }
     finally:
         for proc in procs:
             proc.stop(timeout=30)
         redis.stop()
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True
+    ).stdout.split()[2]
     result = {
         "what": "sync POST /v1/images/generations, front door + Redis + worker vs the same worker's direct API",
         "model": "tiny FluxPipeline (random weights)", "size": a.size, "steps": a.steps, "device": "cpu",
         "rounds": a.rounds, "order": "alternating AB/BA", "redis": redis_version,
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(), "loadavg": load},
-        "direct": spread(direct), "queue": spread(queued), "overhead_paired": spread(paired),
+        "direct": spread(direct), "queue": spread(queued), "overhead_paired": spread(paired), "cpu": cpu,
         "target_p50_ms": TARGET_MS, "target_met": pct(paired, 0.5) * 1000 <= TARGET_MS,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     print(f"tiny FluxPipeline {a.size}, {a.steps} steps, CPU, {a.rounds} rounds, alternating order")
     for name in ("direct", "queue", "overhead_paired"):
         s = result[name]
-        print(f"{name:16s} p50 {s['p50_ms']:8.2f} ms   p10 {s['p10_ms']:8.2f}   p90 {s['p90_ms']:8.2f}   mean {s['mean_ms']:8.2f}")
+        print(
+            f"{name:16s} p50 {s['p50_ms']:8.2f} ms   p10 {s['p10_ms']:8.2f}   p90 {s['p90_ms']:8.2f}   mean {s['mean_ms']:8.2f}"
+        )
+    print("CPU per queued request: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu.items()))
     ok = "met" if result["target_met"] else "NOT met"
-    print(f"target: queue - direct <= {TARGET_MS:g} ms at p50: {ok} ({result['overhead_paired']['p50_ms']:.2f} ms)")
+    print(
+        f"target: queue - direct <= {TARGET_MS:g} ms at p50: {ok} ({result['overhead_paired']['p50_ms']:.2f} ms)"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,7 +1,8 @@
 """Fixtures for the shared queue: a real `redis-server` on a free loopback port in its own folder.
 
-- `RedisServer`: start/stop/restart one server (append-only file, fsync on every write: what a
-  202 acknowledged survives a restart), `.url` for DIFFUSION_QUEUE_URL, `.client()` (redis-py, sync).
+- `RedisServer`: start/stop/restart one server (append-only file, `appendfsync everysec`: the
+  production setting of docs/queue.md; what a 202 acknowledged survives the server's restart),
+  `.url` for DIFFUSION_QUEUE_URL, `.client()` (redis-py, sync).
 - `redis_server` (function): one fresh server per test, stopped after.
 """
 
@@ -47,7 +48,7 @@ class RedisServer:
         log = open(self.dir / "redis.log", "a")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no",
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "no",
              "--daemonize", "no", "--logfile", ""],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

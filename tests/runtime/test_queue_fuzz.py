@@ -12,11 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from diffusion_runtime.contract.config import QUEUE_URL_ENV
 from fixtures_queue import RedisServer
 from fixtures_runtime import free_port, start_runtime
 from test_openapi_fuzz import FUZZ_LIMITS
-
-from diffusion_runtime.contract.config import QUEUE_URL_ENV
 
 pytestmark = pytest.mark.runtime
 HERE = Path(__file__).parent

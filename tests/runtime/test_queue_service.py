@@ -24,10 +24,6 @@ from typing import Any
 
 import httpx
 import pytest
-from fixtures_queue import RedisServer
-from fixtures_runtime import RuntimeProcess, start_runtime
-from prometheus_client.parser import text_string_to_metric_families
-
 from diffusion_runtime.contract.config import QUEUE_URL_ENV, QueueConfig
 from diffusion_runtime.contract.queue import (
     QUEUE_DEMAND_METRIC,
@@ -37,6 +33,9 @@ from diffusion_runtime.contract.queue import (
     QUEUE_RUNNING_METRIC,
     QUEUE_WAITING_METRIC,
 )
+from fixtures_queue import RedisServer
+from fixtures_runtime import RuntimeProcess, start_runtime
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 ASYNC = {"Prefer": "respond-async"}
@@ -49,13 +48,17 @@ def queue_cfg(**kw: Any) -> dict[str, Any]:
     return {"name": "test/tiny", "claim_idle_seconds": 3, **kw}
 
 
-def worker(model: Path, folder: Path, redis: RedisServer, queue: dict[str, Any], wait: bool = True) -> RuntimeProcess:
+def worker(
+    model: Path, folder: Path, redis: RedisServer, queue: dict[str, Any], wait: bool = True
+) -> RuntimeProcess:
     return start_runtime(
         model, folder, queue=queue, server=LIMITS, extra_env={QUEUE_URL_ENV: redis.url}, wait=wait
     )
 
 
-def front_door(model: Path, folder: Path, redis: RedisServer, queue: dict[str, Any], wait: bool = True) -> RuntimeProcess:
+def front_door(
+    model: Path, folder: Path, redis: RedisServer, queue: dict[str, Any], wait: bool = True
+) -> RuntimeProcess:
     return start_runtime(
         model, folder, queue=queue, server=LIMITS, extra_env={QUEUE_URL_ENV: redis.url}, wait=wait,
         command="front-door",
@@ -89,7 +92,9 @@ def job(fd: RuntimeProcess, jid: str) -> dict[str, Any]:
     return r.json()
 
 
-def wait_job(fd: RuntimeProcess, jid: str, until: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+def wait_job(
+    fd: RuntimeProcess, jid: str, until: Callable[[dict[str, Any]], bool], timeout: float = 120
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         j = job(fd, jid)
@@ -205,14 +210,20 @@ def test_cancel_reaches_the_running_worker_and_owners_are_separate(stack):
     # a job enqueued under another API key's name is unknown to this caller (auth off: no name)
     import asyncio
 
-    from diffusion_runtime.queue.store import QueueStore, new_job_id
+    from diffusion_runtime.queue.store import QueueStore, done_message, new_job_id
 
     async def enqueue_as_alice() -> str:
         s = QueueStore(QueueConfig(**queue_cfg()), stack.redis.url, 60)
         jid = new_job_id()
         spec = {"endpoint": "generations"}
-        await s.enqueue(jid, spec, endpoint="generations", total_steps=1, owner="alice", webhook=None, sync=False)
-        await s.cancel(jid, "", '{"message": "x", "type": "t", "param": null, "code": null}')
+        await s.enqueue(
+            jid, spec, endpoint="generations", total_steps=1, owner="alice", webhook=None, sync=False
+        )
+        await s.cancel(
+            jid,
+            done_message(jid, "cancelled", None, False, False),
+            '{"message": "x", "type": "t", "param": null, "code": null}',
+        )
         await s.close()
         return jid
 

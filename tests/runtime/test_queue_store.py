@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-
 from diffusion_runtime.contract.config import QUEUE_GROUP, QueueConfig
 from diffusion_runtime.queue.store import QueueStore, done_message, new_job_id
 
@@ -85,7 +84,9 @@ def test_cancel_queued_leaves_the_stream_and_a_delivered_copy_does_not_start(red
         jid, _, _ = await _enqueue(s)
         entry, got = await s.read("w")  # delivered, not started yet
         assert got == jid
-        err = json.dumps({"message": "cancelled", "type": "invalid_request_error", "param": None, "code": None})
+        err = json.dumps(
+            {"message": "cancelled", "type": "invalid_request_error", "param": None, "code": None}
+        )
         assert await s.cancel(jid, done_message(jid, "cancelled", None, False, False), err) == "cancelled"
         assert await s.depth() == (0, 0)
         assert (await s.start(entry, jid, "w")).outcome == "final"
@@ -187,9 +188,8 @@ def test_two_deployments_share_a_server_without_seeing_each_other(redis_server):
 
 
 def test_unreachable_server_fails_fast(tmp_path):
-    from redis.exceptions import ConnectionError
-
     from fixtures_queue import _free_port
+    from redis.exceptions import ConnectionError
 
     async def main():
         s = QueueStore(QueueConfig(name="x"), f"redis://127.0.0.1:{_free_port()}/0", 60)
@@ -197,6 +197,37 @@ def test_unreachable_server_fails_fast(tmp_path):
         with pytest.raises(ConnectionError):
             await s.depth()
         assert time.monotonic() - t0 < 3
+        await s.close()
+
+    run(main())
+
+
+def test_sync_notice_carries_the_outcome_to_its_front_door(redis_server):
+    from diffusion_runtime.queue.store import parse_done
+
+    async def main():
+        s = store_for(redis_server)
+        reply = s.reply_prefix + "fd1"
+        ps = s.r.pubsub()
+        await ps.subscribe(reply, s.done_channel)
+        for _ in range(2):
+            await ps.get_message(timeout=1)
+        jid, _, _ = await _enqueue(s)
+        entry, _ = await s.read("w")
+        await s.start(entry, jid, "w")
+        body = '{"data": [{"b64_json": "AAAA"}]}'
+        msg = done_message(jid, "succeeded", 0.5, False, True, payload=body)
+        assert await s.finalize(entry, jid, "succeeded", result=body, message=msg, channel=reply)
+        got = await ps.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert got is not None and got["channel"] == reply.encode()  # only there, not on P done
+        notice, payload = parse_done(got["data"])
+        assert notice["id"] == jid and notice["status"] == "succeeded" and payload == body.encode()
+        assert await ps.get_message(ignore_subscribe_messages=True, timeout=0.3) is None
+        assert parse_done(done_message(jid, "failed", None, True, False)) == (
+            {"id": jid, "status": "failed", "wait": None, "webhook": True, "sync": False, "error_status": 0},
+            None,
+        )
+        await ps.aclose()
         await s.close()
 
     run(main())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -243,12 +243,12 @@ class ImageServing:
 
     async def generate(
         self, req: ImageRequestFields, request: Request, prefer: str
-    ) -> ImagesResponse | JSONResponse:
+    ) -> ImagesResponse | Response:
         width, height = self.size(req.size)
         params = self.params(req, width, height)
         return await self.run_generation(req, params, request, prefer)
 
-    async def edit(self, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
+    async def edit(self, request: Request, prefer: str) -> ImagesResponse | Response:
         self.admit()  # 503/429 before reading a large upload
         req, images, mask_bytes = await self.read_edit_form(request)
         image, mask = decode_edit_inputs(images[0], mask_bytes)
@@ -287,14 +287,14 @@ class ImageServing:
 
     async def run_generation(
         self, req: ImageRequestFields, params: GenerationParams, request: Request, prefer: str
-    ) -> ImagesResponse | JSONResponse:
+    ) -> ImagesResponse | Response:
         output = OutputFormat(req.output_format, req.output_compression)
         work = self.new_work("generations", generation_call(self.state, params, output), params.run_steps)
         return await self.respond("generations", work, params, req, request, prefer)
 
     async def run_edit(
         self, req: ImageRequestFields, base: GenerationParams, edit: EditInput, request: Request, prefer: str
-    ) -> ImagesResponse | JSONResponse:
+    ) -> ImagesResponse | Response:
         params = EditParams.of(base, edit.image, edit.mask, cast(EditRequestFields, req).strength)
         engine = self.state.loaded()
         engine.prepare_edit(params.kind)
@@ -376,7 +376,7 @@ class ImageServing:
     async def respond(
         self, endpoint: Endpoint, work: Work, params: GenerationParams, req: ImageRequestFields, request: Request,
         prefer: str | None,
-    ) -> ImagesResponse | JSONResponse:  # fmt: skip
+    ) -> ImagesResponse | Response:  # fmt: skip
         """Queue the work; answer 202 + job (Prefer: respond-async) or wait and answer the images."""
         t0 = request.scope.get("t0", time.perf_counter())
         base_url = str(request.base_url)

@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from redis.exceptions import RedisError, ResponseError
@@ -75,7 +75,15 @@ from diffusion_runtime.engine.imaging import MEDIA_TYPES
 from diffusion_runtime.engine.params import EditParams, GenerationParams
 from diffusion_runtime.metrics import LATENCY_BUCKETS, RuntimeMetrics
 from diffusion_runtime.queue.spec import job_spec
-from diffusion_runtime.queue.store import DEPTH, FINAL, QueueStore, new_job_id, sync_client
+from diffusion_runtime.queue.store import (
+    DEPTH,
+    FINAL,
+    QueueStore,
+    done_message,
+    new_job_id,
+    parse_done,
+    sync_client,
+)
 
 log = logging.getLogger("diffusion_runtime")
 QUEUE_RETRY_AFTER = 2  # seconds: Retry-After while the queue server is unreachable
@@ -186,6 +194,8 @@ class QueueServing(ImageServing):
         state.metrics.registry.register(QueueCollector(url, q))
         self._tasks: list[asyncio.Task] = []
         self._hooks: set[asyncio.Task] = set()
+        # this process's channel: the workers publish a sync job's result here, with its notice
+        self.reply_channel = self.store.reply_prefix + uuid.uuid4().hex
 
     @property
     def fd_state(self) -> FrontDoorState:
@@ -258,12 +268,17 @@ class QueueServing(ImageServing):
         while True:
             ps = self.store.r.pubsub()
             try:
-                await ps.subscribe(self.store.done_channel)
+                await ps.subscribe(self.store.done_channel, self.reply_channel)
                 await self._resync()
                 while True:
                     msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
-                        self._on_done(json.loads(msg["data"]))
+                        try:
+                            notice, payload = parse_done(msg["data"])
+                        except ValueError:
+                            log.warning("queue: ignored a malformed notice on %s", msg.get("channel"))
+                            continue
+                        self._on_done(notice, payload)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as e:
@@ -281,11 +296,11 @@ class QueueServing(ImageServing):
                 status = h["status"] if h else "gone"
                 self._on_done({"id": job_id, "status": status, "wait": None, "webhook": False, "sync": True})
 
-    def _on_done(self, msg: dict[str, Any]) -> None:
+    def _on_done(self, msg: dict[str, Any], payload: bytes | None = None) -> None:
         job_id = str(msg.get("id"))
         for fut in self.waiters.pop(job_id, []):
             if not fut.done():
-                fut.set_result(msg)
+                fut.set_result((msg, payload))
         endpoint = self.mine.pop(job_id, None)
         if endpoint is not None:
             if msg.get("wait") is not None:
@@ -293,9 +308,7 @@ class QueueServing(ImageServing):
             if not msg.get("sync"):
                 self.state.metrics.jobs.labels(endpoint=endpoint, status=msg.get("status", "failed")).inc()
         if msg.get("webhook") and not msg.get("sync"):
-            task = asyncio.create_task(self._job_webhook(job_id))
-            self._hooks.add(task)
-            task.add_done_callback(self._hooks.discard)
+            self._background(self._job_webhook(job_id))
 
     async def _job_webhook(self, job_id: str) -> None:
         """One front door delivers an async job's webhook (SET NX), its JobStatus as the body."""
@@ -310,6 +323,11 @@ class QueueServing(ImageServing):
             log.warning("webhook of job %s not sent: %s", job_id, e)
             return
         await self.webhooks.deliver(h["webhook"], _json(view), self._webhook_outcome)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
 
     def _waiter(self, job_id: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -328,26 +346,26 @@ class QueueServing(ImageServing):
 
     async def run_generation(
         self, req: ImageRequestFields, params: GenerationParams, request: Request, prefer: str
-    ) -> ImagesResponse | JSONResponse:
+    ) -> ImagesResponse | Response:
         return await self._submit("generations", params, req, request, prefer)
 
     async def run_edit(
         self, req: ImageRequestFields, base: GenerationParams, edit: EditInput, request: Request, prefer: str
-    ) -> ImagesResponse | JSONResponse:
+    ) -> ImagesResponse | Response:
         params = EditParams.of(base, edit.image, edit.mask, cast(EditRequestFields, req).strength)
         return await self._submit("edits", params, req, request, prefer, edit)
 
     async def _submit(
         self, endpoint: Endpoint, params: GenerationParams, req: ImageRequestFields, request: Request,
         prefer: str, edit: EditInput | None = None,
-    ) -> ImagesResponse | JSONResponse:  # fmt: skip
+    ) -> ImagesResponse | Response:  # fmt: skip
         t0 = request.scope.get("t0", time.perf_counter())
         self.admit()
         if req.webhook:
             await self.check_webhook(req.webhook)
         sync = not prefers_async(prefer)
         job_id = new_job_id()
-        spec = job_spec(endpoint, params, req, str(request.base_url), sync)
+        spec = job_spec(endpoint, params, req, str(request.base_url), self.reply_channel if sync else None)
         fut = self._waiter(job_id) if sync else None
         try:
             with self.guard():
@@ -384,12 +402,14 @@ class QueueServing(ImageServing):
                 headers={"Location": f"{JOBS_PATH}/{job_id}", "Preference-Applied": "respond-async"},
             )  # fmt: skip
         try:
-            body = await self._wait_sync(job_id, fut, request, t0)
+            body = await self._wait_sync(job_id, fut, request)
         finally:
             self._drop_waiter(job_id, fut)
         self.finish(endpoint, 200, t0)
         if req.webhook:
-            event = ImageResultEvent(endpoint=endpoint, result=body)
+            event = ImageResultEvent(
+                endpoint=endpoint, result=ImagesResponse.model_validate_json(bytes(body.body))
+            )
             task = asyncio.create_task(
                 self.webhooks.deliver(req.webhook, _json(event), self._webhook_outcome)
             )
@@ -397,9 +417,7 @@ class QueueServing(ImageServing):
             task.add_done_callback(self._deliveries.discard)
         return body
 
-    async def _wait_sync(
-        self, job_id: str, fut: asyncio.Future, request: Request, t0: float
-    ) -> ImagesResponse:
+    async def _wait_sync(self, job_id: str, fut: asyncio.Future, request: Request) -> Response:
         timeout = self.state.config.server.request_timeout_seconds
         watcher = asyncio.create_task(listen_for_disconnect(request))
         try:
@@ -409,19 +427,27 @@ class QueueServing(ImageServing):
         if fut not in done:
             why = "client disconnected" if watcher in done else f"timed out after {timeout:g}s"
             with contextlib.suppress(Rejected), self.guard():
-                await self.store.cancel(job_id, "", error_detail(400, f"cancelled: {why}").model_dump_json())
+                notice = done_message(job_id, "cancelled", None, False, True)
+                await self.store.cancel(
+                    job_id, notice, error_detail(400, f"cancelled: {why}").model_dump_json()
+                )
             if watcher in done:
                 raise Rejected(499, "client disconnected")
             raise Rejected(504, f"request timed out after {timeout:g}s (request_timeout_seconds)")
-        with self.guard():
-            h = await self.store.job(job_id)
-            await self.store.forget(job_id)  # a sync job has no id to poll: its record goes now
-        if h is None:
-            raise Rejected(500, f"job {job_id} vanished from the queue server before its result was read")
-        if h["status"] == "succeeded" and h.get("result"):
-            body = ImagesResponse.model_validate_json(h["result"])
-            body.timings.total_seconds = round(time.perf_counter() - t0, 6)
-            return body
+        msg, payload = fut.result()
+        h: dict[str, Any] | None
+        if payload is not None:  # the notice carried the outcome (the record expires: SYNC_RECORD_TTL)
+            if msg["status"] == "succeeded":
+                return Response(content=payload, media_type="application/json")
+            h = {"status": msg["status"], "error": payload.decode(), "error_status": msg.get("error_status")}
+        else:
+            with self.guard():
+                h = await self.store.take(job_id)  # a sync job has no id to poll: its record goes now
+            if h is None:
+                raise Rejected(500, f"job {job_id} vanished from the queue server before its result was read")
+            if h["status"] == "succeeded" and h.get("result"):
+                # the worker's JSON as stored (the same ImagesResponse model): no parse and re-encode here
+                return Response(content=h["result"], media_type="application/json")
         err = ErrorDetail.model_validate_json(h["error"]) if h.get("error") else None
         status = int(h.get("error_status") or 500)
         raise Rejected(
@@ -460,8 +486,8 @@ class QueueServing(ImageServing):
             try:
                 err = error_detail(400, "cancelled by DELETE before it started").model_dump_json()
                 with self.guard():
-                    out = await self.store.cancel(job_id, json.dumps({"id": job_id, "status": "cancelled",
-                                                  "wait": None, "webhook": bool(h.get("webhook")), "sync": False}), err)  # fmt: skip
+                    notice = done_message(job_id, "cancelled", None, bool(h.get("webhook")), False)
+                    out = await self.store.cancel(job_id, notice, err)
                 if out == "running":
                     await asyncio.wait({fut}, timeout=DELETE_WAIT_SECONDS)
             finally:

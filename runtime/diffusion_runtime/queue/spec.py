@@ -15,8 +15,9 @@ SPEC_VERSION = 1
 
 
 def job_spec(
-    endpoint: str, params: GenerationParams, req: ImageRequestFields, base_url: str, sync: bool
+    endpoint: str, params: GenerationParams, req: ImageRequestFields, base_url: str, reply: str | None
 ) -> dict[str, Any]:
+    """`reply`: a sync job's front-door channel (the result goes there with the notice); None: async."""
     base = {f.name: getattr(params, f.name) for f in dataclasses.fields(GenerationParams)}
     return {
         "v": SPEC_VERSION,
@@ -28,7 +29,8 @@ def job_spec(
         "response_format": req.response_format,
         "base_url": base_url,
         "webhook": bool(req.webhook),
-        "sync": sync,
+        "sync": reply is not None,
+        "reply": reply,
     }
 
 

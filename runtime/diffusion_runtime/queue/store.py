@@ -12,8 +12,9 @@ Key layout (prefix `P` = `QueueConfig.prefix`, `dq:{name}:`; docs/queue.md):
 - `P result:RID` (string): one `response_format: url` image, TTL `server.job_ttl_seconds`.
 - `P stats` (hash): `redeliveries`, `exhausted` counters.
 - `P hook:ID` (string): which front door delivers an async job's webhook (SET NX).
-- channels `P done` (a job finished: JSON `{id, status, wait, webhook, sync}`) and `P cancel` (a job id
-  whose running pipeline should stop).
+- channels `P done` (a job finished: JSON `{id, status, wait, webhook, sync}`), `P reply:FRONT_DOOR` (a
+  sync job finished: the same line, then its result or error, to the front-door process holding
+  the request) and `P cancel` (a job id whose running pipeline should stop).
 
 Every transition is one Lua script, so a job is started only while queued and finished at most once.
 """
@@ -37,6 +38,7 @@ CONNECT_TIMEOUT = 2.0  # seconds: an unreachable server answers 503 within about
 SOCKET_TIMEOUT = 5.0  # seconds: above READ_BLOCK_MS
 READ_BLOCK_MS = 1000  # a worker's blocking read; SIGTERM stops pulling within this
 FINAL = ("succeeded", "failed", "cancelled")
+SYNC_RECORD_TTL = 60  # seconds a finished sync job's record is kept (its answer normally rides the notice)
 JOB_FIELDS = (
     "endpoint", "status", "step", "total_steps", "attempts", "owner", "created_at", "started_at",
     "finished_at", "result", "error", "cancel_requested", "cancel_step", "webhook", "sync", "worker",
@@ -108,7 +110,8 @@ redis.call('HSET', KEYS[1], 'step', ARGV[4])
 return {'ok', redis.call('HGET', KEYS[1], 'cancel_requested') or '0'}
 """
 
-# KEYS job, stream; ARGV group, entry, status, result, error, error_status, now, ttl, channel, message
+# KEYS job, stream; ARGV group, entry, status, result, error, error_status, now, ttl, channel, message,
+# sync_ttl (a sync job's record: only its front door reads it, once, if the notice was missed)
 # -> 1 finished now, 0 it was already final (a duplicate: discarded)
 FINALIZE = """
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
@@ -121,7 +124,9 @@ redis.call('HSET', KEYS[1], 'status', ARGV[3], 'result', ARGV[4], 'error', ARGV[
 local total = redis.call('HGET', KEYS[1], 'total_steps')
 if ARGV[3] == 'succeeded' then redis.call('HSET', KEYS[1], 'step', total) end
 redis.call('HDEL', KEYS[1], 'image', 'mask')
-redis.call('EXPIRE', KEYS[1], ARGV[8])
+local ttl = tonumber(ARGV[8])
+if redis.call('HGET', KEYS[1], 'sync') == '1' then ttl = math.min(ttl, tonumber(ARGV[11])) end
+redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('PUBLISH', ARGV[9], ARGV[10])
 return 1
 """
@@ -142,7 +147,7 @@ if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'error', ARGV[8], 'error_status', '400', 'finished_at', ARGV[2])
   redis.call('HDEL', KEYS[1], 'image', 'mask')
   redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
   return 'cancelled'
 end
 redis.call('PUBLISH', ARGV[6], ARGV[7])
@@ -248,6 +253,7 @@ class QueueStore:
         self._job_prefix = p + "job:"
         self._result_prefix = p + "result:"
         self._hook_prefix = p + "hook:"
+        self.reply_prefix = p + "reply:"
         self._enqueue = self.r.register_script(ENQUEUE)
         self._start = self.r.register_script(START)
         self._heartbeat = self.r.register_script(HEARTBEAT)
@@ -317,6 +323,16 @@ class QueueStore:
 
     async def forget(self, job_id: str) -> None:
         await self.r.delete(self.job_key(job_id))
+
+    async def take(self, job_id: str) -> dict[str, Any] | None:
+        """Read a finished sync job and delete its record (nobody can poll it): one round trip."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.hmget(self.job_key(job_id), ["status", "result", "error", "error_status"])
+            p.delete(self.job_key(job_id))
+            values, _ = await p.execute()
+        if values[0] is None:
+            return None
+        return dict(zip(["status", "result", "error", "error_status"], [_s(v) for v in values], strict=True))
 
     async def result(self, rid: str) -> bytes | None:
         data: Any = await self.r.get(self.result_key(rid))
@@ -395,12 +411,14 @@ class QueueStore:
 
     async def finalize(
         self, entry: str, job_id: str, status: str, *, result: str = "", error: str = "", error_status: int = 0,
-        message: str,
+        message: str, channel: str | None = None,
     ) -> bool:  # fmt: skip
+        """Finish the job unless it is final already (then False: a duplicate); publish `message` on
+        `channel` (default `P done`)."""
         out = await self._finalize(
             keys=[self.job_key(job_id), self.stream],
             args=[QUEUE_GROUP, entry, status, result, error, error_status, repr(time.time()), self.ttl,
-                  self.done_channel, message],
+                  channel or self.done_channel, message, SYNC_RECORD_TTL],
         )  # fmt: skip
         return bool(out)
 
@@ -430,5 +448,31 @@ def sync_client(url: str) -> redis.Redis:
     )
 
 
-def done_message(job_id: str, status: str, wait: float | None, webhook: bool, sync: bool) -> str:
-    return json.dumps({"id": job_id, "status": status, "wait": wait, "webhook": webhook, "sync": sync})
+def done_message(
+    job_id: str,
+    status: str,
+    wait: float | None,
+    webhook: bool,
+    sync: bool,
+    error_status: int = 0,
+    payload: str = "",
+) -> str:
+    """A finished job's notice: one JSON line, then (sync jobs, on their front door's reply channel)
+    the result or error JSON as stored, so the held request answers without reading it back."""
+    head = json.dumps(
+        {
+            "id": job_id,
+            "status": status,
+            "wait": wait,
+            "webhook": webhook,
+            "sync": sync,
+            "error_status": error_status,
+        }
+    )
+    return head + "\n" + payload if payload else head
+
+
+def parse_done(data: bytes | str) -> tuple[dict[str, Any], bytes | None]:
+    raw = data.encode() if isinstance(data, str) else data
+    head, sep, payload = raw.partition(b"\n")
+    return json.loads(head), payload if sep else None

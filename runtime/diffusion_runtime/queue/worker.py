@@ -234,14 +234,25 @@ class QueueWorker:
         if error is not None:
             err_status = error[0]
             err = error_detail(error[0], error[1], error[2]).model_dump_json()
-        message = done_message(job_id, status, wait, bool(spec.get("webhook")), bool(spec.get("sync")))
+        reply = spec.get("reply") or None  # a sync job: its front door gets the result with the notice
+        message = done_message(
+            job_id, status, wait, bool(spec.get("webhook")), bool(spec.get("sync")), err_status,
+            payload=(body or err) if reply else "",
+        )  # fmt: skip
         first = await self._retrying(
             lambda: self.store.finalize(
-                entry, job_id, status, result=body, error=err, error_status=err_status, message=message
+                entry,
+                job_id,
+                status,
+                result=body,
+                error=err,
+                error_status=err_status,
+                message=message,
+                channel=reply,
             )
         )
         self.executions.labels(result=status if first else "discarded").inc()
-        log.info(
+        log.debug(
             "queue: job %s %s%s", job_id, status, "" if first else " (already final elsewhere: discarded)"
         )
 
@@ -261,8 +272,10 @@ class QueueWorker:
     async def _monitor(self, entry: str, job_id: str, work: Work, lost: asyncio.Event) -> None:
         """Step progress and renewal while the job runs; stop it when cancelled or taken over."""
         renew = self.cfg.claim_idle_seconds / 3
-        next_renew, last_step = 0.0, -1
+        # START just renewed it: the first write is the first step's progress (a short job makes none)
+        next_renew, last_step = time.monotonic() + renew, 0
         while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
             now = time.monotonic()
             if work.step != last_step or now >= next_renew:
                 step = work.step
@@ -278,7 +291,6 @@ class QueueWorker:
                         return
                     if cancel:
                         self.serving.sched.withdraw(work)
-            await asyncio.sleep(PROGRESS_SECONDS)
 
     async def _listen_cancels(self) -> None:
         """One subscription to `P cancel`: a DELETE reaches the running pipeline at its next step."""
