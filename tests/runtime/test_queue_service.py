@@ -39,7 +39,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 ASYNC = {"Prefer": "respond-async"}
-LIMITS = {"max_steps": 400, "max_pixels": 128 * 128, "request_timeout_seconds": 120}
+LIMITS = {
+    "max_steps": 400, "max_pixels": 128 * 128, "request_timeout_seconds": 120,
+    "webhook_allow": ["127.0.0.2/32"], "webhook_attempts": 1,
+}  # fmt: skip
 SHORT = {"prompt": "a red square", "size": "64x64", "num_inference_steps": 2}
 LONG = {"prompt": "a slow blue circle", "size": "128x128", "num_inference_steps": 400}
 
@@ -231,6 +234,28 @@ def test_cancel_reaches_the_running_worker_and_owners_are_separate(stack):
     for method in ("GET", "DELETE"):
         r = httpx.request(method, f"{fd1.url}/v1/images/jobs/{alice}", timeout=10)
         assert r.status_code == 404 and r.json()["error"]["param"] == "job_id"
+
+
+def test_an_async_jobs_webhook_is_delivered_once_by_one_front_door(stack):
+    import json
+
+    from test_webhooks import Receiver
+
+    rx = Receiver("127.0.0.2")
+    try:
+        jid = submit(stack.doors[0], {**SHORT, "webhook": rx.url()})
+        assert wait_job(stack.doors[1], jid, final)["status"] == "succeeded"
+        deadline = time.monotonic() + 20
+        while not rx.received:
+            assert time.monotonic() < deadline, "no webhook delivery"
+            time.sleep(0.05)
+        time.sleep(1.0)  # both front doors saw the notice: a second delivery would be here by now
+        assert len(rx.received) == 1
+        body = json.loads(rx.received[0][1])
+        assert body["id"] == jid and body["object"] == "image.job" and body["status"] == "succeeded"
+        assert body["result"]["data"][0]["b64_json"]
+    finally:
+        rx.close()
 
 
 def test_sigterm_leaves_unstarted_work_and_sigkill_redelivers(tiny_model_dir, tmp_path):
