@@ -318,7 +318,7 @@ def test_max_attempts_exceeded_fails_the_job_naming_the_reason(tiny_model_dir, t
 
         async def die_holding_it() -> None:
             s = QueueStore(QueueConfig(**q), redis.url, 60)
-            entry, got = await s.read("dead-pod.1") or ("", "")
+            entry, got, _ = await s.read("dead-pod.1") or ("", "", None)
             assert got == jid
             assert (await s.start(entry, got, "dead-pod.1")).outcome == "run"
             await s.close()

@@ -38,7 +38,8 @@ def test_enqueue_start_finish_once_and_depth(redis_server):
         assert added and waiting == 1
         assert await s.depth() == (1, 0)
         assert await s.position(jid) == 1
-        entry, got = await s.read("a")
+        entry, got, spec = await s.read("a")
+        assert spec == {"endpoint": "generations"}  # the request rides the entry
         assert got == jid
         st = await s.start(entry, jid, "a")
         assert st.outcome == "run" and st.attempt == 1 and st.image == b"\x00\xffPNG" and st.mask is None
@@ -69,7 +70,7 @@ def test_max_waiting_refuses_and_counts_only_unstarted(redis_server):
         _, ok_b, _ = await _enqueue(s)
         _, ok_c, waiting = await _enqueue(s)
         assert (ok_a, ok_b, ok_c, waiting) == (True, True, False, 2)
-        entry, jid = await s.read("w")
+        entry, jid, _ = await s.read("w")
         assert jid == a and (await s.start(entry, jid, "w")).outcome == "run"
         _, ok_d, waiting = await _enqueue(s)  # a started job no longer waits
         assert ok_d and waiting == 2
@@ -82,7 +83,7 @@ def test_cancel_queued_leaves_the_stream_and_a_delivered_copy_does_not_start(red
     async def main():
         s = store_for(redis_server)
         jid, _, _ = await _enqueue(s)
-        entry, got = await s.read("w")  # delivered, not started yet
+        entry, got, _ = await s.read("w")  # delivered, not started yet
         assert got == jid
         err = json.dumps(
             {"message": "cancelled", "type": "invalid_request_error", "param": None, "code": None}
@@ -103,7 +104,7 @@ def test_cancel_running_tells_the_worker(redis_server):
     async def main():
         s = store_for(redis_server)
         jid, _, _ = await _enqueue(s)
-        entry, _ = await s.read("w")
+        entry, _, _ = await s.read("w")
         await s.start(entry, jid, "w")
         ps = s.r.pubsub()
         await ps.subscribe(s.cancel_channel)
@@ -122,7 +123,7 @@ def test_dead_consumer_entry_is_reclaimed_and_attempts_end_in_failed(redis_serve
     async def main():
         s = store_for(redis_server, max_attempts=2)
         jid, _, _ = await _enqueue(s)
-        entry, _ = await s.read("dead-1")
+        entry, _, _ = await s.read("dead-1")
         assert (await s.start(entry, jid, "dead-1")).attempt == 1
         assert await s.reclaim("b", 5.0) is None  # not idle long enough
         await asyncio.sleep(0.3)
@@ -154,7 +155,7 @@ def test_positions_and_give_back(redis_server):
         s = store_for(redis_server)
         ids = [(await _enqueue(s))[0] for _ in range(3)]
         assert [await s.position(j) for j in ids] == [1, 2, 3]
-        entry, jid = await s.read("w")
+        entry, jid, _ = await s.read("w")
         assert jid == ids[0]
         assert [await s.position(j) for j in ids[1:]] == [1, 2]
         assert await s.release(entry, jid, "w") is True  # SIGTERM between read and start
@@ -162,7 +163,7 @@ def test_positions_and_give_back(redis_server):
         assert await s.position(jid) == 3  # back in line, at the end
         assert (await s.job(jid))["status"] == "queued"
         # started, then refused by the scheduler: given back with its attempt undone
-        entry, jid = await s.read("w")
+        entry, jid, _ = await s.read("w")
         await s.start(entry, jid, "w")
         assert await s.release(entry, jid, "w") is True
         job = await s.job(jid)
@@ -213,7 +214,7 @@ def test_sync_notice_carries_the_outcome_to_its_front_door(redis_server):
         for _ in range(2):
             await ps.get_message(timeout=1)
         jid, _, _ = await _enqueue(s)
-        entry, _ = await s.read("w")
+        entry, _, _ = await s.read("w")
         await s.start(entry, jid, "w")
         body = '{"data": [{"b64_json": "AAAA"}]}'
         msg = done_message(jid, "succeeded", 0.5, False, True, payload=body)

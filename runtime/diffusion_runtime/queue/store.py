@@ -2,7 +2,7 @@
 
 Key layout (prefix `P` = `QueueConfig.prefix`, `dq:{name}:`; docs/queue.md):
 
-- `P work` (stream, `QueueConfig.stream`): one entry `{j: JOB_ID}` per job not yet finished; consumer
+- `P work` (stream, `QueueConfig.stream`): one entry `{j: JOB_ID, s: SPEC}` per job not yet finished; consumer
   group `workers` (`QUEUE_GROUP`). An entry is acknowledged AND deleted when its job finishes or is
   cancelled, so the stream's length is waiting + running (the autoscaling signal) and its pending
   entries are the started ones.
@@ -61,7 +61,7 @@ if waiting >= tonumber(ARGV[3]) then return {0, waiting} end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
-local entry = redis.call('XADD', KEYS[2], '*', 'j', ARGV[2])
+local entry = redis.call('XADD', KEYS[2], '*', 'j', ARGV[2], 's', redis.call('HGET', KEYS[1], 'spec'))
 redis.call('HSET', KEYS[1], 'entry', entry)
 return {1, waiting + 1}
 """
@@ -165,7 +165,7 @@ if st == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[3] then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'step', '0')
   redis.call('HDEL', KEYS[1], 'started_at', 'worker')
 elseif st ~= 'queued' then return 0 end
-local entry = redis.call('XADD', KEYS[2], '*', 'j', ARGV[4])
+local entry = redis.call('XADD', KEYS[2], '*', 'j', ARGV[4], 's', redis.call('HGET', KEYS[1], 'spec'))
 redis.call('HSET', KEYS[1], 'entry', entry)
 return 1
 """
@@ -348,8 +348,11 @@ class QueueStore:
 
     # ------------------------------------------------------------ workers
 
-    async def read(self, consumer: str, block_ms: int = READ_BLOCK_MS) -> tuple[str, str] | None:
-        """The next undelivered entry for this consumer: (entry id, job id), or None after block_ms."""
+    async def read(
+        self, consumer: str, block_ms: int = READ_BLOCK_MS
+    ) -> tuple[str, str, dict[str, Any] | None] | None:
+        """The next undelivered entry for this consumer: (entry id, job id, its request spec), or None
+        after block_ms."""
         try:
             out: Any = await self.r.xreadgroup(
                 QUEUE_GROUP, consumer, {self.stream: ">"}, count=1, block=block_ms
@@ -361,7 +364,8 @@ class QueueStore:
             return None
         for _, entries in out or []:
             for entry_id, fields in entries:
-                return _s(entry_id) or "", _s(fields.get(b"j")) or ""
+                spec = fields.get(b"s")
+                return _s(entry_id) or "", _s(fields.get(b"j")) or "", json.loads(spec) if spec else None
         return None
 
     async def reclaim(self, consumer: str, min_idle_seconds: float) -> tuple[str, str] | None:

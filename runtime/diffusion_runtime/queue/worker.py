@@ -43,7 +43,7 @@ from diffusion_runtime.engine.errors import Cancelled, EngineError, InvalidInput
 from diffusion_runtime.engine.params import EditParams, EncodedResult
 from diffusion_runtime.engine.scheduler import Work
 from diffusion_runtime.queue.spec import generation_params, output_format
-from diffusion_runtime.queue.store import QueueStore, done_message, new_result_id
+from diffusion_runtime.queue.store import QueueStore, Started, done_message, new_result_id
 
 log = logging.getLogger("diffusion_runtime")
 PROGRESS_SECONDS = 0.25  # step progress reaches the store at most this often
@@ -113,7 +113,9 @@ class QueueWorker:
                 await sched.wait_idle()
                 if not self._pulling():
                     continue
-                got = await self.store.reclaim(self.consumer, self.cfg.claim_idle_seconds)
+                got: tuple[Any, ...] | None = await self.store.reclaim(
+                    self.consumer, self.cfg.claim_idle_seconds
+                )
                 if got is not None:
                     log.warning(
                         "queue: reclaimed job %s (entry %s): its pod stopped renewing it", got[1], got[0]
@@ -158,28 +160,51 @@ class QueueWorker:
         call = generation_call(self.state, params, output)
         return self.serving.new_work("generations", call, params.run_steps), params
 
-    async def _execute(self, entry: str, job_id: str) -> None:
-        started = await self.store.start(entry, job_id, self.consumer)
-        if started.outcome == "exhausted":
-            log.error("queue: job %s failed: %s", job_id, started.reason)
-            return
-        if started.outcome != "run" or started.spec is None:
-            return  # cancelled while queued, or expired: nothing to run
-        if started.attempt > 1:
-            log.warning("queue: job %s: attempt %d of %d", job_id, started.attempt, self.cfg.max_attempts)
-        spec = started.spec
+    async def _execute(self, entry: str, job_id: str, spec: dict[str, Any] | None = None) -> None:
+        """Run one job. A generation's first delivery (`spec` read with the entry) is submitted at
+        once and its START runs beside the pipeline: no round trip before the first step. Edits (their
+        uploads are in the hash) and redeliveries (attempts decide) START first."""
         sched = self.serving.sched
+        start_task: asyncio.Task | None = None
+        image = mask = None
+        if spec is not None and spec.get("endpoint") == "generations":
+            start_task = asyncio.create_task(
+                self._retrying(lambda: self.store.start(entry, job_id, self.consumer))
+            )
+        else:
+            started = await self.store.start(entry, job_id, self.consumer)
+            if started.outcome == "exhausted":
+                log.error("queue: job %s failed: %s", job_id, started.reason)
+                return
+            if started.outcome != "run" or started.spec is None:
+                return  # cancelled while queued, or expired: nothing to run
+            if started.attempt > 1:
+                log.warning("queue: job %s: attempt %d of %d", job_id, started.attempt, self.cfg.max_attempts)
+            spec, image, mask = started.spec, started.image, started.mask
         try:
-            work, params = self._work(spec, started.image, started.mask)
+            work, params = self._work(spec, image, mask)
             sched.submit(work)
         except (Unavailable, QueueFull) as e:  # a direct request or SIGTERM came first: back in line
             log.info("queue: job %s given back (%s)", job_id, e.message)
+            if start_task is not None:
+                await start_task
             await self.store.release(entry, job_id, self.consumer)
             return
-        except (Rejected, EngineError) as e:
-            r = e if isinstance(e, Rejected) else Rejected.of(e)
+        except (Rejected, EngineError, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, Rejected | EngineError):
+                r = e if isinstance(e, Rejected) else Rejected.of(e)
+            else:  # a spec this runtime cannot read (another version's front door?): the job fails
+                r = Rejected(500, f"malformed job request ({type(e).__name__}: {e})")
+            if start_task is not None and not await self._started(start_task, job_id):
+                return
             await self._finish(entry, job_id, spec, "failed", error=(r.status, r.message, r.param))
             return
+        if start_task is not None:
+            started = await start_task
+            if not isinstance(started, Started) or started.outcome != "run":
+                sched.withdraw(work)  # cancelled or gone before it started (or the store is away)
+                self.executions.labels(result="discarded").inc()
+                return
         if started.cancel_requested:
             sched.withdraw(work)
         self.current = (job_id, work)
@@ -207,6 +232,10 @@ class QueueWorker:
             return
         await self._finish(entry, job_id, spec, status, result=result, work=work, params=params,
                            created=started.created_at, error=error)  # fmt: skip
+
+    async def _started(self, task: asyncio.Task, job_id: str) -> bool:
+        started = await task
+        return isinstance(started, Started) and started.outcome == "run"
 
     async def _finish(
         self, entry: str, job_id: str, spec: dict[str, Any], status: str, *, result: EncodedResult | None = None,
