@@ -4,8 +4,9 @@ The same app, routes, protocol and checks as the runtime (`api.app.create_app`),
 backend: `QueueServing` validates exactly as a runtime does, then enqueues. Async submissions answer
 202 + job; sync ones are held until their job finishes (up to `server.request_timeout_seconds`, even
 while no runtime pod exists: scale from zero). Jobs and `url` results are read from Redis, so any
-replica answers for any job. One pub/sub subscription per process (`P done`) wakes the requests
-waiting here; nothing polls. Redis unreachable: 503 + Retry-After at once, /ready 503.
+replica answers for any job. One pub/sub subscription per process (`P done` and this process's
+`P reply:ID`, where a sync job's answer arrives with its notice) wakes the requests waiting here;
+nothing polls. Redis unreachable: 503 + Retry-After at once, /ready 503.
 
 Metrics (`contract.queue` names): the queue's waiting/running/demand gauges and the redeliveries
 counter are read from Redis at scrape time (every replica exports the same values, zero runtime pods

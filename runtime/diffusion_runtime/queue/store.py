@@ -8,7 +8,8 @@ Key layout (prefix `P` = `QueueConfig.prefix`, `dq:{name}:`; docs/queue.md):
   entries are the started ones.
 - `P job:ID` (hash): the request (`spec`, JSON), the edit uploads (`image`, `mask`: bytes), `status`,
   step progress, `attempts`, `owner`, timestamps, `result`/`error` (JSON), `entry` (its stream entry).
-  No TTL while unfinished; `server.job_ttl_seconds` once finished (uploads dropped then).
+  No TTL while unfinished; `server.job_ttl_seconds` once finished (uploads dropped then; a sync
+  job's: `SYNC_RECORD_TTL`, its answer rides the notice).
 - `P result:RID` (string): one `response_format: url` image, TTL `server.job_ttl_seconds`.
 - `P stats` (hash): `redeliveries`, `exhausted` counters.
 - `P hook:ID` (string): which front door delivers an async job's webhook (SET NX).
@@ -320,9 +321,6 @@ class QueueStore:
                   job_id, error],
         )  # fmt: skip
         return str(_s(out))
-
-    async def forget(self, job_id: str) -> None:
-        await self.r.delete(self.job_key(job_id))
 
     async def take(self, job_id: str) -> dict[str, Any] | None:
         """Read a finished sync job and delete its record (nobody can poll it): one round trip."""

@@ -6,7 +6,8 @@ it runs, store its result and finish it at most once.
   `XREADGROUP ... COUNT 1 BLOCK 1000`, consumer = HOSTNAME.PID; nothing is read while the scheduler
   has anything queued or running, so a busy pod never holds work it cannot start.
 - Start (Lua): only a job still queued/running starts; `attempts` counts starts; past
-  `queue.max_attempts` the job fails naming the reason.
+  `queue.max_attempts` the job fails naming the reason. A generation's first delivery carries its
+  request in the entry: it is submitted at once and START runs beside its first steps.
 - While running: every step's progress is written (at most every `PROGRESS_SECONDS`) and the entry is
   renewed (XCLAIM to itself) every third of `claim_idle_seconds`; a cancel (pub/sub `P cancel`, or the
   flag read back by the renewal) stops the pipeline at its next step; an entry that another pod took
