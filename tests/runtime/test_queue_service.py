@@ -31,6 +31,7 @@ from diffusion_runtime.contract.queue import (
     QUEUE_JOB_WAIT_METRIC,
     QUEUE_REDELIVERIES_METRIC,
     QUEUE_RUNNING_METRIC,
+    QUEUE_UP_METRIC,
     QUEUE_WAITING_METRIC,
 )
 from fixtures_queue import RedisServer
@@ -349,6 +350,7 @@ def test_scale_from_zero_and_queue_server_restart(tiny_model_dir, tmp_path):
         fd = front_door(tiny_model_dir, tmp_path / "fd", redis, q)
         procs.append(fd)
         assert metric(fd.metrics_url, QUEUE_DEMAND_METRIC) == 0
+        assert metric(fd.url + "/metrics", QUEUE_UP_METRIC) == 1  # the API port's /metrics too
         # no runtime pod: a sync request is held, async ones are accepted up to max_waiting
         sync_result: dict[str, Any] = {}
 
@@ -385,6 +387,10 @@ def test_scale_from_zero_and_queue_server_restart(tiny_model_dir, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert t.is_alive()  # the held sync request is still waiting
+        t0 = time.monotonic()
+        assert metric(fd.url + "/metrics", QUEUE_UP_METRIC) == 0  # scrapes still answer, saying so
+        assert metric(fd.url + "/metrics", QUEUE_DEMAND_METRIC) is None
+        assert time.monotonic() - t0 < 5
 
         # back (same data): every acknowledged job is there, and a worker starting now runs them
         redis.start()

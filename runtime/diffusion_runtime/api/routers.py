@@ -6,6 +6,7 @@ on the config); the serving object and the state come with each request. No `fro
 handlers' annotations at import time.
 """
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -226,6 +227,8 @@ def ops_router() -> APIRouter:
         summary="Prometheus metrics",
     )
     async def metrics_endpoint(state: State) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: a collector may do I/O (the front door's queue gauges read Redis)
+        body = await asyncio.to_thread(generate_latest, state.metrics.registry)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
