@@ -115,7 +115,9 @@ def test_a_job_is_only_its_keys(server):
     unknown = httpx.get(f"{server.url}{JOBS}/imgjob_unknown", headers=b, timeout=10)
     as_b = httpx.get(f"{server.url}{JOBS}/{job}", headers=b, timeout=10)
     assert as_b.status_code == unknown.status_code == 404
-    assert as_b.json()["error"]["message"] == unknown.json()["error"]["message"].replace("imgjob_unknown", job)
+    assert as_b.json()["error"]["message"] == unknown.json()["error"]["message"].replace(
+        "imgjob_unknown", job
+    )
     cancel = httpx.delete(f"{server.url}{JOBS}/{job}", headers=b, timeout=10)
     assert cancel.status_code == 404, cancel.text
     assert httpx.get(f"{server.url}{JOBS}/{job}", timeout=10).status_code == 401
