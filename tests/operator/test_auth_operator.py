@@ -98,7 +98,7 @@ def test_the_operator_never_reads_secrets():
 def test_api_server_refuses_bad_auth_and_the_operator_renders_good_auth(cluster, namespace, operator):
     refused = {
         "duplicate": ({"keys": [AUTH["keys"][0], {**AUTH["keys"][1], "name": "team-a"}]},
-                      'spec.server.auth.keys[1]: Duplicate value: map[string]interface {}{"name":"team-a"}'),
+                      'spec.server.auth.keys[1]: Duplicate value: {"name":"team-a"}'),
         "secret-name": ({"keys": [{"name": "a", "secretRef": {"name": "Bad_Secret", "key": "k"}}]},
                         "spec.server.auth.keys[0].secretRef.name: Invalid value"),
         "no-key": ({"keys": [{"name": "a", "secretRef": {"name": "s"}}]},
