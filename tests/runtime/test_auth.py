@@ -184,3 +184,14 @@ def test_metrics_and_log_carry_the_key_name_never_the_key(server):
     for secret in (*KEYS.values(), "sk-wrong-for-metrics", "sk-rotating"):
         assert secret not in text, secret
         assert secret not in log, secret
+
+
+@pytest.mark.parametrize(("make", "message"), [(False, "cannot read"), (True, "no key file")])
+def test_a_keys_folder_missing_or_without_keys_stops_the_server(tiny_model_dir, tmp_path, make, message):
+    folder = tmp_path / "keys"
+    if make:
+        folder.mkdir()
+        (folder / "..data").mkdir()
+    rp = start_runtime(tiny_model_dir, tmp_path / "rt", server={"auth_keys_dir": str(folder)}, wait=False)
+    assert rp.wait_exit(120) == 2
+    assert f"diffusion-runtime: server.auth_keys_dir: {message}" in rp.log(), rp.log_tail()
