@@ -159,12 +159,12 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
         )
     if s.server.auth is not None:
         seen: set[str] = set()
-        for i, key in enumerate(s.server.auth.keys):
-            if key.name in seen:
+        for i, api_key in enumerate(s.server.auth.keys):
+            if api_key.name in seen:
                 errors.append(
-                    FieldError(f"spec.server.auth.keys[{i}].name", f"duplicate key name {key.name!r}")
+                    FieldError(f"spec.server.auth.keys[{i}].name", f"duplicate key name {api_key.name!r}")
                 )
-            seen.add(key.name)
+            seen.add(api_key.name)
     if s.model.cache is not None and not s.model.uri.startswith("hf://"):
         errors.append(
             FieldError(
