@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +28,21 @@ from diffusion_operator.runner import DEFAULT_LEASE_NAME, EXIT_LEASE_LOST
 from op_helpers import OperatorProcess, get_json, sample
 
 pytestmark = pytest.mark.cluster
+
+
+RESULTS = "leader_election_kwok.json"  # under $DIFFUSION_RESULTS_DIR (bench/results/ for the docs' figures)
+
+
+def record(key: str, values: dict) -> None:
+    """Add this run's figures to $DIFFUSION_RESULTS_DIR/RESULTS when the variable is set."""
+    folder = os.environ.get("DIFFUSION_RESULTS_DIR")
+    if not folder:
+        return
+    path = Path(folder) / RESULTS
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = {**values, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data["source"] = "tests/operator/test_leader_cluster.py on the local control plane (kwok nodes)"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def api(cluster) -> Kube:
@@ -75,6 +91,7 @@ def test_one_leader_among_two_candidates_and_a_clean_handover(cluster, namespace
         assert spec["holderIdentity"] == standby.config.identity
         assert spec["leaseTransitions"] == transitions + 1
         print(f"\nclean handover after a release: {handover:.2f} s")
+        record("clean_release", {"handover_s": round(handover, 2), "timings_s": FAST})
     finally:
         a.stop()
         b.stop()
@@ -140,6 +157,10 @@ def test_leader_cut_off_is_fenced_before_the_standby_takes_over(cluster, namespa
         assert took_over <= FAST["lease_duration"] + 2 * FAST["retry_period"] + 1.0, took_over
         assert fenced_at, "a's on_stopped (the runner exits there) was not called"
         print(f"\nleader cut off: fenced after {fenced:.2f} s, standby led after {took_over:.2f} s")
+        record(
+            "leader_cut_off",
+            {"fenced_s": round(fenced, 2), "standby_led_s": round(took_over, 2), "timings_s": FAST},
+        )
     finally:
         a.stop()
         b.stop()
@@ -213,6 +234,14 @@ def test_two_operators_one_reconciles_and_the_standby_takes_over_a_sigkill(
         assert takeover <= duration + 2 * 2.0 + 2.0, takeover  # lease duration + retry periods + polling
         record_property("takeover_s", round(takeover, 2))
         record_property("change_reconciled_after_kill_s", round(reconciled, 2))
+        record(
+            "sigkill_two_processes",
+            {
+                "takeover_s": round(takeover, 2),
+                "change_reconciled_after_kill_s": round(reconciled, 2),
+                "timings_s": {"lease_duration": 15.0, "renew_deadline": 10.0, "retry_period": 2.0},
+            },
+        )
         print(
             f"\nSIGKILL of the leader: op-b held the lease {takeover:.1f} s later (lease duration 15 s, "
             f"retry 2 s); the change made then was reconciled {reconciled:.1f} s after the kill"
