@@ -219,6 +219,8 @@ class LeaderElector:
                 self.try_acquire_or_renew()
             except ApiError as error:
                 log.warning(f"leader election: lease {cfg.namespace}/{cfg.name}: {error}")
+            except Exception as error:  # a bug must not end the loop (renewals would stop silently)
+                log.exception(f"leader election: lease {cfg.namespace}/{cfg.name}: {error}")
             with self._lock:
                 leading, renewed = self._leading, self._renewed_at
             if leading and renewed is not None and self.clock() - renewed >= cfg.renew_deadline:

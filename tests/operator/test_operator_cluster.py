@@ -362,6 +362,7 @@ def test_semantic_error_sets_config_valid_false_with_one_event(cluster, namespac
     events = wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 15, "a Warning event")
     assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
     assert field in events[0]["message"]
+    assert events[0]["reportingInstance"] == operator.identity  # which operator instance posted it
     # nothing half-applied, no retry storm: over a few resyncs no child, no second event, no writes
     writes = operator.writes()
     time.sleep(6)
