@@ -200,6 +200,7 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
     from prometheus_client import start_http_server
 
     from diffusion_runtime.api.app import create_app, make_server
+    from diffusion_runtime.api.serving import ImageServing
     from diffusion_runtime.engine.model import ModelError
 
     try:
@@ -221,9 +222,13 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
             return exit_line(
                 f"queue: {config.queue.name!r} is set but {QUEUE_URL_ENV} is empty (redis://...)", 2
             )
-        app = create_app(state, worker_serving(url))
+        serving = worker_serving(url)
     else:
-        app = create_app(state)
+        serving = ImageServing
+    try:
+        app = create_app(state, serving)  # reads server.auth_keys_dir's keys
+    except ConfigError as e:
+        return exit_line(str(e), 2)
     s = config.server
     server = make_server(app, state, s.host, s.port)
     metrics_server = None

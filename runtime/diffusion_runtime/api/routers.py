@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from diffusion_runtime.api.auth import key_name, require_key
 from diffusion_runtime.api.errors import Rejected, error_response
 from diffusion_runtime.api.protocol import (
     HealthStatus,
@@ -31,7 +32,6 @@ from diffusion_runtime.api.serving import (
     JOBS_PATH,
     RESULTS_PATH,
     ImageServing,
-    request_owner,
 )
 from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.engine.errors import EngineError
@@ -60,8 +60,12 @@ PreferHeader = Annotated[
 ]
 
 
+# every /v1 route: an API key when server.auth_keys_dir is set (api.auth); sets request.state.key_name
+AUTHENTICATED = [Depends(require_key)]
+
+
 def images_router(protocol: Protocol) -> APIRouter:
-    router = APIRouter(tags=["images"])
+    router = APIRouter(tags=["images"], dependencies=AUTHENTICATED)
     GenerationRequest: Any = protocol.generation
     answers: dict[int | str, dict[str, Any]] = {
         200: {"description": "the images"},
@@ -83,7 +87,7 @@ def images_router(protocol: Protocol) -> APIRouter:
             return await api.generate(req, request, prefer)
         except (Rejected, EngineError) as e:
             r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("generations", r.status, t0)
+            api.finish("generations", r.status, t0, key_name(request))
             return r.response()
 
     @router.post(
@@ -100,7 +104,7 @@ def images_router(protocol: Protocol) -> APIRouter:
             return await api.edit(request, prefer)
         except (Rejected, EngineError) as e:
             r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("edits", r.status, t0)
+            api.finish("edits", r.status, t0, key_name(request))
             return r.response()
 
     @router.get(
@@ -112,7 +116,7 @@ def images_router(protocol: Protocol) -> APIRouter:
     )
     async def get_job(job_id: str, request: Request, api: Serving) -> Any:
         try:
-            return await api.get_job(job_id, request_owner(request))
+            return await api.get_job(job_id, key_name(request))
         except Rejected as e:
             return e.response()
 
@@ -125,7 +129,7 @@ def images_router(protocol: Protocol) -> APIRouter:
     )
     async def cancel_job(job_id: str, request: Request, api: Serving) -> Any:
         try:
-            return await api.cancel_job(job_id, request_owner(request))
+            return await api.cancel_job(job_id, key_name(request))
         except Rejected as e:
             return e.response()
 
@@ -141,9 +145,9 @@ def images_router(protocol: Protocol) -> APIRouter:
         },
         summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
     )
-    async def get_result(result_id: str, api: Serving) -> Response:
+    async def get_result(result_id: str, request: Request, api: Serving) -> Response:
         try:
-            data, fmt = await api.get_result(result_id)
+            data, fmt = await api.get_result(result_id, key_name(request))
         except Rejected as e:
             return e.response()
         return Response(content=data, media_type=MEDIA_TYPES[fmt])
@@ -159,7 +163,7 @@ def model_id(uri: str) -> str:
 
 
 def models_router(started: float) -> APIRouter:
-    router = APIRouter(tags=["models"])
+    router = APIRouter(tags=["models"], dependencies=AUTHENTICATED)
 
     def card(state: RuntimeState) -> ModelCard:
         return ModelCard(

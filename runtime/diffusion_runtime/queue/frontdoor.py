@@ -32,6 +32,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from redis.exceptions import RedisError, ResponseError
 
+from diffusion_runtime.api.auth import key_name
 from diffusion_runtime.api.errors import Rejected, error_detail
 from diffusion_runtime.api.protocol import (
     EditRequestFields,
@@ -52,7 +53,6 @@ from diffusion_runtime.api.serving import (
     ImageServing,
     _json,
     listen_for_disconnect,
-    request_owner,
 )
 from diffusion_runtime.api.state import Phase, RuntimeState
 from diffusion_runtime.contract.config import (
@@ -366,12 +366,14 @@ class QueueServing(ImageServing):
             await self.check_webhook(req.webhook)
         sync = not prefers_async(prefer)
         job_id = new_job_id()
+        owner = key_name(request)
         spec = job_spec(endpoint, params, req, str(request.base_url), self.reply_channel if sync else None)
+        spec["owner"] = owner  # url results belong to it too
         fut = self._waiter(job_id) if sync else None
         try:
             with self.guard():
                 added, waiting = await self.store.enqueue(
-                    job_id, spec, endpoint=endpoint, total_steps=params.run_steps, owner=request_owner(request),
+                    job_id, spec, endpoint=endpoint, total_steps=params.run_steps, owner=owner,
                     webhook=req.webhook, sync=sync, image=edit.image_bytes if edit else None,
                     mask=edit.mask_bytes if edit else None,
                 )  # fmt: skip
@@ -397,7 +399,7 @@ class QueueServing(ImageServing):
                 result=None,
                 error=None,
             )  # fmt: skip
-            self.finish(endpoint, 202, t0)
+            self.finish(endpoint, 202, t0, owner)
             return JSONResponse(
                 _json(view), status_code=202,
                 headers={"Location": f"{JOBS_PATH}/{job_id}", "Preference-Applied": "respond-async"},
@@ -406,7 +408,7 @@ class QueueServing(ImageServing):
             body = await self._wait_sync(job_id, fut, request)
         finally:
             self._drop_waiter(job_id, fut)
-        self.finish(endpoint, 200, t0)
+        self.finish(endpoint, 200, t0, owner)
         if req.webhook:
             event = ImageResultEvent(
                 endpoint=endpoint, result=ImagesResponse.model_validate_json(bytes(body.body))
@@ -495,20 +497,20 @@ class QueueServing(ImageServing):
                 self._drop_waiter(job_id, fut)
         return await self.get_job(job_id, owner)
 
-    async def get_result(self, result_id: str) -> tuple[bytes, str]:
+    async def get_result(self, result_id: str, owner: str | None) -> tuple[bytes, str]:
         fmt = result_id.rsplit(".", 1)[-1]
-        data = None
+        item = None
         if fmt in MEDIA_TYPES:
             with self.guard():
-                data = await self.store.result(result_id)
-        if data is None:
+                item = await self.store.result(result_id)
+        if item is None or item[1] != owner:
             raise Rejected(
                 404,
                 f"result {result_id!r} is not known: results are kept "
                 f"{self.state.config.server.job_ttl_seconds:g}s (server.job_ttl_seconds)",
                 param="result_id",
             )
-        return data, fmt
+        return item[0], fmt
 
 
 def run_front_door(config: RuntimeConfig) -> int:
@@ -532,7 +534,10 @@ def run_front_door(config: RuntimeConfig) -> int:
     metrics = RuntimeMetrics()
     metrics.set_info(model=config.model.uri, role="front-door", queue=config.queue.stream)
     state = FrontDoorState(config=config, metrics=metrics, phase=Phase.READY)
-    app = create_app(state, QueueServing, title="diffusion-front-door")
+    try:
+        app = create_app(state, QueueServing, title="diffusion-front-door")  # server.auth_keys_dir's keys
+    except ConfigError as e:
+        return exit_line(str(e), 2)
     s = config.server
     server = make_server(app, state, s.host, s.port)
     metrics_server = None

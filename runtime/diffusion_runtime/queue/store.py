@@ -10,7 +10,8 @@ Key layout (prefix `P` = `QueueConfig.prefix`, `dq:{name}:`; docs/queue.md):
   step progress, `attempts`, `owner`, timestamps, `result`/`error` (JSON), `entry` (its stream entry).
   No TTL while unfinished; `server.job_ttl_seconds` once finished (uploads dropped then; a sync
   job's: `SYNC_RECORD_TTL`, its answer rides the notice).
-- `P result:RID` (string): one `response_format: url` image, TTL `server.job_ttl_seconds`.
+- `P result:RID` (hash: `d` the image, `o` its owner's key name): one `response_format: url` image,
+  TTL `server.job_ttl_seconds`.
 - `P stats` (hash): `redeliveries`, `exhausted` counters.
 - `P hook:ID` (string): which front door delivers an async job's webhook (SET NX).
 - channels `P done` (a job finished: JSON `{id, status, wait, webhook, sync}`), `P reply:FRONT_DOOR` (a
@@ -332,9 +333,11 @@ class QueueStore:
             return None
         return dict(zip(["status", "result", "error", "error_status"], [_s(v) for v in values], strict=True))
 
-    async def result(self, rid: str) -> bytes | None:
-        data: Any = await self.r.get(self.result_key(rid))
-        return bytes(data) if data is not None else None
+    async def result(self, rid: str) -> tuple[bytes, str | None] | None:
+        """A url result and its owner (the key name that created it; None: auth off)."""
+        values: Any = await self.r.hmget(self.result_key(rid), ["d", "o"])
+        data, owner = values
+        return (bytes(data), _s(owner) or None) if data is not None else None
 
     async def depth(self) -> tuple[int, int]:
         """(waiting, running)."""
@@ -405,10 +408,11 @@ class QueueStore:
         )
         return _s(out[0]) == "ok", _s(out[1]) == "1"
 
-    async def put_results(self, images: list[tuple[str, bytes]]) -> None:
+    async def put_results(self, images: list[tuple[str, bytes]], owner: str | None) -> None:
         async with self.r.pipeline(transaction=False) as p:
             for rid, data in images:
-                p.set(self.result_key(rid), data, ex=self.ttl)
+                p.hset(self.result_key(rid), mapping={"d": data, "o": owner or ""})
+                p.expire(self.result_key(rid), self.ttl)
             await p.execute()
 
     async def finalize(

@@ -253,7 +253,9 @@ class QueueWorker:
             if spec["response_format"] == "url":
                 rids = [new_result_id(spec["output_format"]) for _ in result.images]
                 await self._retrying(
-                    lambda: self.store.put_results(list(zip(rids, result.images, strict=True)))
+                    lambda: self.store.put_results(
+                        list(zip(rids, result.images, strict=True)), spec.get("owner")
+                    )
                 )
             ids = iter(rids)
             response = build_images_response(
