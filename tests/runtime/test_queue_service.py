@@ -411,3 +411,54 @@ def test_scale_from_zero_and_queue_server_restart(tiny_model_dir, tmp_path):
             p.stop(timeout=30)
         redis.stop()
     assert "Traceback" not in fd.log(), fd.log_tail(60)
+
+
+def test_with_api_keys_jobs_and_url_results_are_their_keys_own(tiny_model_dir, tmp_path):
+    """server.auth_keys_dir on the front door (api/auth.py): a job and its url result answer only
+    the key that created them, on the queue backend as on the runtime's own."""
+    keys = {"team-a": "sk-team-a-0123456789abcdef", "team-b": "sk-team-b-fedcba9876543210"}
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    for name, key in keys.items():
+        (folder / name).write_text(key + "\n")
+    redis = RedisServer(tmp_path / "redis").start()
+    q = queue_cfg()
+    env = {QUEUE_URL_ENV: redis.url}
+    procs: list[RuntimeProcess] = []
+    try:
+        procs.append(start_runtime(tiny_model_dir, tmp_path / "w", queue=q, server=LIMITS, extra_env=env))
+        fd = start_runtime(
+            tiny_model_dir, tmp_path / "fd", queue=q, extra_env=env, command="front-door",
+            server={**LIMITS, "auth_keys_dir": str(folder)},
+        )  # fmt: skip
+        procs.append(fd)
+        a = {"Authorization": f"Bearer {keys['team-a']}"}
+        b = {"Authorization": f"Bearer {keys['team-b']}"}
+        r = httpx.post(
+            fd.url + "/v1/images/generations", json={**SHORT, "response_format": "url"}, timeout=10
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(
+            fd.url + "/v1/images/generations", json={**SHORT, "response_format": "url"}, headers={**ASYNC, **a},
+            timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 202, r.text
+        jid = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while (j := httpx.get(f"{fd.url}/v1/images/jobs/{jid}", headers=a, timeout=10).json())[
+            "status"
+        ] != "succeeded":
+            assert time.monotonic() < deadline and j["status"] in ("queued", "running"), j
+            time.sleep(0.1)
+        assert httpx.get(f"{fd.url}/v1/images/jobs/{jid}", headers=b, timeout=10).status_code == 404
+        assert httpx.delete(f"{fd.url}/v1/images/jobs/{jid}", headers=b, timeout=10).status_code == 404
+        path = "/" + j["result"]["data"][0]["url"].split("://", 1)[1].split("/", 1)[1]
+        assert httpx.get(fd.url + path, headers=a, timeout=10).status_code == 200
+        assert httpx.get(fd.url + path, headers=b, timeout=10).status_code == 404
+        # a sync answer for the right key
+        r = httpx.post(fd.url + "/v1/images/generations", json=SHORT, headers=b, timeout=60)
+        assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
+    finally:
+        for p in procs:
+            p.stop(timeout=30)
+        redis.stop()
