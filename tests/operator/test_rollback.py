@@ -143,6 +143,9 @@ def test_status_says_rolled_back_then_spec_changed():
     gate = conds(out)[st.QUALITY_GATE]
     assert gate["status"] == "False" and "PSNR 31.20" in gate["message"]
     assert out["cacheTag"] == "tag1" and out["rollback"]["active"] is True
+    serving = {"conditions": [st.condition(st.READY, True, "AllReplicasReady", "1/1 pods ready", 2)]}
+    ready = conds(rollback.with_rollback(serving, {}, decision, 2, decision.good))[st.READY]
+    assert ready["message"] == "1/1 pods ready; rolled back to generation 1's configuration (see RolledBack)"
     later = rollback.with_rollback({"conditions": []}, out, rollback.Decision(rollback.APPLY), 3, None)
     cond = conds(later)[rollback.ROLLED_BACK]
     assert (cond["status"], cond["reason"]) == ("False", "SpecChanged")

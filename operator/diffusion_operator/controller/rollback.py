@@ -292,6 +292,13 @@ def with_rollback(
             )
         if good is not None and good.cache_tag:
             out["cacheTag"] = good.cache_tag
+        # `kubectl get dd -o wide` shows Ready's message: say the pods run the restored configuration
+        ready = next((c for c in out.get("conditions") or [] if c.get("type") == statuses.READY), None)
+        if ready is not None and ready.get("status") == "True":
+            note = (
+                f"; rolled back to generation {record['restoredGeneration']}'s configuration (see RolledBack)"
+            )
+            conditions.append({**ready, "message": f"{ready.get('message', '')}{note}"})
     elif old_record:
         out["rollback"] = {**old_record, "active": False}
         if old_record.get("active"):
