@@ -122,11 +122,15 @@ def test_sigkill_during_a_pending_quality_gate_rolls_back_once_after_the_restart
 
     wait_for(pending, 30, "QualityGate Unknown (pods of the new configuration loading)")
     sigkill(operator)
-    pods = [
-        p
-        for p in owned(cluster, namespace, "pods")
-        if (p["spec"].get("nodeSelector") or {}).get("diffusion.dev/test-no-such-node")
-    ]
+
+    def new_pods():
+        return [
+            p
+            for p in owned(cluster, namespace, "pods")
+            if (p["spec"].get("nodeSelector") or {}).get("diffusion.dev/test-no-such-node")
+        ]
+
+    pods = wait_for(new_pods, 30, "the new configuration's pod (the Deployment controller creates it)")
     assert len(pods) == 1
     # the gate fails while no operator runs
     cluster.kubectl(
