@@ -176,7 +176,9 @@ def test_a_failing_revision_with_max_surge_0_is_rolled_back_and_the_previous_con
 
     bad = copy.deepcopy(good)
     if change == "quality-gate":  # a 6-of-8 cached mask: about 42 dB against the gate's 45
-        bad["spec"]["cacheDit"]["cache_config"].update(steps_computation_mask=[1, 0, 0, 0, 0, 0, 0, 1])
+        bad["spec"]["cacheDit"]["cache_config"].update(
+            steps_computation_mask=[1, 0, 0, 0, 0, 0, 0, 1], max_warmup_steps=1
+        )
         reason, words = "QualityGateFailed", "< min 45"
     else:  # a tag that does not exist (the node has no registry to pull from)
         bad["spec"]["template"]["image"] = "registry.invalid/diffusion-operator/runtime:no-such-tag"
