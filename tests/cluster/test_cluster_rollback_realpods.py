@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -46,7 +47,9 @@ def _conditions(dd: dict) -> dict:
 
 def _record(key: str, value: dict) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[key] = value
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    data[key] = {**value, "commit": commit.stdout.strip(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "where": "the local cluster's real node (CPU pods, the tiny model)"}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -134,16 +137,17 @@ def _serve(cluster, ns: str, doc: dict) -> tuple[dict, str]:
     return dd, url
 
 
-def _rolled_back(cluster, ns: str, name: str, good_hash: str, timeout: float) -> dict:
+def _rolled_back(cluster, ns: str, name: str, good_hash: str, timeout: float, seen: dict) -> dict:
+    """Wait for RolledBack=True and Ready=True on the good configuration; `seen["rolled_back"]`: when
+    RolledBack=True was first seen (time.monotonic)."""
+
     def back():
         dd = _json(cluster, "get", "dd", name, "-n", ns)
         c = _conditions(dd)
-        if (
-            c.get("RolledBack", {}).get("status") == "True"
-            and c.get("Ready", {}).get("status") == "True"
-            and dd["status"].get("configHash") == good_hash
-        ):
-            return dd
+        if c.get("RolledBack", {}).get("status") == "True":
+            seen.setdefault("rolled_back", time.monotonic())
+            if c.get("Ready", {}).get("status") == "True" and dd["status"].get("configHash") == good_hash:
+                return dd
         return None
 
     try:
@@ -186,8 +190,9 @@ def test_a_failing_revision_with_max_surge_0_is_rolled_back_and_the_previous_con
     watch = ReadyWatch(cluster, ns, name).start()
     started = time.monotonic()
     _apply(cluster, ns, bad)
+    seen: dict[str, float] = {}
     try:
-        dd = _rolled_back(cluster, ns, name, good_hash, 600)
+        dd = _rolled_back(cluster, ns, name, good_hash, 600, seen)
     finally:
         watch.stop()
     took = time.monotonic() - started
@@ -218,6 +223,9 @@ def test_a_failing_revision_with_max_surge_0_is_rolled_back_and_the_previous_con
     figures = {
         "without_ready_pod_seconds": round(outage, 1),
         "apply_to_rolled_back_and_ready_seconds": round(took, 1),
+        # the failing pod's part (old pod's stop, new pod's start up to its failure) and the restored pod's
+        "apply_to_rolled_back_seconds": round(seen["rolled_back"] - started, 1),
+        "rolled_back_to_ready_seconds": round(started + took - seen["rolled_back"], 1),
         "reason": reason,
         "message": cond["message"],
         "rollout": {"maxSurge": 0, "maxUnavailable": 1, "replicas": 1},
