@@ -4,6 +4,9 @@ Both stores are bounded: an unfinished job is never dropped (their number is bou
 finished jobs and results are kept for at most `server.job_ttl_seconds`, at most `server.max_jobs`
 of them (results: `max_jobs * max_n` images) and at most `STORE_MAX_BYTES` of image data each,
 oldest first out. A job or result the pod no longer knows answers 404 with that reason.
+
+Each job and result belongs to the API key name that created it (`owner`, `api.auth`; None when auth
+is off): asked with another key, it is unknown, the same 404 as one never submitted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Job:
     endpoint: Literal["generations", "edits"]
     work: Work
     webhook: str | None = None
+    owner: str | None = None  # the creating request's key name (api.auth); None: auth off
     id: str = field(default_factory=lambda: "imgjob_" + uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -96,9 +100,11 @@ class JobStore:
         self.prune()
         self._jobs[job.id] = job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, if `owner` (the caller's key name) created it."""
         self.prune()
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
 
     def prune(self) -> None:
         now = time.time()
@@ -133,30 +139,34 @@ class ResultStore:
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: collections.OrderedDict[str, tuple[bytes, str, float]] = collections.OrderedDict()
+        # id -> (image, format, stored at, owner key name)
+        self._items: collections.OrderedDict[str, tuple[bytes, str, float, str | None]] = (
+            collections.OrderedDict()
+        )
 
-    def put(self, data: bytes, fmt: str) -> str:
+    def put(self, data: bytes, fmt: str, owner: str | None = None) -> str:
         self.prune()
         rid = f"img_{uuid.uuid4().hex}.{fmt}"
-        self._items[rid] = (data, fmt, time.time())
+        self._items[rid] = (data, fmt, time.time(), owner)
         self.nbytes += len(data)
         while len(self._items) > 1 and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
             self._drop_oldest()
         return rid
 
     def _drop_oldest(self) -> None:
-        _, (data, _, _) = self._items.popitem(last=False)
+        _, (data, *_) = self._items.popitem(last=False)
         self.nbytes -= len(data)
 
-    def get(self, rid: str) -> tuple[bytes, str] | None:
+    def get(self, rid: str, owner: str | None = None) -> tuple[bytes, str] | None:
+        """The image, if `owner` (the caller's key name) created it."""
         self.prune()
         item = self._items.get(rid)
-        return (item[0], item[1]) if item else None
+        return (item[0], item[1]) if item and item[3] == owner else None
 
     def prune(self) -> None:
         now = time.time()
         while self._items:
-            _, (_, _, t) = next(iter(self._items.items()))
+            _, (_, _, t, _) = next(iter(self._items.items()))
             if now - t <= self.ttl:
                 break
             self._drop_oldest()
