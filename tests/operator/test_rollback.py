@@ -264,3 +264,26 @@ def test_a_cr_that_never_served_is_not_rolled_back():
     assert deployment(kube)["spec"]["template"] == template
     assert rollback.ROLLED_BACK not in conditions(cr(kube))
     assert conditions(cr(kube))["Ready"]["reason"] == "CrashLoopBackOff"
+
+
+def test_only_a_revision_that_serves_is_kept():
+    ready = {"conditions": [st.condition(st.READY, True, "AllReplicasReady", "1/1 pods ready", 1)]}
+    waiting = {"conditions": [st.condition(st.READY, False, "WaitingForReady", "0/1", 1)]}
+    apply = rollback.Decision(rollback.APPLY)
+    dep = {"spec": {"replicas": 1}}
+    assert rollback.should_save(apply, ready, "r2", dep)
+    assert not rollback.should_save(apply, waiting, "r2", dep)
+    assert not rollback.should_save(apply, ready, "r2", {"spec": {"replicas": 0}})  # a model downloading
+    assert not rollback.should_save(rollback.Decision(rollback.APPLY, good=good("r2")), ready, "r2", dep)
+    assert not rollback.should_save(rollback.Decision(rollback.HOLD, {}, good()), ready, "r2", dep)
+
+
+def test_a_serving_cr_without_failing_pods_costs_no_extra_api_read():
+    kube, rec = setup()
+    serving(kube, rec)
+    before = kube.reads[("GET", "ConfigMap")]
+    rec.on_pod_event("MODIFIED", pod("tiny-aaa-1", "aaa", ready=True))
+    rec.resync([NS])
+    rec.drain()
+    # the fresh pass reads its ConfigMap child (tiny-config) once, the last good revision not at all
+    assert kube.reads[("GET", "ConfigMap")] == before + 1
