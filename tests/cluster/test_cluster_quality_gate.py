@@ -1,4 +1,5 @@
-"""The quality gate with real pods: a cache setting that fails it never replaces the serving pods.
+"""The quality gate with real pods: a cache setting that fails it never replaces the serving pods (and
+the operator rolls it back).
 
 The in-cluster operator (chart), the runtime image built from the Dockerfile, the tiny model from the
 CR's pvc:// source (fixtures of test_cluster_realpods.py). Thresholds are set for the random-weight
@@ -69,12 +70,21 @@ def test_a_failing_setting_leaves_the_old_pods_serving_and_reports_the_figures(
     )
     _apply(cluster, ns, bad)
     try:
-        conds = wait_for(gate_is("False"), 600, f"dd/{name} QualityGate=False", interval=2)
+        conds = wait_for(
+            lambda: (c := gate_is("False")()) and c.get("RolledBack", {}).get("status") == "True" and c,
+            600,
+            f"dd/{name} QualityGate=False and RolledBack",
+            interval=2,
+        )
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
     message = conds["QualityGate"]["message"]
     assert "PSNR" in message and "< min 45" in message and "SSIM" in message, message
-    # the old pod still serves, the new one never turned Ready
+    # the operator rolled the failing revision back (controller/rollback.py): the old pod, never
+    # taken down (a surge with maxUnavailable 0), still serves; the new one never turned Ready
+    rolled = conds["RolledBack"]
+    assert (rolled["status"], rolled["reason"]) == ("True", "QualityGateFailed"), rolled
+    assert "quality gate failed: PSNR" in rolled["message"], rolled
     pods = {p["metadata"]["name"]: p for p in _pods(cluster, ns, name)}
     assert serving["metadata"]["name"] in pods
     old = pods[serving["metadata"]["name"]]
@@ -82,17 +92,11 @@ def test_a_failing_setting_leaves_the_old_pods_serving_and_reports_the_figures(
     for _ in range(3):
         assert _post(url)[0] == 200
     new = [p for n, p in pods.items() if n != serving["metadata"]["name"]]
-    assert new and not any(p["status"]["containerStatuses"][0].get("ready") for p in new)
-    terminated = [
-        (cs.get("lastState") or {}).get("terminated") or (cs.get("state") or {}).get("terminated") or {}
-        for p in new
-        for cs in p["status"]["containerStatuses"]
-    ]
-    assert any(t.get("message", "").startswith("quality gate failed: PSNR") for t in terminated), terminated
-    events = _json(cluster, "get", "events", "-n", ns, "--field-selector", "reason=QualityGateFailed")[
-        "items"
-    ]
-    assert len(events) == 1, json.dumps(events)[:2000]
+    assert not any(p["status"]["containerStatuses"][0].get("ready") for p in new)
+    for reason in ("QualityGateFailed", "RolledBack"):
+        events = _json(cluster, "get", "events", "-n", ns, "--field-selector", f"reason={reason}")["items"]
+        assert len(events) == 1, json.dumps(events)[:2000]
+    wait_for(lambda: len(_pods(cluster, ns, name)) == 1 or None, 120, "the failing pod gone", interval=2)
 
     # back to the good setting: Ready with the gate passed, the failing pod gone
     _apply(cluster, ns, good)

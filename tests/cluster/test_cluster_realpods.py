@@ -202,6 +202,9 @@ def test_rollout_on_a_cachedit_change_under_load_loses_no_request(
     print(f"rollout {time.monotonic() - t:.0f}s under load: {load.summary()}")
     assert not load.failures, load.failures
     assert load.counts["200"] >= 3
+    # never routed to a pod that is not ready or draining: the old pod leaves its Service's endpoints
+    # (deletion, then preStop's sleep) before SIGTERM turns its admissions to 503
+    assert load.counts["503 retried"] == 0, load.summary()
 
 
 def test_a_config_the_runtime_refuses_shows_its_reason_as_the_termination_message(cluster, node, workload_ns,

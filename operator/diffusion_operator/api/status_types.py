@@ -101,6 +101,44 @@ class StartupStatus(_Status):
     )
 
 
+class RollbackStatus(_Status):
+    """The last automatic rollback (controller/rollback.py): a new revision's pods failed while the previous
+    revision had served, so the previous revision's rendered configuration was restored."""
+
+    active: bool = Field(
+        description="True while the restored configuration is held (the spec is still the one that failed); "
+        "false once the spec changed and the operator rolls it out."
+    )
+    failed_spec_hash: str = Field(
+        alias="failedSpecHash",
+        description="Hash of the spec whose revision failed (not retried while unchanged).",
+    )
+    failed_generation: int = Field(alias="failedGeneration", description="Its metadata.generation.")
+    failed_revision: str = Field(
+        alias="failedRevision",
+        description="Hash of the rendered configuration (ConfigMap + Deployment) that failed.",
+    )
+    failed_pod_hashes: list[str] = Field(
+        alias="failedPodHashes",
+        description="pod-template-hash of the failing pods (never blamed on a later revision).",
+    )
+    restored_revision: str = Field(
+        alias="restoredRevision", description="Hash of the configuration restored."
+    )
+    restored_generation: int = Field(
+        alias="restoredGeneration", description="The metadata.generation whose configuration was restored."
+    )
+    reason: str = Field(
+        description="Why the pods failed (the Ready condition's reason, e.g. QualityGateFailed)."
+    )
+    message: str = Field(
+        description="The failing pod and its own words (the gate's figures, the termination message)."
+    )
+    at: str = Field(
+        description="When the configuration was restored.", json_schema_extra={"format": "date-time"}
+    )
+
+
 class DiffusionDeploymentStatus(_Status):
     """Observed state, written by the operator."""
 
@@ -127,8 +165,9 @@ class DiffusionDeploymentStatus(_Status):
     )
     model_cache: ModelCacheStatus | None = Field(None, alias="modelCache")
     startup: StartupStatus | None = None
+    rollback: RollbackStatus | None = None
     conditions: list[Condition] | None = Field(
         None,
-        description="Ready, Progressing, ConfigValid and Synced (children applied), per the Kubernetes API conventions.",
+        description="Ready, Progressing, ConfigValid, Synced (children applied), QualityGate and RolledBack, per the Kubernetes API conventions.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

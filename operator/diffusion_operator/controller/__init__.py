@@ -7,6 +7,7 @@
 - apply.py        spec hash, drift, dry run, server-side apply (diff.py: desired subset of observed)
 - model_cache.py  status.modelCache from the download Job and its pods
 - startup.py      status.startup from the start lines in Ready pods' logs
+- rollback.py     the last good revision, and restoring it when a new revision's pods fail
 - autoscalers.py  KEDA discovery, the engine's errors, deleting the autoscaler no longer wanted
 - report.py       status and events (the glue to status.py and cache_status.py)
 

@@ -1,6 +1,8 @@
 """Orchestration: the one `Reconciler` (kopf's memo) wires the concerns together, and `_reconcile`
-runs one level-triggered pass as a list of stages: read the CR, parse, model cache, build, apply the
-children that drifted, delete the autoscaler no longer wanted, report status.
+runs one level-triggered pass as a list of stages: read the CR, parse, model cache, build, decide the
+rollback (rollback.py: the last good revision instead of a failing one), apply the children that
+drifted, delete the autoscaler no longer wanted, report status, keep a revision that serves as the last
+good one.
 
 Events: kopf delivers watch events to `on_cr_event` / `on_child_event` / `on_pod_event`, which only
 update the caches (informers.py) and queue the CR's key (loop.py); the workers run `reconcile`.
@@ -13,10 +15,10 @@ import threading
 import time
 from collections.abc import Mapping
 
-from diffusion_operator import builders, validation
+from diffusion_operator import builders, pod_status, validation
 from diffusion_operator.api import funcs
 from diffusion_operator.api.types import DiffusionDeployment
-from diffusion_operator.controller import model_cache
+from diffusion_operator.controller import model_cache, rollback
 from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
 from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue
@@ -27,6 +29,7 @@ from diffusion_operator.controller.workqueue import WorkQueue
 from diffusion_operator.kube import ApiError, KubeClient
 from diffusion_operator.metrics import OperatorMetrics
 from diffusion_operator.resources import CR
+from diffusion_operator.status import now as statuses_now
 
 log = logging.getLogger("diffusion_operator")
 
@@ -62,6 +65,7 @@ class Reconciler:
         )
         self.applier = Applier(lambda: self.client, self.informers.remember_child)
         self.reporter = Reporter(lambda: self.client, self.informers.remember_cr)
+        self.rollbacks = rollback.Rollbacks(lambda: self.client, self.informers.child, self.applier.apply)
         self.loop = WorkLoop(self.reconcile, self._versions, self.start_lines.wait, max_backoff, self.metrics)
         self._guard = threading.Lock()
         self._locks: dict[CrKey, threading.Lock] = {}
@@ -225,12 +229,16 @@ class Reconciler:
         # a CR never reconciled before (no status yet) has no children: apply without reading first
         first = not old_status.get("observedGeneration")
         cache = self._model_cache(dd, cr, old_status, fresh, first)
-        desired = self._build(dd, cr, cache)
+        built = self._build(dd, cr, cache)
+        pods = self.informers.pods_of(*key)
+        decision, desired = self._rollback(cr, old_status, built, pods, first)
         observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, dd, fresh)
-        self._report(key, dd, cr, old_status, desired, observed, apply_error, cache)
+        new_status = self._report(key, dd, cr, old_status, desired, observed, apply_error, cache, decision)
+        if apply_error is None:
+            self._keep_last_good(cr, built, decision, new_status, pods)
         if self.cache_poll is not None and model_cache.downloading(cache):
             # bytes move without any event: look again (fresh, so the echo check does not skip it)
             self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
@@ -310,6 +318,63 @@ class Reconciler:
         )
         return [with_spec_hash(obj) for obj in children]
 
+    def _rollback(
+        self, cr: dict, old_status: dict, built: list[dict], pods: list[dict], first: bool
+    ) -> tuple[rollback.Decision, list[dict]]:
+        """The rollback decision and the children to apply (the last good ConfigMap and Deployment while
+        rolling back or holding). The last good revision is read only when a decision needs it: a pod
+        fails, or a rollback is held."""
+        if first:
+            return rollback.Decision(rollback.APPLY), built
+        record = old_status.get("rollback")
+        needed = bool(record and record.get("active")) or any(
+            v.get("state") == pod_status.FAILING for v in pods
+        )
+        good = self.rollbacks.last_good(cr) if needed else None
+        decision = rollback.decide(
+            rollback.spec_hash(cr),
+            int(cr["metadata"].get("generation", 1)),
+            self._revision(built),
+            good,
+            record,
+            pods,
+            statuses_now(),
+        )
+        if decision.action == rollback.ROLLBACK and decision.record is not None:
+            meta = cr["metadata"]
+            log.warning(
+                "rolling back to the last good revision",
+                extra={"dd": f"{meta['namespace']}/{meta['name']}", "reason": decision.record["message"]},
+            )
+            # recorded before the restore is applied: an operator killed in between holds after its restart
+            self.reporter.record_rollback(cr, decision.record)
+        if decision.good is not None and decision.action in (rollback.ROLLBACK, rollback.HOLD):
+            return decision, rollback.restored(built, decision.good)
+        return decision, built
+
+    @staticmethod
+    def _revision(built: list[dict]) -> str:
+        by_kind = {o["kind"]: o for o in built}
+        return rollback.revision_of(by_kind["ConfigMap"], by_kind["Deployment"])
+
+    def _keep_last_good(
+        self,
+        cr: dict,
+        built: list[dict],
+        decision: rollback.Decision,
+        new_status: dict,
+        pods: list[dict],
+    ) -> None:
+        """A revision applied as desired that serves becomes the last good one (when it is not already)."""
+        deployment = next(o for o in built if o["kind"] == "Deployment")
+        revision = self._revision(built)
+        if not rollback.should_save(decision, new_status, revision, deployment):
+            return
+        good = decision.good or self.rollbacks.last_good(cr)
+        if good is not None and good.revision == revision:
+            return
+        self.rollbacks.save(cr, built, revision, new_status, pods)
+
     def _apply(
         self,
         key: CrKey,
@@ -356,8 +421,9 @@ class Reconciler:
         observed: dict[str, dict | None],
         apply_error: tuple[str, str] | None,
         cache: dict | None,
-    ) -> None:
-        """Write the status (if it changed) and the gauges."""
+        decision: rollback.Decision,
+    ) -> dict:
+        """Write the status (if it changed) and the gauges; returns the status."""
         with self._guard:
             self._managed[key] = [
                 (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in desired
@@ -368,8 +434,12 @@ class Reconciler:
         new_status = serving_status(
             dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods
         )
+        new_status = rollback.with_rollback(
+            new_status, old_status, decision, int(cr["metadata"].get("generation", 1)), decision.good
+        )
         self.reporter.serving(cr, old_status, new_status, cache, pods)
         self._update_gauges()
+        return new_status
 
     def _update_gauges(self) -> None:
         with self._guard:

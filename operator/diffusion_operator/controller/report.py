@@ -18,6 +18,7 @@ from diffusion_operator import cache_status as cache_statuses
 from diffusion_operator import status as statuses
 from diffusion_operator.api import funcs
 from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.controller.rollback import ROLLED_BACK
 from diffusion_operator.kube import KubeClient
 from diffusion_operator.validation import FieldError
 
@@ -116,11 +117,25 @@ class Reporter:
         self._write(cr, new_status)
         self._event_once(cr, old_status, new_status, statuses.SYNCED, "ApplyFailed")
         self._event_once(cr, old_status, new_status, statuses.QUALITY_GATE, "QualityGateFailed")
+        self._rolled_back_event(cr, old_status, new_status)
         if cache is not None:
             for type_, reason, message in cache_statuses.cache_events(old_status.get("modelCache"), cache):
                 self._client().post_event(cr, type_, reason, message)
         meta = cr["metadata"]
         log.debug("status written", extra={"dd": f"{meta['namespace']}/{meta['name']}", "status": new_status})
+
+    def record_rollback(self, cr: dict, record: dict) -> None:
+        """status.rollback alone, before the restore is applied (controller/rollback.py)."""
+        self._write(cr, {"rollback": record})
+
+    def _rolled_back_event(self, cr: dict, old_status: dict, new_status: dict) -> None:
+        """One Warning event `RolledBack` per rollback (not again while it is held, nor after a restart)."""
+        new = condition_of(new_status, ROLLED_BACK)
+        old = condition_of(old_status, ROLLED_BACK)
+        if new.get("status") == "True" and (
+            old.get("status") != "True" or old.get("message") != new.get("message")
+        ):
+            self._client().post_event(cr, "Warning", ROLLED_BACK, str(new.get("message", "")))
 
     def _write(self, cr: dict, status: dict) -> None:
         meta = cr["metadata"]
