@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -164,12 +165,15 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         if body is not None and content_type is None:
             content_type = "application/json"
+        started = time.perf_counter()
         try:
             response = self.pool.request(
                 method, url, body=data, headers=self._headers(content_type), timeout=30.0, retries=False
             )
         except (OSError, urllib3.exceptions.HTTPError) as error:  # the API server away: retried
             raise ApiError(503, f"connection to the API server failed: {error}", method, path) from error
+        finally:
+            self.metrics.api_request_duration.labels(verb=method).observe(time.perf_counter() - started)
         if method != "GET":
             self.metrics.api_writes.labels(verb=method).inc()
         text = response.data.decode() if response.data else ""

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -162,7 +163,7 @@ def wait_for_lease(elector, acquired: threading.Event) -> bool:
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not acquired.wait(0.2):
+        while not acquired.wait(0.05):
             if stopping.is_set():
                 return False
         return True
@@ -172,6 +173,7 @@ def wait_for_lease(elector, acquired: threading.Event) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    started_at = time.time()
     args = parse_args(argv)
     import kopf
     from prometheus_client import start_http_server
@@ -199,6 +201,7 @@ def main(argv: list[str]) -> int:
 
     try:
         metrics = OperatorMetrics(process=True)  # the registry served on --metrics-port
+        metrics.startup_phase.labels(phase="process").set(started_at)
         client = Kube(
             metrics=metrics, write_guard=may_write if args.leader_elect else None, instance=identity
         )
@@ -238,7 +241,7 @@ def main(argv: list[str]) -> int:
                 args.renew_deadline,
                 args.retry_period,
             ),
-            on_started=acquired.set,
+            on_started=lambda: (metrics.startup_phase.labels(phase="leading").set(time.time()), acquired.set()),
             on_stopped=lost,
             on_change=lambda leading: metrics.leader.set(1 if leading else 0),
         )
@@ -251,6 +254,7 @@ def main(argv: list[str]) -> int:
             return 0
     else:
         metrics.leader.set(1)
+        metrics.startup_phase.labels(phase="leading").set(time.time())
     if args.apply_crd:
         apply_crd(client)
 

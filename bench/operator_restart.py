@@ -1,0 +1,102 @@
+"""Operator restart speed on the local control plane (kwok nodes; issue 22): SIGKILL of the leading
+operator while 50 CRs are being created, then
+
+  restart:  the same instance started again (same identity: it takes its own Lease back at once);
+            seconds from the new process's start to the 50th CR Ready=True;
+  takeover: a standby already running (another identity) waits the Lease out (`lease_wait_s`, from
+            the kill), then leads; seconds from the moment it holds the Lease to the 50th CR Ready.
+
+Each sample runs in a fresh namespace of one local cluster; the scenario is the cluster test's
+(tests/operator/restart_scenario.py). The machine's load average is recorded with every sample.
+
+    DIFFUSION_DEV_REAL_NODE=0 .venv/bin/python bench/operator_restart.py --samples 3 \
+        --out bench/results/operator_restart_kwok.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "dev"), str(REPO / "tests" / "operator")]
+
+CRD = REPO / "crds" / "diffusion.dev_diffusiondeployments.yaml"
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=3, help="runs of each scenario")
+    parser.add_argument("--crs", type=int, default=50)
+    parser.add_argument("--scenario", choices=("restart", "takeover", "both"), default="both")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from diffusion_dev import LocalCluster
+    from restart_scenario import sigkill_during_creation
+
+    cluster = LocalCluster(timeout=180, real_node=False).start()
+    samples = []
+    try:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/diffusiondeployments.diffusion.dev"
+        )
+        time.sleep(2)  # served a moment after Established
+        modes = {"restart": [False], "takeover": [True], "both": [False, True]}[args.scenario]
+        for i in range(args.samples):
+            for takeover in modes:
+                namespace = f"restart-{uuid.uuid4().hex[:6]}"
+                cluster.kubectl("create", "namespace", namespace)
+                load_before = loadavg()
+                with tempfile.TemporaryDirectory() as tmp:
+                    record = sigkill_during_creation(
+                        cluster.kubeconfig, namespace, Path(tmp), takeover, count=args.crs
+                    )
+                record.pop("log", None)
+                names = record.pop("names")
+                children = record.pop("children")
+                record["one_child_of_each_kind_per_cr"] = all(v == names for v in children.values())
+                record["load_before"], record["load_after"] = load_before, loadavg()
+                print(json.dumps(record), flush=True)
+                samples.append(record)
+                cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    finally:
+        cluster.stop()
+    out = {
+        "command": "DIFFUSION_DEV_REAL_NODE=0 .venv/bin/python bench/operator_restart.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "note": "the helpers' shared 2-core machine; load averages per sample (other sessions' tests)",
+        },
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bound_s": 15.0,
+        "samples": samples,
+    }
+    for name in ("same-identity restart", "standby takeover"):
+        times = [s["restart_s"] for s in samples if s["scenario"] == name]
+        if times:
+            out.setdefault("summary", {})[name] = {"max_s": max(times), "min_s": min(times), "n": len(times)}
+    text = json.dumps(out, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
