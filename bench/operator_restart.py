@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crs", type=int, default=50)
     parser.add_argument("--scenario", choices=("restart", "takeover", "both"), default="both")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--logs", type=Path, default=None, help="keep the operators' logs here")
     args = parser.parse_args(argv)
 
     from diffusion_dev import LocalCluster
@@ -50,19 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     samples = []
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd/diffusiondeployments.diffusion.dev"
-        )
-        time.sleep(2)  # served a moment after Established
+        deadline = time.monotonic() + 60  # served a moment after it is stored
+        while cluster.kubectl("get", "dd", "-A", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("diffusiondeployments not served 60 s after the CRD was applied")
+            time.sleep(0.5)
         modes = {"restart": [False], "takeover": [True], "both": [False, True]}[args.scenario]
-        for i in range(args.samples):
+        for _ in range(args.samples):
             for takeover in modes:
                 namespace = f"restart-{uuid.uuid4().hex[:6]}"
                 cluster.kubectl("create", "namespace", namespace)
                 load_before = loadavg()
                 with tempfile.TemporaryDirectory() as tmp:
+                    work = Path(tmp) if args.logs is None else args.logs / namespace
+                    work.mkdir(parents=True, exist_ok=True)
                     record = sigkill_during_creation(
-                        cluster.kubeconfig, namespace, Path(tmp), takeover, count=args.crs
+                        cluster.kubeconfig, namespace, work, takeover, count=args.crs
                     )
                 record.pop("log", None)
                 names = record.pop("names")

@@ -20,7 +20,12 @@ from diffusion_operator.api.group import API_VERSION, KIND
 from diffusion_operator.kube import Kube
 from op_helpers import OperatorProcess, sample
 
-CHILD_KINDS = (("v1", "ConfigMap"), ("apps/v1", "Deployment"), ("v1", "Service"), ("policy/v1", "PodDisruptionBudget"))
+CHILD_KINDS = (
+    ("v1", "ConfigMap"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
 MANAGED_BY = "diffusion-operator"
 
 
@@ -158,8 +163,9 @@ def sigkill_during_creation(
         uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
         record["children"] = children_by_owner(kube, namespace, uids)
         record["names"] = sorted(uids.values())
-        record["replicasets"] = len(kube.list("apps/v1", "ReplicaSet", namespace))
-        record["pods"] = len(kube.list("v1", "Pod", namespace))
+        for plural, prefix in (("replicasets", "/apis/apps/v1"), ("pods", "/api/v1")):
+            listed = kube.request("GET", f"{prefix}/namespaces/{namespace}/{plural}") or {}
+            record[plural] = len(listed.get("items") or [])
         new.assert_alive()
         record["log"] = new.log()
     finally:
