@@ -35,6 +35,41 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def control_plane_floor(kubeconfig: Path, namespace: str, count: int) -> float:
+    """Seconds for the `count` Deployments the operator would build, created directly (4 threads, as
+    the CRs are), to be all available: the controller-manager, scheduler and kwok alone, no operator."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffusion_dev import wait_for
+    from diffusion_operator import builders, validation
+    from restart_scenario import api, crs
+
+    kube = api(kubeconfig)
+    deployments = []
+    for doc in crs(count):
+        name = doc["metadata"]["name"]
+        doc["metadata"].update(namespace=namespace, uid=f"none-{name}", generation=1)
+        parsed = validation.parse(name, namespace, doc["spec"])
+        assert parsed.cr is not None
+        children = builders.build_all(parsed.cr, doc, model_cache_ready=True, keda_prometheus_address="")
+        deployment = next(o for o in children if o["kind"] == "Deployment")
+        deployment["metadata"].pop("ownerReferences", None)
+        deployments.append(deployment)
+    path = kube.collection("apps/v1", "Deployment", namespace)
+    started = time.time()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda d: kube.request("POST", path, body=d), deployments))
+
+    def available():
+        items = kube.list("apps/v1", "Deployment", namespace)
+        return all(
+            (d.get("status") or {}).get("availableReplicas", 0) >= d["spec"].get("replicas", 1) for d in items
+        )
+
+    wait_for(available, 180, f"{count} Deployments available", interval=0.1)
+    return round(time.time() - started, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3, help="runs of each scenario")
@@ -76,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(record), flush=True)
                 samples.append(record)
                 cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+            # the floor, in the same round: what the control plane alone takes for as many Deployments
+            namespace = f"floor-{uuid.uuid4().hex[:6]}"
+            cluster.kubectl("create", "namespace", namespace)
+            load_before = loadavg()
+            floor = {
+                "scenario": "control-plane floor",
+                "crs": args.crs,
+                "all_available_s": control_plane_floor(cluster.kubeconfig, namespace, args.crs),
+                "load_before": load_before,
+                "load_after": loadavg(),
+            }
+            print(json.dumps(floor), flush=True)
+            samples.append(floor)
+            cluster.kubectl("delete", "namespace", namespace, "--wait=false")
     finally:
         cluster.stop()
     out = {
@@ -91,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "bound_s": 15.0,
         "samples": samples,
     }
-    for name in ("same-identity restart", "standby takeover"):
-        times = [s["restart_s"] for s in samples if s["scenario"] == name]
+    for name in ("same-identity restart", "standby takeover", "control-plane floor"):
+        times = [s.get("restart_s", s.get("all_available_s")) for s in samples if s["scenario"] == name]
         if times:
             out.setdefault("summary", {})[name] = {"max_s": max(times), "min_s": min(times), "n": len(times)}
     text = json.dumps(out, indent=2)

@@ -229,7 +229,15 @@ class Reconciler:
     def start_resync(
         self, namespaces: list[str] | None, interval: float, stop: threading.Event
     ) -> threading.Thread | None:
-        return self.loop.start_resync(lambda: self.resync(namespaces), interval, stop)
+        """The periodic resync; a tick while the first pass still runs is skipped (that pass is one)."""
+
+        def tick() -> None:
+            with self._guard:
+                first_pass_running = self._first_pass is not None
+            if not first_pass_running:
+                self.resync(namespaces)
+
+        return self.loop.start_resync(tick, interval, stop)
 
     def _versions(self, key: CrKey) -> tuple[int, ...]:
         with self._guard:
