@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.kubectl("delete", "namespace", namespace, "--wait=false")
     finally:
         cluster.stop()
-    out = {
+    out: dict = {
         "command": "DIFFUSION_DEV_REAL_NODE=0 .venv/bin/python bench/operator_restart.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {

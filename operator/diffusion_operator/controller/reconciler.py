@@ -56,7 +56,7 @@ class Reconciler:
         self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
         self.informers = Informers(child_delay)
         self.start_lines = StartLines(
-            lambda: self.client, lambda ns, name: self.enqueue(ns, name, fresh=True)
+            lambda: self.client, lambda ns, name: self.enqueue(ns, name, force=True)
         )
         self.autoscalers = Autoscalers(
             lambda: self.client, self.informers, keda_prometheus_address, discovery_ttl
@@ -120,8 +120,11 @@ class Reconciler:
         namespace, pod = change.pod
         self.start_lines.saw(namespace, pod, change.owner, change.ready, change.gone)
         if change.gate_changed:
-            # fresh: pods are no input of the skip check (the CR's and children's versions did not move)
-            self.enqueue(namespace, change.owner, delay=self.informers.child_delay, fresh=True)
+            # forced: pods are no input of the skip check (the CR's and children's versions did not move);
+            # not fresh: the CR and its children are read from the caches the watches keep (a pod's state
+            # changes a few times while it starts: re-reading five objects each time made a restart with
+            # many new pods slow)
+            self.enqueue(namespace, change.owner, delay=self.informers.child_delay, force=True)
 
     def _queue(self, queue: Queue | None) -> None:
         if queue is not None:
