@@ -159,6 +159,8 @@ def sigkill_during_creation(
             restart_s=round(ready_at - started_at, 2),
             phases_s={k: round(v - started_at, 2) for k, v in sorted(phase.items(), key=lambda kv: kv[1])},
             requests=request_costs(new),
+            # the new operator's own CPU seconds (the standby's include its wait)
+            operator_cpu_s=round(new.samples().get(("process_cpu_seconds_total", ()), -1.0), 2),
         )
         uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
         record["children"] = children_by_owner(kube, namespace, uids)
