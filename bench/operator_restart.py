@@ -35,6 +35,12 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def settle(cluster, namespace: str) -> None:
+    """Delete a sample's namespace and wait until it is gone: the garbage collection of 50 CRs' children
+    and pods must not run during the next sample."""
+    cluster.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=180s")
+
+
 def control_plane_floor(kubeconfig: Path, namespace: str, count: int) -> float:
     """Seconds for the `count` Deployments the operator would build, created directly (4 threads, as
     the CRs are), to be all available: the controller-manager, scheduler and kwok alone, no operator."""
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 record["load_before"], record["load_after"] = load_before, loadavg()
                 print(json.dumps(record), flush=True)
                 samples.append(record)
-                cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+                settle(cluster, namespace)
             # the floor, in the same round: what the control plane alone takes for as many Deployments
             namespace = f"floor-{uuid.uuid4().hex[:6]}"
             cluster.kubectl("create", "namespace", namespace)
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(floor), flush=True)
             samples.append(floor)
-            cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+            settle(cluster, namespace)
     finally:
         cluster.stop()
     out: dict = {
