@@ -205,6 +205,19 @@ class Reconciler:
         at once, before kopf's watches deliver them one by one; the `first_pass` start-up phase is set
         (and logged) when each has been reconciled once. Returns how many were queued."""
         started = time.monotonic()
+        # the serving pods first: a CR's Ready condition names a failing pod's cause, so a pass that ran
+        # before the pods were known would write "warming up" over it (and post the cause's event again)
+        for ns in list(namespaces) if namespaces else [None]:
+            for resource in watched(Watch.POD):
+                try:
+                    pods = self.client.list(resource.api_version, resource.kind, ns, MANAGED_SELECTOR)
+                except Exception as error:
+                    log.warning(
+                        f"first pass: serving pods not listed ({error}): their watch events will tell"
+                    )
+                    continue
+                for pod in pods:
+                    self.on_pod_event("ADDED", pod)
         queued = set(self.resync(namespaces))
         with self._guard:
             self._first_pass = (started, queued)
