@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -63,7 +64,9 @@ class KubeClient(Protocol):
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None: ...
 
-    def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]: ...
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict]: ...
 
     def apply(self, obj: dict, dry_run: bool = False) -> dict: ...
 
@@ -121,9 +124,13 @@ class Kube:
         metrics: OperatorMetrics | None = None,
         write_guard: Callable[[], bool] | None = None,
         instance: str = "",
+        pool_size: int | None = None,
     ) -> None:
         """`write_guard`: called before every write; False refuses it (NotLeader): the leader fence.
-        `instance`: this operator's identity (leader election), in status writes and events."""
+        `instance`: this operator's identity (leader election), in status writes and events.
+        `pool_size`: connections kept open to the API server (the client's default is 5 per CPU): at
+        least the threads that send requests at once, or every request past it opens a new TLS
+        connection (urllib3 discards the extra ones: "Connection pool is full")."""
         from kubernetes.client import ApiClient
 
         self.metrics = metrics if metrics is not None else OperatorMetrics()  # counts the writes
@@ -131,6 +138,10 @@ class Kube:
         self.instance = instance
 
         self.configuration = configuration or load_configuration()
+        if pool_size is not None:
+            self.configuration.connection_pool_maxsize = max(
+                pool_size, self.configuration.connection_pool_maxsize or 0
+            )
         self.api_client = ApiClient(self.configuration)
         self.pool = self.api_client.rest_client.pool_manager
         if not self.configuration.verify_ssl:  # insecure-skip-tls-verify: warned once here, not per request
@@ -164,12 +175,15 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         if body is not None and content_type is None:
             content_type = "application/json"
+        started = time.perf_counter()
         try:
             response = self.pool.request(
                 method, url, body=data, headers=self._headers(content_type), timeout=30.0, retries=False
             )
         except (OSError, urllib3.exceptions.HTTPError) as error:  # the API server away: retried
             raise ApiError(503, f"connection to the API server failed: {error}", method, path) from error
+        finally:
+            self.metrics.api_request_duration.labels(verb=method).observe(time.perf_counter() - started)
         if method != "GET":
             self.metrics.api_writes.labels(verb=method).inc()
         text = response.data.decode() if response.data else ""
@@ -197,8 +211,11 @@ class Kube:
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         return self.request("GET", self.path(api_version, kind, namespace, name))
 
-    def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]:
-        out = self.request("GET", self.collection(api_version, kind, namespace)) or {}
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        out = self.request("GET", self.collection(api_version, kind, namespace), query=query) or {}
         items: list[dict] = out.get("items") or []
         kind_api = {"apiVersion": api_version, "kind": kind}
         return [{**kind_api, **item} for item in items]  # list items carry no kind

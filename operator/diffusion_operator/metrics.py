@@ -43,6 +43,22 @@ class OperatorMetrics:
             ["verb"],
             registry=r,
         )
+        self.api_request_duration = Histogram(
+            "diffusion_operator_api_request_duration_seconds",
+            "Time of one request to the API server (reads and writes), by HTTP verb.",
+            ["verb"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        # the restart path (runner.py): when this process started, started leading, and when every CR
+        # listed at start had been reconciled once (the first pass); all on the unix clock
+        self.startup_phase = Gauge(
+            "diffusion_operator_startup_phase_timestamp_seconds",
+            "When this process reached a start-up phase: process (started), leading (holds the Lease), "
+            "first_pass (every DiffusionDeployment listed at start reconciled once).",
+            ["phase"],
+            registry=r,
+        )
         self.managed_objects = Gauge(
             "diffusion_operator_managed_objects",
             "Objects the operator manages, by kind.",

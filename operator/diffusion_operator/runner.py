@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -162,7 +163,7 @@ def wait_for_lease(elector, acquired: threading.Event) -> bool:
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not acquired.wait(0.2):
+        while not acquired.wait(0.05):
             if stopping.is_set():
                 return False
         return True
@@ -172,6 +173,7 @@ def wait_for_lease(elector, acquired: threading.Event) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    started_at = time.time()
     args = parse_args(argv)
     import kopf
     from prometheus_client import start_http_server
@@ -199,8 +201,13 @@ def main(argv: list[str]) -> int:
 
     try:
         metrics = OperatorMetrics(process=True)  # the registry served on --metrics-port
+        metrics.startup_phase.labels(phase="process").set(started_at)
         client = Kube(
-            metrics=metrics, write_guard=may_write if args.leader_elect else None, instance=identity
+            metrics=metrics,
+            write_guard=may_write if args.leader_elect else None,
+            instance=identity,
+            # the reconcile workers, as many apply threads, the start-line readers and the resync
+            pool_size=2 * args.workers + 4,
         )
     except Exception as error:  # no kubeconfig, no service account
         print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
@@ -227,6 +234,10 @@ def main(argv: list[str]) -> int:
             logging.shutdown()
             os._exit(EXIT_LEASE_LOST)
 
+        def leading() -> None:
+            metrics.startup_phase.labels(phase="leading").set(time.time())
+            acquired.set()
+
         # the lease's own reads and writes are not the operator's work: not in its write counter
         elector = LeaderElector(
             Kube(configuration=client.configuration, metrics=OperatorMetrics()),
@@ -238,7 +249,7 @@ def main(argv: list[str]) -> int:
                 args.renew_deadline,
                 args.retry_period,
             ),
-            on_started=acquired.set,
+            on_started=leading,
             on_stopped=lost,
             on_change=lambda leading: metrics.leader.set(1 if leading else 0),
         )
@@ -251,13 +262,19 @@ def main(argv: list[str]) -> int:
             return 0
     else:
         metrics.leader.set(1)
+        metrics.startup_phase.labels(phase="leading").set(time.time())
     if args.apply_crd:
         apply_crd(client)
 
     reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address, metrics=metrics)
+    reconciler.applier.threads = args.workers  # first applies in parallel, as wide as the workers
     reconciler.start(args.workers)
+    scopes = None if args.all_namespaces else args.namespace
+    # the first pass from lists (CRs and children), before kopf's watches start: every CR is queued at
+    # once and reconciled from the caches (kopf's initial listing then repeats known versions: no work)
+    reconciler.start_first_pass(scopes)
     stop = threading.Event()
-    reconciler.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)
+    reconciler.start_resync(scopes, args.resync_seconds, stop)
 
     @kopf.on.startup()
     def configure(settings: kopf.OperatorSettings, **_):

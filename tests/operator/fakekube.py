@@ -201,12 +201,17 @@ class FakeKube:
         return copy.deepcopy(obj) if obj is not None else None
 
     @_locked
-    def list(self, api_version: str, kind: str, namespace: str | None) -> list[dict]:
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+    ) -> list[dict]:
         self.reads[("LIST", kind)] += 1
+        wanted = dict(part.split("=", 1) for part in (label_selector or "").split(",") if part)
         return [
             copy.deepcopy(o)
             for (k, ns, _), o in sorted(self.objects.items())
-            if k == kind and (namespace is None or ns == namespace)
+            if k == kind
+            and (namespace is None or ns == namespace)
+            and wanted.items() <= (o["metadata"].get("labels") or {}).items()
         ]
 
     @_locked

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +15,12 @@ import pytest
 import yaml
 from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator.kube import ApiError, Kube
-from op_helpers import OperatorProcess, get_json, sample
+from op_helpers import get_json, sample
+from restart_scenario import sigkill_during_creation
 
 pytestmark = pytest.mark.cluster
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml"
-CHILD_KINDS = ("configmaps", "deployments", "services", "poddisruptionbudgets")
 
 
 def spec_schema() -> dict:
@@ -222,81 +220,38 @@ def test_500_broken_crs_are_refused_or_reported_invalid_and_nothing_crashes(clus
     assert set(reasons) <= {"InvalidSpec", "RejectedByAPIServer"}
 
 
-def test_sigkill_while_50_crs_reconcile_then_restart_converges_with_one_set_each(
-    cluster, namespace, crd, tmp_path, record_property
+# issue 22: after a SIGKILL while 50 CRs are being created, every CR Ready within 15 s of the restart
+# (same identity), or of the standby holding the Lease (takeover; its Lease wait is reported apart).
+# Measured on the helpers' shared 2-core machine: bench/results/operator_restart_kwok.json.
+RESTART_BOUND_S = 15.0
+
+
+@pytest.mark.parametrize("takeover", [False, True], ids=["same-identity-restart", "standby-takeover"])
+def test_sigkill_while_50_crs_are_created_then_all_ready_within_15s_one_set_each(
+    cluster, namespace, crd, tmp_path, record_property, takeover
 ):
-    proc = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-1.log").start()
-    names = [f"crash-{i}" for i in range(50)]
-    items = []
-    for name in names:
-        doc = on_fake_cpu_node(sample("tiny-cpu.yaml"))  # fake pods (kwok)
-        doc["metadata"] = {"name": name}
-        items.append(doc)
-    kube = api(cluster)
-    path = kube.collection("diffusion.dev/v1alpha1", "DiffusionDeployment", namespace)
-    pool = ThreadPoolExecutor(4)
-    try:
-        created = [pool.submit(kube.request, "POST", path, body=doc) for doc in items]
-
-        def some_started():  # polled through the API (a kubectl process per poll is too slow here)
-            return kube.list("apps/v1", "Deployment", namespace)
-
-        wait_for(some_started, 60, "the operator to start on the new CRs", interval=0.01)
-        assert proc.proc is not None
-        os.killpg(proc.proc.pid, signal.SIGKILL)
-        proc.proc.wait(timeout=10)
-        for future in created:
-            future.result()
-    finally:
-        pool.shutdown()
-        proc.stop()
-    at_kill = dd_items(cluster, namespace)
-    ready_at_kill = sum(1 for o in at_kill if conditions(o).get("Ready", {}).get("status") == "True")
-    deployments_at_kill = len(get_json(cluster, "deployments", "-n", namespace)["items"])
-    assert ready_at_kill < len(names), "everything had converged before the kill: nothing was tested"
-
-    restarted_at = time.monotonic()
-    proc2 = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-2.log").start()
-    try:
-
-        def converged():
-            objs = dd_items(cluster, namespace)
-            ok = [
-                o
-                for o in objs
-                if o.get("status", {}).get("observedGeneration") == o["metadata"]["generation"]
-                and conditions(o).get("Ready", {}).get("status") == "True"
-                and conditions(o).get("Synced", {}).get("status") == "True"
-            ]
-            return len(ok) == len(names) and objs
-
-        objs = wait_for(converged, 180, "all 50 CRs Ready after the restart", interval=0.25)
-        seconds = time.monotonic() - restarted_at
-        record_property("converge_after_restart_s", round(seconds, 2))
-        print(
-            f"\nSIGKILL with {deployments_at_kill}/50 Deployments created and {ready_at_kill}/50 CRs Ready: "
-            f"all 50 converged {seconds:.1f} s after the restart (operator start included)"
+    record = sigkill_during_creation(cluster.kubeconfig, namespace, tmp_path, takeover)
+    assert record["ready_at_kill"] < 50, "everything had converged before the kill: nothing was tested"
+    for key in ("restart_s", "lease_wait_s", "phases_s", "requests"):
+        if key in record:
+            record_property(key, record[key])
+    print(
+        f"\n{record['scenario']}: SIGKILL with {record['deployments_at_kill']}/50 Deployments created and "
+        f"{record['ready_at_kill']}/50 CRs Ready; all 50 Ready {record['restart_s']:.1f} s after "
+        + (
+            "the restart"
+            if not takeover
+            else f"the standby led (its Lease wait {record['lease_wait_s']:.1f} s)"
         )
-
-        uids = {o["metadata"]["uid"]: o["metadata"]["name"] for o in objs}
-        for kind in CHILD_KINDS:
-            children = [
-                c
-                for c in get_json(cluster, kind, "-n", namespace)["items"]
-                if c["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") == "diffusion-operator"
-            ]
-            owners = []
-            for c in children:
-                refs = [r for r in c["metadata"].get("ownerReferences", []) if r.get("controller")]
-                assert len(refs) == 1 and refs[0]["uid"] in uids, (kind, c["metadata"]["name"], refs)
-                owners.append(uids[refs[0]["uid"]])
-            assert sorted(owners) == sorted(names), (kind, len(children))  # exactly one per CR
-        replicasets = get_json(cluster, "replicasets", "-n", namespace)["items"]
-        assert len(replicasets) == 50, [r["metadata"]["name"] for r in replicasets]
-        pods = get_json(cluster, "pods", "-n", namespace)["items"]
-        assert len(pods) == 50
-        proc2.assert_alive()
-        for log in (proc2.log(),):
-            assert "Traceback" not in log and "crashed" not in log, log[-3000:]
-    finally:
-        proc2.stop()
+        + f"; phases {record['phases_s']}; load {os.getloadavg()[0]:.1f}; requests {record['requests']}"
+    )
+    # no orphans, no duplicates: exactly one child of each kind per CR, each owned by its CR
+    for kind, owners in record["children"].items():
+        assert owners == record["names"], (kind, owners)
+    assert record["replicasets"] == 50 and record["pods"] == 50, record
+    assert "Traceback" not in record["log"] and "crashed" not in record["log"], record["log"][-3000:]
+    assert record["restart_s"] <= RESTART_BOUND_S, (
+        f"{record['scenario']}: all 50 Ready {record['restart_s']} s after "
+        f"{'the restart' if not takeover else 'the takeover'} (bound {RESTART_BOUND_S} s; "
+        f"load average {os.getloadavg()})"
+    )

@@ -21,7 +21,10 @@ from diffusion_operator.hashing import stable_hash
 from diffusion_operator.kube import ApiError, KubeClient
 
 SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
-APPLY_THREADS = 4  # a new CR's children are applied in parallel
+# a new CR's children are applied in parallel, by one pool shared by the reconcile workers: after a
+# restart with many new CRs it carries every first apply (4 children each), so it is as wide as the
+# workers (runner.py's --workers, default 16), not 4 (which serialized a restart's first pass)
+APPLY_THREADS = 16
 
 
 def with_spec_hash(obj: dict) -> dict:
@@ -44,8 +47,11 @@ def needs_apply(desired: dict, observed: dict | None) -> bool:
 class Applier:
     """Server-side applies of children; every answer goes into the informer cache (`remember`)."""
 
-    def __init__(self, client: Callable[[], KubeClient], remember: Callable[[dict], bool]) -> None:
+    def __init__(
+        self, client: Callable[[], KubeClient], remember: Callable[[dict], bool], threads: int = APPLY_THREADS
+    ) -> None:
         self._client = client
+        self.threads = threads
         self._remember = remember
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -84,7 +90,7 @@ class Applier:
             return {o["kind"]: self.apply(o) for o in objs}
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=APPLY_THREADS, thread_name_prefix="apply")
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="apply")
             pool = self._pool
         futures = [(o["kind"], pool.submit(self.apply, o)) for o in objs]
         answers: dict[str, dict] = {}

@@ -79,6 +79,19 @@ class Autoscalers:
             )
         return errors
 
+    def refresh(self, crs: list[dict]) -> None:
+        """Before a resync's pass (which reads the caches): each CR's ScaledObject, read one by one (they
+        are not watched nor listed: KEDA's CRD may come and go), only where KEDA is served."""
+        if not crs or not self.keda_available():
+            return
+        for cr in crs:
+            namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+            obj = self._client().get(SCALED_OBJECT.api_version, SCALED_OBJECT.kind, namespace, name)
+            if obj is None:
+                self._informers.forget_child(SCALED_OBJECT.kind, namespace, name)
+            else:
+                self._informers.remember_child({"apiVersion": SCALED_OBJECT.api_version, **obj})
+
     def delete_unwanted(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
         """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
         engine's when the engine is switched. ScaledObjects are looked up only when KEDA is served

@@ -164,6 +164,21 @@ class Informers:
             self._children, (obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")), obj
         )
 
+    def refresh_children(self, kind: str, namespace: str | None, listed: list[dict]) -> None:
+        """A list of one child kind (in `namespace`; None: every namespace) refreshes the cache: the
+        newest version of each listed child is kept, and a cached one the list lacks is dropped (a
+        reconcile that needs it reads the API server: it may have been created since the list)."""
+        for obj in listed:
+            self.remember_child(obj)
+        names = {(o["metadata"].get("namespace", ""), o["metadata"].get("name", "")) for o in listed}
+        with self._lock:
+            for key in [
+                k
+                for k in self._children
+                if k[0] == kind and (namespace is None or k[1] == namespace) and (k[1], k[2]) not in names
+            ]:
+                del self._children[key]
+
     def forget_child(self, kind: str, namespace: str, name: str) -> None:
         with self._lock:
             self._children.pop((kind, namespace, name), None)

@@ -45,16 +45,22 @@ class WorkLoop:
         self.queue = WorkQueue()
         self._lock = threading.Lock()
         self._fresh: set[CrKey] = set()  # queued keys whose next run reads everything fresh
+        self._forced: set[CrKey] = set()  # queued keys whose next run is not skipped as an echo
         self._failures: dict[CrKey, int] = {}
         self._seen: dict[CrKey, tuple[int, ...]] = {}  # versions the last reconcile ended with
         self.runs = 0
         self.skipped = 0
         self._workers: list[threading.Thread] = []
 
-    def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
-        if fresh:
+    def enqueue(
+        self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False, force: bool = False
+    ) -> None:
+        """`fresh`: the run reads the CR and its children from the API server; `force`: it runs even
+        when the cached versions are those the last run ended with (a resync whose lists refreshed
+        the caches just before)."""
+        if fresh or force:
             with self._lock:
-                self._fresh.add((namespace, name))
+                (self._fresh if fresh else self._forced).add((namespace, name))
         self.queue.add((namespace, name), delay)
         self.metrics.queue_depth.set(len(self.queue))
 
@@ -96,10 +102,12 @@ class WorkLoop:
         with self._lock:
             fresh = key in self._fresh
             self._fresh.discard(key)
+            forced = key in self._forced
+            self._forced.discard(key)
             seen = self._seen.get(key)
             retrying = key in self._failures  # a retry folded into this run must not be skipped
         try:
-            if not fresh and not retrying and seen is not None and seen == self._versions(key):
+            if not (fresh or forced or retrying) and seen is not None and seen == self._versions(key):
                 with self._lock:
                     self.skipped += 1
                 self.metrics.reconciles_skipped.inc()
@@ -151,7 +159,7 @@ class WorkLoop:
     # ---- resync ---------------------------------------------------------------------------------
 
     def start_resync(
-        self, resync: Callable[[], None], interval: float, stop: threading.Event
+        self, resync: Callable[[], object], interval: float, stop: threading.Event
     ) -> threading.Thread | None:
         """Call `resync` every `interval` seconds until `stop` is set (interval <= 0: never)."""
         if interval <= 0:

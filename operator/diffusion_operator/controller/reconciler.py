@@ -28,7 +28,7 @@ from diffusion_operator.controller.startup import StartLines
 from diffusion_operator.controller.workqueue import WorkQueue
 from diffusion_operator.kube import ApiError, KubeClient
 from diffusion_operator.metrics import OperatorMetrics
-from diffusion_operator.resources import CR
+from diffusion_operator.resources import CR, MANAGED_LABELS, Watch, watched
 from diffusion_operator.status import now as statuses_now
 
 log = logging.getLogger("diffusion_operator")
@@ -36,6 +36,7 @@ log = logging.getLogger("diffusion_operator")
 # a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
 # in status (Synced=False) and by one event, while the retries go on
 REPORT_TRANSIENT_AFTER = 3
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())  # the resync's child lists
 
 
 class Reconciler:
@@ -58,7 +59,7 @@ class Reconciler:
         self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
         self.informers = Informers(child_delay)
         self.start_lines = StartLines(
-            lambda: self.client, lambda ns, name: self.enqueue(ns, name, fresh=True)
+            lambda: self.client, lambda ns, name: self.enqueue(ns, name, force=True)
         )
         self.autoscalers = Autoscalers(
             lambda: self.client, self.informers, keda_prometheus_address, discovery_ttl
@@ -71,6 +72,7 @@ class Reconciler:
         self._locks: dict[CrKey, threading.Lock] = {}
         self._invalid: set[CrKey] = set()
         self._managed: dict[CrKey, list[ChildKey]] = {}  # the children of each CR's last reconcile
+        self._first_pass: tuple[float, set[CrKey]] | None = None  # (started, CRs not reconciled yet)
         self.reconciles = 0
 
     @property
@@ -122,8 +124,11 @@ class Reconciler:
         namespace, pod = change.pod
         self.start_lines.saw(namespace, pod, change.owner, change.ready, change.gone)
         if change.gate_changed:
-            # fresh: pods are no input of the skip check (the CR's and children's versions did not move)
-            self.enqueue(namespace, change.owner, delay=self.informers.child_delay, fresh=True)
+            # forced: pods are no input of the skip check (the CR's and children's versions did not move);
+            # not fresh: the CR and its children are read from the caches the watches keep (a pod's state
+            # changes a few times while it starts: re-reading five objects each time made a restart with
+            # many new pods slow)
+            self.enqueue(namespace, change.owner, delay=self.informers.child_delay, force=True)
 
     def _queue(self, queue: Queue | None) -> None:
         if queue is not None:
@@ -142,8 +147,10 @@ class Reconciler:
 
     # ---- the work loop --------------------------------------------------------------------------
 
-    def enqueue(self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False) -> None:
-        self.loop.enqueue(namespace, name, delay, fresh)
+    def enqueue(
+        self, namespace: str, name: str, delay: float = 0.0, fresh: bool = False, force: bool = False
+    ) -> None:
+        self.loop.enqueue(namespace, name, delay, fresh, force)
 
     def start(self, workers: int) -> None:
         self.loop.start(workers)
@@ -166,24 +173,91 @@ class Reconciler:
     def wait_start_reads(self, timeout: float = 10.0) -> bool:
         return self.start_lines.wait(timeout)
 
-    def resync(self, namespaces: list[str] | None) -> None:
-        """Queue every DiffusionDeployment for a fresh, level-triggered pass (writes only on drift)."""
+    def resync(self, namespaces: list[str] | None) -> list[CrKey]:
+        """A level-triggered pass over every DiffusionDeployment (writes only on drift): per namespace,
+        one list of the CRs and one of each watched child kind (ours, by label) refresh the caches, then
+        every CR is queued to run once from them (not skipped as an echo): a pass over N CRs costs a few
+        lists, not N x (CR + children) reads. Where a child list fails, that namespace's CRs run fresh
+        (each reads the API server). Returns the keys queued."""
         scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        queued: list[CrKey] = []
         for ns in scopes:
             try:
                 items = self.client.list(CR.api_version, CR.kind, ns)
             except Exception as error:  # the API server may be briefly away
                 log.warning(f"resync list failed: {error}")
                 continue
+            refreshed = True
+            try:
+                for resource in watched(Watch.CHILD):
+                    listed = self.client.list(resource.api_version, resource.kind, ns, MANAGED_SELECTOR)
+                    self.informers.refresh_children(resource.kind, ns, listed)
+                self.autoscalers.refresh(items)
+            except Exception as error:
+                log.warning(f"resync: children not listed ({error}): each DiffusionDeployment reads its own")
+                refreshed = False
             for item in items:
                 meta = item["metadata"]
                 self.informers.remember_cr(item)
-                self.enqueue(meta["namespace"], meta["name"], fresh=True)
+                key = (meta["namespace"], meta["name"])
+                queued.append(key)
+                self.enqueue(*key, fresh=not refreshed, force=refreshed)
+        return queued
+
+    def start_first_pass(self, namespaces: list[str] | None) -> int:
+        """At start (after acquiring the lease): the resync's lists fill the caches and queue every CR
+        at once, before kopf's watches deliver them one by one; the `first_pass` start-up phase is set
+        (and logged) when each has been reconciled once. Returns how many were queued."""
+        started = time.monotonic()
+        # the serving pods first: a CR's Ready condition names a failing pod's cause, so a pass that ran
+        # before the pods were known would write "warming up" over it (and post the cause's event again)
+        for ns in list(namespaces) if namespaces else [None]:
+            for resource in watched(Watch.POD):
+                try:
+                    pods = self.client.list(resource.api_version, resource.kind, ns, MANAGED_SELECTOR)
+                except Exception as error:
+                    log.warning(
+                        f"first pass: serving pods not listed ({error}): their watch events will tell"
+                    )
+                    continue
+                for pod in pods:
+                    self.on_pod_event("ADDED", pod)
+        queued = set(self.resync(namespaces))
+        with self._guard:
+            self._first_pass = (started, queued)
+        if not queued:
+            self._first_pass_done()
+        return len(queued)
+
+    def _passed(self, key: CrKey) -> None:
+        with self._guard:
+            if self._first_pass is None:
+                return
+            self._first_pass[1].discard(key)
+            done = not self._first_pass[1]
+        if done:
+            self._first_pass_done()
+
+    def _first_pass_done(self) -> None:
+        with self._guard:
+            first, self._first_pass = self._first_pass, None
+        if first is None:
+            return
+        self.metrics.startup_phase.labels(phase="first_pass").set(time.time())
+        log.info(f"first pass: every DiffusionDeployment reconciled once, {time.monotonic() - first[0]:.2f}s")
 
     def start_resync(
         self, namespaces: list[str] | None, interval: float, stop: threading.Event
     ) -> threading.Thread | None:
-        return self.loop.start_resync(lambda: self.resync(namespaces), interval, stop)
+        """The periodic resync; a tick while the first pass still runs is skipped (that pass is one)."""
+
+        def tick() -> None:
+            with self._guard:
+                first_pass_running = self._first_pass is not None
+            if not first_pass_running:
+                self.resync(namespaces)
+
+        return self.loop.start_resync(tick, interval, stop)
 
     def _versions(self, key: CrKey) -> tuple[int, ...]:
         with self._guard:
@@ -202,6 +276,7 @@ class Reconciler:
             try:
                 result = self._reconcile(namespace, name, fresh)
                 self.metrics.reconciles.labels(result=result).inc()
+                self._passed((namespace, name))
                 return result
             except ApiError as error:
                 self.metrics.reconciles.labels(result="error").inc()
