@@ -7,7 +7,7 @@ import io
 import time
 
 import pytest
-from diffusion_runtime.api.jobs import Job, JobStore, ResultStore
+from diffusion_runtime.api.jobs import Evicted, Job, JobStore, ResultStore
 from diffusion_runtime.api.protocol import CacheSteps, ImageData, ImagesResponse, Timings, prefers_async
 from diffusion_runtime.engine.errors import InvalidInput
 from diffusion_runtime.engine.imaging import decode_upload, encode, fit_size, mask_from_upload
@@ -54,6 +54,9 @@ def test_job_store_bounds_count_age_and_bytes():
     store.add(old)
     assert store.get(old.id) is None
     assert "not known to this pod" in store.unknown_reason("x")
+    assert "server.max_jobs" in store.unknown_reason(jobs[0].id)
+    assert "server.store_max_bytes" in store.unknown_reason(big.id)
+    assert "server.job_ttl_seconds" in store.unknown_reason(old.id)
 
 
 def test_unfinished_jobs_are_never_pruned():
@@ -73,6 +76,15 @@ def test_result_store_bounds_items_and_bytes():
     big = store.put(b"y" * 95, "webp")
     assert store.get(big) == (b"y" * 95, "webp") and store.nbytes <= 100
     assert all(store.get(i) is None for i in ids)
+    assert "server.max_jobs * server.max_n" in store.unknown_reason(ids[0])
+    assert "server.store_max_bytes" in store.unknown_reason(ids[2])
+
+
+def test_evicted_reasons_are_bounded():
+    evicted = Evicted(limit=2)
+    for key in "abc":
+        evicted.add(key, f"why {key}")
+    assert evicted.get("a") is None and evicted.get("c") == "why c"
 
 
 @pytest.mark.parametrize(

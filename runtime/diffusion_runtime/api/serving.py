@@ -96,8 +96,8 @@ class ImageServing:
         self.state = state
         self.protocol = protocol
         s = state.config.server
-        self.jobs = JobStore(s.max_jobs, s.job_ttl_seconds)
-        self.results = ResultStore(s.max_jobs * s.max_n, s.job_ttl_seconds)
+        self.jobs = JobStore(s.max_jobs, s.job_ttl_seconds, s.store_max_bytes)
+        self.results = ResultStore(s.max_jobs * s.max_n, s.job_ttl_seconds, s.store_max_bytes)
         self.scheduler: Scheduler | None = None
         self.webhooks = Delivery(
             Fence(s.webhook_allow), secret_from_env(), attempts=s.webhook_attempts,
