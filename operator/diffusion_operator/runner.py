@@ -42,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Prometheus URL the KEDA ScaledObjects' triggers query (spec.autoscaling.engine keda); "
         "empty: engine keda is refused with ConfigValid=False",
     )
+    parser.add_argument(
+        "--monitoring-namespace",
+        default=os.environ.get("DIFFUSION_OPERATOR_MONITORING_NAMESPACE", ""),
+        help="namespace whose pods may scrape the serving pods' metrics port (their NetworkPolicy); "
+        "empty: none may",
+    )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
@@ -79,7 +85,12 @@ def main(argv: list[str]) -> int:
         return 1
     import threading
 
-    reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address, metrics=metrics)
+    reconciler = Reconciler(
+        client,
+        keda_prometheus_address=args.keda_prometheus_address,
+        metrics=metrics,
+        monitoring_namespace=args.monitoring_namespace,
+    )
     reconciler.start(args.workers)
     stop = threading.Event()
     reconciler.start_resync(None if args.all_namespaces else args.namespace, args.resync_seconds, stop)

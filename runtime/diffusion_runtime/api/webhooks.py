@@ -45,7 +45,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # (network, what it is), most specific reasons first; anything else that is not global is "reserved"
-_REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple((ipaddress.ip_network(net), what) for net, what in NON_PUBLIC)
+_REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), what) for net, what in NON_PUBLIC
+)
 
 
 def classify(address: str | IPAddress) -> str | None:
