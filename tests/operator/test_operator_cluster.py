@@ -19,7 +19,9 @@ from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
 
-CHILDREN = (("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"), ("pdb", "{}"))
+CHILDREN = (
+    ("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"), ("pdb", "{}"), ("networkpolicy", "{}"),
+)  # fmt: skip
 
 
 def apply_doc(cluster, namespace: str, doc: dict, check: bool = True):
@@ -67,7 +69,9 @@ def children_versions(cluster, namespace: str, name: str) -> dict:
     return out
 
 
-IDLE_RESOURCES = {"diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments"}
+IDLE_RESOURCES = {
+    "diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments", "networkpolicies",
+}  # fmt: skip
 
 
 def apiserver_patches(cluster, resources: set[str] = IDLE_RESOURCES) -> float:

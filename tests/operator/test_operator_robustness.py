@@ -22,7 +22,7 @@ from op_helpers import OperatorProcess, get_json, sample
 pytestmark = pytest.mark.cluster
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "diffusion.dev_diffusiondeployments.yaml"
-CHILD_KINDS = ("configmaps", "deployments", "services", "poddisruptionbudgets")
+CHILD_KINDS = ("configmaps", "deployments", "services", "poddisruptionbudgets", "networkpolicies")
 
 
 def spec_schema() -> dict:
