@@ -273,6 +273,23 @@ def test_keda_prometheus_address_reaches_the_operator(render, monkeypatch):
     assert "DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS" not in {e["name"] for e in default["env"]}
 
 
+def test_monitoring_namespace_reaches_the_operator(render, monkeypatch):
+    from diffusion_operator.runner import parse_args
+
+    def env_of(*sets: str) -> dict:
+        container = one(render(*sets), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    # the chart's default names the usual monitoring namespace; another value, or none
+    assert env_of()["DIFFUSION_OPERATOR_MONITORING_NAMESPACE"] == "monitoring"
+    assert env_of("networkPolicy.monitoringNamespace=observability")[
+        "DIFFUSION_OPERATOR_MONITORING_NAMESPACE"
+    ] == ("observability")
+    assert "DIFFUSION_OPERATOR_MONITORING_NAMESPACE" not in env_of("networkPolicy.monitoringNamespace=")
+    monkeypatch.setenv("DIFFUSION_OPERATOR_MONITORING_NAMESPACE", "observability")
+    assert parse_args(["--all-namespaces"]).monitoring_namespace == "observability"
+
+
 def test_forbidden_lines_are_http_403s_not_timestamps():
     """The chart install test's check that the operator was refused nothing reads a 403 as HTTP
     status, never as the milliseconds of a timestamp."""
