@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
@@ -48,9 +49,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="namespace whose pods may scrape the serving pods' metrics port (their NetworkPolicy); "
         "empty: none may",
     )
+    parser.add_argument(
+        "--cluster-cidr",
+        action="append",
+        default=[c for c in os.environ.get("DIFFUSION_OPERATOR_CLUSTER_CIDRS", "").split(",") if c.strip()],
+        help="the cluster's pod or Service range (repeatable; env DIFFUSION_OPERATOR_CLUSTER_CIDRS, comma-separated): "
+        "left out of the NetworkPolicies' public egress when it is a public range",
+    )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
+    for cidr in args.cluster_cidr:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as error:
+            parser.error(f"--cluster-cidr {cidr!r}: {error}")
+    args.cluster_cidr = [c.strip() for c in args.cluster_cidr]
     if not args.namespace and not args.all_namespaces:
         env_ns = os.environ.get("WATCH_NAMESPACE", "")
         if env_ns:
@@ -66,6 +80,7 @@ def main(argv: list[str]) -> int:
     from prometheus_client import start_http_server
 
     from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from diffusion_operator.builders import NetworkSettings
     from diffusion_operator.controller import Reconciler
     from diffusion_operator.kube import Kube
     from diffusion_operator.metrics import OperatorMetrics
@@ -89,7 +104,7 @@ def main(argv: list[str]) -> int:
         client,
         keda_prometheus_address=args.keda_prometheus_address,
         metrics=metrics,
-        monitoring_namespace=args.monitoring_namespace,
+        network=NetworkSettings(args.monitoring_namespace, tuple(args.cluster_cidr)),
     )
     reconciler.start(args.workers)
     stop = threading.Event()

@@ -288,6 +288,13 @@ def test_monitoring_namespace_reaches_the_operator(render, monkeypatch):
     assert "DIFFUSION_OPERATOR_MONITORING_NAMESPACE" not in env_of("networkPolicy.monitoringNamespace=")
     monkeypatch.setenv("DIFFUSION_OPERATOR_MONITORING_NAMESPACE", "observability")
     assert parse_args(["--all-namespaces"]).monitoring_namespace == "observability"
+    # the cluster's ranges, none by default
+    assert "DIFFUSION_OPERATOR_CLUSTER_CIDRS" not in env_of()
+    cidrs = env_of("networkPolicy.clusterCIDRs={34.118.224.0/20,2600:1900:4000::/44}")[
+        "DIFFUSION_OPERATOR_CLUSTER_CIDRS"
+    ]
+    monkeypatch.setenv("DIFFUSION_OPERATOR_CLUSTER_CIDRS", cidrs)
+    assert parse_args(["--all-namespaces"]).cluster_cidr == ["34.118.224.0/20", "2600:1900:4000::/44"]
 
 
 def test_forbidden_lines_are_http_403s_not_timestamps():

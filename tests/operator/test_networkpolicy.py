@@ -16,7 +16,7 @@ from diffusion_operator.builders.common import (
     labels,
     selector,
 )
-from diffusion_operator.builders.networkpolicy import build_network_policy, public_blocks
+from diffusion_operator.builders.networkpolicy import NetworkSettings, build_network_policy, public_blocks
 from diffusion_operator.controller import Reconciler
 from diffusion_runtime.contract.networks import NON_PUBLIC
 from fakekube import FakeKube
@@ -56,7 +56,7 @@ def in_blocks(address: str, peers: list[dict]) -> bool:
 
 
 def test_default_policy_selects_the_serving_pods_and_denies_by_default():
-    policy = build_network_policy(parsed(), OWNER, "monitoring")
+    policy = build_network_policy(parsed(), OWNER, NetworkSettings("monitoring"))
     assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
     assert policy["metadata"]["name"] == "flux-dev" and policy["metadata"]["labels"] == labels("flux-dev")
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -93,13 +93,13 @@ def test_api_from_replaces_the_namespace_default():
 
 
 def test_metrics_port_only_from_the_monitoring_namespace():
-    policy = build_network_policy(parsed(), OWNER, "observability")
+    policy = build_network_policy(parsed(), OWNER, NetworkSettings("observability"))
     metrics = rule_for(policy, METRICS_PORT)
     assert metrics["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}
     ]
     # no monitoring namespace configured: nobody may reach the metrics port
-    unset = build_network_policy(parsed(), OWNER, "")
+    unset = build_network_policy(parsed(), OWNER, NetworkSettings(""))
     assert [r["ports"] for r in unset["spec"]["ingress"]] == [[{"protocol": "TCP", "port": HTTP_PORT}]]
 
 
@@ -115,6 +115,27 @@ def test_egress_dns_public_addresses_and_nothing_private():
         assert not in_blocks(address, public), address
     # the excepted ranges are exactly the runtime's non-public ones (one list: contract.networks)
     assert sorted(e for p in public for e in p["ipBlock"]["except"]) == sorted(net for net, _ in NON_PUBLIC)
+
+
+def test_public_cluster_ranges_are_left_out_of_public_egress():
+    network = NetworkSettings(cluster_cidrs=("34.118.224.0/20", "10.96.0.0/12", "2600:1900:4000::/44"))
+    public = build_network_policy(parsed(), OWNER, network)["spec"]["egress"][1]["to"]
+    assert not in_blocks("34.118.230.5", public) and not in_blocks("2600:1900:4000::5", public)
+    assert in_blocks("34.118.240.1", public)  # just outside the range
+    excepted = [e for p in public for e in p["ipBlock"]["except"]]
+    assert "10.96.0.0/12" not in excepted  # inside 10.0.0.0/8, excepted already
+
+
+def test_runner_takes_cluster_cidrs_from_flags_or_env_and_refuses_bad_ones(monkeypatch, capsys):
+    from diffusion_operator.runner import parse_args
+
+    args = parse_args(["--all-namespaces", "--cluster-cidr", "34.118.224.0/20", "--cluster-cidr", "fd00::/8"])
+    assert args.cluster_cidr == ["34.118.224.0/20", "fd00::/8"]
+    monkeypatch.setenv("DIFFUSION_OPERATOR_CLUSTER_CIDRS", "34.118.224.0/20, 100.64.0.0/10")
+    assert parse_args(["--all-namespaces"]).cluster_cidr == ["34.118.224.0/20", "100.64.0.0/10"]
+    with pytest.raises(SystemExit):
+        parse_args(["--all-namespaces", "--cluster-cidr", "pods.internal"])
+    assert "--cluster-cidr 'pods.internal'" in capsys.readouterr().err
 
 
 def test_webhook_allow_cidrs_and_egress_cidrs_become_ip_blocks_host_names_cannot():
@@ -160,7 +181,7 @@ def test_disabled_network_policy_is_not_built():
 
 def test_operator_deletes_its_network_policy_when_disabled_and_restores_it():
     kube = FakeKube()
-    rec = Reconciler(kube, child_delay=0.05, monitoring_namespace="monitoring")
+    rec = Reconciler(kube, child_delay=0.05, network=NetworkSettings(monitoring_namespace="monitoring"))
     deliver_watch(kube, rec)
     doc = sample("tiny-cpu.yaml")
     doc["metadata"] = {"name": "tiny", "namespace": NS}

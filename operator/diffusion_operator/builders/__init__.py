@@ -14,11 +14,13 @@ from diffusion_operator.builders.deployment import build_deployment
 from diffusion_operator.builders.hpa import build_hpa
 from diffusion_operator.builders.keda import build_scaled_object
 from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
-from diffusion_operator.builders.networkpolicy import build_network_policy
+from diffusion_operator.builders.networkpolicy import DEFAULT_NETWORK, NetworkSettings, build_network_policy
 from diffusion_operator.builders.pdb import build_pdb
 from diffusion_operator.builders.service import build_service, endpoint
 
 __all__ = [
+    "DEFAULT_NETWORK",
+    "NetworkSettings",
     "build_all",
     "build_configmap",
     "build_deployment",
@@ -44,7 +46,7 @@ def build_all(
     owner: dict,
     model_cache_ready: bool = True,
     keda_prometheus_address: str = "",
-    monitoring_namespace: str = "",
+    network: NetworkSettings = DEFAULT_NETWORK,
 ) -> list[dict]:
     """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
     then the Deployment (the slow part: scheduling, image pull, model load), then the rest; with
@@ -52,7 +54,7 @@ def build_all(
     (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
     The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
     reading `keda_prometheus_address`), never both. The NetworkPolicy (unless spec.networkPolicy.enabled is
-    false) admits the metrics port from `monitoring_namespace` only."""
+    false) follows the operator's `network` settings (monitoring namespace, cluster ranges)."""
     configmap = build_configmap(dd, owner)
     children = [
         configmap,
@@ -61,7 +63,7 @@ def build_all(
         build_pdb(dd, owner),
     ]
     if dd.spec.network_policy.enabled:
-        children.append(build_network_policy(dd, owner, monitoring_namespace))
+        children.append(build_network_policy(dd, owner, network))
     if dd.spec.autoscaling is not None and model_cache_ready:
         if dd.spec.autoscaling.engine == "keda":
             children.append(build_scaled_object(dd, owner, keda_prometheus_address))

@@ -4,13 +4,16 @@ Ingress (everything else is refused):
 - the API port (`http`: the API, /health, /ready) from the front door (`common.front_door_selector`)
   and from `spec.networkPolicy.apiFrom` (unset: every pod of the DiffusionDeployment's namespace);
 - the metrics port from the monitoring namespace the operator is configured with
-  (`--monitoring-namespace`, chart value `networkPolicy.monitoringNamespace`); none when unset.
+  (`NetworkSettings.monitoring_namespace`: `--monitoring-namespace`, chart value
+  `networkPolicy.monitoringNamespace`); none when unset.
 
 Egress (everything else is refused):
 - DNS (UDP and TCP 53) to any address: cluster DNS lives at different places (kube-dns pods, a
   node-local cache on a link-local address);
 - with `publicEgress` (default): public addresses, every range of `contract.networks.NON_PUBLIC` left
-  out: the Hugging Face Hub (hf:// models without model.cache download at start) and public webhook
+  out, and the cluster's own pod and Service ranges where they are public ones
+  (`NetworkSettings.cluster_cidrs`: `--cluster-cidr`, chart value `networkPolicy.clusterCIDRs`): the
+  Hugging Face Hub (hf:// models without model.cache download at start) and public webhook
   receivers; never the cluster's private ranges, loopback or the metadata address;
 - the addresses and CIDRs of `spec.server.webhookAllow` (host names cannot be expressed in a
   NetworkPolicy) and `spec.networkPolicy.egressCIDRs`.
@@ -22,6 +25,7 @@ Pure: the typed CR in, the object out.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from diffusion_runtime.contract.networks import NON_PUBLIC
 
@@ -37,6 +41,17 @@ from diffusion_operator.builders.common import (
 DNS_PORT = 53
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
 PUBLIC = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """What the operator is configured with for every NetworkPolicy (runner flags, chart values)."""
+
+    monitoring_namespace: str = ""  # its pods may scrape the metrics port; empty: none may
+    cluster_cidrs: tuple[str, ...] = ()  # the cluster's pod and Service ranges, never public egress
+
+
+DEFAULT_NETWORK = NetworkSettings()
 
 
 def _selector(sel: LabelSelector) -> dict:
@@ -60,11 +75,20 @@ def _peer(peer: NetworkPeer) -> dict:
     return out
 
 
-def public_blocks() -> list[dict]:
-    """ipBlocks of every public address: the whole space of each family, its non-public ranges excepted."""
+def public_blocks(cluster_cidrs: tuple[str, ...] = ()) -> list[dict]:
+    """ipBlocks of every public address: the whole space of each family, its non-public ranges excepted,
+    and the cluster's own ranges (`cluster_cidrs`) that are not inside one of them already."""
     blocks = []
     for version, whole in PUBLIC.items():
         excepted = [net for net, _ in NON_PUBLIC if ipaddress.ip_network(net).version == version]
+        for cidr in cluster_cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            inside = any(
+                net.network_address in other and net.broadcast_address in other
+                for other in map(ipaddress.ip_network, excepted)
+            )
+            if net.version == version and not inside:
+                excepted.append(str(net))
         blocks.append({"ipBlock": {"cidr": whole, "except": excepted}})
     return blocks
 
@@ -91,8 +115,11 @@ def api_peers(dd: DiffusionDeployment) -> list[dict]:
     return peers
 
 
-def build_network_policy(dd: DiffusionDeployment, owner: dict, monitoring_namespace: str = "") -> dict:
+def build_network_policy(
+    dd: DiffusionDeployment, owner: dict, network: NetworkSettings = DEFAULT_NETWORK
+) -> dict:
     spec = dd.spec.network_policy
+    monitoring_namespace = network.monitoring_namespace
     ingress: list[dict] = [
         {"from": api_peers(dd), "ports": [{"protocol": "TCP", "port": HTTP_PORT}]},
     ]
@@ -109,7 +136,7 @@ def build_network_policy(dd: DiffusionDeployment, owner: dict, monitoring_namesp
         {"ports": [{"protocol": "UDP", "port": DNS_PORT}, {"protocol": "TCP", "port": DNS_PORT}]},
     ]
     if spec.public_egress:
-        egress.append({"to": public_blocks()})
+        egress.append({"to": public_blocks(network.cluster_cidrs)})
     extra = list(dict.fromkeys([*webhook_cidrs(dd), *(spec.egress_cidrs or [])]))
     if extra:
         egress.append({"to": [{"ipBlock": {"cidr": c}} for c in extra]})

@@ -47,7 +47,7 @@ class Reconciler:
         keda_prometheus_address: str = "",
         discovery_ttl: float = DISCOVERY_TTL,
         metrics: OperatorMetrics | None = None,
-        monitoring_namespace: str = "",
+        network: builders.NetworkSettings = builders.DEFAULT_NETWORK,
     ) -> None:
         # the registry the runner serves; None: this reconciler's own (tests)
         self.metrics = metrics if metrics is not None else OperatorMetrics()
@@ -69,8 +69,8 @@ class Reconciler:
         self._invalid: set[CrKey] = set()
         self._managed: dict[CrKey, list[ChildKey]] = {}  # the children of each CR's last reconcile
         self.reconciles = 0
-        # the namespace whose pods may scrape the serving pods' metrics port (their NetworkPolicy)
-        self.monitoring_namespace = monitoring_namespace
+        # the NetworkPolicies' settings: the monitoring namespace, the cluster's own ranges
+        self.network = network
 
     @property
     def client(self) -> KubeClient:
@@ -324,7 +324,7 @@ class Reconciler:
             cr,
             model_cache_ready=model_cache.is_ready(cache),
             keda_prometheus_address=self.autoscalers.keda_prometheus_address,
-            monitoring_namespace=self.monitoring_namespace,
+            network=self.network,
         )
         return [with_spec_hash(obj) for obj in children]
 
