@@ -23,6 +23,7 @@ from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
 MONITORING = "diffusion-monitoring"
+PUBLIC_POD_RANGE = "34.118.224.0/20"  # a cluster whose pod range is a public one
 
 
 def selector_arg(sel: dict) -> str:
@@ -63,7 +64,10 @@ def apply(cluster, namespace: str, doc: dict, check: bool = True):
 def restricted_operator(cluster, crd, namespace, tmp_path):
     kubeconfig = restricted_kubeconfig(cluster, namespace, tmp_path)
     proc = OperatorProcess(
-        kubeconfig, [namespace], tmp_path / "operator.log", args=["--monitoring-namespace", MONITORING]
+        kubeconfig,
+        [namespace],
+        tmp_path / "operator.log",
+        args=["--monitoring-namespace", MONITORING, "--cluster-cidr", PUBLIC_POD_RANGE],
     ).start()
     yield proc
     proc.assert_alive()
@@ -98,7 +102,7 @@ def test_network_policy_validates_selects_the_pods_and_goes_when_disabled(
     # stored as rendered: IPv4 and IPv6 blocks with their excepts, the webhook address, the extra CIDRs
     egress_blocks = [p["ipBlock"]["cidr"] for r in spec["egress"] for p in r.get("to", [])]
     assert egress_blocks == ["0.0.0.0/0", "::/0", "10.1.2.3/32", "192.0.2.0/24", "fd00:10::/64"]
-    assert "169.254.0.0/16" in spec["egress"][1]["to"][0]["ipBlock"]["except"]
+    assert {"169.254.0.0/16", PUBLIC_POD_RANGE} <= set(spec["egress"][1]["to"][0]["ipBlock"]["except"])
     metrics = [r for r in spec["ingress"] if r["ports"][0]["port"] == 9090]
     assert metrics[0]["from"] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING}}}
