@@ -59,6 +59,18 @@ def test_job_store_bounds_count_age_and_bytes():
     assert "server.job_ttl_seconds" in store.unknown_reason(old.id)
 
 
+def test_the_newest_finished_job_stays_even_beyond_the_byte_budget():
+    store = JobStore(max_finished=3, ttl_seconds=60, max_bytes=100)
+    small, huge = _job(10), _job(500)
+    store.add(small)
+    store.add(huge)
+    assert store.get(huge.id) is huge  # alone over the budget, but the newest: readable
+    assert store.get(small.id) is None and "server.store_max_bytes" in store.unknown_reason(small.id)
+    newer = _job(10)
+    store.add(newer)
+    assert store.get(huge.id) is None and store.get(newer.id) is newer
+
+
 def test_unfinished_jobs_are_never_pruned():
     store = JobStore(max_finished=1, ttl_seconds=0.001, max_bytes=1)
     job = _job()

@@ -130,7 +130,9 @@ class JobStore:
         for j in keep[: max(0, len(keep) - self.max_finished)]:
             why[j.id] = f"{self.max_finished} more recent jobs finished after it (server.max_jobs)"
         held = sum(j.nbytes for j in keep if j.id not in why)
-        for j in keep:  # oldest first, until the results fit the byte budget
+        # oldest first, until the results fit the byte budget; the newest finished job stays whatever its
+        # size (as the newest url result does), so its client can read what it waited for
+        for j in keep[:-1]:
             if held <= self.max_bytes:
                 break
             if j.id not in why:
