@@ -408,7 +408,7 @@ def test_operator_metrics_health_and_json_logs(cluster, namespace, operator):
     samples = operator.samples()
     assert samples[("diffusion_operator_reconcile_duration_seconds_count", ())] >= 1
     assert samples[("diffusion_operator_managed_objects", (("kind", "DiffusionDeployment"),))] == 1
-    assert samples[("diffusion_operator_managed_objects", (("kind", "children"),))] == 4
+    assert samples[("diffusion_operator_managed_objects", (("kind", "children"),))] == len(CHILDREN)
     assert samples[("diffusion_operator_reconciles_total", (("result", "ok"),))] >= 1
     json_lines = [json.loads(line) for line in operator.log().splitlines() if line.startswith("{")]
     assert json_lines and all("message" in line for line in json_lines)
