@@ -157,6 +157,14 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
                 "spec.template.env", "DIFFUSION_WEBHOOK_SECRET comes only from spec.server.webhookSecretRef"
             )
         )
+    if s.server.auth is not None:
+        seen: set[str] = set()
+        for i, api_key in enumerate(s.server.auth.keys):
+            if api_key.name in seen:
+                errors.append(
+                    FieldError(f"spec.server.auth.keys[{i}].name", f"duplicate key name {api_key.name!r}")
+                )
+            seen.add(api_key.name)
     if s.model.cache is not None and not s.model.uri.startswith("hf://"):
         errors.append(
             FieldError(

@@ -79,8 +79,9 @@ class RuntimeMetrics:
         )  # fmt: skip
         self.requests = Counter(
             "diffusion_requests",
-            "Image requests answered, by endpoint (generations|edits) and HTTP status.",
-            ["endpoint", "status"],
+            "Image requests answered, by endpoint (generations|edits), HTTP status and API key name "
+            "(server.auth_keys_dir; empty when auth is off or the caller had no valid key).",
+            ["endpoint", "status", "key"],
             registry=r,
         )
         self.images = Counter("diffusion_images_generated", "Images generated and returned.", registry=r)

@@ -207,7 +207,10 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
         dtype=config.model.dtype, **layout.labels(),
     )  # fmt: skip
     state = RuntimeState(config=config, metrics=metrics)
-    app = create_app(state)
+    try:
+        app = create_app(state)  # reads server.auth_keys_dir's keys
+    except ConfigError as e:
+        return exit_line(str(e), 2)
     s = config.server
     server = make_server(app, state, s.host, s.port)
     metrics_server = None

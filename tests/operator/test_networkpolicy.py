@@ -129,12 +129,14 @@ def test_public_cluster_ranges_are_left_out_of_public_egress():
 def test_runner_takes_cluster_cidrs_from_flags_or_env_and_refuses_bad_ones(monkeypatch, capsys):
     from diffusion_operator.runner import parse_args
 
-    args = parse_args(["--all-namespaces", "--cluster-cidr", "34.118.224.0/20", "--cluster-cidr", "fd00::/8"])
+    args = parse_args(
+        ["--namespace", "ns", "--cluster-cidr", "34.118.224.0/20", "--cluster-cidr", "fd00::/8"]
+    )
     assert args.cluster_cidr == ["34.118.224.0/20", "fd00::/8"]
     monkeypatch.setenv("DIFFUSION_OPERATOR_CLUSTER_CIDRS", "34.118.224.0/20, 100.64.0.0/10")
-    assert parse_args(["--all-namespaces"]).cluster_cidr == ["34.118.224.0/20", "100.64.0.0/10"]
+    assert parse_args(["--namespace", "ns"]).cluster_cidr == ["34.118.224.0/20", "100.64.0.0/10"]
     with pytest.raises(SystemExit):
-        parse_args(["--all-namespaces", "--cluster-cidr", "pods.internal"])
+        parse_args(["--namespace", "ns", "--cluster-cidr", "pods.internal"])
     assert "--cluster-cidr 'pods.internal'" in capsys.readouterr().err
 
 

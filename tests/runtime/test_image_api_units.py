@@ -92,6 +92,24 @@ def test_result_store_bounds_items_and_bytes():
     assert "server.store_max_bytes" in store.unknown_reason(ids[2])
 
 
+def test_an_eviction_is_told_only_to_the_owner_key():
+    jobs = JobStore(max_finished=1, ttl_seconds=60, max_bytes=1000)
+    mine = _job()
+    mine.owner = "key-a"
+    jobs.add(mine)
+    jobs.add(_job())  # finished later: `mine` is beyond max_jobs
+    assert jobs.get(mine.id, "key-a") is None
+    assert "evicted" in jobs.unknown_reason(mine.id, "key-a")
+    for other in ("key-b", None):  # another key learns nothing: the 404 of a job never submitted
+        assert "evicted" not in jobs.unknown_reason(mine.id, other)
+        assert "not known to this pod" in jobs.unknown_reason(mine.id, other)
+    results = ResultStore(max_items=1, ttl_seconds=60, max_bytes=100)
+    rid = results.put(b"x", "png", owner="key-a")
+    results.put(b"y", "png", owner="key-b")
+    assert "server.max_jobs * server.max_n" in results.unknown_reason(rid, "key-a")
+    assert "evicted" not in results.unknown_reason(rid, "key-b")
+
+
 def test_evicted_reasons_are_bounded():
     evicted = Evicted(limit=2)
     for key in "abc":

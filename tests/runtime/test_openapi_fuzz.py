@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fixtures_runtime import free_port, start_runtime
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
 HERE = Path(__file__).parent
@@ -33,9 +34,18 @@ FUZZ_LIMITS = {
 MAX_EXAMPLES = 15  # per operation and phase; ~600 requests in about a minute on two shared cores
 
 
-def test_schemathesis_finds_nothing(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("auth", [False, True], ids=["no-keys", "api-keys"])
+def test_schemathesis_finds_nothing(tiny_model_dir, tmp_path, auth):
+    """With API keys (docs/security.md) the fuzzer sends one, and its `ignored_auth` check also sends
+    each operation without it, expecting the 401 the document declares."""
+    server, headers = dict(FUZZ_LIMITS), []
+    if auth:
+        (tmp_path / "keys").mkdir()
+        (tmp_path / "keys" / "fuzz").write_text("sk-fuzz-key")
+        server["auth_keys_dir"] = str(tmp_path / "keys")
+        headers = ["--header", "Authorization: Bearer sk-fuzz-key"]
     rp = start_runtime(
-        tiny_model_dir, tmp_path / "fuzz", server=FUZZ_LIMITS, warmup={"resolutions": ["32x32"], "steps": 2}
+        tiny_model_dir, tmp_path / "fuzz", server=server, warmup={"resolutions": ["32x32"], "steps": 2}
     )
     try:
         env = dict(
@@ -49,7 +59,7 @@ def test_schemathesis_finds_nothing(tiny_model_dir, tmp_path):
         cmd = [
             str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(HERE / "schemathesis.toml"),
             "run", rp.url + "/openapi.json", "--max-examples", str(MAX_EXAMPLES), "--workers", "1",
-            "--suppress-health-check", "all", "--seed", "1",
+            "--suppress-health-check", "all", "--seed", "1", *headers,
         ]  # fmt: skip
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         out = res.stdout + res.stderr
@@ -58,6 +68,14 @@ def test_schemathesis_finds_nothing(tiny_model_dir, tmp_path):
         m = re.search(r"(\d+) generated, (\d+) passed", out)
         assert m and int(m.group(1)) == int(m.group(2)) > 200, out[-3000:]
         assert httpx.get(rp.url + "/ready", timeout=10).status_code == 200
+        if auth:  # the fuzzer's requests carried the key, and its ignored_auth probes were refused
+            counted = {
+                (s.labels["key"], s.labels["status"]): s.value
+                for f in text_string_to_metric_families(httpx.get(rp.url + "/metrics", timeout=10).text)
+                for s in f.samples
+                if s.name == "diffusion_requests_total"
+            }
+            assert counted.get(("fuzz", "200"), 0) > 0 and counted.get(("", "401"), 0) > 0, counted
     finally:
         rp.stop()
     assert "Traceback" not in rp.log(), rp.log_tail(60)

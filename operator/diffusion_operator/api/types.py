@@ -12,7 +12,14 @@ from typing import Annotated, Any, Literal, get_args
 
 import annotated_types
 from diffusion_runtime.contract import cache_dit_facts as facts
-from diffusion_runtime.contract.config import Device, Dtype, QualityGateConfig, RuntimeConfig, setting_field
+from diffusion_runtime.contract.config import (
+    API_KEY_NAME_PATTERN,
+    Device,
+    Dtype,
+    QualityGateConfig,
+    RuntimeConfig,
+    setting_field,
+)
 from diffusion_runtime.contract.limits import (
     QUALITY_GATE_MAX_CANARIES,
     SIZE_PATTERN,
@@ -247,6 +254,48 @@ class WarmupSpec(_Types):
     )
 
 
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # DNS subdomain
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # a key in a Secret's data
+MAX_API_KEYS = 32
+
+
+class SecretKeyRef(_Types):
+    """One key of a Secret in the CR's namespace."""
+
+    name: str = Field(
+        description="Secret name (same namespace).", pattern=SECRET_NAME_PATTERN, max_length=253
+    )
+    key: str = Field(description="Key in the Secret.", pattern=SECRET_KEY_PATTERN, max_length=253)
+
+
+class ApiKey(_Types):
+    """A named API key. The name (never the key) is what metrics and logs show and what owns jobs."""
+
+    name: str = Field(
+        description="The key's name: a label on diffusion_requests_total, a log field, the owner of the "
+        "jobs it creates (letters, digits, '-', '_', '.'; at most 63).",
+        pattern=API_KEY_NAME_PATTERN,
+        max_length=63,
+    )
+    secret_ref: SecretKeyRef = Field(
+        alias="secretRef",
+        description="Where the key is: mounted into the pods as a file (a projected volume), never read by "
+        "the operator; editing the Secret rotates the key without a restart.",
+    )
+
+
+class AuthSpec(_Types):
+    """API keys: every /v1 request needs `Authorization: Bearer <key>` of one of them (401 otherwise);
+    /health, /ready and /metrics stay open (docs/security.md)."""
+
+    keys: list[ApiKey] = Field(
+        description="The accepted keys, names unique.",
+        min_length=1,
+        max_length=MAX_API_KEYS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
 class ServerSpec(_Types):
     """Runtime server limits."""
 
@@ -267,6 +316,11 @@ class ServerSpec(_Types):
         alias="webhookSecretRef",
         description="Secret with the webhook signing secret (Standard Webhooks, whsec_<base64>); reaches "
         "the pod only as DIFFUSION_WEBHOOK_SECRET via secretKeyRef. Unset: deliveries are unsigned.",
+    )
+    auth: AuthSpec | None = Field(
+        None,
+        json_schema_extra=renders("server.auth_keys_dir"),
+        description="API keys from Secrets, by reference. Unset: the API needs no key.",
     )
 
 

@@ -25,6 +25,8 @@ CACHE_DIT_FILE = "cache-dit.yaml"  # beside runtime.yaml; the runtime resolves i
 
 
 COMPILE_CACHE_MOUNT = "/var/cache/diffusion-compile"  # spec.compileCache's claim, read-write
+# spec.server.auth's keys, one file per key name (a projected volume of the Secrets): server.auth_keys_dir
+API_KEYS_MOUNT = "/etc/diffusion-keys"
 
 
 def model_uri_in_pod(dd: DiffusionDeployment) -> str:
@@ -80,6 +82,8 @@ def runtime_config(dd: DiffusionDeployment) -> RuntimeConfig:
         raw["cache_dit_config"] = CACHE_DIT_FILE
     if cr.compile_cache is not None:
         raw["compile_cache_dir"] = COMPILE_CACHE_MOUNT
+    if cr.server.auth is not None:
+        _put(raw, "server.auth_keys_dir", API_KEYS_MOUNT)
     return config_from_dict(raw)
 
 

@@ -27,7 +27,13 @@ from diffusion_operator.builders.common import (
     pod_security_context,
     selector,
 )
-from diffusion_operator.builders.configmap import COMPILE_CACHE_MOUNT, CONFIG_DIR, MODELS_DIR, configmap_name
+from diffusion_operator.builders.configmap import (
+    API_KEYS_MOUNT,
+    COMPILE_CACHE_MOUNT,
+    CONFIG_DIR,
+    MODELS_DIR,
+    configmap_name,
+)
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
 from diffusion_operator.hashing import config_hash
 
@@ -130,6 +136,23 @@ def shm_size(dd: DiffusionDeployment) -> str:
     return f"{8 * dd.spec.gpu.count}Gi" if device_type(dd.spec) == "cuda" else "1Gi"
 
 
+API_KEYS_MODE = 0o440  # owner and the pod's fsGroup read the key files; nobody else
+
+
+def api_keys_volume(dd: DiffusionDeployment) -> dict | None:
+    """spec.server.auth's keys as files named after the keys, one projected source per Secret. Not
+    environment variables: the kubelet refreshes a projected Secret volume when the Secret changes,
+    so editing a Secret rotates its key in running pods (the runtime re-reads changed files)."""
+    auth = dd.spec.server.auth
+    if auth is None:
+        return None
+    items: dict[str, list[dict]] = {}
+    for key in auth.keys:
+        items.setdefault(key.secret_ref.name, []).append({"key": key.secret_ref.key, "path": key.name})
+    sources = [{"secret": {"name": name, "items": paths}} for name, paths in items.items()]
+    return {"name": "api-keys", "projected": {"sources": sources, "defaultMode": API_KEYS_MODE}}
+
+
 def build_volumes(dd: DiffusionDeployment) -> tuple[list[dict], list[dict]]:
     shm = shm_size(dd)
     volumes: list[dict] = [
@@ -157,6 +180,10 @@ def build_volumes(dd: DiffusionDeployment) -> tuple[list[dict], list[dict]]:
             }
         )
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
+    keys = api_keys_volume(dd)
+    if keys is not None:
+        volumes.append(keys)
+        mounts.append({"name": keys["name"], "mountPath": API_KEYS_MOUNT, "readOnly": True})
     if dd.spec.compile_cache is not None:
         claim = dd.spec.compile_cache.claim_name
         volumes.append({"name": "compile-cache", "persistentVolumeClaim": {"claimName": claim}})

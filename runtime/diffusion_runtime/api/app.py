@@ -7,6 +7,8 @@
   running, the pipeline stops at the next step (the step callback raises).
 - Bodies are bounded before they are read (`_Guard`): 413 past the limit, 415 for a wrong media type.
 - SIGTERM: /ready turns 503, admissions stop, queued and running requests finish, then exit 0.
+- With `server.auth_keys_dir`, every /v1 route needs an API key (`api/auth.py`); /health, /ready and
+  /metrics never do.
 
 Models: `api/protocol.py`; state and phase: `api/state.py`; errors: `api/errors.py`; the serving
 object: `api/serving.py`; routes: `api/routers.py`; jobs: `api/jobs.py`; queue and worker:
@@ -28,8 +30,14 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from diffusion_runtime.api import auth
 from diffusion_runtime.api.errors import error_response, validation_message
-from diffusion_runtime.api.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, build_protocol
+from diffusion_runtime.api.protocol import (
+    ERROR_DESCRIPTIONS,
+    JSON_BODY_MAX_BYTES,
+    SIZE_FORMAT,
+    build_protocol,
+)
 from diffusion_runtime.api.routers import images_router, models_router, ops_router
 from diffusion_runtime.api.serving import EDITS_PATH, ENDPOINTS, ImageServing
 from diffusion_runtime.api.state import Phase, RuntimeState
@@ -65,12 +73,13 @@ def create_app(state: RuntimeState) -> FastAPI:
         ),
     )
     app.state.serving = api
+    keys = auth.install(app, state.config.server)  # ConfigError: unreadable folder, no key
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         endpoint = ENDPOINTS.get(request.url.path)
         if endpoint:
-            api.finish(endpoint, 400, request.scope.get("t0", time.perf_counter()))
+            api.finish(endpoint, 400, request.scope.get("t0", time.perf_counter()), auth.key_name(request))
         message, param = validation_message(list(exc.errors()))
         return error_response(400, message, param=param)
 
@@ -78,8 +87,9 @@ def create_app(state: RuntimeState) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         endpoint = ENDPOINTS.get(request.url.path)
         if endpoint:
-            api.finish(endpoint, exc.status_code, request.scope.get("t0", time.perf_counter()))
-        resp = error_response(exc.status_code, str(exc.detail), param=None)
+            t0 = request.scope.get("t0", time.perf_counter())
+            api.finish(endpoint, exc.status_code, t0, auth.key_name(request))
+        resp = error_response(exc.status_code, str(exc.detail), param=None, code=getattr(exc, "code", None))
         resp.headers.update(exc.headers or {})
         if exc.status_code == 405:  # Allow: every method any route serves at this path
             methods = set()
@@ -106,11 +116,28 @@ def create_app(state: RuntimeState) -> FastAPI:
                     op.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            if keys is not None:  # declared only where it is enforced
+                _declare_auth(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _declare_auth(schema: dict[str, Any]) -> None:
+    """The bearer scheme on every /v1 operation, with its 401 answer."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(auth.security_scheme())
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}  # every route declares an error answer
+    for path, item in schema.get("paths", {}).items():
+        if not path.startswith("/v1/"):
+            continue
+        for op in item.values():
+            op["security"] = [{auth.SCHEME: []}]
+            op.setdefault("responses", {})["401"] = {
+                "description": ERROR_DESCRIPTIONS[401],
+                "content": {"application/json": {"schema": ref}},
+            }
 
 
 class _Guard:

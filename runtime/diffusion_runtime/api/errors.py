@@ -36,22 +36,28 @@ class Rejected(Exception):
         return error_response(self.status, self.message, self.retry_after, self.param)
 
 
-def error_detail(status: int, message: str, param: str | None = None) -> ErrorDetail:
+def error_detail(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorDetail:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     if status == 429:
         kind = "rate_limit_error"
-    return ErrorDetail(message=message, type=kind, param=param, code=None)
+    return ErrorDetail(message=message, type=kind, param=param, code=code)
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=error_detail(status, message, param)).model_dump()
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return ErrorResponse(error=error_detail(status, message, param, code)).model_dump()
 
 
 def error_response(
-    status: int, message: str, retry_after: int | None = None, param: str | None = None
+    status: int,
+    message: str,
+    retry_after: int | None = None,
+    param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def validation_message(errors: list[Any]) -> tuple[str, str | None]:

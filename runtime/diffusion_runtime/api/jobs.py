@@ -5,6 +5,10 @@ finished jobs and results are kept for at most `server.job_ttl_seconds`, at most
 of them (results: `max_jobs * max_n` images) and at most `server.store_max_bytes` of image data each,
 oldest first out. A job or result the pod no longer knows answers 404 with the reason: the rule that
 evicted it (the last `EVICTED_REMEMBERED` evictions of each store are remembered), else the rules.
+
+Each job and result belongs to the API key name that created it (`owner`, `api.auth`; None when auth
+is off): asked with another key, it is unknown, the same 404 as one never submitted (an eviction's
+reason is told only to its owner).
 """
 
 from __future__ import annotations
@@ -26,19 +30,21 @@ EVICTED_REMEMBERED = 4096  # evicted ids (and why) each store remembers for its 
 
 
 class Evicted:
-    """The reasons of the most recent evictions of one store, bounded."""
+    """The reasons of the most recent evictions of one store, with their owners, bounded."""
 
     def __init__(self, limit: int = EVICTED_REMEMBERED) -> None:
         self.limit = limit
-        self._why: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._why: collections.OrderedDict[str, tuple[str | None, str]] = collections.OrderedDict()
 
-    def add(self, key: str, why: str) -> None:
-        self._why[key] = why
+    def add(self, key: str, why: str, owner: str | None = None) -> None:
+        self._why[key] = (owner, why)
         while len(self._why) > self.limit:
             self._why.popitem(last=False)
 
-    def get(self, key: str) -> str | None:
-        return self._why.get(key)
+    def get(self, key: str, owner: str | None = None) -> str | None:
+        """Why `key` was evicted, if `owner` (the caller's key name) created it."""
+        item = self._why.get(key)
+        return item[1] if item is not None and item[0] == owner else None
 
 
 def _result_bytes(result: ImagesResponse | None) -> int:
@@ -52,6 +58,7 @@ class Job:
     endpoint: Literal["generations", "edits"]
     work: Work
     webhook: str | None = None
+    owner: str | None = None  # the creating request's key name (api.auth); None: auth off
     id: str = field(default_factory=lambda: "imgjob_" + uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -114,9 +121,11 @@ class JobStore:
         self.prune()
         self._jobs[job.id] = job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, if `owner` (the caller's key name) created it."""
         self.prune()
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
 
     def prune(self) -> None:
         now = time.time()
@@ -142,11 +151,10 @@ class JobStore:
                 )
                 held -= j.nbytes
         for job_id, reason in why.items():
-            del self._jobs[job_id]
-            self.evicted.add(job_id, reason)
+            self.evicted.add(job_id, reason, self._jobs.pop(job_id).owner)
 
-    def unknown_reason(self, job_id: str) -> str:
-        why = self.evicted.get(job_id)
+    def unknown_reason(self, job_id: str, owner: str | None = None) -> str:
+        why = self.evicted.get(job_id, owner)
         if why is not None:
             return f"job {job_id!r} was evicted from this pod: {why}"
         return (
@@ -164,13 +172,16 @@ class ResultStore:
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: collections.OrderedDict[str, tuple[bytes, str, float]] = collections.OrderedDict()
+        # id -> (image, format, stored at, owner key name)
+        self._items: collections.OrderedDict[str, tuple[bytes, str, float, str | None]] = (
+            collections.OrderedDict()
+        )
         self.evicted = Evicted()
 
-    def put(self, data: bytes, fmt: str) -> str:
+    def put(self, data: bytes, fmt: str, owner: str | None = None) -> str:
         self.prune()
         rid = f"img_{uuid.uuid4().hex}.{fmt}"
-        self._items[rid] = (data, fmt, time.time())
+        self._items[rid] = (data, fmt, time.time(), owner)
         self.nbytes += len(data)
         while len(self._items) > 1 and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
             if len(self._items) > self.max_items:
@@ -181,25 +192,26 @@ class ResultStore:
         return rid
 
     def _drop_oldest(self, why: str) -> None:
-        rid, (data, _, _) = self._items.popitem(last=False)
+        rid, (data, _, _, owner) = self._items.popitem(last=False)
         self.nbytes -= len(data)
-        self.evicted.add(rid, why)
+        self.evicted.add(rid, why, owner)
 
-    def get(self, rid: str) -> tuple[bytes, str] | None:
+    def get(self, rid: str, owner: str | None = None) -> tuple[bytes, str] | None:
+        """The image, if `owner` (the caller's key name) created it."""
         self.prune()
         item = self._items.get(rid)
-        return (item[0], item[1]) if item else None
+        return (item[0], item[1]) if item and item[3] == owner else None
 
     def prune(self) -> None:
         now = time.time()
         while self._items:
-            _, (_, _, t) = next(iter(self._items.items()))
+            _, (_, _, t, _) = next(iter(self._items.items()))
             if now - t <= self.ttl:
                 break
             self._drop_oldest(f"it was stored more than {self.ttl:g}s ago (server.job_ttl_seconds)")
 
-    def unknown_reason(self, rid: str) -> str:
-        why = self.evicted.get(rid)
+    def unknown_reason(self, rid: str, owner: str | None = None) -> str:
+        why = self.evicted.get(rid, owner)
         if why is not None:
             return f"result {rid!r} was evicted from this pod: {why}"
         return (

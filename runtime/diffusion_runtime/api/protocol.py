@@ -66,6 +66,7 @@ class ErrorResponse(BaseModel):
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "Invalid request: a field is missing, malformed or out of the server's limits (message names it)",
+    401: "No API key, or not a valid one (server.auth_keys_dir; code invalid_api_key)",
     404: "Not found: an unknown job, result or model id (message says why)",
     413: "Request body too large (server.max_upload_bytes for uploads, 1 MiB for JSON)",
     415: "Unsupported media type: JSON for generations, multipart/form-data for edits",

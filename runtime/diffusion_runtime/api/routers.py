@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from diffusion_runtime.api.auth import key_name, require_key
 from diffusion_runtime.api.errors import Rejected, error_response
 from diffusion_runtime.api.protocol import (
     HealthStatus,
@@ -55,8 +56,12 @@ PreferHeader = Annotated[
 ]
 
 
+# every /v1 route: an API key when server.auth_keys_dir is set (api.auth); sets request.state.key_name
+AUTHENTICATED = [Depends(require_key)]
+
+
 def images_router(protocol: Protocol) -> APIRouter:
-    router = APIRouter(tags=["images"])
+    router = APIRouter(tags=["images"], dependencies=AUTHENTICATED)
     GenerationRequest: Any = protocol.generation
     answers: dict[int | str, dict[str, Any]] = {
         200: {"description": "the images"},
@@ -78,7 +83,7 @@ def images_router(protocol: Protocol) -> APIRouter:
             return await api.generate(req, request, prefer)
         except (Rejected, EngineError) as e:
             r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("generations", r.status, t0)
+            api.finish("generations", r.status, t0, key_name(request))
             return r.response()
 
     @router.post(
@@ -95,7 +100,7 @@ def images_router(protocol: Protocol) -> APIRouter:
             return await api.edit(request, prefer)
         except (Rejected, EngineError) as e:
             r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("edits", r.status, t0)
+            api.finish("edits", r.status, t0, key_name(request))
             return r.response()
 
     @router.get(
@@ -105,10 +110,10 @@ def images_router(protocol: Protocol) -> APIRouter:
         responses=error_responses(404),
         summary="An async job: status, queue position, step progress and, when done, the result",
     )
-    async def get_job(job_id: str, api: Serving) -> Any:
-        job = api.jobs.get(job_id)
+    async def get_job(job_id: str, request: Request, api: Serving) -> Any:
+        job = api.jobs.get(job_id, key_name(request))
         if job is None:
-            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
+            return error_response(404, api.jobs.unknown_reason(job_id, key_name(request)), param="job_id")
         return job.view(api.sched)
 
     @router.delete(
@@ -118,10 +123,10 @@ def images_router(protocol: Protocol) -> APIRouter:
         responses=error_responses(404),
         summary="Cancel an async job: a queued job leaves the queue, a running one stops at its next step",
     )
-    async def cancel_job(job_id: str, api: Serving) -> Any:
-        job = api.jobs.get(job_id)
+    async def cancel_job(job_id: str, request: Request, api: Serving) -> Any:
+        job = api.jobs.get(job_id, key_name(request))
         if job is None:
-            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
+            return error_response(404, api.jobs.unknown_reason(job_id, key_name(request)), param="job_id")
         if not job.final:
             job.cancel_requested = True
             api.sched.withdraw(job.work)
@@ -141,10 +146,12 @@ def images_router(protocol: Protocol) -> APIRouter:
         },
         summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
     )
-    async def get_result(result_id: str, api: Serving) -> Response:
-        item = api.results.get(result_id)
+    async def get_result(result_id: str, request: Request, api: Serving) -> Response:
+        item = api.results.get(result_id, key_name(request))
         if item is None:
-            return error_response(404, api.results.unknown_reason(result_id), param="result_id")
+            return error_response(
+                404, api.results.unknown_reason(result_id, key_name(request)), param="result_id"
+            )
         data, fmt = item
         return Response(content=data, media_type=MEDIA_TYPES[fmt])
 
@@ -159,7 +166,7 @@ def model_id(uri: str) -> str:
 
 
 def models_router(started: float) -> APIRouter:
-    router = APIRouter(tags=["models"])
+    router = APIRouter(tags=["models"], dependencies=AUTHENTICATED)
 
     def card(state: RuntimeState) -> ModelCard:
         return ModelCard(

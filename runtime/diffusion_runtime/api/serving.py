@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from diffusion_runtime.api.auth import key_name
 from diffusion_runtime.api.errors import Rejected, error_detail, validation_message
 from diffusion_runtime.api.jobs import Job, JobStore, ResultStore
 from diffusion_runtime.api.protocol import (
@@ -117,10 +118,11 @@ class ImageServing:
         assert self.scheduler is not None, "lifespan not started"
         return self.scheduler
 
-    def finish(self, endpoint: str, status: int, t0: float) -> None:
+    def finish(self, endpoint: str, status: int, t0: float, key: str | None = None) -> None:
+        """Count an answered image request; `key`: the caller's key name (api.auth), never the key."""
         m = self.state.metrics
         m.request_duration.labels(endpoint=endpoint, status=str(status)).observe(time.perf_counter() - t0)
-        m.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        m.requests.labels(endpoint=endpoint, status=str(status), key=key or "").inc()
 
     # ------------------------------------------------------------ checks beyond the schema
 
@@ -229,7 +231,9 @@ class ImageServing:
             raise Rejected(504, f"request timed out after {timeout:g}s (request_timeout_seconds)")
         exc = work.future.exception()
         if exc is not None:
-            log.error("%s failed: %s: %s", work.endpoint, type(exc).__name__, exc)
+            log.error(
+                "%s failed (key=%s): %s: %s", work.endpoint, key_name(request) or "-", type(exc).__name__, exc
+            )
             raise Rejected(500, f"generation failed ({type(exc).__name__}: {exc})")
         result: EncodedResult = work.future.result()
         return result
@@ -251,13 +255,15 @@ class ImageServing:
         req: ImageRequestFields,
         base_url: str,
         t0: float,
+        owner: str | None = None,
     ) -> ImagesResponse:
+        """`owner`: the key name whose requests may fetch url results (None: auth off)."""
         self.record(result)
         fmt = req.output_format
         if req.response_format == "url":
             base = base_url.rstrip("/")
             data = [
-                ImageData(b64_json=None, url=f"{base}{RESULTS_PATH}/{self.results.put(b, fmt)}")
+                ImageData(b64_json=None, url=f"{base}{RESULTS_PATH}/{self.results.put(b, fmt, owner)}")
                 for b in result.images
             ]
         else:
@@ -284,22 +290,23 @@ class ImageServing:
         """Queue the work; answer 202 + job (Prefer: respond-async) or wait and answer the images."""
         t0 = request.scope.get("t0", time.perf_counter())
         base_url = str(request.base_url)
+        owner = key_name(request)
         if req.webhook:
             await self.check_webhook(req.webhook)
         if prefers_async(prefer):
-            job = Job(endpoint=endpoint, work=work, webhook=req.webhook)
+            job = Job(endpoint=endpoint, work=work, webhook=req.webhook, owner=owner)
             self.sched.submit(work)
             self.jobs.add(job)
             job.task = asyncio.create_task(self._follow(job, params, req, base_url, t0))
-            self.finish(endpoint, 202, t0)
+            self.finish(endpoint, 202, t0, owner)
             return JSONResponse(
                 _json(job.view(self.sched)), status_code=202,
                 headers={"Location": f"{JOBS_PATH}/{job.id}", "Preference-Applied": "respond-async"},
             )  # fmt: skip
         self.sched.submit(work)
         result = await self.wait(work, request)
-        body = self.images_response(work, result, params, req, base_url, t0)
-        self.finish(endpoint, 200, t0)
+        body = self.images_response(work, result, params, req, base_url, t0, owner)
+        self.finish(endpoint, 200, t0, owner)
         if req.webhook:
             event = ImageResultEvent(endpoint=endpoint, result=body)
             task = asyncio.create_task(
@@ -335,10 +342,12 @@ class ImageServing:
         except Cancelled:
             job.finish("cancelled", error=error_detail(400, "cancelled by DELETE before it finished"))
         except Exception as e:  # noqa: BLE001 - recorded in the job
-            log.error("job %s failed: %s: %s", job.id, type(e).__name__, e)
+            log.error("job %s failed (key=%s): %s: %s", job.id, job.owner or "-", type(e).__name__, e)
             job.finish("failed", error=error_detail(500, f"generation failed ({type(e).__name__}: {e})"))
         else:
-            job.finish("succeeded", result=self.images_response(work, result, params, req, base_url, t0))
+            job.finish(
+                "succeeded", result=self.images_response(work, result, params, req, base_url, t0, job.owner)
+            )
         self.state.metrics.jobs.labels(endpoint=job.endpoint, status=job.final).inc()
         if job.webhook:
             await self.webhooks.deliver(job.webhook, _json(job.view(self.sched)), self._webhook_outcome)

@@ -166,6 +166,17 @@ class WarmupConfig(_Section):
     prompt: NonBlank = Field(default="a photo of a cat", description="Warmup prompt.")
 
 
+def _absolute(path: str | None) -> str | None:
+    if path is not None and not path.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {path!r}")
+    return path
+
+
+# An API key's name (a file name in server.auth_keys_dir, a metrics label, a log field; never the key):
+# the operator's CR refuses other names, the runtime ignores other files (the kubelet's `..data`)
+API_KEY_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
+
+
 HOST_NAME = re.compile(
     r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
 )
@@ -228,6 +239,12 @@ class ServerConfig(_Section):
     )
     webhook_timeout_seconds: float = Field(
         default=10.0, description="Timeout of one webhook attempt.", gt=0, le=120
+    )
+    auth_keys_dir: Annotated[str | None, AfterValidator(_absolute)] = Field(
+        default=None,
+        description="Folder of API key files (file name: the key's name, content: the key). Set, every /v1 "
+        "request needs `Authorization: Bearer <key>` (401 otherwise) and sees only its own key's jobs; "
+        "files are re-read when they change. Unset: no authentication (docs/security.md).",
     )
 
     @model_validator(mode="after")
@@ -355,12 +372,6 @@ class QueueConfig(_Section):
 
 
 QUEUE_GROUP = "workers"  # the stream's consumer group: every runtime pod of the deployment
-
-
-def _absolute(path: str | None) -> str | None:
-    if path is not None and not path.startswith("/"):
-        raise ValueError(f"expected an absolute path, got {path!r}")
-    return path
 
 
 class RuntimeConfig(_Section):
@@ -772,6 +783,7 @@ OVERRIDES: dict[str, str] = {
     "compile_cache_dir": "compile_cache_dir",
     "warmup_steps": "warmup.steps",
     "warmup_size": "warmup.resolutions",  # repeatable
+    "auth_keys_dir": "server.auth_keys_dir",
 }
 
 
