@@ -24,6 +24,11 @@ SMALL = {"size": "64x64", "num_inference_steps": 2}
 BIG = {"size": "256x256", "num_inference_steps": 2, "n": 4}
 
 
+# the age server runs with API keys: an eviction's reason is told to the creating key only
+KEYS = {"team-a": "sk-team-a-0123456789abcdef", "team-b": "sk-team-b-fedcba9876543210"}
+A, B = ({"Authorization": f"Bearer {KEYS[k]}"} for k in ("team-a", "team-b"))
+
+
 def _server(tiny_model_dir, tmp_path_factory, name: str, **server):
     rp = start_runtime(tiny_model_dir, tmp_path_factory.mktemp(name), server={**BASE, **server})
     return rp
@@ -38,7 +43,10 @@ def by_count(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def by_age(tiny_model_dir, tmp_path_factory):
-    rp = _server(tiny_model_dir, tmp_path_factory, "evict-age", job_ttl_seconds=5)
+    keys = tmp_path_factory.mktemp("evict-age-keys")
+    for name, key in KEYS.items():
+        (keys / name).write_text(key + "\n")
+    rp = _server(tiny_model_dir, tmp_path_factory, "evict-age", job_ttl_seconds=5, auth_keys_dir=str(keys))
     yield rp
     rp.stop()
 
@@ -50,14 +58,15 @@ def by_bytes(tiny_model_dir, tmp_path_factory):
     rp.stop()
 
 
-def _finished_job(url: str, body: dict, timeout: float = 120) -> dict:
+def _finished_job(url: str, body: dict, timeout: float = 120, key: dict | None = None) -> dict:
     """Submit an async job and poll it until it is finished; its final JobStatus."""
-    r = httpx.post(url + GEN, json={"prompt": "a cat", **body}, headers=ASYNC, timeout=10)
+    key = key or {}
+    r = httpx.post(url + GEN, json={"prompt": "a cat", **body}, headers={**ASYNC, **key}, timeout=10)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     deadline = time.monotonic() + timeout
     while True:
-        st = httpx.get(f"{url}{JOBS}/{job_id}", timeout=10)
+        st = httpx.get(f"{url}{JOBS}/{job_id}", headers=key, timeout=10)
         assert st.status_code == 200, st.text
         if st.json()["status"] in ("succeeded", "failed", "cancelled"):
             assert st.json()["status"] == "succeeded", st.text
@@ -70,23 +79,25 @@ def _job_bytes(job: dict) -> int:
     return sum(len(d["b64_json"]) for d in job["result"]["data"])
 
 
-def _url_results(url: str, body: dict) -> list[str]:
-    r = httpx.post(url + GEN, json={"prompt": "a dog", "response_format": "url", **body}, timeout=120)
+def _url_results(url: str, body: dict, key: dict | None = None) -> list[str]:
+    r = httpx.post(
+        url + GEN, json={"prompt": "a dog", "response_format": "url", **body}, headers=key or {}, timeout=120
+    )
     assert r.status_code == 200, r.text
     return [d["url"] for d in r.json()["data"]]
 
 
-def _gone(url: str, needle: str) -> str:
+def _gone(url: str, needle: str, key: dict | None = None) -> str:
     """GET `url` answers 404 whose OpenAI-shaped error names `needle`; the message."""
-    r = httpx.get(url, timeout=10)
+    r = httpx.get(url, headers=key or {}, timeout=10)
     assert r.status_code == 404, (url, r.status_code, r.text[:200])
     message = r.json()["error"]["message"]
     assert "evicted" in message and needle in message, message
     return message
 
 
-def _kept(url: str) -> httpx.Response:
-    r = httpx.get(url, timeout=10)
+def _kept(url: str, key: dict | None = None) -> httpx.Response:
+    r = httpx.get(url, headers=key or {}, timeout=10)
     assert r.status_code == 200, (url, r.text[:200])
     return r
 
@@ -114,20 +125,25 @@ def test_url_results_beyond_max_jobs_times_max_n_are_404(by_count):
         assert _kept(u).content.startswith(b"\x89PNG")
 
 
-def test_jobs_and_url_results_older_than_job_ttl_are_404(by_age):
-    url = by_age.url  # job_ttl_seconds 5
-    job = _finished_job(url, SMALL)
-    image = _url_results(url, SMALL)[0]
-    assert _kept(f"{url}{JOBS}/{job['id']}").json()["status"] == "succeeded"
-    assert _kept(image).content.startswith(b"\x89PNG")
+def test_jobs_and_url_results_older_than_job_ttl_are_404_to_their_key_only(by_age):
+    url = by_age.url  # job_ttl_seconds 5, API keys on
+    job = _finished_job(url, SMALL, key=A)
+    image = _url_results(url, SMALL, key=A)[0]
+    assert _kept(f"{url}{JOBS}/{job['id']}", A).json()["status"] == "succeeded"
+    assert _kept(image, A).content.startswith(b"\x89PNG")
     time.sleep(5.5)
     assert "finished more than 5s ago (server.job_ttl_seconds)" in _gone(
-        f"{url}{JOBS}/{job['id']}", "server.job_ttl_seconds"
+        f"{url}{JOBS}/{job['id']}", "server.job_ttl_seconds", A
     )
-    assert "more than 5s ago" in _gone(image, "server.job_ttl_seconds")
+    assert "more than 5s ago" in _gone(image, "server.job_ttl_seconds", A)
+    # another key learns nothing about it: the 404 of an id never submitted
+    for target in (f"{url}{JOBS}/{job['id']}", image):
+        other = httpx.get(target, headers=B, timeout=10)
+        assert other.status_code == 404 and "evicted" not in other.text, other.text
+        assert "not known to this pod" in other.json()["error"]["message"]
     # a job finished since is kept: the rule is the age, not a reset of the store
-    fresh = _finished_job(url, SMALL)
-    assert _kept(f"{url}{JOBS}/{fresh['id']}").json()["result"] is not None
+    fresh = _finished_job(url, SMALL, key=A)
+    assert _kept(f"{url}{JOBS}/{fresh['id']}", A).json()["result"] is not None
 
 
 def test_jobs_beyond_store_max_bytes_are_404_oldest_first(by_bytes):
