@@ -570,6 +570,10 @@ class LocalCluster:
         """A kubeconfig that authenticates to this cluster with `token` (and nothing else)."""
         return self._write_kubeconfig(Path(path), "token-user", {"token": token})
 
+    def kubeconfig_for_token_file(self, token_file: str | Path, path: str | Path) -> Path:
+        """A kubeconfig that authenticates with the token in `token_file` (client-go re-reads it)."""
+        return self._write_kubeconfig(Path(path), "token-file-user", {"tokenFile": str(token_file)})
+
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ import yaml
 
 from . import images
 from .build import repo_root
+from .monitoring import NAMESPACE as MONITORING_NAMESPACE
 from .real_node import NodeClient
 
 CHART = repo_root() / "charts" / "diffusion-operator"
@@ -64,9 +65,11 @@ def helm(cluster, *args: str, timeout: float = 300) -> subprocess.CompletedProce
 
 
 def install_operator(cluster, namespace: str, release: str = "diffusion-operator", *sets: str) -> str:
-    """`helm install` the chart (all namespaces watched) into a restricted namespace; waits for Ready."""
+    """`helm install` the chart (all namespaces watched) into a restricted namespace; waits for Ready.
+    The serving pods' NetworkPolicy names the local metrics pipeline's namespace as the monitoring one."""
     restricted(cluster, namespace)
     args = ["install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s"]
+    args += ["--set", f"networkPolicy.monitoringNamespace={MONITORING_NAMESPACE}"]
     for s in sets:
         args += ["--set", s]
     return helm(cluster, *args).stdout

@@ -13,8 +13,13 @@ their demand gauge to the HPA through the aggregation layer.
   cluster CA; a selector-less Service plus Endpoints and two APIServices register it, and the
   apiserver routes to the endpoint (`--enable-aggregator-routing`).
 
-Both run as host processes next to the control plane, read the cluster as its admin (a dev cluster;
-the operator's own least privilege is proven elsewhere) and stop with it. Settings for a fast loop:
+Both run as host processes next to the control plane and stop with it. Each reads the cluster with its
+own ServiceAccount's bound token (`rbac_objects`: least privilege, proven with those tokens by
+tests/cluster/test_monitoring_rbac.py): Prometheus may list and watch pods (its only service discovery
+role) and nothing else; the adapter may list pods (the pods an HPA's selector names), delegate
+authentication and authorization (TokenReviews, SubjectAccessReviews) and read the
+extension-apiserver-authentication ConfigMap, as an aggregated API server must; neither reads Secrets
+or writes anything. Settings for a fast loop:
 scrape every second, the adapter relists series every 2 s (its 10 min default would hide a new
 metric), and the controller manager syncs HPAs every 5 s.
 """
@@ -47,6 +52,11 @@ ADAPTER_SERVICE = "prometheus-adapter"
 CUSTOM_METRICS_GROUP = "custom.metrics.k8s.io"
 CUSTOM_METRICS_VERSIONS = {"v1beta2": 200, "v1beta1": 100}  # version -> versionPriority
 METRICS_ENV = "DIFFUSION_DEV_METRICS"
+# each component's ServiceAccount (in NAMESPACE) and how long its token lives (a dev cluster's lifetime)
+PROMETHEUS_SA = "prometheus"
+ADAPTER_SA = "prometheus-adapter"
+TOKEN_DURATION = "720h"
+ROLE_PREFIX = "diffusion-dev:"
 
 
 def metrics_default(real_node: bool) -> bool:
@@ -129,6 +139,53 @@ def render_chart_monitoring(helm: Path, extra_sets: tuple[str, ...] = ()) -> dic
         raise RuntimeError(f"helm template failed: {out.stderr.strip()[-2000:]}")
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
     return {k: docs[k] for k in ("PodMonitor", "PrometheusRule")}
+
+
+# the least privilege of each component, as ClusterRole rules (see the module docstring)
+PROMETHEUS_RULES: list[dict] = [
+    # kubernetes_sd_configs role pod: list + watch of pods (every namespace, or the PodMonitor's)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+]
+ADAPTER_RULES_RBAC: list[dict] = [
+    # the custom metrics API's answers: the pods an HPA's label selector names (a dynamic-client list),
+    # their namespaces (the rule's `namespace` resource)
+    {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def _binding(kind: str, name: str, role_kind: str, role: str, sa: str, namespace: str | None = None) -> dict:
+    meta: dict[str, str] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": kind,
+        "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+    }
+
+
+def rbac_objects() -> list[dict]:
+    """The namespace, each component's ServiceAccount and its least-privilege roles and bindings."""
+    objs: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}]
+    for sa, rules in ((PROMETHEUS_SA, PROMETHEUS_RULES), (ADAPTER_SA, ADAPTER_RULES_RBAC)):
+        role = ROLE_PREFIX + sa
+        objs += [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": NAMESPACE}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role},
+             "rules": rules},
+            _binding("ClusterRoleBinding", role, "ClusterRole", role, sa),
+        ]  # fmt: skip
+    # an aggregated API server: delegated authentication and authorization (TokenReview,
+    # SubjectAccessReview), and the client CA and request-header settings the kube-apiserver publishes
+    objs += [
+        _binding("ClusterRoleBinding", f"{ROLE_PREFIX}{ADAPTER_SA}:auth-delegator", "ClusterRole",
+                 "system:auth-delegator", ADAPTER_SA),
+        _binding("RoleBinding", f"{ROLE_PREFIX}{ADAPTER_SA}:auth-reader", "Role",
+                 "extension-apiserver-authentication-reader", ADAPTER_SA, namespace="kube-system"),
+    ]  # fmt: skip
+    return objs
 
 
 def aggregation_objects(ca_pem: bytes, address: str, port: int) -> list[dict]:
@@ -247,13 +304,25 @@ class MetricsPipeline:
         for binary in ("prometheus", "prometheus-adapter"):
             if not os.access(b / binary, os.X_OK):
                 raise ComponentError(binary, f"binary not found in {b}")
-        admin = c.pki.clients["admin"]
-        tls = {"ca_file": str(c.pki.ca_cert), "cert_file": str(admin.cert), "key_file": str(admin.key)}
+        # each component with its own ServiceAccount token (least privilege), never the admin's
+        c.apply(rbac_objects())
+        tokens = {}
+        for sa in (PROMETHEUS_SA, ADAPTER_SA):
+            tokens[sa] = w / f"{sa}.token"
+            fd = os.open(tokens[sa], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(c.token_for(NAMESPACE, sa, TOKEN_DURATION))
+        tls = {"ca_file": str(c.pki.ca_cert)}
         rendered = render_chart_monitoring(b / "helm")
         scrape = podmonitor_scrape_config(
             rendered["PodMonitor"], "diffusion-runtime-pods", c.server, tls, self.scrape_interval,
             scrape_timeout=self.scrape_interval,
         )  # fmt: skip
+        for sd in scrape["kubernetes_sd_configs"]:
+            sd["authorization"] = {"type": "Bearer", "credentials_file": str(tokens[PROMETHEUS_SA])}
+        adapter_kubeconfig = c.kubeconfig_for_token_file(
+            tokens[ADAPTER_SA], w / "prometheus-adapter.kubeconfig"
+        )
         rules = w / "alerts.yaml"
         rules.write_text(
             yaml.safe_dump({"groups": rendered["PrometheusRule"]["spec"]["groups"]}, sort_keys=False)
@@ -300,9 +369,9 @@ class MetricsPipeline:
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
                 f"--cert-dir={w / 'adapter-certs'}",
-                f"--lister-kubeconfig={c.kubeconfig}",
-                f"--authentication-kubeconfig={c.kubeconfig}",
-                f"--authorization-kubeconfig={c.kubeconfig}",
+                f"--lister-kubeconfig={adapter_kubeconfig}",
+                f"--authentication-kubeconfig={adapter_kubeconfig}",
+                f"--authorization-kubeconfig={adapter_kubeconfig}",
                 f"--prometheus-url={self.prometheus_url}/",
                 f"--metrics-relist-interval={self.relist_interval}",
                 f"--config={ADAPTER_RULES}",

@@ -92,6 +92,10 @@ RESOURCES: tuple[Resource, ...] = (
     ),
     Resource("apps/v1", "Deployment", "deployments", WATCHED_CHILD, "the serving pods", watch=Watch.CHILD),
     Resource(
+        "networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", (*WATCHED_CHILD, "delete"),
+        "the serving pods' NetworkPolicy, deleted when spec.networkPolicy.enabled is false", watch=Watch.CHILD,
+    ),
+    Resource(
         "autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", (*WATCHED_CHILD, "delete"),
         "the HPA is deleted when spec.autoscaling is removed or its engine is keda", watch=Watch.CHILD,
     ),
@@ -158,4 +162,5 @@ def watched(watch: Watch) -> list[Resource]:
 CR = resource(API_VERSION, KIND)
 HPA = resource("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject")
+NETWORK_POLICY = resource("networking.k8s.io/v1", "NetworkPolicy")
 LEASE = resource("coordination.k8s.io/v1", "Lease")

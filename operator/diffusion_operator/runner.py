@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -57,6 +58,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Prometheus URL the KEDA ScaledObjects' triggers query (spec.autoscaling.engine keda); "
         "empty: engine keda is refused with ConfigValid=False",
     )
+    parser.add_argument(
+        "--monitoring-namespace",
+        default=os.environ.get("DIFFUSION_OPERATOR_MONITORING_NAMESPACE", ""),
+        help="namespace whose pods may scrape the serving pods' metrics port (their NetworkPolicy); "
+        "empty: none may",
+    )
+    parser.add_argument(
+        "--cluster-cidr",
+        action="append",
+        default=[c for c in os.environ.get("DIFFUSION_OPERATOR_CLUSTER_CIDRS", "").split(",") if c.strip()],
+        help="the cluster's pod or Service range (repeatable; env DIFFUSION_OPERATOR_CLUSTER_CIDRS, comma-separated): "
+        "left out of the NetworkPolicies' public egress when it is a public range",
+    )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
     election = parser.add_argument_group("leader election (a coordination.k8s.io Lease)")
@@ -91,6 +105,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="apply the operator's own CRD when it starts leading (Helm never upgrades crds/)",
     )
     args = parser.parse_args(argv)
+    for cidr in args.cluster_cidr:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as error:
+            parser.error(f"--cluster-cidr {cidr!r}: {error}")
+    args.cluster_cidr = [c.strip() for c in args.cluster_cidr]
     if not args.namespace and not args.all_namespaces:
         env_ns = os.environ.get("WATCH_NAMESPACE", "")
         if env_ns:
@@ -179,6 +199,7 @@ def main(argv: list[str]) -> int:
     from prometheus_client import start_http_server
 
     from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    from diffusion_operator.builders import NetworkSettings
     from diffusion_operator.controller import Reconciler
     from diffusion_operator.crd import apply_crd
     from diffusion_operator.kube import Kube
@@ -266,7 +287,12 @@ def main(argv: list[str]) -> int:
     if args.apply_crd:
         apply_crd(client)
 
-    reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address, metrics=metrics)
+    reconciler = Reconciler(
+        client,
+        keda_prometheus_address=args.keda_prometheus_address,
+        metrics=metrics,
+        network=NetworkSettings(args.monitoring_namespace, tuple(args.cluster_cidr)),
+    )
     reconciler.applier.threads = args.workers  # first applies in parallel, as wide as the workers
     reconciler.start(args.workers)
     scopes = None if args.all_namespaces else args.namespace

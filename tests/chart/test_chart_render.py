@@ -373,6 +373,30 @@ def test_keda_prometheus_address_reaches_the_operator(render, monkeypatch):
     assert "DIFFUSION_OPERATOR_KEDA_PROMETHEUS_ADDRESS" not in {e["name"] for e in default["env"]}
 
 
+def test_monitoring_namespace_reaches_the_operator(render, monkeypatch):
+    from diffusion_operator.runner import parse_args
+
+    def env_of(*sets: str) -> dict:
+        container = one(render(*sets), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    # the chart's default names the usual monitoring namespace; another value, or none
+    assert env_of()["DIFFUSION_OPERATOR_MONITORING_NAMESPACE"] == "monitoring"
+    assert env_of("networkPolicy.monitoringNamespace=observability")[
+        "DIFFUSION_OPERATOR_MONITORING_NAMESPACE"
+    ] == ("observability")
+    assert "DIFFUSION_OPERATOR_MONITORING_NAMESPACE" not in env_of("networkPolicy.monitoringNamespace=")
+    monkeypatch.setenv("DIFFUSION_OPERATOR_MONITORING_NAMESPACE", "observability")
+    assert parse_args(["--namespace", "ns"]).monitoring_namespace == "observability"
+    # the cluster's ranges, none by default
+    assert "DIFFUSION_OPERATOR_CLUSTER_CIDRS" not in env_of()
+    cidrs = env_of("networkPolicy.clusterCIDRs={34.118.224.0/20,2600:1900:4000::/44}")[
+        "DIFFUSION_OPERATOR_CLUSTER_CIDRS"
+    ]
+    monkeypatch.setenv("DIFFUSION_OPERATOR_CLUSTER_CIDRS", cidrs)
+    assert parse_args(["--namespace", "ns"]).cluster_cidr == ["34.118.224.0/20", "2600:1900:4000::/44"]
+
+
 def test_forbidden_lines_are_http_403s_not_timestamps():
     """The chart install test's check that the operator was refused nothing reads a 403 as HTTP
     status, never as the milliseconds of a timestamp."""

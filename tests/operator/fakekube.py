@@ -40,6 +40,7 @@ PLURALS = {
     "Service": "services",
     "Deployment": "deployments.apps",
     "PodDisruptionBudget": "poddisruptionbudgets.policy",
+    "NetworkPolicy": "networkpolicies.networking.k8s.io",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers.autoscaling",
     "DiffusionDeployment": "diffusiondeployments.diffusion.dev",
     "Event": "events",

@@ -25,6 +25,7 @@ CHILD_KINDS = (
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 MANAGED_BY = "diffusion-operator"
 

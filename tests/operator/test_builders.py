@@ -30,7 +30,7 @@ def parsed(spec: dict | None = None, name: str = "flux-dev"):
 
 def test_every_child_has_contract_labels_and_controller_owner():
     children = builders.build_all(parsed(), OWNER)
-    assert [c["kind"] for c in children] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    assert [c["kind"] for c in children] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
     for child in children:
         meta = child["metadata"]
         assert meta["labels"] == CONTRACT_LABELS
@@ -73,6 +73,7 @@ def test_configmap_runtime_yaml_follows_the_contract():
             "max_upload_bytes": 33554432,
             "max_jobs": 64,
             "job_ttl_seconds": 600.0,
+            "store_max_bytes": 512 << 20,
             "webhook_allow": [],
             "webhook_attempts": 5,
             "webhook_backoff_seconds": 1.0,

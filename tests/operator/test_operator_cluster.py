@@ -19,7 +19,9 @@ from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
 
 pytestmark = pytest.mark.cluster
 
-CHILDREN = (("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"), ("pdb", "{}"))
+CHILDREN = (
+    ("configmap", "{}-config"), ("deployment", "{}"), ("service", "{}"), ("pdb", "{}"), ("networkpolicy", "{}"),
+)  # fmt: skip
 
 
 def apply_doc(cluster, namespace: str, doc: dict, check: bool = True):
@@ -67,7 +69,9 @@ def children_versions(cluster, namespace: str, name: str) -> dict:
     return out
 
 
-IDLE_RESOURCES = {"diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments"}
+IDLE_RESOURCES = {
+    "diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments", "networkpolicies",
+}  # fmt: skip
 
 
 def apiserver_patches(cluster, resources: set[str] = IDLE_RESOURCES) -> float:
@@ -405,7 +409,7 @@ def test_operator_metrics_health_and_json_logs(cluster, namespace, operator):
     samples = operator.samples()
     assert samples[("diffusion_operator_reconcile_duration_seconds_count", ())] >= 1
     assert samples[("diffusion_operator_managed_objects", (("kind", "DiffusionDeployment"),))] == 1
-    assert samples[("diffusion_operator_managed_objects", (("kind", "children"),))] == 4
+    assert samples[("diffusion_operator_managed_objects", (("kind", "children"),))] == len(CHILDREN)
     assert samples[("diffusion_operator_reconciles_total", (("result", "ok"),))] >= 1
     json_lines = [json.loads(line) for line in operator.log().splitlines() if line.startswith("{")]
     assert json_lines and all("message" in line for line in json_lines)

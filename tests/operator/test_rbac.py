@@ -136,5 +136,5 @@ def test_kopf_watches_exactly_the_watched_rows():
     assert registered == expected
     assert {plural for _, _, plural, _ in registered} == {
         "diffusiondeployments", "configmaps", "services", "poddisruptionbudgets", "deployments",
-        "horizontalpodautoscalers", "persistentvolumeclaims", "jobs", "pods",
+        "horizontalpodautoscalers", "persistentvolumeclaims", "jobs", "pods", "networkpolicies",
     }  # fmt: skip

@@ -16,7 +16,7 @@ from fakekube import FakeKube
 from op_helpers import deliver_watch, sample
 
 NS = "ns"
-CHILDREN = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget")
+CHILDREN = ("ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy")
 
 
 def cr_doc(name: str = "tiny", base: str = "tiny-cpu.yaml") -> dict:
@@ -87,7 +87,7 @@ def test_create_applies_every_child_once_and_the_burst_after_it_runs_one_reconci
     kube.create(cr_doc())
     assert rec.drain() == 1  # the CR's ADDED event; the echoes of our own applies queue nothing
     assert {k for (verb, k) in kube.writes if verb == "APPLY"} == set(CHILDREN)
-    assert kube.total_writes() == 5  # 4 applies + 1 status patch, no reads of absent children
+    assert kube.total_writes() == len(CHILDREN) + 1  # the applies + 1 status patch, no reads of absent children
     assert kube.reads[("GET", "Deployment")] == 0 and kube.reads[("GET", "DiffusionDeployment")] == 0
     dep = deployment(kube)
     assert dep["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
@@ -402,10 +402,10 @@ def test_a_restarted_reconciler_writes_nothing_for_converged_crs_and_finishes_ha
     new_writes = kube.total_writes() - writes
     # "half" has no status yet, so it is applied whole without reading first (its ConfigMap again, an
     # idempotent apply); the converged CRs cost nothing
-    assert new_writes == 5, kube.writes
+    assert new_writes == len(CHILDREN) + 1, kube.writes
     for name in ("t0", "t1", "t2", "half"):
         owned = [o for (kind, ns, n), o in kube.objects.items() if kind in CHILDREN and n.startswith(name)]
-        assert len(owned) == 4, (name, owned)
+        assert len(owned) == len(CHILDREN), (name, owned)
 
 
 def test_many_crs_created_at_once_converge_with_few_reconciles_each():

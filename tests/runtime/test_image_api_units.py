@@ -7,7 +7,7 @@ import io
 import time
 
 import pytest
-from diffusion_runtime.api.jobs import Job, JobStore, ResultStore
+from diffusion_runtime.api.jobs import Evicted, Job, JobStore, ResultStore
 from diffusion_runtime.api.protocol import CacheSteps, ImageData, ImagesResponse, Timings, prefers_async
 from diffusion_runtime.engine.errors import InvalidInput
 from diffusion_runtime.engine.imaging import decode_upload, encode, fit_size, mask_from_upload
@@ -54,6 +54,21 @@ def test_job_store_bounds_count_age_and_bytes():
     store.add(old)
     assert store.get(old.id) is None
     assert "not known to this pod" in store.unknown_reason("x")
+    assert "server.max_jobs" in store.unknown_reason(jobs[0].id)
+    assert "server.store_max_bytes" in store.unknown_reason(big.id)
+    assert "server.job_ttl_seconds" in store.unknown_reason(old.id)
+
+
+def test_the_newest_finished_job_stays_even_beyond_the_byte_budget():
+    store = JobStore(max_finished=3, ttl_seconds=60, max_bytes=100)
+    small, huge = _job(10), _job(500)
+    store.add(small)
+    store.add(huge)
+    assert store.get(huge.id) is huge  # alone over the budget, but the newest: readable
+    assert store.get(small.id) is None and "server.store_max_bytes" in store.unknown_reason(small.id)
+    newer = _job(10)
+    store.add(newer)
+    assert store.get(huge.id) is None and store.get(newer.id) is newer
 
 
 def test_unfinished_jobs_are_never_pruned():
@@ -73,6 +88,33 @@ def test_result_store_bounds_items_and_bytes():
     big = store.put(b"y" * 95, "webp")
     assert store.get(big) == (b"y" * 95, "webp") and store.nbytes <= 100
     assert all(store.get(i) is None for i in ids)
+    assert "server.max_jobs * server.max_n" in store.unknown_reason(ids[0])
+    assert "server.store_max_bytes" in store.unknown_reason(ids[2])
+
+
+def test_an_eviction_is_told_only_to_the_owner_key():
+    jobs = JobStore(max_finished=1, ttl_seconds=60, max_bytes=1000)
+    mine = _job()
+    mine.owner = "key-a"
+    jobs.add(mine)
+    jobs.add(_job())  # finished later: `mine` is beyond max_jobs
+    assert jobs.get(mine.id, "key-a") is None
+    assert "evicted" in jobs.unknown_reason(mine.id, "key-a")
+    for other in ("key-b", None):  # another key learns nothing: the 404 of a job never submitted
+        assert "evicted" not in jobs.unknown_reason(mine.id, other)
+        assert "not known to this pod" in jobs.unknown_reason(mine.id, other)
+    results = ResultStore(max_items=1, ttl_seconds=60, max_bytes=100)
+    rid = results.put(b"x", "png", owner="key-a")
+    results.put(b"y", "png", owner="key-b")
+    assert "server.max_jobs * server.max_n" in results.unknown_reason(rid, "key-a")
+    assert "evicted" not in results.unknown_reason(rid, "key-b")
+
+
+def test_evicted_reasons_are_bounded():
+    evicted = Evicted(limit=2)
+    for key in "abc":
+        evicted.add(key, f"why {key}")
+    assert evicted.get("a") is None and evicted.get("c") == "why c"
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,10 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; po
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# the serving pods' NetworkPolicy, deleted when spec.networkPolicy.enabled is false
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # the HPA is deleted when spec.autoscaling is removed or its engine is keda
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]

@@ -6,6 +6,7 @@ cache-dit facts from the shared torch-free facts module."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal, get_args
 
@@ -445,6 +446,96 @@ class DisruptionSpec(_Types):
     )
 
 
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as error:
+        raise ValueError(f"{value!r} is not a CIDR (10.0.0.0/8, fd00::/8): {error}") from None
+    return value
+
+
+Cidr = Annotated[
+    str,
+    Field(max_length=49),
+    AfterValidator(_cidr),
+    WithJsonSchema({"type": "string", "maxLength": 49, "x-kubernetes-validations": [
+        {"rule": "isCIDR(self) && cidr(self).masked() == cidr(self)",
+         "message": "must be a CIDR with no host bits set (10.0.0.0/8, fd00::/8)"}]}),
+]  # fmt: skip
+
+
+SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+
+
+class LabelSelectorRequirement(_Types):
+    """A meta/v1 LabelSelectorRequirement."""
+
+    key: str = Field(description="Label key.", max_length=317)
+    operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, description="Values (In, NotIn: at least one; Exists, DoesNotExist: none)."
+    )
+
+
+class LabelSelector(_Types):
+    """A meta/v1 LabelSelector; empty selects everything."""
+
+    match_labels: dict[str, str] | None = Field(None, alias="matchLabels", description="Labels to match.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, alias="matchExpressions", description="Label requirements, all of them."
+    )
+
+
+class NetworkPeer(_Types):
+    """Who may call the API: a networking/v1 NetworkPolicyPeer by labels. namespaceSelector alone: every
+    pod of those namespaces; podSelector alone: those pods of the DiffusionDeployment's namespace; both:
+    those pods of those namespaces."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.namespaceSelector) || has(self.podSelector)",
+                    "message": "networkPolicy.apiFrom: a peer needs namespaceSelector and/or podSelector",
+                }
+            ]
+        }
+    )
+
+    namespace_selector: LabelSelector | None = Field(None, alias="namespaceSelector")
+    pod_selector: LabelSelector | None = Field(None, alias="podSelector")
+
+
+class NetworkPolicySpec(_Types):
+    """The serving pods' NetworkPolicy (on unless enabled is false). Ingress: the API port from the front
+    door and `apiFrom`, the metrics port from the monitoring namespace the operator is configured with.
+    Egress: DNS, public addresses when `publicEgress` (the Hugging Face Hub, public webhook receivers),
+    and the addresses and CIDRs of spec.server.webhookAllow (host names there cannot be expressed: allow
+    their addresses here through `egressCIDRs`). See docs/network.md."""
+
+    enabled: bool = Field(True, description="false: no NetworkPolicy (an existing one is deleted).")
+    api_from: list[NetworkPeer] | None = Field(
+        None,
+        alias="apiFrom",
+        description="Who may call the API port besides the front door. Unset: every pod of the "
+        "DiffusionDeployment's namespace; []: the front door only.",
+        max_length=32,
+    )
+    public_egress: bool = Field(
+        True,
+        alias="publicEgress",
+        description="Allow egress to public addresses (everything but loopback, link-local, private and shared "
+        "ranges): the Hugging Face Hub (hf:// models without model.cache) and public webhook receivers.",
+    )
+    egress_cidrs: list[Cidr] | None = Field(
+        None,
+        alias="egressCIDRs",
+        description="More egress destinations, as CIDRs (e.g. the addresses of a webhook host name listed in "
+        "server.webhookAllow, an in-cluster Hub mirror).",
+        max_length=64,
+    )
+
+
 class Toleration(_Types):
     """A core/v1 Toleration."""
 
@@ -645,6 +736,9 @@ class DiffusionDeploymentSpec(_Types):
     )
     quality_gate: QualityGateSpec | None = Field(
         None, alias="qualityGate", json_schema_extra=renders("quality_gate")
+    )
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=lambda: NetworkPolicySpec.model_validate({}), alias="networkPolicy"
     )
 
 

@@ -14,16 +14,20 @@ from diffusion_operator.builders.deployment import build_deployment
 from diffusion_operator.builders.hpa import build_hpa
 from diffusion_operator.builders.keda import build_scaled_object
 from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
+from diffusion_operator.builders.networkpolicy import DEFAULT_NETWORK, NetworkSettings, build_network_policy
 from diffusion_operator.builders.pdb import build_pdb
 from diffusion_operator.builders.service import build_service, endpoint
 
 __all__ = [
+    "DEFAULT_NETWORK",
+    "NetworkSettings",
     "build_all",
     "build_configmap",
     "build_deployment",
     "build_download_job",
     "build_model_cache_pvc",
     "build_hpa",
+    "build_network_policy",
     "build_pdb",
     "build_scaled_object",
     "build_service",
@@ -38,14 +42,19 @@ __all__ = [
 
 
 def build_all(
-    dd: DiffusionDeployment, owner: dict, model_cache_ready: bool = True, keda_prometheus_address: str = ""
+    dd: DiffusionDeployment,
+    owner: dict,
+    model_cache_ready: bool = True,
+    keda_prometheus_address: str = "",
+    network: NetworkSettings = DEFAULT_NETWORK,
 ) -> list[dict]:
     """Every child of one DiffusionDeployment, in apply order: the ConfigMap first (the pods mount it),
     then the Deployment (the slow part: scheduling, image pull, model load), then the rest; with
     spec.model.cache its claim and download Job last. Until that cache is complete
     (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
     The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
-    reading `keda_prometheus_address`), never both."""
+    reading `keda_prometheus_address`), never both. The NetworkPolicy (unless spec.networkPolicy.enabled is
+    false) follows the operator's `network` settings (monitoring namespace, cluster ranges)."""
     configmap = build_configmap(dd, owner)
     children = [
         configmap,
@@ -53,6 +62,8 @@ def build_all(
         build_service(dd, owner),
         build_pdb(dd, owner),
     ]
+    if dd.spec.network_policy.enabled:
+        children.append(build_network_policy(dd, owner, network))
     if dd.spec.autoscaling is not None and model_cache_ready:
         if dd.spec.autoscaling.engine == "keda":
             children.append(build_scaled_object(dd, owner, keda_prometheus_address))

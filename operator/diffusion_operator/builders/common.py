@@ -38,12 +38,36 @@ def container_security_context() -> dict:
     }
 
 
+# the component label of a DiffusionDeployment's pods other than the serving ones: the front door's
+# Deployment puts `front_door_labels(name)` on its pods, the serving pods' NetworkPolicy admits
+# `front_door_selector(name)` to the API port (one place for both)
+COMPONENT_LABEL = "app.kubernetes.io/component"
+FRONT_DOOR_COMPONENT = "front-door"
+DEPLOYMENT_LABEL = "diffusion.dev/deployment"
+
+
+def front_door_selector(name: str) -> dict[str, str]:
+    """The front door pods of DiffusionDeployment `name` (in its namespace)."""
+    return {DEPLOYMENT_LABEL: name, COMPONENT_LABEL: FRONT_DOOR_COMPONENT}
+
+
+def front_door_labels(name: str) -> dict[str, str]:
+    """Labels of the front door pods: never the serving pods' `selector(name)` (the Service, PDB and
+    NetworkPolicy must not select them)."""
+    return {
+        "app.kubernetes.io/name": "diffusion-front-door",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **front_door_selector(name),
+    }
+
+
 def labels(name: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "diffusion-runtime",
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        "diffusion.dev/deployment": name,
+        DEPLOYMENT_LABEL: name,
     }
 
 

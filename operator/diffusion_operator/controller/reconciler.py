@@ -21,14 +21,14 @@ from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.controller import model_cache, rollback
 from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
-from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue
+from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue, owned_by
 from diffusion_operator.controller.loop import REFUSED_RETRY, WorkLoop
 from diffusion_operator.controller.report import Reporter, serving_status
 from diffusion_operator.controller.startup import StartLines
 from diffusion_operator.controller.workqueue import WorkQueue
 from diffusion_operator.kube import ApiError, KubeClient
 from diffusion_operator.metrics import OperatorMetrics
-from diffusion_operator.resources import CR, MANAGED_LABELS, Watch, watched
+from diffusion_operator.resources import CR, MANAGED_LABELS, NETWORK_POLICY, Watch, watched
 from diffusion_operator.status import now as statuses_now
 
 log = logging.getLogger("diffusion_operator")
@@ -51,6 +51,7 @@ class Reconciler:
         keda_prometheus_address: str = "",
         discovery_ttl: float = DISCOVERY_TTL,
         metrics: OperatorMetrics | None = None,
+        network: builders.NetworkSettings = builders.DEFAULT_NETWORK,
     ) -> None:
         # the registry the runner serves; None: this reconciler's own (tests)
         self.metrics = metrics if metrics is not None else OperatorMetrics()
@@ -74,6 +75,8 @@ class Reconciler:
         self._managed: dict[CrKey, list[ChildKey]] = {}  # the children of each CR's last reconcile
         self._first_pass: tuple[float, set[CrKey]] | None = None  # (started, CRs not reconciled yet)
         self.reconciles = 0
+        # the NetworkPolicies' settings: the monitoring namespace, the cluster's own ranges
+        self.network = network
 
     @property
     def client(self) -> KubeClient:
@@ -311,6 +314,7 @@ class Reconciler:
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, dd, fresh)
+            self._delete_unwanted_policy(cr, dd, fresh)
         new_status = self._report(key, dd, cr, old_status, desired, observed, apply_error, cache, decision)
         if apply_error is None:
             self._keep_last_good(cr, built, decision, new_status, pods)
@@ -349,6 +353,19 @@ class Reconciler:
         else:
             self.informers.remember_child(observed)
         return observed
+
+    def _delete_unwanted_policy(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
+        """spec.networkPolicy.enabled false: delete the NetworkPolicy of ours, if any (watched: the cache
+        holds it; fresh passes read the API server)."""
+        if dd.spec.network_policy.enabled:
+            return
+        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+        api_version, kind = NETWORK_POLICY.api_version, NETWORK_POLICY.kind
+        obj = self.client.get(api_version, kind, namespace, name) if fresh else None
+        obj = obj or self.informers.child(kind, namespace, name)
+        if obj is not None and owned_by(obj, cr):
+            self.client.delete(api_version, kind, namespace, name)
+            self.informers.forget_child(kind, namespace, name)
 
     def _parse(self, cr: dict) -> tuple[DiffusionDeployment | None, list[validation.FieldError]]:
         """The typed CR (None when invalid) and what is wrong with it: the schema's and the runtime's
@@ -390,6 +407,7 @@ class Reconciler:
             cr,
             model_cache_ready=model_cache.is_ready(cache),
             keda_prometheus_address=self.autoscalers.keda_prometheus_address,
+            network=self.network,
         )
         return [with_spec_hash(obj) for obj in children]
 

@@ -2,11 +2,13 @@
 
 Both stores are bounded: an unfinished job is never dropped (their number is bounded by the queue),
 finished jobs and results are kept for at most `server.job_ttl_seconds`, at most `server.max_jobs`
-of them (results: `max_jobs * max_n` images) and at most `STORE_MAX_BYTES` of image data each,
-oldest first out. A job or result the pod no longer knows answers 404 with that reason.
+of them (results: `max_jobs * max_n` images) and at most `server.store_max_bytes` of image data each,
+oldest first out. A job or result the pod no longer knows answers 404 with the reason: the rule that
+evicted it (the last `EVICTED_REMEMBERED` evictions of each store are remembered), else the rules.
 
 Each job and result belongs to the API key name that created it (`owner`, `api.auth`; None when auth
-is off): asked with another key, it is unknown, the same 404 as one never submitted.
+is off): asked with another key, it is unknown, the same 404 as one never submitted (an eviction's
+reason is told only to its owner).
 """
 
 from __future__ import annotations
@@ -24,7 +26,25 @@ from diffusion_runtime.engine.scheduler import Scheduler, Work
 
 log = logging.getLogger("diffusion_runtime")
 FINAL = ("succeeded", "failed", "cancelled")
-STORE_MAX_BYTES = 512 << 20  # image data kept by each store (finished jobs' results, url results)
+EVICTED_REMEMBERED = 4096  # evicted ids (and why) each store remembers for its 404s: ~100 bytes each
+
+
+class Evicted:
+    """The reasons of the most recent evictions of one store, with their owners, bounded."""
+
+    def __init__(self, limit: int = EVICTED_REMEMBERED) -> None:
+        self.limit = limit
+        self._why: collections.OrderedDict[str, tuple[str | None, str]] = collections.OrderedDict()
+
+    def add(self, key: str, why: str, owner: str | None = None) -> None:
+        self._why[key] = (owner, why)
+        while len(self._why) > self.limit:
+            self._why.popitem(last=False)
+
+    def get(self, key: str, owner: str | None = None) -> str | None:
+        """Why `key` was evicted, if `owner` (the caller's key name) created it."""
+        item = self._why.get(key)
+        return item[1] if item is not None and item[0] == owner else None
 
 
 def _result_bytes(result: ImagesResponse | None) -> int:
@@ -90,11 +110,12 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, max_finished: int, ttl_seconds: float, max_bytes: int = STORE_MAX_BYTES):
+    def __init__(self, max_finished: int, ttl_seconds: float, max_bytes: int):
         self.max_finished = max_finished
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self.evicted = Evicted()
 
     def add(self, job: Job) -> None:
         self.prune()
@@ -109,32 +130,44 @@ class JobStore:
     def prune(self) -> None:
         now = time.time()
         finished = [j for j in self._jobs.values() if j.final]
-        expired = {j.id for j in finished if j.finished_at is not None and now - j.finished_at > self.ttl}
-        keep = [j for j in finished if j.id not in expired]
+        why: dict[str, str] = {}
+        for j in finished:
+            if j.finished_at is not None and now - j.finished_at > self.ttl:
+                why[j.id] = f"it finished more than {self.ttl:g}s ago (server.job_ttl_seconds)"
+        keep = [j for j in finished if j.id not in why]
         keep.sort(key=lambda j: j.finished_at or 0.0)
-        expired |= {j.id for j in keep[: max(0, len(keep) - self.max_finished)]}
-        held = sum(j.nbytes for j in keep if j.id not in expired)
-        for j in keep:  # oldest first, until the results fit the byte budget
+        for j in keep[: max(0, len(keep) - self.max_finished)]:
+            why[j.id] = f"{self.max_finished} more recent jobs finished after it (server.max_jobs)"
+        held = sum(j.nbytes for j in keep if j.id not in why)
+        # oldest first, until the results fit the byte budget; the newest finished job stays whatever its
+        # size (as the newest url result does), so its client can read what it waited for
+        for j in keep[:-1]:
             if held <= self.max_bytes:
                 break
-            if j.id not in expired:
-                expired.add(j.id)
+            if j.id not in why:
+                why[j.id] = (
+                    f"the finished jobs' images exceeded {self.max_bytes} bytes (server.store_max_bytes): "
+                    "oldest out first"
+                )
                 held -= j.nbytes
-        for job_id in expired:
-            del self._jobs[job_id]
+        for job_id, reason in why.items():
+            self.evicted.add(job_id, reason, self._jobs.pop(job_id).owner)
 
-    def unknown_reason(self, job_id: str) -> str:
+    def unknown_reason(self, job_id: str, owner: str | None = None) -> str:
+        why = self.evicted.get(job_id, owner)
+        if why is not None:
+            return f"job {job_id!r} was evicted from this pod: {why}"
         return (
             f"job {job_id!r} is not known to this pod: never submitted here, or finished more than "
-            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent or {self.max_bytes >> 20} MiB "
-            "of results (server.job_ttl_seconds, server.max_jobs)"
+            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent or {self.max_bytes} bytes "
+            "of results (server.job_ttl_seconds, server.max_jobs, server.store_max_bytes)"
         )
 
 
 class ResultStore:
     """Encoded images served at /v1/images/results/{id} for `response_format: url`."""
 
-    def __init__(self, max_items: int, ttl_seconds: float, max_bytes: int = STORE_MAX_BYTES):
+    def __init__(self, max_items: int, ttl_seconds: float, max_bytes: int):
         self.max_items = max_items
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
@@ -143,6 +176,7 @@ class ResultStore:
         self._items: collections.OrderedDict[str, tuple[bytes, str, float, str | None]] = (
             collections.OrderedDict()
         )
+        self.evicted = Evicted()
 
     def put(self, data: bytes, fmt: str, owner: str | None = None) -> str:
         self.prune()
@@ -150,12 +184,17 @@ class ResultStore:
         self._items[rid] = (data, fmt, time.time(), owner)
         self.nbytes += len(data)
         while len(self._items) > 1 and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
-            self._drop_oldest()
+            if len(self._items) > self.max_items:
+                why = f"{self.max_items} more recent images were stored after it (server.max_jobs * server.max_n)"
+            else:
+                why = f"the stored images exceeded {self.max_bytes} bytes (server.store_max_bytes): oldest out first"
+            self._drop_oldest(why)
         return rid
 
-    def _drop_oldest(self) -> None:
-        _, (data, *_) = self._items.popitem(last=False)
+    def _drop_oldest(self, why: str) -> None:
+        rid, (data, _, _, owner) = self._items.popitem(last=False)
         self.nbytes -= len(data)
+        self.evicted.add(rid, why, owner)
 
     def get(self, rid: str, owner: str | None = None) -> tuple[bytes, str] | None:
         """The image, if `owner` (the caller's key name) created it."""
@@ -169,10 +208,14 @@ class ResultStore:
             _, (_, _, t, _) = next(iter(self._items.items()))
             if now - t <= self.ttl:
                 break
-            self._drop_oldest()
+            self._drop_oldest(f"it was stored more than {self.ttl:g}s ago (server.job_ttl_seconds)")
 
-    def unknown_reason(self, rid: str) -> str:
+    def unknown_reason(self, rid: str, owner: str | None = None) -> str:
+        why = self.evicted.get(rid, owner)
+        if why is not None:
+            return f"result {rid!r} was evicted from this pod: {why}"
         return (
             f"result {rid!r} is not known to this pod: results are kept {self.ttl:g}s, at most "
-            f"{self.max_items} images and {self.max_bytes >> 20} MiB (server.job_ttl_seconds, server.max_jobs)"
+            f"{self.max_items} images and {self.max_bytes} bytes "
+            "(server.job_ttl_seconds, server.max_jobs * server.max_n, server.store_max_bytes)"
         )

@@ -163,8 +163,8 @@ class ImageServing:
         self.state = state
         self.protocol = protocol
         s = state.config.server
-        self.jobs = JobStore(s.max_jobs, s.job_ttl_seconds)
-        self.results = ResultStore(s.max_jobs * s.max_n, s.job_ttl_seconds)
+        self.jobs = JobStore(s.max_jobs, s.job_ttl_seconds, s.store_max_bytes)
+        self.results = ResultStore(s.max_jobs * s.max_n, s.job_ttl_seconds, s.store_max_bytes)
         self.scheduler: Scheduler | None = None
         self.webhooks = Delivery(
             Fence(s.webhook_allow), secret_from_env(), attempts=s.webhook_attempts,
@@ -301,13 +301,13 @@ class ImageServing:
     async def get_job(self, job_id: str, owner: str | None) -> JobStatus:
         job = self.jobs.get(job_id, owner)
         if job is None:
-            raise Rejected(404, self.jobs.unknown_reason(job_id), param="job_id")
+            raise Rejected(404, self.jobs.unknown_reason(job_id, owner), param="job_id")
         return job.view(self.sched)
 
     async def cancel_job(self, job_id: str, owner: str | None) -> JobStatus:
         job = self.jobs.get(job_id, owner)
         if job is None:
-            raise Rejected(404, self.jobs.unknown_reason(job_id), param="job_id")
+            raise Rejected(404, self.jobs.unknown_reason(job_id, owner), param="job_id")
         if not job.final:
             job.cancel_requested = True
             self.sched.withdraw(job.work)
@@ -318,7 +318,7 @@ class ImageServing:
     async def get_result(self, result_id: str, owner: str | None) -> tuple[bytes, str]:
         item = self.results.get(result_id, owner)
         if item is None:
-            raise Rejected(404, self.results.unknown_reason(result_id), param="result_id")
+            raise Rejected(404, self.results.unknown_reason(result_id, owner), param="result_id")
         return item
 
     # ------------------------------------------------------------ running

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from diffusion_runtime.contract.networks import NON_PUBLIC
+
 log = logging.getLogger("diffusion_runtime")
 
 SECRET_ENV = "DIFFUSION_WEBHOOK_SECRET"
@@ -44,23 +46,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # (network, what it is), most specific reasons first; anything else that is not global is "reserved"
 _REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
-    (ipaddress.ip_network(net), what)
-    for net, what in (
-        ("127.0.0.0/8", "loopback"),
-        ("::1/128", "loopback"),
-        ("169.254.0.0/16", "link-local"),
-        ("fe80::/10", "link-local"),
-        ("0.0.0.0/8", "'this network' (0.0.0.0/8)"),
-        ("::/128", "unspecified"),
-        ("10.0.0.0/8", "private (RFC 1918)"),
-        ("172.16.0.0/12", "private (RFC 1918)"),
-        ("192.168.0.0/16", "private (RFC 1918)"),
-        ("fc00::/7", "private (unique local, fc00::/7)"),
-        ("100.64.0.0/10", "shared (carrier-grade NAT, 100.64.0.0/10)"),
-        ("224.0.0.0/4", "multicast"),
-        ("ff00::/8", "multicast"),
-        ("240.0.0.0/4", "reserved"),
-    )
+    (ipaddress.ip_network(net), what) for net, what in NON_PUBLIC
 )
 
 

@@ -35,6 +35,7 @@ from diffusion_runtime.contract.limits import (
     MAX_N_LIMIT,
     MAX_STEPS_LIMIT,
     MIN_PIXELS,
+    MIN_STORE_BYTES,
     MIN_UPLOAD_BYTES,
     QUALITY_GATE_MAX_CANARIES,
     SIZE_MULTIPLE,
@@ -211,6 +212,12 @@ class ServerConfig(_Section):
         default=64, description="Finished async jobs and url results kept in memory.", ge=1, le=MAX_JOBS_LIMIT
     )
     job_ttl_seconds: float = Field(default=600.0, description="How long a finished job is kept.", gt=0)
+    store_max_bytes: int = Field(
+        default=512 << 20,
+        description="Image data kept in memory by each store (finished async jobs' results, url results); "
+        "oldest out first.",
+        ge=MIN_STORE_BYTES,
+    )
     webhook_allow: list[Annotated[NonBlank, Field(max_length=253)]] = Field(
         default_factory=list,
         description="Webhook destinations allowed besides public addresses: host names and/or addresses "

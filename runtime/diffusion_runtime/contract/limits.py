@@ -11,6 +11,7 @@ MAX_STEPS_LIMIT = (
 MIN_PIXELS = 256  # server.max_pixels floor
 MIN_UPLOAD_BYTES = 1024  # server.max_upload_bytes floor
 MAX_JOBS_LIMIT = 100000  # server.max_jobs
+MIN_STORE_BYTES = 1 << 20  # server.store_max_bytes floor (one MiB: a few images)
 SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patching need it)
 # the canonical WIDTHxHEIGHT form (CR warmup resolutions, the API's `size`); config.parse_size also
 # takes spaces and an upper-case X from the command line
