@@ -12,13 +12,19 @@ the edit uploads carry `contentMediaType` (PNG, JPEG or WebP); `webhook` carries
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from diffusion_runtime.contract.config import RuntimeConfig
+from diffusion_runtime.contract.config import (
+    ADAPTER_NAME_PATTERN,
+    ADAPTER_SCALE_LIMIT,
+    MAX_ADAPTERS,
+    RuntimeConfig,
+)
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE, SIZE_PATTERN
 
 PROMPT_MAX_CHARS = 32000  # OpenAI's limit for GPT image models
@@ -83,6 +89,33 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- responses
+
+
+class AdapterRequest(BaseModel):
+    """One LoRA adapter of a request: a declared adapter's name (GET /v1/models lists them) and a scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(
+        max_length=63, pattern=ADAPTER_NAME_PATTERN, description="a declared adapter (config adapters)"
+    )
+    scale: float | None = Field(
+        None,
+        ge=-ADAPTER_SCALE_LIMIT,
+        le=ADAPTER_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="default: the adapter's declared scale",
+    )
+
+
+def _adapters_form(value: Any) -> Any:
+    """A multipart form carries `adapters` as its JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"adapters: not JSON ({e})") from e
+    return value
 
 
 class ImageData(BaseModel):
@@ -159,6 +192,10 @@ class ModelCard(BaseModel):
     owned_by: str = "diffusion-runtime"
     pipeline: str | None = Field(None, description="the diffusers pipeline class")
     ready: bool
+    parent: str | None = Field(
+        None, description="a LoRA adapter: the base model's id (request it by name in `adapters`)"
+    )
+    scale: float | None = Field(None, description="a LoRA adapter: its default scale")
 
 
 class ModelList(BaseModel):
@@ -241,6 +278,16 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
                 json_schema_extra={"format": WEBHOOK_FORMAT},
             ),
         ),
+        "adapters": (
+            Annotated[list[AdapterRequest], BeforeValidator(_adapters_form)],
+            Field(
+                default_factory=list,
+                max_length=MAX_ADAPTERS,
+                description="LoRA adapters for this request, each a declared adapter's name with an optional "
+                "scale; several combine; empty: the base model (docs/adapters.md). An extension of OpenAI's "
+                "body: the openai client sends it in extra_body. Edits (multipart): its JSON text",
+            ),
+        ),
         "model": (str | None, Field(None, max_length=256, description="accepted and ignored (one model)")),
         "user": (str | None, Field(None, max_length=256, description="accepted and ignored")),
         "quality": (str | None, Field(None, max_length=64, description="accepted and ignored")),
@@ -264,6 +311,7 @@ class ImageRequestFields(typing.Protocol):
     seed: int | None
     negative_prompt: str | None
     webhook: str | None
+    adapters: list[AdapterRequest]
 
 
 class EditRequestFields(ImageRequestFields, typing.Protocol):
@@ -300,6 +348,13 @@ class Protocol:
         """The multipart/form-data schema of POST /v1/images/edits (fields + uploads)."""
         schema = self.edit.model_json_schema(ref_template="#/components/schemas/{model}")
         props = {name: _no_null(p) for name, p in schema["properties"].items()}
+        if "adapters" in props:  # a form field is text: the list as JSON
+            props["adapters"] = {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "description": 'the adapters list as JSON text, e.g. [{"name": "watercolor", "scale": 0.8}] '
+                "(docs/adapters.md)",
+            }
         upload = {
             "type": "string",
             "format": "binary",

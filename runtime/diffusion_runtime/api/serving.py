@@ -37,6 +37,7 @@ from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.api.webhooks import Delivery, Fence, Outcome, Refused, secret_from_env
 from diffusion_runtime.contract.config import parse_size
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE
+from diffusion_runtime.engine.adapters import labels, requested
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.imaging import decode_upload, encode_result, fit_size, mask_from_upload
 from diffusion_runtime.engine.params import (
@@ -167,6 +168,7 @@ class ImageServing:
             seed=req.seed if req.seed is not None else random.randrange(2**31), n=req.n,
             guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
             true_cfg_scale=req.true_cfg_scale,
+            adapters=requested(((a.name, a.scale) for a in req.adapters), self.state.config.adapters),
         )  # fmt: skip
 
     # ------------------------------------------------------------ the two endpoints
@@ -238,9 +240,12 @@ class ImageServing:
         result: EncodedResult = work.future.result()
         return result
 
-    def record(self, result: EncodedResult) -> None:
+    def record(self, result: EncodedResult, params: GenerationParams) -> None:
         m = self.state.metrics
         m.inference_duration.observe(result.inference_seconds)
+        for adapter in labels(params.adapters):
+            m.adapter_requests.labels(adapter=adapter).inc()
+            m.adapter_inference_duration.labels(adapter=adapter).observe(result.inference_seconds)
         for s in result.step_seconds:
             m.step_duration.observe(s)
         m.cache_steps.labels(result="cached").inc(result.cached_steps)
@@ -258,7 +263,7 @@ class ImageServing:
         owner: str | None = None,
     ) -> ImagesResponse:
         """`owner`: the key name whose requests may fetch url results (None: auth off)."""
-        self.record(result)
+        self.record(result, params)
         fmt = req.output_format
         if req.response_format == "url":
             base = base_url.rstrip("/")

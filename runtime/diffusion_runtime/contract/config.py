@@ -464,7 +464,9 @@ def _values(cls: type[_Section], raw: dict, where: str) -> dict[str, Any]:
         if section is not None and get_origin(known[name].annotation) is list and isinstance(value, list):
             # a list of sections (adapters): each mapping built like a section, anything else left to validate
             values[name] = [
-                section.model_construct(**_values(section, item, f"{name}[{i}]")) if isinstance(item, dict) else item
+                section.model_construct(**_values(section, item, f"{name}[{i}]"))
+                if isinstance(item, dict)
+                else item
                 for i, item in enumerate(value)
             ]
         elif section is None:

@@ -112,7 +112,9 @@ class Adapters:
         touched = {name for _, name, _ in self._layers}
         empty = [n for n in names if n not in touched]
         if empty:
-            raise InvalidInput(f"adapters: {empty[0]!r} adapts no layer of {type(pipe).__name__}", param="adapters")
+            raise InvalidInput(
+                f"adapters: {empty[0]!r} adapts no layer of {type(pipe).__name__}", param="adapters"
+            )
         self._current = dict.fromkeys(names, 0.0)
         log.info("adapters: loaded %s (%d LoRA layer scales)", ", ".join(names), len(self._layers))
 
