@@ -32,6 +32,7 @@ from diffusion_operator.builders.configmap import (
     COMPILE_CACHE_MOUNT,
     CONFIG_DIR,
     MODELS_DIR,
+    adapter_claim,
     configmap_name,
 )
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
@@ -172,6 +173,12 @@ def build_volumes(dd: DiffusionDeployment) -> tuple[list[dict], list[dict]]:
         claim, _ = pvc
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+    claims = [claim for a in dd.spec.adapters or () if (claim := adapter_claim(a)) is not None]
+    for i, claim in enumerate(dict.fromkeys(c for c in claims if pvc is None or c != pvc[0])):
+        volumes.append(
+            {"name": f"adapters-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": f"adapters-{i}", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
     if dd.spec.model.cache is not None:
         volumes.append(
             {

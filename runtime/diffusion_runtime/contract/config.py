@@ -806,6 +806,19 @@ def runtime_errors(
         errors.append(_error("model.dtype", "float16 is not supported on cpu; use float32 or bfloat16"))
     if cfg.device == "cuda" and device_type != "cuda":
         errors.append(_error("device", "cuda requested but this pod has no GPU"))
+    if cfg.adapters and isinstance(cache_dit, dict):
+        # peft's LoRA layers wrap the transformer's Linear modules: untested over torchao's quantized
+        # weights and over cache-dit's tensor-parallel shards (context parallelism splits tokens: fine)
+        if cache_dit.get("quantize_config") is not None:
+            errors.append(
+                _error("adapters", "LoRA adapters with quantize_config are not supported", reason="Unsupported")
+            )
+        tp = (cache_dit.get("parallelism_config") or {}).get("tp_size")
+        if isinstance(tp, int) and tp > 1:
+            errors.append(
+                _error("adapters", "LoRA adapters with parallelism_config.tp_size > 1 are not supported",
+                       reason="Unsupported")
+            )  # fmt: skip
     return errors + cache_dit_errors(cache_dit, device_type, capability, cfg.model.dtype)
 
 
