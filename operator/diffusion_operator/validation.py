@@ -124,15 +124,12 @@ def parse(name: str, namespace: str, spec: Any) -> Parsed:
 
 
 def _adapter_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
-    """spec.adapters: names unique, hf:// ones need the model cache (the download Job fetches them),
-    revision and weightName for hf:// only (the CRD states these as CEL and a list-map key too)."""
+    """spec.adapters: hf:// ones need the model cache (the download Job fetches them), revision and
+    weightName for hf:// only (the CRD states both as CEL; unique names: the runtime's own rule and the
+    CRD's list-map key)."""
     errors: list[FieldError] = []
-    seen: set[str] = set()
     for i, a in enumerate(s.adapters or ()):
         where = f"spec.adapters[{i}]"
-        if a.name in seen:
-            errors.append(FieldError(f"{where}.name", f"duplicate adapter name {a.name!r}"))
-        seen.add(a.name)
         if a.uri.startswith("hf://"):
             if s.model.cache is None:
                 errors.append(

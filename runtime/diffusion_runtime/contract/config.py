@@ -811,12 +811,12 @@ def runtime_errors(
         # weights and over cache-dit's tensor-parallel shards (context parallelism splits tokens: fine)
         if cache_dit.get("quantize_config") is not None:
             errors.append(
-                _error("adapters", "LoRA adapters with quantize_config are not supported", reason="Unsupported")
+                _error("adapters", "not supported together with quantize_config", reason="Unsupported")
             )
         tp = (cache_dit.get("parallelism_config") or {}).get("tp_size")
         if isinstance(tp, int) and tp > 1:
             errors.append(
-                _error("adapters", "LoRA adapters with parallelism_config.tp_size > 1 are not supported",
+                _error("adapters", "not supported together with parallelism_config.tp_size > 1",
                        reason="Unsupported")
             )  # fmt: skip
     return errors + cache_dit_errors(cache_dit, device_type, capability, cfg.model.dtype)
