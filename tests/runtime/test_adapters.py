@@ -256,3 +256,82 @@ def test_an_edit_names_adapters_as_json_text(server):
     assert r.status_code == 400 and "known: a, b" in r.text, r.text
     r = edit("not json")  # type: ignore[arg-type]
     assert r.status_code == 400, r.text
+
+
+# ---------------------------------------------------------------- fetched once from a Hub
+
+
+@pytest.mark.runtime
+def test_hub_adapters_are_downloaded_once_beside_the_model_and_served_offline(
+    tiny_model_dir, loras, tmp_path
+):
+    """The download Job's command (`diffusion-runtime download --adapter ...`) against the local Hub:
+    the model and two LoRA files of the same repo, each verified with its own marker; a second run
+    asks the Hub nothing; a server on the downloaded files, offline, lists and applies both."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from diffusion_runtime.download import COMPLETE_MARKER, parse_progress_line
+    from fixtures_runtime import start_runtime
+    from hub_server import HubServer
+
+    repo = "tiny-org/flux-tiny-styles"
+    folder = tmp_path / "hub" / "repo"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "loras").mkdir()
+    shutil.copy(loras["a"], folder / "loras" / "a.safetensors")
+    shutil.copy(loras["b"] / LORA_WEIGHT_NAME, folder / "loras" / "b.safetensors")
+    cache = tmp_path / "cache"
+    model, dest_a, dest_b = cache / "model", cache / "adapters" / "a", cache / "adapters" / "b"
+    hub = HubServer(folder, repo).start()
+
+    def download() -> list[dict]:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"))
+        env.pop("HF_HUB_OFFLINE", None)
+        res = subprocess.run(
+            [sys.executable, "-m", "diffusion_runtime", "download", "--model", f"hf://{repo}", "--dest", str(model),
+             "--adapter", f"hf://{repo}", "main", "loras/a.safetensors", str(dest_a),
+             "--adapter", f"hf://{repo}", "main", "loras/b.safetensors", str(dest_b)],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [r for line in res.stdout.splitlines() if (r := parse_progress_line(line)) is not None]
+
+    try:
+        first = download()
+        lora_bytes = sum((folder / "loras" / f).stat().st_size for f in ("a.safetensors", "b.safetensors"))
+        model_marker = json.loads((model / COMPLETE_MARKER).read_text())
+        assert not any(p.startswith("loras/") for p in model_marker["files"])  # not a pipeline file
+        final = first[-1]
+        assert final["modelDownload"] == "Complete" and final["cached"] is False and final["adapters"] == 2
+        assert final["bytesTotal"] == model_marker["bytes"] + lora_bytes == final["bytesDone"]
+        for dest, name in ((dest_a, "a"), (dest_b, "b")):
+            marker = json.loads((dest / COMPLETE_MARKER).read_text())
+            assert list(marker["files"]) == [f"loras/{name}.safetensors"]
+            assert (dest / "loras" / f"{name}.safetensors").read_bytes() == (
+                folder / "loras" / f"{name}.safetensors"
+            ).read_bytes()
+        fetched = [a.path for a in hub.hub.file_gets() if "/loras/" in a.path]
+        assert len(fetched) == 2, fetched
+        before = len(hub.hub.access_log)
+        again = download()
+        assert again[-1]["cached"] is True
+        assert len(hub.hub.access_log) == before, hub.hub.access_log[before:]  # downloaded once
+    finally:
+        hub.stop()
+
+    adapters = [
+        {"name": "a", "path": str(dest_a / "loras" / "a.safetensors")},
+        {"name": "b", "path": str(dest_b / "loras" / "b.safetensors"), "scale": 0.7},
+    ]
+    rp = start_runtime(model, tmp_path / "served", adapters=adapters)  # HF_HUB_OFFLINE=1, the hub is gone
+    try:
+        ids = [m["id"] for m in httpx.get(rp.url + "/v1/models", timeout=10).json()["data"]]
+        assert ids[1:] == ["a", "b"], ids
+        base = _image(generate(rp.url, **BODY))
+        _differs(_image(generate(rp.url, **BODY, adapters=[{"name": "a"}])), base)
+        _differs(_image(generate(rp.url, **BODY, adapters=[{"name": "b"}])), base)
+    finally:
+        rp.stop()
