@@ -3,8 +3,8 @@
 Loads a tiny-family FluxPipeline (`--variant`, default `small`) through the runtime's own
 `load_model` with two LoRAs made here with peft (ranks `--ranks`, non-zero random weights, saved by
 diffusers' `save_lora_weights`), and runs, interleaved in one run, requests that keep the previous
-request's adapter and requests that switch to the other one (A, A, B, B, A, A, ...: every other
-request switches). Per mode (`eager`, and `compile` with torch.compile): the engine call's latency
+request's adapter and requests that switch to the other one (B, B, A, A, B, B, ...: every other
+request switches), and the paired difference of each switch request and the keep request after it. Per mode (`eager`, and `compile` with torch.compile): the engine call's latency
 (`Model.generate`: setting the scales + the pipeline call) of keep vs switch requests, medians with
 p10/p90; the time of the scale switch alone (`Adapters.activate`); torch's own compile counters
 (frames compiled, unique graphs) before and after the measured requests; and the base model's
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             "keep": keep_s,
             "switch": switch_s,
             "switch_minus_keep_median_ms": round(switch_s["median_ms"] - keep_s["median_ms"], 3),
+            # each switch request minus the keep request right after it (same adapter, same moment)
+            "paired_switch_minus_keep": summary([s - k for s, k in zip(switch, keep, strict=True)]),
             "activate_switch": summary(activations),
             "base_with_adapters_declared": summary(base_declared),
             "base_without_adapters": summary(base_plain),
