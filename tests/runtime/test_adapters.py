@@ -335,3 +335,28 @@ def test_hub_adapters_are_downloaded_once_beside_the_model_and_served_offline(
         _differs(_image(generate(rp.url, **BODY, adapters=[{"name": "b"}])), base)
     finally:
         rp.stop()
+
+
+@pytest.mark.runtime
+def test_the_quality_gate_checks_one_canary_per_adapter(runtime_server_factory, loras):
+    """Base canaries (prompts x seeds) plus one per adapter (first prompt and seed, declared scale),
+    each plain vs optimized (cache-dit)."""
+    import re
+
+    gate = {"prompts": ["a photo of a cat", "a red car"], "seeds": [0], "min_psnr": 30.0, "min_ssim": 0.9}
+    adapters = [{"name": "a", "path": str(loras["a"])}, {"name": "b", "path": str(loras["b"]), "scale": 0.7}]
+    rp = runtime_server_factory("gate", cache_dit=STATIC_CACHE_DIT, quality_gate=gate, adapters=adapters)
+    log = rp.log()
+    lines = re.findall(
+        r"quality gate: '([^']*)' seed (\d+)(, adapter \S+ x[\d.]+)?: PSNR ([\d.]+|inf) dB", log
+    )
+    assert [(p, s, a) for p, s, a, _ in lines] == [
+        ("a photo of a cat", "0", ""),
+        ("a red car", "0", ""),
+        ("a photo of a cat", "0", ", adapter a x1"),
+        ("a photo of a cat", "0", ", adapter b x0.7"),
+    ], log[-3000:]
+    assert all(psnr != "inf" for *_, psnr in lines)  # cached images really differ from the plain ones
+    assert "quality gate passed" in log and "(worst of 4 canaries" in log
+    m = scrape(rp.metrics_url)
+    assert value(m, "diffusion_quality_gate", diffusion_quality_gate="passed") == 1
