@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -239,23 +240,32 @@ def test_openai_client_extra_body_models_and_metrics_by_adapter(server):
 
 
 @pytest.mark.runtime
-def test_an_edit_names_adapters_as_json_text(server):
+def test_an_edit_names_adapters_in_its_form_field(server):
     src = Image.fromarray(np.full((SIZE, SIZE, 3), 128, dtype=np.uint8))
     buf = io.BytesIO()
     src.save(buf, format="PNG")
 
-    def edit(adapters: list | None) -> httpx.Response:
+    def edit(adapters: str | None) -> httpx.Response:
         data = {"prompt": "a photo of a cat", "num_inference_steps": "4", "seed": "5"}
         if adapters is not None:
-            data["adapters"] = json.dumps(adapters)
+            data["adapters"] = adapters
         files = {"image": ("in.png", buf.getvalue(), "image/png")}
         return httpx.post(server.url + "/v1/images/edits", data=data, files=files, timeout=120)
 
-    _differs(_image(edit([{"name": "a", "scale": 2.0}])), _image(edit(None)))
-    r = edit([{"name": "zzz"}])
+    plain = _image(edit(None))
+    assert np.array_equal(_image(edit("")), plain)  # empty: the base model
+    styled = _image(edit("a:2.0"))
+    _differs(styled, plain)
+    assert np.array_equal(_image(edit("a:1.0,b:0.0")), _image(edit("a")))  # b at 0 adds nothing
+    r = edit("zzz")
     assert r.status_code == 400 and "known: a, b" in r.text, r.text
-    r = edit("not json")  # type: ignore[arg-type]
-    assert r.status_code == 400, r.text
+    r = edit("a:lots")
+    assert r.status_code == 400 and "is not name or name:scale" in r.text, r.text
+    pattern = httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/images/edits"]["post"][
+        "requestBody"
+    ]
+    form = pattern["content"]["multipart/form-data"]["schema"]["properties"]["adapters"]
+    assert re.fullmatch(form["pattern"], "a:0.5,b") and not re.fullmatch(form["pattern"], "zzz")
 
 
 # ---------------------------------------------------------------- fetched once from a Hub
@@ -341,7 +351,6 @@ def test_hub_adapters_are_downloaded_once_beside_the_model_and_served_offline(
 def test_the_quality_gate_checks_one_canary_per_adapter(runtime_server_factory, loras):
     """Base canaries (prompts x seeds) plus one per adapter (first prompt and seed, declared scale),
     each plain vs optimized (cache-dit)."""
-    import re
 
     gate = {"prompts": ["a photo of a cat", "a red car"], "seeds": [0], "min_psnr": 30.0, "min_ssim": 0.9}
     adapters = [{"name": "a", "path": str(loras["a"])}, {"name": "b", "path": str(loras["b"]), "scale": 0.7}]

@@ -12,7 +12,7 @@ the edit uploads carry `contentMediaType` (PNG, JPEG or WebP); `webhook` carries
 
 from __future__ import annotations
 
-import json
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -91,14 +91,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # ---------------------------------------------------------------- responses
 
 
-class AdapterRequest(BaseModel):
-    """One LoRA adapter of a request: a declared adapter's name (GET /v1/models lists them) and a scale."""
-
+class _AdapterBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(
-        max_length=63, pattern=ADAPTER_NAME_PATTERN, description="a declared adapter (config adapters)"
-    )
     scale: float | None = Field(
         None,
         ge=-ADAPTER_SCALE_LIMIT,
@@ -108,14 +103,58 @@ class AdapterRequest(BaseModel):
     )
 
 
+class AdapterRequest(typing.Protocol):
+    """What the serving object reads from one adapter of a request (`_adapter_request`'s models)."""
+
+    name: str
+    scale: float | None
+
+
+# the multipart form's `adapters`: `name` or `name:scale`, comma-separated (`watercolor:0.8,ink`)
+ADAPTER_SCALE_PATTERN = r"-?(?:10(?:\.0+)?|\d(?:\.\d+)?)"  # [-10, 10]: ADAPTER_SCALE_LIMIT
+
+
+def adapters_form_pattern(names: list[str]) -> str:
+    """The form field's pattern on a server with these adapters (none: only the empty string)."""
+    if not names:
+        return "^$"
+    item = f"(?:{'|'.join(re.escape(n) for n in names)})(?::{ADAPTER_SCALE_PATTERN})?"
+    return f"^(?:{item}(?:,{item})*)?$"
+
+
 def _adapters_form(value: Any) -> Any:
-    """A multipart form carries `adapters` as its JSON text."""
-    if isinstance(value, str):
+    """A multipart form carries `adapters` as text: `name[:scale],...`; empty: none."""
+    if not isinstance(value, str):
+        return value
+    out: list[dict[str, Any]] = []
+    for item in value.split(",") if value.strip() else ():
+        name, sep, scale = item.strip().partition(":")
         try:
-            return json.loads(value)
+            out.append({"name": name, **({"scale": float(scale)} if sep else {})})
         except ValueError as e:
-            raise ValueError(f"adapters: not JSON ({e})") from e
-    return value
+            raise ValueError(f"adapters: {item!r} is not name or name:scale") from e
+    return out
+
+
+def _adapter_request(names: list[str]) -> type[BaseModel]:
+    """One adapter of a request on a server with these adapters: the schema lists their names (the
+    server answers an unknown one with a 400 naming them: engine.adapters.requested)."""
+    extra: dict[str, Any] | None = {"enum": list(names)} if names else None
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        "AdapterRequest",
+        __base__=_AdapterBase,
+        __doc__="One LoRA adapter of a request: a declared adapter's name (GET /v1/models lists them) "
+        "and a scale.",
+        name=(
+            str,
+            Field(
+                max_length=63,
+                pattern=ADAPTER_NAME_PATTERN,
+                description="a declared adapter (config adapters)",
+                json_schema_extra=extra,
+            ),
+        ),
+    )
 
 
 class ImageData(BaseModel):
@@ -238,6 +277,7 @@ def _size_field(max_pixels: int) -> Any:
 
 def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
     s = cfg.server
+    names = [a.name for a in cfg.adapters]
     return {
         "prompt": (
             str,
@@ -279,13 +319,15 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
             ),
         ),
         "adapters": (
-            Annotated[list[AdapterRequest], BeforeValidator(_adapters_form)],
+            Annotated[list[_adapter_request(names)], BeforeValidator(_adapters_form)],  # type: ignore[misc]
             Field(
                 default_factory=list,
                 max_length=MAX_ADAPTERS,
                 description="LoRA adapters for this request, each a declared adapter's name with an optional "
                 "scale; several combine; empty: the base model (docs/adapters.md). An extension of OpenAI's "
-                "body: the openai client sends it in extra_body. Edits (multipart): its JSON text",
+                "body: the openai client sends it in extra_body. Edits (multipart): `name[:scale],...`",
+                # a server without adapters takes none (the schema says so; the server's 400 names why)
+                json_schema_extra=None if names else {"maxItems": 0},
             ),
         ),
         "model": (str | None, Field(None, max_length=256, description="accepted and ignored (one model)")),
@@ -343,17 +385,18 @@ class Protocol:
     edit: type[BaseModel]
     max_pixels: int
     max_upload_bytes: int
+    adapters_form_pattern: str = "^$"
 
     def edit_form_schema(self) -> dict[str, Any]:
         """The multipart/form-data schema of POST /v1/images/edits (fields + uploads)."""
         schema = self.edit.model_json_schema(ref_template="#/components/schemas/{model}")
         props = {name: _no_null(p) for name, p in schema["properties"].items()}
-        if "adapters" in props:  # a form field is text: the list as JSON
+        if "adapters" in props:  # a form field is text
             props["adapters"] = {
                 "type": "string",
-                "contentMediaType": "application/json",
-                "description": 'the adapters list as JSON text, e.g. [{"name": "watercolor", "scale": 0.8}] '
-                "(docs/adapters.md)",
+                "pattern": self.adapters_form_pattern,
+                "description": "LoRA adapters: `name` or `name:scale`, comma-separated, e.g. "
+                "`watercolor:0.8,ink` (docs/adapters.md); empty: the base model",
             }
         upload = {
             "type": "string",
@@ -442,6 +485,7 @@ def build_protocol(cfg: RuntimeConfig) -> Protocol:
         edit=edit,
         max_pixels=cfg.server.max_pixels,
         max_upload_bytes=cfg.server.max_upload_bytes,
+        adapters_form_pattern=adapters_form_pattern([a.name for a in cfg.adapters]),
     )
 
 
