@@ -54,7 +54,7 @@ def test_invalid_declarations_are_refused_with_the_field_named():
     )
     assert _errors(_doc({**HUB_B, "bogus": 1})) == ["spec.adapters[0].bogus: unknown field"]
     assert _errors(_doc(HUB_B, {**PVC_C, "name": "pixel"})) == [
-        "spec.adapters.name: 'pixel' is declared more than once"
+        "spec.adapters[1].name: 'pixel' is declared more than once"
     ]
     assert _errors(_doc({**PVC_C, "revision": "v1"})) == [
         "spec.adapters[0].revision: only for hf:// adapters"

@@ -154,7 +154,7 @@ def test_bad_declarations_are_refused_naming_the_setting(tiny_model_dir, tmp_pat
     with pytest.raises(ConfigError, match=r"adapters\[0\]: unknown key\(s\) uri"):
         config_from_dict({"model": {"uri": "x"}, "adapters": [{"name": "a", "uri": "hf://x/y"}]})
     raw = {"model": {"uri": "x"}, "adapters": [{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}]}
-    with pytest.raises(ConfigError, match=r"^adapters.name: 'a' is declared more than once"):
+    with pytest.raises(ConfigError, match=r"^adapters\[1\].name: 'a' is declared more than once"):
         validate(config_from_dict(raw))
     with pytest.raises(ConfigError, match=r"^adapters.name: string should match pattern"):
         validate(config_from_dict({"model": {"uri": "x"}, "adapters": [{"name": "A B", "path": "/x"}]}))

@@ -418,9 +418,9 @@ class RuntimeConfig(_Section):
     @model_validator(mode="after")
     def _adapter_names_unique(self) -> RuntimeConfig:
         seen: set[str] = set()
-        for a in self.adapters:
+        for i, a in enumerate(self.adapters):
             if a.name in seen:
-                raise _error("adapters.name", f"{a.name!r} is declared more than once")
+                raise _error(f"adapters[{i}].name", f"{a.name!r} is declared more than once")
             seen.add(a.name)
         return self
 
