@@ -213,6 +213,10 @@ def test_openai_client_extra_body_models_and_metrics_by_adapter(server):
     via_client = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))), dtype=np.int16)
     declared_scale = _image(generate(server.url, **BODY, adapters=[{"name": "b", "scale": 0.7}]))
     assert np.array_equal(via_client, declared_scale)  # no scale: the declared one (0.7)
+    by_model = client.images.generate(
+        prompt="a photo of a cat", model="b", size=BODY["size"], extra_body=extra
+    )
+    assert by_model.data[0].b64_json == out.data[0].b64_json  # an adapter's id as `model`: that adapter
     base = _image(generate(server.url, **BODY))
     _differs(via_client, base)
     both = _image(generate(server.url, **BODY, adapters=[{"name": "a", "scale": 1}, {"name": "b"}]))
@@ -233,10 +237,10 @@ def test_openai_client_extra_body_models_and_metrics_by_adapter(server):
         old = [v for lab, v in before.get(name, []) if lab.get("adapter") == adapter]
         return value(after, name, adapter=adapter) - (old[0] if old else 0.0)
 
-    assert grew("diffusion_adapter_requests_total", "b") == 3
+    assert grew("diffusion_adapter_requests_total", "b") == 4
     assert grew("diffusion_adapter_requests_total", "a") == 1
     assert grew("diffusion_adapter_requests_total", "base") == 2
-    assert grew("diffusion_adapter_inference_duration_seconds_count", "b") == 3
+    assert grew("diffusion_adapter_inference_duration_seconds_count", "b") == 4
 
 
 @pytest.mark.runtime

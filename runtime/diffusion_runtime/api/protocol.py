@@ -330,7 +330,15 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
                 json_schema_extra=None if names else {"maxItems": 0},
             ),
         ),
-        "model": (str | None, Field(None, max_length=256, description="accepted and ignored (one model)")),
+        "model": (
+            str | None,
+            Field(
+                None,
+                max_length=256,
+                description="an adapter's id from GET /v1/models applies that adapter at its declared scale "
+                "(when `adapters` is empty); any other value is accepted and ignored (one model)",
+            ),
+        ),
         "user": (str | None, Field(None, max_length=256, description="accepted and ignored")),
         "quality": (str | None, Field(None, max_length=64, description="accepted and ignored")),
         "style": (str | None, Field(None, max_length=64, description="accepted and ignored")),
@@ -354,6 +362,7 @@ class ImageRequestFields(typing.Protocol):
     negative_prompt: str | None
     webhook: str | None
     adapters: list[AdapterRequest]
+    model: str | None
 
 
 class EditRequestFields(ImageRequestFields, typing.Protocol):

@@ -155,6 +155,13 @@ class ImageServing:
             )
         return width, height
 
+    def adapters_of(self, req: ImageRequestFields) -> list[tuple[str, float | None]]:
+        """The request's adapters; none, and `model` is an adapter's id (GET /v1/models): that one."""
+        wanted: list[tuple[str, float | None]] = [(a.name, a.scale) for a in req.adapters]
+        if not wanted and req.model in {a.name for a in self.state.config.adapters}:
+            wanted = [(req.model, None)]
+        return wanted
+
     def params(self, req: ImageRequestFields, width: int, height: int) -> GenerationParams:
         """The engine's parameters of a request (generation or edit form): defaults filled in."""
         s = self.state.config.server
@@ -168,7 +175,7 @@ class ImageServing:
             seed=req.seed if req.seed is not None else random.randrange(2**31), n=req.n,
             guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
             true_cfg_scale=req.true_cfg_scale,
-            adapters=requested(((a.name, a.scale) for a in req.adapters), self.state.config.adapters),
+            adapters=requested(self.adapters_of(req), self.state.config.adapters),
         )  # fmt: skip
 
     # ------------------------------------------------------------ the two endpoints
