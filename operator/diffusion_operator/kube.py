@@ -10,6 +10,7 @@ import builtins
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import urllib3
@@ -97,11 +98,37 @@ def load_configuration():
     return configuration
 
 
+class NotLeader(ApiError):
+    """A write refused by the operator itself: this instance does not hold the leader lease (or could
+    not renew it within the renew deadline). Never sent to the API server."""
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(503, "this operator instance is not the leader: write not sent", method, path)
+
+
+def status_manager(instance: str) -> str:
+    """The field manager of status writes: names the operator instance (pod) that wrote, so the
+    CR's managedFields show which replica did the work. (Children are applied under the one constant
+    FIELD_MANAGER: server-side apply removes the fields a manager stops sending only when no other
+    manager owns them, so a per-instance apply manager would leave a former leader's fields behind.)"""
+    return f"{FIELD_MANAGER}@{instance}"[:128] if instance else FIELD_MANAGER
+
+
 class Kube:
-    def __init__(self, configuration=None, metrics: OperatorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        configuration=None,
+        metrics: OperatorMetrics | None = None,
+        write_guard: Callable[[], bool] | None = None,
+        instance: str = "",
+    ) -> None:
+        """`write_guard`: called before every write; False refuses it (NotLeader): the leader fence.
+        `instance`: this operator's identity (leader election), in status writes and events."""
         from kubernetes.client import ApiClient
 
         self.metrics = metrics if metrics is not None else OperatorMetrics()  # counts the writes
+        self.write_guard = write_guard
+        self.instance = instance
 
         self.configuration = configuration or load_configuration()
         self.api_client = ApiClient(self.configuration)
@@ -129,6 +156,8 @@ class Kube:
         query: dict | None = None,
         content_type: str | None = None,
     ) -> dict | None:
+        if method != "GET" and self.write_guard is not None and not self.write_guard():
+            raise NotLeader(method, path)
         url = self.configuration.host.rstrip("/") + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -241,7 +270,11 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path(API_VERSION, KIND, namespace, name) + "/status"
         return self._write(
-            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
+            "PATCH",
+            path,
+            body={"status": status},
+            query={"fieldManager": status_manager(self.instance)},
+            content_type="application/merge-patch+json",
         )
 
     def post_event(self, owner: dict, event_type: str, reason: str, message: str) -> None:
@@ -269,5 +302,6 @@ class Kube:
             "count": 1,
             "source": {"component": "diffusion-operator"},
             "reportingComponent": "diffusion-operator",
+            **({"reportingInstance": self.instance[:128]} if self.instance else {}),
         }
         self.request("POST", self.collection("v1", "Event", meta["namespace"]), body=event)

@@ -65,3 +65,8 @@ class OperatorMetrics:
             "ended with.",
             registry=r,
         )
+        self.leader = Gauge(
+            "diffusion_operator_leader",
+            "1 while this operator instance holds the leader Lease (and reconciles), 0 while it stands by.",
+            registry=r,
+        )

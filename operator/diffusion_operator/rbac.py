@@ -12,30 +12,60 @@ progress lines (the download Job's pod log tail while it runs, its termination m
 failed quality gate (a serving pod's termination message, the QualityGate condition), and the serving
 pods' start lines (the head of a Ready pod's log, once per container: status.startup). No writes to
 pods, no exec. Serving status comes from the owned Deployments.
+Leader election: get and update of one named Lease in the operator's own namespace (LEASE rules; the
+chart creates the Lease, so no create verb). The operator's own CRD: get and patch of that one CRD
+by name (CRD_RULES; the leader applies its CRD at start because Helm never upgrades crds/).
 """
 
 from __future__ import annotations
 
-from diffusion_operator.resources import RESOURCES, Resource
+from diffusion_operator.resources import RESOURCES, Grant, Resource
 
 
-def rules_of(resource: Resource) -> list[dict]:
-    """The rules one table row needs: the resource's verbs, then each subresource's."""
+def rules_of(resource: Resource, name: str = "") -> list[dict]:
+    """The rules one table row needs: the resource's verbs, then each subresource's. Rows with
+    resourceNames get them (`name` fills the templated one, the Lease's)."""
     out = [{"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}]
     for sub, verbs in resource.subresources:
         out.append(
             {"apiGroups": [resource.group], "resources": [f"{resource.plural}/{sub}"], "verbs": list(verbs)}
         )
+    if resource.names:
+        for rule in out:
+            rule["resourceNames"] = [n or name for n in resource.names]
     return out
 
 
+def granted_rules(grant: Grant, name: str = "") -> list[tuple[str, dict]]:
+    """(why, rule) for the rows of one grant, in table order."""
+    return [(r.why, rule) for r in RESOURCES if r.grant is grant for rule in rules_of(r, name)]
+
+
 def commented_rules(cluster: bool) -> list[tuple[str, dict]]:
-    """(why, rule) for the namespaced (cluster False) or the cluster-scoped rows, in table order."""
-    return [(r.why, rule) for r in RESOURCES if r.cluster == cluster for rule in rules_of(r)]
+    """(why, rule) for the rows every watched namespace needs (cluster False) or the cluster-wide
+    mode's cluster-scoped reads (cluster True), in table order."""
+    return granted_rules(Grant.CLUSTER_WIDE if cluster else Grant.WATCHED)
 
 
 NAMESPACED_RULES: list[dict] = [rule for _, rule in commented_rules(cluster=False)]
 CLUSTER_RULES: list[dict] = [rule for _, rule in commented_rules(cluster=True)]
+
+
+def lease_rules(lease_name: str) -> list[dict]:
+    """Leader election: get and update of the one named Lease (in the operator's namespace)."""
+    return [rule for _, rule in granted_rules(Grant.LEASE, lease_name)]
+
+
+CRD_RULES: list[dict] = [rule for _, rule in granted_rules(Grant.OWN_CRD)]
+
+
+def lease_role(name: str, namespace: str, lease_name: str) -> dict:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace},
+        "rules": lease_rules(lease_name),
+    }
 
 
 def role(name: str, namespace: str) -> dict:

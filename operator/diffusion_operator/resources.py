@@ -17,11 +17,12 @@ import enum
 import urllib.parse
 from dataclasses import dataclass
 
-from diffusion_operator.api.group import API_VERSION, KIND, PLURAL
+from diffusion_operator.api.group import API_VERSION, GROUP, KIND, PLURAL
 from diffusion_operator.builders.common import MANAGED_BY
 
 # the label every child and serving pod carries: the watches of children and pods select on it
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+CRD_NAME = f"{PLURAL}.{GROUP}"
 
 
 class Watch(enum.Enum):
@@ -30,6 +31,15 @@ class Watch(enum.Enum):
     CR = "cr"  # the DiffusionDeployment: every event
     CHILD = "child"  # children (MANAGED_LABELS): drift, status inputs
     POD = "pod"  # serving pods (MANAGED_LABELS), read-only: quality gate, start lines
+
+
+class Grant(enum.Enum):
+    """Where a row's RBAC rules go (rbac.py, the chart's templates/rbac.yaml)."""
+
+    WATCHED = "watched"  # every watched namespace: a Role each, or the ClusterRole
+    CLUSTER_WIDE = "cluster"  # cluster-scoped reads, only in cluster-wide mode (kopf's scanning)
+    LEASE = "lease"  # the operator's own namespace, the one named Lease (leader election)
+    OWN_CRD = "crd"  # the DiffusionDeployment CRD by name, in every mode (applied at start: crd.py)
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,10 @@ class Resource:
     why: str  # one line: why the operator needs these verbs (a comment in the generated RBAC)
     watch: Watch | None = None
     subresources: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, verbs)
-    cluster: bool = False  # cluster-scoped, needed only in cluster-wide mode (kopf's scanning)
+    cluster: bool = False  # cluster-scoped
+    grant: Grant = Grant.WATCHED
+    # RBAC resourceNames ("" for the Lease: its name is the chart's, templated by tools/gen_rbac.py)
+    names: tuple[str, ...] = ()
 
     @property
     def group(self) -> str:
@@ -109,13 +122,24 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("events.k8s.io/v1", "Event", "events", ("create", "patch"), "the same, in the events.k8s.io API"),
     Resource(
         "apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions",
-        ("get", "list", "watch"), "kopf, cluster-wide: discover the CRD", cluster=True,
+        ("get", "list", "watch"), "kopf, cluster-wide: discover the CRD", cluster=True, grant=Grant.CLUSTER_WIDE,
     ),
     Resource("v1", "Namespace", "namespaces", ("get", "list", "watch"), "kopf, cluster-wide: follow namespaces",
-             cluster=True),
+             cluster=True, grant=Grant.CLUSTER_WIDE),
+    Resource(
+        "coordination.k8s.io/v1", "Lease", "leases", ("get", "update"),
+        "leader election: read and renew the one named Lease (the chart creates it, so no create verb)",
+        grant=Grant.LEASE, names=("",),
+    ),
+    Resource(
+        "apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", ("get", "patch"),
+        "the leader applies its own CRD at start (Helm never upgrades a chart's crds/): this one CRD only",
+        cluster=True, grant=Grant.OWN_CRD, names=(CRD_NAME,),
+    ),
 )  # fmt: skip
 
-_BY_KIND = {(r.api_version, r.kind): r for r in RESOURCES}
+# the CRD's second row (OWN_CRD) is an RBAC grant, not another resource
+_BY_KIND = {(r.api_version, r.kind): r for r in RESOURCES if r.grant is not Grant.OWN_CRD}
 
 
 def resource(api_version: str, kind: str) -> Resource:
@@ -134,3 +158,4 @@ def watched(watch: Watch) -> list[Resource]:
 CR = resource(API_VERSION, KIND)
 HPA = resource("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject")
+LEASE = resource("coordination.k8s.io/v1", "Lease")

@@ -1,12 +1,26 @@
-"""`diffusion-operator run`: kopf underneath, standalone (no peering), JSON logs, /metrics and /healthz."""
+"""`diffusion-operator run`: kopf underneath, standalone (no kopf peering), JSON logs, /metrics and
+/healthz, leader election on a Lease (leader.py): a standby serves /healthz and /metrics and waits;
+only the leader applies its CRD (crd.py), starts the reconciler and kopf's watches. On losing the
+lease the process stops writing at once (the write fence) and exits, to come back as a standby."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from diffusion_operator.leader import LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD, LeaderElector
+
+EXIT_LEASE_LOST = 3  # the process exits with this when it loses the lease (the kubelet restarts it)
+DEFAULT_LEASE_NAME = "diffusion-operator"
 
 HELP = "run the DiffusionDeployment operator against the current kubeconfig or in-cluster config"
 
@@ -44,6 +58,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--log-format", choices=("json", "plain"), default="json")
     parser.add_argument("--verbose", "-v", action="store_true")
+    election = parser.add_argument_group("leader election (a coordination.k8s.io Lease)")
+    election.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reconcile only while holding the Lease (default on); --no-leader-elect: one instance only",
+    )
+    election.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="namespace of the Lease (default $POD_NAMESPACE, else the first --namespace)",
+    )
+    election.add_argument(
+        "--leader-election-id",
+        default=os.environ.get("DIFFUSION_OPERATOR_LEASE", DEFAULT_LEASE_NAME),
+        help="name of the Lease",
+    )
+    election.add_argument(
+        "--leader-identity",
+        default=os.environ.get("POD_NAME", ""),
+        help="this instance's holder identity (default $POD_NAME, else hostname_random)",
+    )
+    election.add_argument("--lease-duration", type=float, default=LEASE_DURATION)
+    election.add_argument("--renew-deadline", type=float, default=RENEW_DEADLINE)
+    election.add_argument("--retry-period", type=float, default=RETRY_PERIOD)
+    parser.add_argument(
+        "--apply-crd",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="apply the operator's own CRD when it starts leading (Helm never upgrades crds/)",
+    )
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         env_ns = os.environ.get("WATCH_NAMESPACE", "")
@@ -51,7 +96,79 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.namespace = [n for n in env_ns.split(",") if n]
         else:
             parser.error("give --namespace NS (repeatable) or --all-namespaces")
+    if args.leader_elect and not args.leader_election_namespace:
+        if args.all_namespaces:
+            parser.error("give --leader-election-namespace NS (or $POD_NAMESPACE) with --all-namespaces")
+        args.leader_election_namespace = args.namespace[0]
+    if not args.leader_identity:
+        args.leader_identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    if args.leader_elect and not 0 < args.retry_period < args.renew_deadline < args.lease_duration:
+        parser.error("leader election needs 0 < --retry-period < --renew-deadline < --lease-duration")
     return args
+
+
+class Health:
+    """/healthz on --health-port: 200 while this instance works (the standby's election loop alive; the
+    leader's kopf event loop answering), with the leader state as JSON."""
+
+    def __init__(self, identity: str, lease: str) -> None:
+        self.identity = identity
+        self.lease = lease
+        self.elector: LeaderElector | None = None  # None: no election
+        self.election_thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # kopf's, once leading
+
+    def state(self) -> tuple[bool, dict]:
+        leader = self.elector.is_leader() if self.elector is not None else self.loop is not None
+        body = {"identity": self.identity, "leader": leader, "lease": self.lease}
+        if self.elector is not None:
+            body["holder"] = self.elector.holder
+        ok = True
+        if self.election_thread is not None and not self.election_thread.is_alive():
+            ok, body["error"] = False, "the leader election loop stopped"
+        if self.loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(timeout=5)
+            except Exception:
+                ok, body["error"] = False, "kopf's event loop does not answer"
+        return ok, body
+
+    def serve(self, bind: str, port: int) -> ThreadingHTTPServer:
+        health = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path.split("?")[0] != "/healthz":
+                    self.send_error(404)
+                    return
+                ok, body = health.state()
+                data = json.dumps(body).encode()
+                self.send_response(200 if ok else 500)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:  # probes every few seconds: not logged
+                pass
+
+        server = ThreadingHTTPServer((bind, port), Handler)
+        threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+        return server
+
+
+def wait_for_lease(elector, acquired: threading.Event) -> bool:
+    """Block (a standby) until the lease is ours; False when SIGTERM/SIGINT came first."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not acquired.wait(0.2):
+            if stopping.is_set():
+                return False
+        return True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +178,9 @@ def main(argv: list[str]) -> int:
 
     from diffusion_operator import handlers  # noqa: F401  (registers the kopf handlers)
     from diffusion_operator.controller import Reconciler
+    from diffusion_operator.crd import apply_crd
     from diffusion_operator.kube import Kube
+    from diffusion_operator.leader import LeaseConfig
     from diffusion_operator.metrics import OperatorMetrics
 
     kopf.configure(
@@ -71,13 +190,69 @@ def main(argv: list[str]) -> int:
     logging.getLogger("diffusion_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # kopf logs every handled event at INFO: keep warnings and errors only
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    log = logging.getLogger("diffusion_operator")
+    identity = args.leader_identity
+    elector: LeaderElector | None = None
+
+    def may_write() -> bool:  # the leader fence, checked before every write the operator sends
+        return elector is None or elector.is_leader()
+
     try:
         metrics = OperatorMetrics(process=True)  # the registry served on --metrics-port
-        client = Kube(metrics=metrics)
+        client = Kube(
+            metrics=metrics, write_guard=may_write if args.leader_elect else None, instance=identity
+        )
     except Exception as error:  # no kubeconfig, no service account
         print(f"diffusion-operator: cannot load Kubernetes credentials: {error}", file=sys.stderr)
         return 1
-    import threading
+    lease = f"{args.leader_election_namespace}/{args.leader_election_id}" if args.leader_elect else ""
+    health = Health(identity, lease)
+    if args.health_port:
+        health.serve(args.bind, args.health_port)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.bind, registry=metrics.registry)
+    scope = "all namespaces" if args.all_namespaces else ", ".join(args.namespace)
+    log.info(
+        f"starting {identity}: watching {scope}; metrics :{args.metrics_port}, /healthz :{args.health_port}"
+        + (f"; leader election on Lease {lease}" if lease else "; no leader election")
+    )
+
+    if args.leader_elect:
+        acquired = threading.Event()
+
+        def lost() -> None:
+            # the fence already refuses every write; exit at once so that the kubelet restarts this
+            # instance as a standby (client-go's controllers do the same)
+            log.error(f"{identity}: leader lease lost: stopping (exit {EXIT_LEASE_LOST})")
+            logging.shutdown()
+            os._exit(EXIT_LEASE_LOST)
+
+        # the lease's own reads and writes are not the operator's work: not in its write counter
+        elector = LeaderElector(
+            Kube(configuration=client.configuration, metrics=OperatorMetrics()),
+            LeaseConfig(
+                args.leader_election_namespace,
+                args.leader_election_id,
+                identity,
+                args.lease_duration,
+                args.renew_deadline,
+                args.retry_period,
+            ),
+            on_started=acquired.set,
+            on_stopped=lost,
+            on_change=lambda leading: metrics.leader.set(1 if leading else 0),
+        )
+        health.elector = elector
+        metrics.leader.set(0)
+        health.election_thread = elector.start()
+        if not wait_for_lease(elector, acquired):
+            elector.stop()
+            log.info(f"{identity}: stopped while standing by")
+            return 0
+    else:
+        metrics.leader.set(1)
+    if args.apply_crd:
+        apply_crd(client)
 
     reconciler = Reconciler(client, keda_prometheus_address=args.keda_prometheus_address, metrics=metrics)
     reconciler.start(args.workers)
@@ -96,23 +271,20 @@ def main(argv: list[str]) -> int:
         settings.networking.request_timeout = 60
         settings.persistence.finalizer = "diffusion.dev/kopf-finalizer"  # unused: no on.delete handlers
 
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.bind, registry=metrics.registry)
-    liveness = f"http://{args.bind}:{args.health_port}/healthz" if args.health_port else None
-    scope = "all namespaces" if args.all_namespaces else ", ".join(args.namespace)
-    logging.getLogger("diffusion_operator").info(
-        f"starting: watching {scope}; metrics :{args.metrics_port}, liveness {liveness}"
-    )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    health.loop = loop
     kopf.run(
         loop=loop,
-        standalone=True,
+        standalone=True,  # no kopf peering: the Lease above decides who runs
         clusterwide=args.all_namespaces,
         namespaces=[] if args.all_namespaces else args.namespace,
-        liveness_endpoint=liveness,
         memo=kopf.Memo(reconciler=reconciler),
     )
     stop.set()
     reconciler.stop()
+    if elector is not None:  # release (writes are fenced from here on): a standby takes over at once
+        elector.stop()
+        if health.election_thread is not None:
+            health.election_thread.join(timeout=10)
     return 0

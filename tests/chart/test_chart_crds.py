@@ -1,4 +1,5 @@
-"""The chart ships the CRDs of the top-level crds/ folder, byte for byte (tools/sync_chart_crds.sh)."""
+"""The chart ships the CRDs of the top-level crds/ folder, byte for byte, and so does the operator
+package (the CRD the leader applies at start: crd.py) (tools/sync_chart_crds.sh)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def test_chart_crds_are_byte_identical_to_top_level_crds():
     assert sorted(copy) == sorted(source), "run tools/sync_chart_crds.sh: the chart's crds/ lists other files"
     for name, data in source.items():
         assert copy[name] == data, f"charts/diffusion-operator/crds/{name} differs from crds/{name}"
+
+
+def test_operator_package_crd_is_byte_identical_to_top_level_crd():
+    from diffusion_operator import crd
+
+    package = REPO / "operator" / "diffusion_operator" / "api" / crd.CRD_FILE
+    assert package.read_bytes() == (SOURCE / crd.CRD_FILE).read_bytes(), "run tools/sync_chart_crds.sh"
+    assert crd.bundled_crd() == yaml.safe_load((SOURCE / crd.CRD_FILE).read_text())
 
 
 def test_chart_crds_hold_the_diffusiondeployment_crd():

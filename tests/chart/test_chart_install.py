@@ -4,9 +4,13 @@
    admitted (kwok runs it on a fake node) and becomes Ready.
 2. The operator runs here as a subprocess with a kubeconfig holding nothing but the chart
    ServiceAccount's token, against the RBAC-enforcing API server, and reconciles
-   samples/tiny-cpu.yaml to Ready: the chart's RBAC is sufficient.
+   samples/tiny-cpu.yaml to Ready: the chart's RBAC is sufficient. The chart's own replicas are
+   scaled to 0 first and the subprocess joins the chart's leader election (its Lease, by the chart's
+   name): the Lease names the subprocess as holder and the CR's status field manager names it, so
+   the test knows which instance did the work.
 3. The same token cannot list Secrets in another namespace nor create ClusterRoles: it is least
-   privilege.
+   privilege (the Lease: get/update of the chart's one Lease, no create; CRDs: get/patch of the
+   operator's own, nothing else).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import yaml
 from chartlib import CHART, REPO, forbidden_lines, run_helm
 from diffusion_dev import on_fake_cpu_node
 from diffusion_dev.real_node import NODE_NAME
+from diffusion_operator.kube import status_manager
 
 pytestmark = pytest.mark.cluster
 
@@ -114,22 +119,29 @@ def test_operator_pod_is_admitted_under_restricted_and_ready(cluster, release):
     deploy = json.loads(
         cluster.kubectl("get", "deployment", release["fullname"], "-n", ns, "-o", "json").stdout
     )
-    assert deploy["status"].get("readyReplicas") == 1, deploy["status"]
+    assert deploy["status"].get("readyReplicas") == 2, deploy["status"]  # a leader and a standby
     pods = json.loads(
         cluster.kubectl(
             "get", "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={release['name']}", "-o", "json"
         ).stdout
     )["items"]
-    assert len(pods) == 1
-    pod = pods[0]
-    assert pod["status"]["phase"] == "Running"
-    # a real pod on the real node when it runs (the kwok CPU node is tainted then), else a kwok fake
-    if cluster.node is not None:
-        assert pod["spec"]["nodeName"] == NODE_NAME
-        assert pod["status"]["containerStatuses"][0]["ready"], pod["status"]
-    else:
-        assert pod["spec"]["nodeName"].startswith("kwok-")
-    assert pod["spec"]["serviceAccountName"] == release["fullname"]
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        # a real pod on the real node when it runs (the kwok CPU node is tainted then), else a kwok fake
+        if cluster.node is not None:
+            assert pod["spec"]["nodeName"] == NODE_NAME
+            assert pod["status"]["containerStatuses"][0]["ready"], pod["status"]
+        else:
+            assert pod["spec"]["nodeName"].startswith("kwok-")
+        assert pod["spec"]["serviceAccountName"] == release["fullname"]
+    if cluster.node is not None:  # real pods: one of them holds the chart's Lease
+        lease = json.loads(
+            cluster.kubectl("get", "lease", release["fullname"], "-n", ns, "-o", "json").stdout
+        )
+        assert lease["spec"].get("holderIdentity") in {p["metadata"]["name"] for p in pods}, lease
+    pdb = json.loads(cluster.kubectl("get", "pdb", release["fullname"], "-n", ns, "-o", "json").stdout)
+    assert pdb["spec"]["maxUnavailable"] == 1
     events = cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout
     assert "FailedCreate" not in events
 
@@ -141,12 +153,27 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
     config = yaml.safe_load(kubeconfig.read_text())
     assert config["users"][0]["user"] == {"token": token}, "the operator must hold the SA token only"
 
+    # the chart's replicas stop (a real one releases the Lease on SIGTERM; kwok's fakes never held it):
+    # the subprocess below is then the one writer, and the Lease and managedFields show it
+    cluster.kubectl("scale", "deployment", release["fullname"], "-n", ns, "--replicas=0")
+    selector = f"app.kubernetes.io/instance={release['name']}"
+    _wait(
+        lambda: (
+            not json.loads(cluster.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)[
+                "items"
+            ]
+        ),
+        60,
+        "the chart's operator pods to stop",
+    )
+    identity = f"chart-test-{uuid.uuid4().hex[:6]}"
     health, metrics = _free_port(), _free_port()
     log_path = tmp_path / "operator.log"
     operator = subprocess.Popen(
         [str(Path(sys.executable).parent / "diffusion-operator"), "run", "--namespace", ns]
         + ["--health-port", str(health), "--metrics-port", str(metrics), "--bind", "127.0.0.1"]
-        + ["--log-format", "plain", "--resync-seconds", "0"],
+        + ["--log-format", "plain", "--resync-seconds", "0"]
+        + ["--leader-election-id", release["fullname"], "--leader-identity", identity],
         env=dict(os.environ, KUBECONFIG=str(kubeconfig)),
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
@@ -178,6 +205,16 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
 
         dd = _wait(ready, 180, f"DiffusionDeployment {ns}/{name} Ready", status)
         assert dd["status"]["observedGeneration"] == dd["metadata"]["generation"]
+        # which instance did the work: the subprocess, the holder of the chart's Lease
+        lease = json.loads(
+            cluster.kubectl("get", "lease", release["fullname"], "-n", ns, "-o", "json").stdout
+        )
+        assert lease["spec"]["holderIdentity"] == identity, lease
+        managed = json.loads(
+            cluster.kubectl("get", "dd", name, "-n", ns, "-o", "json", "--show-managed-fields").stdout
+        )["metadata"]["managedFields"]
+        status_writers = {m["manager"] for m in managed if m.get("subresource") == "status"}
+        assert status_writers == {status_manager(identity)}, managed
         # its runtime pods were admitted under `restricted` too (kwok runs them)
         pods = json.loads(
             cluster.kubectl(
@@ -193,6 +230,7 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
 
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=10) as response:
             assert response.status == 200
+            assert json.loads(response.read())["leader"] is True
     finally:
         if operator.poll() is None:
             operator.send_signal(signal.SIGTERM)
@@ -231,6 +269,21 @@ def test_operator_with_chart_token_reconciles_sample_and_is_least_privilege(clus
             args = ["auth", "can-i", verb, resource, *extra] + (["-n", where] if where else [])
             answer = _kubectl_as(cluster, kubeconfig, *args)
             assert answer.stdout.strip() == "no", (verb, resource, answer.stdout, answer.stderr)
+        # the Lease and the CRD: one object each, by name; never create
+        crd = "customresourcedefinitions/diffusiondeployments.diffusion.dev"
+        for verb, resource, where, want in [
+            ("update", f"leases/{release['fullname']}", ns, "yes"),
+            ("update", "leases/someone-elses", ns, "no"),
+            ("create", "leases", ns, "no"),
+            ("update", f"leases/{release['fullname']}", other, "no"),
+            ("patch", crd, None, "yes"),
+            ("patch", "customresourcedefinitions/other.example.com", None, "no"),
+            ("create", "customresourcedefinitions", None, "no"),
+            ("delete", crd, None, "no"),
+        ]:
+            args = ["auth", "can-i", verb, resource] + (["-n", where] if where else [])
+            answer = _kubectl_as(cluster, kubeconfig, *args)
+            assert answer.stdout.strip() == want, (verb, resource, answer.stdout, answer.stderr)
         # ...while what it needs is allowed (the token is valid, the denials are RBAC's)
         allowed = _kubectl_as(cluster, kubeconfig, "auth", "can-i", "patch", "deployments", "-n", ns)
         assert allowed.stdout.strip() == "yes", allowed.stdout + allowed.stderr

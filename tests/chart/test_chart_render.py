@@ -39,19 +39,47 @@ def test_chart_versions_follow_pyproject():
     assert chart["appVersion"] == version
 
 
+FULLNAME = "dop-diffusion-operator"
+
+
+@pytest.fixture(autouse=True)
+def pod_namespace(monkeypatch):
+    """The chart sets POD_NAMESPACE from the downward API (the Lease's namespace): parse_args reads it."""
+    monkeypatch.setenv("POD_NAMESPACE", "diffusion-system")
+
+
+def named(objects: list[dict], kind: str, name: str = FULLNAME) -> list[dict]:
+    return [o for o in by_kind(objects, kind) if o["metadata"]["name"] == name]
+
+
 def test_defaults_render_the_operator_objects(render):
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",  # the watched resources, cluster-wide
+        "ClusterRole",  # the operator's own CRD, by name
+        "ClusterRoleBinding",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Lease",
+        "PodDisruptionBudget",
+        "Role",  # the Lease, by name
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
     assert all(o["metadata"].get("namespace") in (None, "diffusion-system") for o in objects)
     assert not by_kind(objects, "PodMonitor") and not by_kind(objects, "PrometheusRule")
 
 
-def test_operator_deployment_is_restricted_single_replica_recreate(render):
+def test_operator_deployment_is_restricted_two_replicas_with_leader_election(render):
     deploy = one(render(), "Deployment")
     spec = deploy["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == one(render(), "ServiceAccount")["metadata"]["name"]
     psc = pod["securityContext"]
@@ -70,7 +98,17 @@ def test_operator_deployment_is_restricted_single_replica_recreate(render):
         "9090",
         "--health-port",
         "8080",
+        "--leader-election-id",
+        FULLNAME,
+        "--lease-duration",
+        "15",
+        "--renew-deadline",
+        "10",
+        "--retry-period",
+        "2",
     ]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
     probe = container["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
@@ -94,8 +132,8 @@ def _rules_grant(rules, group, resource, verb):
 
 def test_cluster_wide_rbac_is_bound_to_the_service_account(render):
     objects = render()
-    role = one(objects, "ClusterRole")
-    binding = one(objects, "ClusterRoleBinding")
+    (role,) = named(objects, "ClusterRole")
+    (binding,) = named(objects, "ClusterRoleBinding")
     sa = one(objects, "ServiceAccount")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -124,8 +162,8 @@ def test_cluster_wide_rbac_is_bound_to_the_service_account(render):
 
 def test_namespaced_mode_uses_a_role_per_watched_namespace(render):
     objects = render("watch.allNamespaces=false", "watch.namespaces={team-a,team-b}")
-    roles = by_kind(objects, "Role")
-    bindings = by_kind(objects, "RoleBinding")
+    roles = named(objects, "Role")
+    bindings = named(objects, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
@@ -133,8 +171,20 @@ def test_namespaced_mode_uses_a_role_per_watched_namespace(render):
         assert binding["subjects"][0]["namespace"] == "diffusion-system"
     for role in roles:
         assert _rules_grant(role["rules"], "apps", "deployments", "create")
-    # nothing cluster-wide at all in this mode
-    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    # nothing cluster-wide in this mode but get/patch of the operator's own CRD, by name
+    (crd_role,) = by_kind(objects, "ClusterRole")
+    assert crd_role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": ["diffusiondeployments.diffusion.dev"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert [b["roleRef"]["name"] for b in by_kind(objects, "ClusterRoleBinding")] == [
+        crd_role["metadata"]["name"]
+    ]
+    assert not by_kind(render("watch.allNamespaces=false", "crds.applyOnStart=false"), "ClusterRole")
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:4] == ["--namespace", "team-a", "--namespace", "team-b"]
     assert "--all-namespaces" not in container["args"]
@@ -155,15 +205,64 @@ def test_rbac_yaml_binds_the_generated_rules_in_each_mode(render):
     stale); here: rbac.yaml puts both defines in the ClusterRole, only the namespaced one in a Role."""
     from diffusion_operator import rbac
 
-    cluster_role = one(render(), "ClusterRole")
+    (cluster_role,) = named(render(), "ClusterRole")
     assert _triples(cluster_role["rules"]) == _triples(rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES)
-    (role,) = by_kind(render("watch.allNamespaces=false"), "Role")
+    (role,) = named(render("watch.allNamespaces=false"), "Role")
     assert _triples(role["rules"]) == _triples(rbac.NAMESPACED_RULES)
+    (lease_role,) = named(render(), "Role", f"{FULLNAME}-leader-election")
+    assert lease_role["metadata"]["namespace"] == "diffusion-system"
+    assert lease_role["rules"] == rbac.lease_rules(FULLNAME)
+    (crd_role,) = named(render(), "ClusterRole", f"{FULLNAME}-crd")
+    assert crd_role["rules"] == rbac.CRD_RULES
+
+
+def test_leader_election_objects_share_one_lease_name(render):
+    from diffusion_operator.runner import parse_args
+
+    objects = render()
+    (lease,) = by_kind(objects, "Lease")
+    assert lease["metadata"] == {**lease["metadata"], "name": FULLNAME, "namespace": "diffusion-system"}
+    assert lease["spec"] == {}  # the replicas write the holder
+    (role,) = named(objects, "Role", f"{FULLNAME}-leader-election")
+    assert role["rules"][0]["resourceNames"] == [FULLNAME] and "create" not in role["rules"][0]["verbs"]
+    (binding,) = named(objects, "RoleBinding", f"{FULLNAME}-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = parse_args(container["args"])
+    assert args.leader_elect and args.leader_election_id == FULLNAME
+    assert (args.lease_duration, args.renew_deadline, args.retry_period) == (15, 10, 2)
+
+
+def test_pdb_and_anti_affinity_spread_the_replicas(render):
+    objects = render()
+    pdb = one(objects, "PodDisruptionBudget")
+    pod = one(objects, "Deployment")["spec"]["template"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    )
+    required = one(render("podAntiAffinity=required"), "Deployment")["spec"]["template"]["spec"]["affinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in required["podAntiAffinity"]
+    # one replica: no budget (it would block every drain); a user's affinity replaces the default
+    assert not by_kind(render("replicaCount=1"), "PodDisruptionBudget")
+    custom = one(render("affinity.nodeAffinity.x=1"), "Deployment")["spec"]["template"]["spec"]["affinity"]
+    assert "podAntiAffinity" not in custom
+
+
+def test_without_leader_election_one_recreated_instance(render):
+    objects = render("leaderElection.enabled=false", "replicaCount=1")
+    deploy = one(objects, "Deployment")
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--no-leader-elect" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not by_kind(objects, "Lease") and not named(objects, "Role", f"{FULLNAME}-leader-election")
 
 
 def test_namespaced_mode_defaults_to_the_release_namespace(render):
     objects = render("watch.allNamespaces=false", namespace="models")
-    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["models"]
+    assert [r["metadata"]["namespace"] for r in named(objects, "Role")] == ["models"]
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:3] == ["--namespace", "models", "--log-format"]
 
@@ -222,7 +321,8 @@ def test_alert_thresholds_come_from_values(render):
 @pytest.mark.parametrize(
     ("sets", "complaint"),
     [
-        (("replicaCount=2",), "replicaCount"),
+        (("leaderElection.enabled=false", "replicaCount=2"), "replicaCount"),
+        (("podAntiAffinity=sometimes",), "podAntiAffinity"),
         (("podSecurityContext.runAsNonRoot=false",), "runAsNonRoot"),
         (("watch.namespaces={Bad_Name}",), "namespaces"),
         (("monitoring.prometheusRule.queueRejectionsPerSecond=-1",), "queueRejectionsPerSecond"),

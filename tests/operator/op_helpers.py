@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from diffusion_operator import rbac
+from diffusion_operator.runner import DEFAULT_LEASE_NAME
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,8 +57,18 @@ class OperatorProcess:
     """`diffusion-operator run` as a subprocess with its log captured; fails loudly if it dies."""
 
     def __init__(
-        self, kubeconfig: Path, namespaces: list[str], log: Path, resync: float = 2.0, args=()
+        self,
+        kubeconfig: Path,
+        namespaces: list[str],
+        log: Path,
+        resync: float = 2.0,
+        args=(),
+        identity: str = "test-operator",
+        apply_crd: bool = False,
     ) -> None:
+        """`identity`: the leader-election identity; a restarted process with the same one takes its
+        lease back at once, as a restarted container of one pod does (two instances side by side need two
+        identities). `apply_crd`: off by default, the session's CRD fixture owns the CRD."""
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log
@@ -65,6 +76,8 @@ class OperatorProcess:
         self.health_port = free_port()
         self.resync = resync
         self.args = list(args)
+        self.identity = identity
+        self.apply_crd = apply_crd
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> OperatorProcess:
@@ -78,6 +91,9 @@ class OperatorProcess:
             str(self.health_port),
             "--resync-seconds",
             str(self.resync),
+            "--leader-identity",
+            self.identity,
+            *([] if self.apply_crd else ["--no-apply-crd"]),
             *self.args,
         ]
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
@@ -98,6 +114,10 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def healthz(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5) as r:
+            return json.loads(r.read())
 
     def assert_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -140,12 +160,27 @@ def get_json(cluster, *args) -> dict | None:
 
 def restricted_kubeconfig(cluster, namespace: str, tmp_path: Path, role: dict | None = None) -> Path:
     """A kubeconfig whose token is ServiceAccount `diffusion-operator`'s in `namespace`, bound to `role`
-    (default: exactly the operator's declared namespaced rules, rbac.role) and to nothing else."""
+    (default: exactly the operator's declared namespaced rules, rbac.role) and, as the chart does, to
+    get/update of the one leader-election Lease (created here empty, as the chart creates it), and to
+    nothing else."""
     cluster.kubectl("create", "serviceaccount", "diffusion-operator", "-n", namespace)
     cluster.apply(role if role is not None else rbac.role("diffusion-operator", namespace))
     cluster.kubectl(
         "create", "rolebinding", "diffusion-operator", "-n", namespace,
         "--role=diffusion-operator", f"--serviceaccount={namespace}:diffusion-operator",
+    )  # fmt: skip
+    cluster.apply(
+        {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": DEFAULT_LEASE_NAME, "namespace": namespace},
+            "spec": {},
+        }
+    )
+    cluster.apply(rbac.lease_role("diffusion-operator-leader", namespace, DEFAULT_LEASE_NAME))
+    cluster.kubectl(
+        "create", "rolebinding", "diffusion-operator-leader", "-n", namespace,
+        "--role=diffusion-operator-leader", f"--serviceaccount={namespace}:diffusion-operator",
     )  # fmt: skip
     token = cluster.token_for(namespace, "diffusion-operator")
     return cluster.kubeconfig_for_token(token, tmp_path / "restricted.kubeconfig")

@@ -362,6 +362,7 @@ def test_semantic_error_sets_config_valid_false_with_one_event(cluster, namespac
     events = wait_for(lambda: events_for(cluster, namespace, "flux-dev"), 15, "a Warning event")
     assert [(e["type"], e["reason"]) for e in events] == [("Warning", "InvalidSpec")]
     assert field in events[0]["message"]
+    assert events[0]["reportingInstance"] == operator.identity  # which operator instance posted it
     # nothing half-applied, no retry storm: over a few resyncs no child, no second event, no writes
     writes = operator.writes()
     time.sleep(6)
@@ -408,6 +409,11 @@ def test_operator_metrics_health_and_json_logs(cluster, namespace, operator):
     assert samples[("diffusion_operator_reconciles_total", (("result", "ok"),))] >= 1
     json_lines = [json.loads(line) for line in operator.log().splitlines() if line.startswith("{")]
     assert json_lines and all("message" in line for line in json_lines)
+    # alone on its namespace: it leads, says so in /metrics and /healthz
+    assert samples[("diffusion_operator_leader", ())] == 1
+    health = operator.healthz()
+    assert health["leader"] is True and health["identity"] == operator.identity == health["holder"]
+    assert health["lease"] == f"{namespace}/diffusion-operator"
 
 
 def test_operator_runs_with_a_least_privilege_token(cluster, namespace, crd, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from diffusion_operator import builders, rbac, validation
 from diffusion_operator.api import group
 from diffusion_operator.kube import Kube
-from diffusion_operator.resources import MANAGED_LABELS, RESOURCES, Watch, resource, watched
+from diffusion_operator.resources import MANAGED_LABELS, RESOURCES, Grant, Watch, resource, watched
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,13 +88,37 @@ def test_rules_are_the_tables_rows_and_nothing_more():
     }
     expected = set()
     for row in RESOURCES:
-        if row.cluster:
+        if row.grant is not Grant.WATCHED:
             continue
         expected |= {(row.group, row.plural, v) for v in row.verbs}
         for sub, verbs in row.subresources:
             expected |= {(row.group, f"{row.plural}/{sub}", v) for v in verbs}
     assert triples == expected
     assert not any("secrets" in rule["resources"] for rule in rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES)
+
+
+def test_lease_and_crd_rules_name_one_object_each():
+    """Leader election: get/update of one named Lease (the chart creates it: no create verb, which
+    resourceNames could not restrict); the operator's own CRD: get/patch of it by name, never create."""
+    assert rbac.lease_rules("op") == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "update"],
+            "resourceNames": ["op"],
+        }
+    ]
+    assert rbac.CRD_RULES == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["get", "patch"],
+            "resourceNames": [f"{group.PLURAL}.{group.GROUP}"],
+        }
+    ]
+    for rule in rbac.NAMESPACED_RULES + rbac.CLUSTER_RULES:  # neither leaks into the other roles
+        assert "leases" not in rule["resources"], rule
+        assert "patch" not in rule["verbs"] or "customresourcedefinitions" not in rule["resources"], rule
 
 
 def test_kopf_watches_exactly_the_watched_rows():

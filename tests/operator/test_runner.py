@@ -40,3 +40,33 @@ def test_run_without_credentials_fails_clearly(tmp_path):
     )
     assert result.returncode == 1
     assert "cannot load Kubernetes credentials" in result.stderr
+
+
+def test_leader_election_arguments(monkeypatch):
+    from diffusion_operator.runner import DEFAULT_LEASE_NAME, parse_args
+
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.delenv("POD_NAME", raising=False)
+    args = parse_args(["--namespace", "a", "--namespace", "b"])
+    assert args.leader_elect and args.leader_election_namespace == "a"  # the first watched namespace
+    assert args.leader_election_id == DEFAULT_LEASE_NAME
+    other = parse_args(["--namespace", "a"])
+    assert args.leader_identity and args.leader_identity != other.leader_identity  # never shared by default
+    monkeypatch.setenv("POD_NAME", "op-7f9c-x2")
+    monkeypatch.setenv("POD_NAMESPACE", "ops")
+    args = parse_args(["--all-namespaces"])
+    assert (args.leader_identity, args.leader_election_namespace) == ("op-7f9c-x2", "ops")
+    assert not parse_args(["--all-namespaces", "--no-leader-elect"]).leader_elect
+
+
+def test_leader_election_misconfigurations_are_refused(monkeypatch, capsys):
+    import pytest
+    from diffusion_operator.runner import parse_args
+
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--all-namespaces"])
+    assert exit_info.value.code == 2 and "--leader-election-namespace" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["-n", "a", "--lease-duration", "5", "--renew-deadline", "5"])
+    assert "--renew-deadline < --lease-duration" in capsys.readouterr().err

@@ -64,3 +64,8 @@ app.kubernetes.io/part-of: diffusion-operator
 {{- include "diffusion-operator.watchedNamespaces" . -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The leader-election Lease's name (the Lease, its Role's resourceNames and the operator's argument). */}}
+{{- define "diffusion-operator.leaseName" -}}
+{{- include "diffusion-operator.fullname" . -}}
+{{- end -}}

@@ -77,3 +77,21 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; po
   resources: ["namespaces"]
   verbs: ["get", "list", "watch"]
 {{- end -}}
+
+{{/* Leader election, in the release namespace (a Role): the one named Lease. */}}
+{{- define "diffusion-operator.leaseRules" -}}
+# leader election: read and renew the one named Lease (the chart creates it, so no create verb)
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  resourceNames: [{{ include "diffusion-operator.leaseName" . | quote }}]
+  verbs: ["get", "update"]
+{{- end -}}
+
+{{/* The operator's own CRD, by name, in every mode (a ClusterRole): applied at start. */}}
+{{- define "diffusion-operator.crdRules" -}}
+# the leader applies its own CRD at start (Helm never upgrades a chart's crds/): this one CRD only
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["diffusiondeployments.diffusion.dev"]
+  verbs: ["get", "patch"]
+{{- end -}}

@@ -1,0 +1,128 @@
+"""The chart's two operator replicas as real pods on the real node: SIGKILL of the leader while a CR's
+rollout is in flight -> the standby takes the Lease over and finishes it; one writer at a time.
+
+The leader's container is SIGKILLed through containerd (`ctr task kill -s SIGKILL`: no SIGTERM, no
+release) and its pod force-deleted at once, as when its node is lost: the kubelet would otherwise
+restart the container under the same pod name, which takes its lease back at once (see
+tests/operator/test_leader_cluster.py). The CR's pods are kwok fakes (the rollout is the operator's
+and the Deployment controller's work, not a model load).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from diffusion_dev import on_fake_cpu_node, wait_for
+from diffusion_dev.install import helm, install_operator, load_images
+from diffusion_dev.real_node import NODE_NAME
+from diffusion_operator.kube import status_manager
+from fixtures_cluster import REAL_NODE_OFF
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR_NS = "leader-system"
+
+
+def _json(cluster, *args: str) -> dict:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def _time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, namespace, record_property):
+    if cluster.node is None:
+        pytest.skip(REAL_NODE_OFF)
+    load_images(cluster.node, targets=("operator",))
+    release = f"ha-{uuid.uuid4().hex[:5]}"
+    fullname = f"{release}-diffusion-operator"
+    install_operator(cluster, OPERATOR_NS, release)
+    try:
+        selector = f"app.kubernetes.io/instance={release}"
+        pods = _json(cluster, "pods", "-n", OPERATOR_NS, "-l", selector)["items"]
+        assert len(pods) == 2 and all(p["spec"]["nodeName"] == NODE_NAME for p in pods)
+        names = {p["metadata"]["name"] for p in pods}
+
+        def lease() -> dict:
+            return _json(cluster, "lease", fullname, "-n", OPERATOR_NS)["spec"]
+
+        leader = wait_for(
+            lambda: lease().get("holderIdentity") in names and lease()["holderIdentity"], 60, "a leader"
+        )
+        (standby,) = names - {leader}
+
+        doc = on_fake_cpu_node(yaml.safe_load((REPO / "samples" / "tiny-cpu.yaml").read_text()))
+        doc["metadata"] = {"name": "ha"}
+        doc["spec"]["replicas"] = 2
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+        def converged(generation: int | None = None):
+            obj = _json(cluster, "dd", "ha", "-n", namespace, "--show-managed-fields")
+            st = obj.get("status") or {}
+            conds = {c["type"]: c["status"] for c in st.get("conditions", [])}
+            gen = obj["metadata"]["generation"]
+            done = (
+                conds.get("Ready") == "True"
+                and st.get("observedGeneration") == gen
+                and st.get("updatedReplicas") == 2
+                and st.get("readyReplicas") == 2
+            )
+            return obj if done and (generation is None or gen == generation) else None
+
+        wait_for(converged, 120, "dd/ha Ready under the first leader")
+
+        # a rollout (a new pod template), and the leader SIGKILLed right after it started
+        patch = {"spec": {"template": {"env": [{"name": "ROLLOUT", "value": "2"}]}}}
+        cluster.kubectl("patch", "dd", "ha", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+        generation = _json(cluster, "dd", "ha", "-n", namespace)["metadata"]["generation"]
+        wait_for(
+            lambda: _json(cluster, "deployment", "ha", "-n", namespace)["metadata"]["generation"] > 1,
+            30,
+            "the leader to start the rollout",
+            interval=0.05,
+        )
+        pod = _json(cluster, "pod", leader, "-n", OPERATOR_NS)
+        container = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        killed = time.monotonic()
+        cluster.node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+        # its node lost, in effect: no restart under the same name
+        cluster.kubectl(
+            "delete", "pod", leader, "-n", OPERATOR_NS, "--grace-period=0", "--force", check=False
+        )
+
+        wait_for(
+            lambda: lease().get("holderIdentity") == standby, 60, "the standby to take over", interval=0.1
+        )
+        takeover = time.monotonic() - killed
+        obj = wait_for(
+            lambda: converged(generation), 120, "the rollout finished by the new leader", interval=0.2
+        )
+        finished = time.monotonic() - killed
+        record_property("takeover_s", round(takeover, 2))
+        record_property("rollout_finished_after_kill_s", round(finished, 2))
+        print(
+            f"\nreal pods: the standby led {takeover:.1f} s after the SIGKILL; the rollout was finished {finished:.1f} s after it"
+        )
+        assert takeover <= 15 + 2 * 2 + 3, takeover
+
+        # one writer at a time: the killed leader's last status write precedes the standby's acquisition
+        status = {
+            m["manager"]: m for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"
+        }
+        assert status_manager(standby) in status, list(status)
+        acquired = _time(lease()["acquireTime"])
+        if status_manager(leader) in status:
+            assert _time(status[status_manager(leader)]["time"]) <= acquired, (status, acquired)
+        assert _time(status[status_manager(standby)]["time"]) >= acquired.replace(microsecond=0)
+        assert set(status) <= {status_manager(leader), status_manager(standby)}, list(status)
+    finally:
+        cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=false", check=False)
+        helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait", "--ignore-not-found")
