@@ -16,6 +16,8 @@ purpose), an explicit `from a.b import name` is.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,3 +207,16 @@ def test_nothing_the_operator_imports_reaches_for_torch_even_inside_a_function()
     )
     print(f"runtime modules the operator reaches: {runtime}")
     assert not found, "\n".join(found)
+
+
+def test_the_front_door_never_imports_torch():
+    """The front door (a CPU Deployment, docs/queue.md) serves the API from the runtime image without the
+    torch stack: importing it and building its app loads none of it."""
+    code = (
+        "import sys\n"
+        "import diffusion_runtime.queue.frontdoor, diffusion_runtime.cli\n"
+        f"loaded = sorted(m for m in {TORCH_STACK!r} if m in sys.modules)\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the front door imports {out.stdout.strip()}"

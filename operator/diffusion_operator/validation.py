@@ -123,6 +123,27 @@ def parse(name: str, namespace: str, spec: Any) -> Parsed:
     return Parsed(cr, errors)
 
 
+def _adapter_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
+    """spec.adapters: hf:// ones need the model cache (the download Job fetches them), revision and
+    weightName for hf:// only (the CRD states both as CEL; unique names: the runtime's own rule and the
+    CRD's list-map key)."""
+    errors: list[FieldError] = []
+    for i, a in enumerate(s.adapters or ()):
+        where = f"spec.adapters[{i}]"
+        if a.uri.startswith("hf://"):
+            if s.model.cache is None:
+                errors.append(
+                    FieldError(
+                        f"{where}.uri",
+                        "hf:// adapters are downloaded into spec.model.cache; set it (or use pvc:// or file://)",
+                    )
+                )
+        elif a.revision is not None or a.weight_name is not None:
+            field = "revision" if a.revision is not None else "weightName"
+            errors.append(FieldError(f"{where}.{field}", "only for hf:// adapters"))
+    return errors
+
+
 def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
     """Cross-field rules (the CRD states them as CEL too) and what a schema cannot know: block counts
     of named models, parallel sizes vs the pod's GPUs or CPU ranks."""
@@ -165,6 +186,7 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
                     FieldError(f"spec.server.auth.keys[{i}].name", f"duplicate key name {api_key.name!r}")
                 )
             seen.add(api_key.name)
+    errors += _adapter_errors(s)
     if s.model.cache is not None and not s.model.uri.startswith("hf://"):
         errors.append(
             FieldError(

@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--revision", help="branch, tag or commit (default main); resolved to one commit")
     d.add_argument("--dest", required=True, help="the cache folder (the model's files land here)")
     d.add_argument("--variant", help="weight variant (fp16, ...); default: the plain weights")
+    d.add_argument(
+        "--adapter",
+        nargs=4,
+        action="append",
+        metavar=("URI", "REVISION", "WEIGHT_NAME", "DEST"),
+        help="also fetch a LoRA adapter's weight file (hf://org/name at REVISION) into DEST, verified, "
+        "with its own completion marker; repeatable",
+    )
     d.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
     d.add_argument("--termination-log", help="also write the last progress line here (/dev/termination-log)")
 

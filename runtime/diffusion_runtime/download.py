@@ -306,9 +306,11 @@ def download(
     interval: float = 2.0,
     emit: Callable[[str], None] | None = None,
     max_workers: int = 8,
+    files: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fill DEST with the pipeline's files at `revision`; return the completion record (the marker)
-    with `cached`: True when nothing was fetched.
+    with `cached`: True when nothing was fetched. `files`: exactly these files of the repository
+    instead of a pipeline's (a LoRA adapter's weight file), verified and marked the same way.
 
     Already complete for this repo and revision (the marker says so and the files are there): nothing
     is requested from the Hub at all."""
@@ -329,6 +331,7 @@ def download(
         and marker.get("repo") == repo_id
         and requested in (marker.get("revision"), marker.get("commit"))
         and marker.get("variant") == variant
+        and set(files or ()) <= set(marker.get("files", {}))
         and check_complete(dest) is None
     ):
         out(progress_line("Complete", bytesDone=marker["bytes"], bytesTotal=marker["bytes"],
@@ -353,11 +356,17 @@ def download(
             for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
             if isinstance(f, RepoFile)
         }
-        if "model_index.json" not in listing:
-            raise DownloadError(f"{repo_id}@{requested}: no model_index.json (not a diffusers pipeline)")
-        hf_hub_download(repo_id, "model_index.json", revision=commit, local_dir=dest, token=token)
-        model_index = json.loads((dest / "model_index.json").read_text())
-        wanted = select_files(listing, model_index, variant)
+        if files is not None:
+            absent = [f for f in files if f not in listing]
+            if absent:
+                raise DownloadError(f"{repo_id}@{requested}: no file {absent[0]} in the repository")
+            wanted = list(files)
+        else:
+            if "model_index.json" not in listing:
+                raise DownloadError(f"{repo_id}@{requested}: no model_index.json (not a diffusers pipeline)")
+            hf_hub_download(repo_id, "model_index.json", revision=commit, local_dir=dest, token=token)
+            model_index = json.loads((dest / "model_index.json").read_text())
+            wanted = select_files(listing, model_index, variant)
         remote = {p: listing[p] for p in wanted}
         with _Reporter(dest, remote, out, interval) as reporter:
             snapshot_download(
@@ -400,7 +409,14 @@ def run(args: Any) -> int:
         print(line, flush=True)
 
     try:
-        download(args.model, args.dest, args.revision, args.variant, args.progress_interval, emit)
+        records = [download(args.model, args.dest, args.revision, args.variant, args.progress_interval, emit)]
+        for uri, revision, weight, dest in args.adapter or ():  # LoRA adapters: one weight file each
+            records.append(download(uri, dest, revision, None, args.progress_interval, emit, files=[weight]))
+        if len(records) > 1:  # the last line (the Job's status) sums the model and its adapters
+            total, count = sum(r["bytes"] for r in records), sum(len(r["files"]) for r in records)
+            emit(progress_line("Complete", bytesDone=total, bytesTotal=total, filesDone=count, filesTotal=count,
+                               commit=records[0]["commit"], adapters=len(records) - 1,
+                               cached=all(r["cached"] for r in records)))  # fmt: skip
         code = 0
     except DownloadError as e:
         done = last_progress("\n".join(lines)) or {}

@@ -84,6 +84,18 @@ class RuntimeMetrics:
             ["endpoint", "status", "key"],
             registry=r,
         )
+        self.adapter_requests = Counter(
+            "diffusion_adapter_requests",
+            "Image requests answered with images, by LoRA adapter (`base`: none); a request with several "
+            "adapters counts under each.",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_inference_duration = Histogram(
+            "diffusion_adapter_inference_duration_seconds",
+            "Time of one pipeline call, by LoRA adapter (`base`: none; several: under each).",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.images = Counter("diffusion_images_generated", "Images generated and returned.", registry=r)
         self.queue_depth = Gauge(
             "diffusion_queue_depth", "Admitted requests waiting for the pipeline.", registry=r

@@ -207,3 +207,36 @@ def write_tiny_model(folder: str | Path, variant: str = "tiny", seed: int = 0) -
         )
     )
     return folder
+
+
+# the file diffusers' `load_lora_weights` looks for in a folder (LORA_WEIGHT_NAME_SAFE)
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def write_tiny_lora(
+    model_folder: str | Path, folder: str | Path, seed: int, rank: int = 4, std: float = 0.2
+) -> Path:
+    """A LoRA for the tiny model saved in `model_folder`: peft adapters with non-zero random weights
+    (seeded) on the transformer's attention projections, written by diffusers' `save_lora_weights`
+    (diffusers-format safetensors) as `folder/pytorch_lora_weights.safetensors`; returns that file."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(model_folder), subfolder="transformer")
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(
+        str(folder), transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+    )
+    return folder / LORA_WEIGHT_NAME

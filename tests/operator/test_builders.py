@@ -80,6 +80,7 @@ def test_configmap_runtime_yaml_follows_the_contract():
             "webhook_backoff_max_seconds": 30.0,
             "webhook_timeout_seconds": 10.0,
         },
+        "adapters": [],
     }
     cache = yaml.safe_load(cm["data"]["cache-dit.yaml"])
     assert cache["cache_config"] == FLUX_DOC["spec"]["cacheDit"]["cache_config"]

@@ -14,6 +14,7 @@ import annotated_types
 from diffusion_runtime.contract import cache_dit_facts as facts
 from diffusion_runtime.contract.config import (
     API_KEY_NAME_PATTERN,
+    MAX_ADAPTERS,
     Device,
     Dtype,
     QualityGateConfig,
@@ -224,6 +225,52 @@ class ModelSpec(_Types):
     dtype: Dtype = setting("model.dtype")
     token_secret_ref: TokenSecretRef | None = Field(None, alias="tokenSecretRef")
     cache: ModelCacheSpec | None = None
+
+
+ADAPTER_URI_PATTERN = (
+    r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|file:///.+)$"
+)
+# a file inside a Hub repository: relative, no segment starting with a dot (so no `..`)
+WEIGHT_NAME_PATTERN = r"^([A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-][A-Za-z0-9._-]*\.safetensors$"
+DEFAULT_ADAPTER_WEIGHT = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+
+
+class AdapterSpec(_Types):
+    """A LoRA adapter every pod loads at start; requests name it (docs/adapters.md)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.uri.startsWith('hf://') || (!has(self.revision) && !has(self.weightName))",
+                    "message": "revision and weightName are for hf:// adapters only",
+                    "fieldPath": ".revision",
+                }
+            ]
+        }
+    )
+
+    name: str = setting("adapters.name", max_length=63)
+    uri: str = Field(
+        description="Where the adapter comes from: hf://org/name (its `weightName` file at `revision`, "
+        "downloaded into spec.model.cache), pvc://claim/path/file.safetensors (the claim mounted read-only) "
+        "or file:///abs/path inside the image (a .safetensors file, or a folder holding "
+        f"{DEFAULT_ADAPTER_WEIGHT}).",
+        pattern=ADAPTER_URI_PATTERN,
+        max_length=512,
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit; default main); hf:// only.", max_length=128
+    )
+    weight_name: str | None = Field(
+        None,
+        alias="weightName",
+        description=f"The LoRA's safetensors file in the repository (default {DEFAULT_ADAPTER_WEIGHT}); "
+        "hf:// only.",
+        pattern=WEIGHT_NAME_PATTERN,
+        max_length=256,
+    )
+    scale: float = setting("adapters.scale")
 
 
 class GpuSpec(_Types):
@@ -690,6 +737,13 @@ class DiffusionDeploymentSpec(_Types):
                     "the HPA drives the replica count",
                 },
                 {
+                    "rule": "!has(self.adapters) || has(self.model.cache) || "
+                    "self.adapters.all(a, !a.uri.startsWith('hf://'))",
+                    "message": "adapters: hf:// adapters are downloaded into spec.model.cache; set it (or use "
+                    "pvc:// or file:// adapters)",
+                    "fieldPath": ".adapters",
+                },
+                {
                     "rule": f"!({_CEL_HAS_PARALLEL}) || !{_CEL_ON_GPUS} || {_CEL_PRODUCT} == {_CEL_GPU_COUNT}",
                     "message": f"cacheDit.parallelism_config: {PARALLEL_ON_GPUS}",
                     "fieldPath": ".cacheDit.parallelism_config",
@@ -739,6 +793,16 @@ class DiffusionDeploymentSpec(_Types):
     )
     network_policy: NetworkPolicySpec = Field(
         default_factory=lambda: NetworkPolicySpec.model_validate({}), alias="networkPolicy"
+    )
+    adapters: list[AdapterSpec] | None = Field(
+        None,
+        description="LoRA adapters served beside the model; a request names zero, one or several with "
+        "scales, GET /v1/models lists them (docs/adapters.md). Adding or removing one changes runtime.yaml: "
+        "a rolling restart.",
+        max_length=MAX_ADAPTERS,
+        json_schema_extra=renders(
+            "adapters", **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+        ),
     )
 
 

@@ -15,9 +15,9 @@ from diffusion_operator.api.funcs import (
     quantize_config,
     runtime_settings,
 )
-from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.api.types import AdapterSpec, DiffusionDeployment
 from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
-from diffusion_operator.builders.modelcache import model_path_in_pod
+from diffusion_operator.builders.modelcache import adapter_folder_in_pod, adapter_weight, model_path_in_pod
 
 CONFIG_DIR = "/etc/diffusion"
 MODELS_DIR = "/models"
@@ -39,6 +39,21 @@ def model_uri_in_pod(dd: DiffusionDeployment) -> str:
         return dd.spec.model.uri
     claim, path = pvc
     return f"{MODELS_DIR}/{claim}/{path}".rstrip("/")
+
+
+def adapter_claim(a: AdapterSpec) -> str | None:
+    """The claim of a pvc:// adapter (mounted read-only at /models/<claim>, like a pvc:// model)."""
+    return a.uri[len("pvc://") :].partition("/")[0] if a.uri.startswith("pvc://") else None
+
+
+def adapter_path_in_pod(a: AdapterSpec) -> str:
+    """runtime.yaml's adapters[].path: hf:// -> its file in the model cache; pvc://claim/path ->
+    /models/claim/path; file:///path -> /path."""
+    if a.uri.startswith("hf://"):
+        return f"{adapter_folder_in_pod(a)}/{adapter_weight(a)}"
+    if a.uri.startswith("pvc://"):
+        return f"{MODELS_DIR}/{a.uri[len('pvc://') :]}"
+    return a.uri[len("file://") :]
 
 
 def render_cache_dit_config(dd: DiffusionDeployment) -> dict:
@@ -84,6 +99,10 @@ def runtime_config(dd: DiffusionDeployment) -> RuntimeConfig:
         raw["compile_cache_dir"] = COMPILE_CACHE_MOUNT
     if cr.server.auth is not None:
         _put(raw, "server.auth_keys_dir", API_KEYS_MOUNT)
+    if cr.adapters:
+        raw["adapters"] = [
+            {"name": a.name, "path": adapter_path_in_pod(a), "scale": a.scale} for a in cr.adapters
+        ]
     return config_from_dict(raw)
 
 

@@ -32,6 +32,7 @@ from diffusion_operator.builders.configmap import (
     COMPILE_CACHE_MOUNT,
     CONFIG_DIR,
     MODELS_DIR,
+    adapter_claim,
     configmap_name,
 )
 from diffusion_operator.builders.modelcache import MODEL_CACHE_MOUNT, claim_name
@@ -172,6 +173,13 @@ def build_volumes(dd: DiffusionDeployment) -> tuple[list[dict], list[dict]]:
         claim, _ = pvc
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+    # pvc:// adapters: each other claim mounted read-only at /models/<claim>, as a pvc:// model's
+    adapter_claims = [c for a in dd.spec.adapters or () if (c := adapter_claim(a)) is not None]
+    for i, other in enumerate(dict.fromkeys(c for c in adapter_claims if pvc is None or c != pvc[0])):
+        volumes.append(
+            {"name": f"adapters-{i}", "persistentVolumeClaim": {"claimName": other, "readOnly": True}}
+        )
+        mounts.append({"name": f"adapters-{i}", "mountPath": f"{MODELS_DIR}/{other}", "readOnly": True})
     if dd.spec.model.cache is not None:
         volumes.append(
             {

@@ -13,7 +13,12 @@ from __future__ import annotations
 from diffusion_runtime.contract.lines import local_folder
 
 from diffusion_operator.api.funcs import template_env, token_secret, tolerations
-from diffusion_operator.api.types import DiffusionDeployment, ModelCacheSpec
+from diffusion_operator.api.types import (
+    DEFAULT_ADAPTER_WEIGHT,
+    AdapterSpec,
+    DiffusionDeployment,
+    ModelCacheSpec,
+)
 from diffusion_operator.builders.common import (
     MANAGED_BY,
     container_security_context,
@@ -27,6 +32,7 @@ MODEL_CACHE_MOUNT = "/models/cache"
 DOWNLOAD_CONTAINER = "download"
 DOWNLOAD_LABEL = "diffusion.dev/component"  # value "model-download" on the Job and its pod
 TERMINATION_LOG = "/dev/termination-log"
+ADAPTERS_FOLDER = "adapters"  # hf:// adapters in the claim: adapters/<name>/<weight file>
 JOB_ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a stuck download fails instead of holding the claim for ever
 
 
@@ -51,6 +57,22 @@ def cache_subpath(dd: DiffusionDeployment) -> str:
 
 def model_path_in_pod(dd: DiffusionDeployment) -> str:
     return f"{MODEL_CACHE_MOUNT}/{cache_subpath(dd)}"
+
+
+def hub_adapters(dd: DiffusionDeployment) -> list[AdapterSpec]:
+    """The hf:// adapters: the download Job fetches them into the claim beside the model."""
+    return [a for a in dd.spec.adapters or () if a.uri.startswith("hf://")]
+
+
+def adapter_folder_in_pod(a: AdapterSpec) -> str:
+    """An hf:// adapter's folder in the claim: adapters/<name>, one per adapter (its own completion
+    marker: a new uri, revision or weight file for that name is fetched again; model folders are
+    org--name/revision, so the two never meet)."""
+    return f"{MODEL_CACHE_MOUNT}/{ADAPTERS_FOLDER}/{a.name}"
+
+
+def adapter_weight(a: AdapterSpec) -> str:
+    return a.weight_name or DEFAULT_ADAPTER_WEIGHT
 
 
 def job_name(dd: DiffusionDeployment, job_spec: dict) -> str:
@@ -85,6 +107,8 @@ def build_download_job(dd: DiffusionDeployment, owner: dict) -> dict:
         args += ["--revision", spec.model.revision]
     if cache.variant:
         args += ["--variant", cache.variant]
+    for a in hub_adapters(dd):  # each one's weight file at one commit, verified, its own marker
+        args += ["--adapter", a.uri, a.revision or "main", adapter_weight(a), adapter_folder_in_pod(a)]
     env: list[dict] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/huggingface"},

@@ -12,13 +12,19 @@ the edit uploads carry `contentMediaType` (PNG, JPEG or WebP); `webhook` carries
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from diffusion_runtime.contract.config import RuntimeConfig
+from diffusion_runtime.contract.config import (
+    ADAPTER_NAME_PATTERN,
+    ADAPTER_SCALE_LIMIT,
+    MAX_ADAPTERS,
+    RuntimeConfig,
+)
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE, SIZE_PATTERN
 
 PROMPT_MAX_CHARS = 32000  # OpenAI's limit for GPT image models
@@ -83,6 +89,72 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- responses
+
+
+class _AdapterBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    scale: float | None = Field(
+        None,
+        ge=-ADAPTER_SCALE_LIMIT,
+        le=ADAPTER_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description="default: the adapter's declared scale",
+    )
+
+
+class AdapterRequest(typing.Protocol):
+    """What the serving object reads from one adapter of a request (`_adapter_request`'s models)."""
+
+    name: str
+    scale: float | None
+
+
+# the multipart form's `adapters`: `name` or `name:scale`, comma-separated (`watercolor:0.8,ink`)
+ADAPTER_SCALE_PATTERN = r"-?(?:10(?:\.0+)?|\d(?:\.\d+)?)"  # [-10, 10]: ADAPTER_SCALE_LIMIT
+
+
+def adapters_form_pattern(names: list[str]) -> str:
+    """The form field's pattern on a server with these adapters (none: only the empty string)."""
+    if not names:
+        return "^$"
+    item = f"(?:{'|'.join(re.escape(n) for n in names)})(?::{ADAPTER_SCALE_PATTERN})?"
+    return f"^(?:{item}(?:,{item})*)?$"
+
+
+def _adapters_form(value: Any) -> Any:
+    """A multipart form carries `adapters` as text: `name[:scale],...`; empty: none."""
+    if not isinstance(value, str):
+        return value
+    out: list[dict[str, Any]] = []
+    for item in value.split(",") if value.strip() else ():
+        name, sep, scale = item.strip().partition(":")
+        try:
+            out.append({"name": name, **({"scale": float(scale)} if sep else {})})
+        except ValueError as e:
+            raise ValueError(f"adapters: {item!r} is not name or name:scale") from e
+    return out
+
+
+def _adapter_request(names: list[str]) -> type[BaseModel]:
+    """One adapter of a request on a server with these adapters: the schema lists their names (the
+    server answers an unknown one with a 400 naming them: engine.adapters.requested)."""
+    extra: dict[str, Any] | None = {"enum": list(names)} if names else None
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        "AdapterRequest",
+        __base__=_AdapterBase,
+        __doc__="One LoRA adapter of a request: a declared adapter's name (GET /v1/models lists them) "
+        "and a scale.",
+        name=(
+            str,
+            Field(
+                max_length=63,
+                pattern=ADAPTER_NAME_PATTERN,
+                description="a declared adapter (config adapters)",
+                json_schema_extra=extra,
+            ),
+        ),
+    )
 
 
 class ImageData(BaseModel):
@@ -159,6 +231,10 @@ class ModelCard(BaseModel):
     owned_by: str = "diffusion-runtime"
     pipeline: str | None = Field(None, description="the diffusers pipeline class")
     ready: bool
+    parent: str | None = Field(
+        None, description="a LoRA adapter: the base model's id (request it by name in `adapters`)"
+    )
+    scale: float | None = Field(None, description="a LoRA adapter: its default scale")
 
 
 class ModelList(BaseModel):
@@ -201,6 +277,7 @@ def _size_field(max_pixels: int) -> Any:
 
 def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
     s = cfg.server
+    names = [a.name for a in cfg.adapters]
     return {
         "prompt": (
             str,
@@ -241,7 +318,27 @@ def _common_fields(cfg: RuntimeConfig) -> dict[str, Any]:
                 json_schema_extra={"format": WEBHOOK_FORMAT},
             ),
         ),
-        "model": (str | None, Field(None, max_length=256, description="accepted and ignored (one model)")),
+        "adapters": (
+            Annotated[list[_adapter_request(names)], BeforeValidator(_adapters_form)],  # type: ignore[misc]
+            Field(
+                default_factory=list,
+                max_length=MAX_ADAPTERS,
+                description="LoRA adapters for this request, each a declared adapter's name with an optional "
+                "scale; several combine; empty: the base model (docs/adapters.md). An extension of OpenAI's "
+                "body: the openai client sends it in extra_body. Edits (multipart): `name[:scale],...`",
+                # a server without adapters takes none (the schema says so; the server's 400 names why)
+                json_schema_extra=None if names else {"maxItems": 0},
+            ),
+        ),
+        "model": (
+            str | None,
+            Field(
+                None,
+                max_length=256,
+                description="an adapter's id from GET /v1/models applies that adapter at its declared scale "
+                "(when `adapters` is empty); any other value is accepted and ignored (one model)",
+            ),
+        ),
         "user": (str | None, Field(None, max_length=256, description="accepted and ignored")),
         "quality": (str | None, Field(None, max_length=64, description="accepted and ignored")),
         "style": (str | None, Field(None, max_length=64, description="accepted and ignored")),
@@ -264,6 +361,8 @@ class ImageRequestFields(typing.Protocol):
     seed: int | None
     negative_prompt: str | None
     webhook: str | None
+    adapters: list[AdapterRequest]
+    model: str | None
 
 
 class EditRequestFields(ImageRequestFields, typing.Protocol):
@@ -295,11 +394,19 @@ class Protocol:
     edit: type[BaseModel]
     max_pixels: int
     max_upload_bytes: int
+    adapters_form_pattern: str = "^$"
 
     def edit_form_schema(self) -> dict[str, Any]:
         """The multipart/form-data schema of POST /v1/images/edits (fields + uploads)."""
         schema = self.edit.model_json_schema(ref_template="#/components/schemas/{model}")
         props = {name: _no_null(p) for name, p in schema["properties"].items()}
+        if "adapters" in props:  # a form field is text
+            props["adapters"] = {
+                "type": "string",
+                "pattern": self.adapters_form_pattern,
+                "description": "LoRA adapters: `name` or `name:scale`, comma-separated, e.g. "
+                "`watercolor:0.8,ink` (docs/adapters.md); empty: the base model",
+            }
         upload = {
             "type": "string",
             "format": "binary",
@@ -387,6 +494,7 @@ def build_protocol(cfg: RuntimeConfig) -> Protocol:
         edit=edit,
         max_pixels=cfg.server.max_pixels,
         max_upload_bytes=cfg.server.max_upload_bytes,
+        adapters_form_pattern=adapters_form_pattern([a.name for a in cfg.adapters]),
     )
 
 

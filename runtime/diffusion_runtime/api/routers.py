@@ -171,16 +171,26 @@ def models_router(started: float) -> APIRouter:
             created=int(started),
             pipeline=state.engine.pipeline_name if state.engine is not None else None,
             ready=state.ready,
+            parent=None,
+            scale=None,
         )
+
+    def cards(state: RuntimeState) -> list[ModelCard]:
+        """The base model, then each declared LoRA adapter (its id: the adapter's name)."""
+        base = card(state)
+        return [base] + [
+            base.model_copy(update={"id": a.name, "parent": base.id, "scale": a.scale})
+            for a in state.config.adapters
+        ]
 
     @router.get(
         "/v1/models",
         operation_id="listModels",
         response_model=ModelList,
-        summary="The served model (OpenAI's list shape)",
+        summary="The served model and its LoRA adapters (OpenAI's list shape)",
     )
     async def list_models(state: State) -> Any:
-        return ModelList(data=[card(state)])
+        return ModelList(data=cards(state))
 
     @router.get(
         "/v1/models/{model_id:path}",
@@ -190,10 +200,12 @@ def models_router(started: float) -> APIRouter:
         summary="One model by id",
     )
     async def get_model(model_id: str, state: State) -> Any:
-        c = card(state)
-        if model_id != c.id:
-            return error_response(404, f"model {model_id!r} is not served here; this pod serves {c.id!r}")
-        return c
+        served = cards(state)
+        for c in served:
+            if model_id == c.id:
+                return c
+        ids = ", ".join(repr(c.id) for c in served)
+        return error_response(404, f"model {model_id!r} is not served here; this pod serves {ids}")
 
     return router
 

@@ -40,6 +40,7 @@ from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.api.webhooks import Delivery, Fence, Outcome, Refused, secret_from_env
 from diffusion_runtime.contract.config import parse_size
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE
+from diffusion_runtime.engine.adapters import labels, requested
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.imaging import decode_upload, encode_result, fit_size, mask_from_upload
 from diffusion_runtime.engine.params import (
@@ -102,9 +103,12 @@ def decode_edit_inputs(image_bytes: bytes, mask_bytes: bytes | None) -> tuple[An
     return image, mask_from_upload(mask_img)
 
 
-def record_result(m: RuntimeMetrics, result: EncodedResult) -> None:
-    """The inference metrics of a finished pipeline call (where it ran)."""
+def record_result(m: RuntimeMetrics, result: EncodedResult, params: GenerationParams) -> None:
+    """The inference metrics of a finished pipeline call (where it ran), by adapter too."""
     m.inference_duration.observe(result.inference_seconds)
+    for adapter in labels(params.adapters):
+        m.adapter_requests.labels(adapter=adapter).inc()
+        m.adapter_inference_duration.labels(adapter=adapter).observe(result.inference_seconds)
     for s in result.step_seconds:
         m.step_duration.observe(s)
     m.cache_steps.labels(result="cached").inc(result.cached_steps)
@@ -220,6 +224,13 @@ class ImageServing:
             )
         return width, height
 
+    def adapters_of(self, req: ImageRequestFields) -> list[tuple[str, float | None]]:
+        """The request's adapters; none, and `model` is an adapter's id (GET /v1/models): that one."""
+        wanted: list[tuple[str, float | None]] = [(a.name, a.scale) for a in req.adapters]
+        if not wanted and req.model in {a.name for a in self.state.config.adapters}:
+            wanted = [(req.model, None)]
+        return wanted
+
     def params(self, req: ImageRequestFields, width: int, height: int) -> GenerationParams:
         """The engine's parameters of a request (generation or edit form): defaults filled in."""
         s = self.state.config.server
@@ -233,6 +244,7 @@ class ImageServing:
             seed=req.seed if req.seed is not None else random.randrange(2**31), n=req.n,
             guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
             true_cfg_scale=req.true_cfg_scale,
+            adapters=requested(self.adapters_of(req), self.state.config.adapters),
         )  # fmt: skip
 
     # ------------------------------------------------------------ the two endpoints
@@ -353,8 +365,8 @@ class ImageServing:
         result: EncodedResult = work.future.result()
         return result
 
-    def record(self, result: EncodedResult) -> None:
-        record_result(self.state.metrics, result)
+    def record(self, result: EncodedResult, params: GenerationParams) -> None:
+        record_result(self.state.metrics, result, params)
 
     def images_response(
         self,
@@ -367,7 +379,7 @@ class ImageServing:
         owner: str | None = None,
     ) -> ImagesResponse:
         """`owner`: the key name whose requests may fetch url results (None: auth off)."""
-        self.record(result)
+        self.record(result, params)
         return build_images_response(
             result, params, req.output_format, req.response_format, base_url,
             put=lambda data, fmt: self.results.put(data, fmt, owner), queue_wait=work.started - work.enqueued, total=time.perf_counter() - t0,

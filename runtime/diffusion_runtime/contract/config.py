@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -324,6 +324,32 @@ class QualityGateConfig(_Section):
         return self
 
 
+# A LoRA adapter's name: what requests name (`adapters[].name`), a /v1/models id and a metrics label
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$"
+ADAPTER_SCALE_LIMIT = 10.0  # |scale| of a declared default and of a request's scale
+MAX_ADAPTERS = 16  # declared per deployment: each one's low-rank terms run in every call (docs/adapters.md)
+
+
+class AdapterConfig(_Section):
+    """A LoRA adapter loaded at start; requests name it with a scale (docs/adapters.md)."""
+
+    name: Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)] = Field(
+        description="What requests name in `adapters` and /v1/models lists: lowercase letters, digits, "
+        "`-`, `_`, `.`; at most 63 characters.",
+    )
+    path: Annotated[str, AfterValidator(_absolute)] = Field(
+        description="Absolute path of the diffusers-format LoRA: a .safetensors file, or a folder holding "
+        "pytorch_lora_weights.safetensors.",
+    )
+    scale: float = Field(
+        default=1.0,
+        description="Scale of the adapter when a request names it without one.",
+        ge=-ADAPTER_SCALE_LIMIT,
+        le=ADAPTER_SCALE_LIMIT,
+        allow_inf_nan=False,
+    )
+
+
 QUEUE_URL_ENV = "DIFFUSION_QUEUE_URL"  # redis://[:password@]host:port/db, from a Secret (docs/queue.md)
 QUEUE_MAX_ATTEMPTS_LIMIT = 10
 
@@ -389,6 +415,21 @@ class RuntimeConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     quality_gate: QualityGateConfig | None = None  # None: no gate
     queue: QueueConfig | None = None  # None: no shared queue, the pod's own HTTP API only
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters loaded at start; a request names zero, one or several with scales "
+        "(docs/adapters.md).",
+        max_length=MAX_ADAPTERS,
+    )
+
+    @model_validator(mode="after")
+    def _adapter_names_unique(self) -> RuntimeConfig:
+        seen: set[str] = set()
+        for i, a in enumerate(self.adapters):
+            if a.name in seen:
+                raise _error(f"adapters[{i}].name", f"{a.name!r} is declared more than once")
+            seen.add(a.name)
+        return self
 
     @model_validator(mode="after")
     def _within_server_limits(self) -> RuntimeConfig:
@@ -427,7 +468,15 @@ def _values(cls: type[_Section], raw: dict, where: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, value in raw.items():
         section = _section_type(known[name].annotation)
-        if section is None:
+        if section is not None and get_origin(known[name].annotation) is list and isinstance(value, list):
+            # a list of sections (adapters): each mapping built like a section, anything else left to validate
+            values[name] = [
+                section.model_construct(**_values(section, item, f"{name}[{i}]"))
+                if isinstance(item, dict)
+                else item
+                for i, item in enumerate(value)
+            ]
+        elif section is None:
             values[name] = value
         elif value is not None:
             if not isinstance(value, dict):
@@ -764,6 +813,19 @@ def runtime_errors(
         errors.append(_error("model.dtype", "float16 is not supported on cpu; use float32 or bfloat16"))
     if cfg.device == "cuda" and device_type != "cuda":
         errors.append(_error("device", "cuda requested but this pod has no GPU"))
+    if cfg.adapters and isinstance(cache_dit, dict):
+        # peft's LoRA layers wrap the transformer's Linear modules: untested over torchao's quantized
+        # weights and over cache-dit's tensor-parallel shards (context parallelism splits tokens: fine)
+        if cache_dit.get("quantize_config") is not None:
+            errors.append(
+                _error("adapters", "not supported together with quantize_config", reason="Unsupported")
+            )
+        tp = (cache_dit.get("parallelism_config") or {}).get("tp_size")
+        if isinstance(tp, int) and tp > 1:
+            errors.append(
+                _error("adapters", "not supported together with parallelism_config.tp_size > 1",
+                       reason="Unsupported")
+            )  # fmt: skip
     return errors + cache_dit_errors(cache_dit, device_type, capability, cfg.model.dtype)
 
 

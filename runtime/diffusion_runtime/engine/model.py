@@ -17,6 +17,8 @@ from typing import Any
 
 from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, parse_size
 from diffusion_runtime.engine import cache_dit_adapter
+from diffusion_runtime.engine.adapters import Adapters
+from diffusion_runtime.engine.errors import InvalidInput
 from diffusion_runtime.engine.optimize import (
     CacheDitPlan,
     apply_plan,
@@ -125,6 +127,7 @@ class Model:
     model_downloaded: bool = False  # this process fetched model files from the Hub
     size_multiple: int = 16
     quality_gate: QualityGate | None = None  # holds the plain pipeline's canaries until warmup ends
+    adapters: Adapters = field(default_factory=lambda: Adapters(()))  # loaded LoRAs (config.adapters)
     _variants: EditVariants | None = field(default=None, repr=False)
 
     @property
@@ -156,6 +159,7 @@ class Model:
         on_step: StepCallback | None = None,
     ) -> GenerationResult:
         cached = self.pipe if self.uses_cache_dit else None
+        self.adapters.activate(params.adapters)
         return timed_call(self.pipe, params, self.device, cached, cancel, on_step)
 
     def prepare_edit(self, kind: str) -> None:
@@ -168,6 +172,7 @@ class Model:
         on_step: StepCallback | None = None,
     ) -> GenerationResult:
         variant = self.edit_variants.get(params.kind)
+        self.adapters.activate(params.adapters)  # the variant shares the adapted modules
         if not self.uses_cache_dit:
             return timed_call(variant, params, self.device, None, cancel, on_step)
         context = cache_dit_adapter.call_context(self.pipe)
@@ -243,12 +248,19 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         raise ModelError(f"model {config.model.uri}: loading failed ({type(e).__name__}: {msg})") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    # adapters before the gate's reference (each adapter's canary is rendered plain too), cache-dit,
+    # quantization and compile (the compiled graphs include every adapter's layers)
+    adapters = Adapters(config.adapters)
+    try:
+        adapters.load(pipe)
+    except InvalidInput as e:
+        raise ModelError(str(e)) from e
     gate = None
     gate_plan = GatePlan.from_config(config)
     if gate_plan is not None and (plan is not None or config.compile):
         # the reference: the plain pipeline, before cache-dit, quantization and compile change it
         gate = QualityGate(gate_plan)
-        plain = Model(pipe, config, device, None, 0.0, model_path)
+        plain = Model(pipe, config, device, None, 0.0, model_path, adapters=adapters)
         gate.render_reference(plain.generate)
     elif gate_plan is not None:
         log.info("quality gate: no cache-dit, quantization or compile to check; skipped")
@@ -278,4 +290,5 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         model_downloaded=downloaded,
         size_multiple=max(16, vae_scale * 2),
         quality_gate=gate,
+        adapters=adapters,
     )

@@ -37,6 +37,9 @@ class GenerationParams:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float | None = None
+    # LoRA adapters of this call: ((name, scale), ...), checked against the declared ones
+    # (`engine.adapters.requested`); () is the base model
+    adapters: tuple[tuple[str, float], ...] = ()
 
     @property
     def size(self) -> str:

@@ -8,7 +8,9 @@ reference), and with the optimized pipeline after warmup. It compares each pair 
 each. Both must meet the thresholds or the pod never turns Ready: it exits with one line carrying
 the figures and the thresholds (also written as the container's termination message).
 
-With random-weight test models the figures show the mechanism, not real image quality. How the
+With LoRA adapters declared (`adapters`), each adapter adds one canary: the first prompt and seed
+with that adapter at its declared scale, rendered plain (adapters are loaded before the reference)
+and optimized. With random-weight test models the figures show the mechanism, not real image quality. How the
 failed gate's line starts, which the operator reads, is the contract's: `contract.lines.GATE_FAILED`.
 """
 
@@ -31,6 +33,7 @@ Generate = Callable[[GenerationParams], GenerationResult]  # Engine.generate
 class Canary:
     prompt: str
     seed: int
+    adapters: tuple[tuple[str, float], ...] = ()  # a LoRA adapter's canary: ((name, scale),)
 
 
 @dataclass
@@ -52,7 +55,9 @@ class GatePlan:
         size = g.size or (config.warmup.resolutions[0] if config.warmup.resolutions else "1024x1024")
         width, height = parse_size(size)
         return cls(
-            canaries=tuple(Canary(p, s) for p in g.prompts for s in g.seeds),
+            # every prompt x seed on the base model; each declared adapter at its scale: the first one
+            canaries=tuple(Canary(p, s) for p in g.prompts for s in g.seeds)
+            + tuple(Canary(g.prompts[0], g.seeds[0], ((a.name, a.scale),)) for a in config.adapters),
             width=width,
             height=height,
             steps=g.steps or config.warmup.steps,
@@ -96,7 +101,12 @@ def render(generate: Generate, plan: GatePlan) -> list[Any]:
     images = []
     for c in plan.canaries:
         params = GenerationParams(
-            prompt=c.prompt, width=plan.width, height=plan.height, steps=plan.steps, seed=c.seed
+            prompt=c.prompt,
+            width=plan.width,
+            height=plan.height,
+            steps=plan.steps,
+            seed=c.seed,
+            adapters=c.adapters,
         )
         images.append(generate(params).images[0])
     return images
@@ -161,8 +171,9 @@ class QualityGate:
         result.optimized_seconds = time.perf_counter() - t0
         for canary, psnr, ssim in result.per_canary:
             log.info(
-                "quality gate: %r seed %d: PSNR %.2f dB, SSIM %.4f", canary.prompt, canary.seed, psnr, ssim
-            )
+                "quality gate: %r seed %d%s: PSNR %.2f dB, SSIM %.4f", canary.prompt, canary.seed,
+                "".join(f", adapter {n} x{w:g}" for n, w in canary.adapters), psnr, ssim,
+            )  # fmt: skip
         log.log(
             logging.INFO if result.passed else logging.ERROR,
             "quality gate %s: %s; cost %.2fs",

@@ -35,7 +35,10 @@ def job_spec(
 
 
 def generation_params(spec: dict[str, Any]) -> GenerationParams:
-    return GenerationParams(**spec["params"])
+    fields = dict(spec["params"])
+    # JSON has lists where the dataclass has tuples: ((name, scale), ...)
+    fields["adapters"] = tuple((str(name), float(scale)) for name, scale in fields.get("adapters") or ())
+    return GenerationParams(**fields)
 
 
 def output_format(spec: dict[str, Any]) -> OutputFormat:

@@ -248,7 +248,7 @@ class QueueWorker:
         if work is not None and work.started:
             wait = max(0.0, time.time() - (time.perf_counter() - work.started) - created)
         if result is not None:
-            record_result(self.state.metrics, result)
+            record_result(self.state.metrics, result, params)
             rids: list[str] = []
             if spec["response_format"] == "url":
                 rids = [new_result_id(spec["output_format"]) for _ in result.images]
