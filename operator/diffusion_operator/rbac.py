@@ -20,8 +20,12 @@ from diffusion_operator.resources import RESOURCES, Resource
 
 
 def rules_of(resource: Resource) -> list[dict]:
-    """The rules one table row needs: the resource's verbs, then each subresource's."""
-    out = [{"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}]
+    """The rules one table row needs: the resource's verbs (none: no rule), then each subresource's."""
+    out = []
+    if resource.verbs:
+        out.append(
+            {"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}
+        )
     for sub, verbs in resource.subresources:
         out.append(
             {"apiGroups": [resource.group], "resources": [f"{resource.plural}/{sub}"], "verbs": list(verbs)}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from diffusion_operator.api.group import API_VERSION, KIND, PLURAL
 from diffusion_operator.builders.common import MANAGED_BY
+from diffusion_operator.builders.hpa import QUEUE_DEMAND_METRIC
 
 # the label every child and serving pod carries: the watches of children and pods select on it
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
@@ -72,12 +73,19 @@ RESOURCES: tuple[Resource, ...] = (
         "runtime.yaml + cache-dit.yaml: read, watch (drift), server-side apply (create happens through apply)",
         watch=Watch.CHILD,
     ),
-    Resource("v1", "Service", "services", WATCHED_CHILD, "the serving pods' Service", watch=Watch.CHILD),
     Resource(
-        "policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", WATCHED_CHILD,
-        "the serving pods' disruption budget", watch=Watch.CHILD,
+        "v1", "Service", "services", (*WATCHED_CHILD, "delete"),
+        "the serving pods' Service, the front door's (deleted when spec.queue is removed)", watch=Watch.CHILD,
     ),
-    Resource("apps/v1", "Deployment", "deployments", WATCHED_CHILD, "the serving pods", watch=Watch.CHILD),
+    Resource(
+        "policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", (*WATCHED_CHILD, "delete"),
+        "the serving pods' and the front door's disruption budgets (the front door's deleted with spec.queue)",
+        watch=Watch.CHILD,
+    ),
+    Resource(
+        "apps/v1", "Deployment", "deployments", (*WATCHED_CHILD, "delete"),
+        "the serving pods, the front door (deleted when spec.queue is removed)", watch=Watch.CHILD,
+    ),
     Resource(
         "autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", (*WATCHED_CHILD, "delete"),
         "the HPA is deleted when spec.autoscaling is removed or its engine is keda", watch=Watch.CHILD,
@@ -86,6 +94,11 @@ RESOURCES: tuple[Resource, ...] = (
         "keda.sh/v1alpha1", "ScaledObject", "scaledobjects", ("get", "create", "patch", "delete"),
         "spec.autoscaling.engine keda: the KEDA ScaledObject (applied, read on fresh passes, deleted when the "
         "engine or autoscaling changes; not watched, as KEDA's CRD may be absent: no list/watch)",
+    ),
+    Resource(
+        "keda.sh/v1alpha1", "TriggerAuthentication", "triggerauthentications", ("get", "create", "patch", "delete"),
+        "spec.queue with engine keda: the queue Secret's keys for the redis-streams triggers, by reference "
+        "(not watched, as the ScaledObject)",
     ),
     Resource(
         "v1", "PersistentVolumeClaim", "persistentvolumeclaims", WATCHED_CHILD,
@@ -101,6 +114,12 @@ RESOURCES: tuple[Resource, ...] = (
         "pods, read-only: the download's progress (log tail, termination message), the serving pods' "
         "termination messages (a failed quality gate) and start lines (the head of a Ready pod's log)",
         watch=Watch.POD, subresources=(("log", ("get",)),),
+    ),
+    Resource(
+        "custom.metrics.k8s.io/v1beta2", "MetricValueList", "deployments.apps", (),
+        "spec.queue: status.queue.demand, the queue's demand as the HPA reads it (the Object metric on the "
+        "runtime Deployment, from the custom metrics adapter); that one metric only",
+        subresources=((QUEUE_DEMAND_METRIC, ("get",)),),
     ),
     Resource(
         "v1", "Event", "events", ("create", "patch"),
@@ -123,6 +142,9 @@ def resource(api_version: str, kind: str) -> Resource:
     return _BY_KIND[(api_version, kind)]
 
 
+row = resource  # the name where `resource` is a common variable name
+
+
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
     return resource(api_version, kind).collection(namespace)
 
@@ -134,3 +156,4 @@ def watched(watch: Watch) -> list[Resource]:
 CR = resource(API_VERSION, KIND)
 HPA = resource("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject")
+CUSTOM_METRIC = resource("custom.metrics.k8s.io/v1beta2", "MetricValueList")

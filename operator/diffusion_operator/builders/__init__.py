@@ -11,8 +11,9 @@ from diffusion_operator.builders.configmap import (
     render_runtime_config,
 )
 from diffusion_operator.builders.deployment import build_deployment
+from diffusion_operator.builders.frontdoor import build_front_door
 from diffusion_operator.builders.hpa import build_hpa
-from diffusion_operator.builders.keda import build_scaled_object
+from diffusion_operator.builders.keda import build_scaled_object, build_trigger_authentication
 from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
 from diffusion_operator.builders.pdb import build_pdb
 from diffusion_operator.builders.service import build_service, endpoint
@@ -22,10 +23,12 @@ __all__ = [
     "build_configmap",
     "build_deployment",
     "build_download_job",
+    "build_front_door",
     "build_model_cache_pvc",
     "build_hpa",
     "build_pdb",
     "build_scaled_object",
+    "build_trigger_authentication",
     "build_service",
     "endpoint",
     "labels",
@@ -45,7 +48,9 @@ def build_all(
     spec.model.cache its claim and download Job last. Until that cache is complete
     (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
     The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
-    reading `keda_prometheus_address`), never both."""
+    reading `keda_prometheus_address`, or with spec.queue the queue server through a
+    TriggerAuthentication), never both. With spec.queue the front door (Deployment, Service, PDB
+    `<name>-frontdoor`) follows the runtime pods' children."""
     configmap = build_configmap(dd, owner)
     children = [
         configmap,
@@ -53,8 +58,12 @@ def build_all(
         build_service(dd, owner),
         build_pdb(dd, owner),
     ]
+    if dd.spec.queue is not None:
+        children += build_front_door(dd, owner, configmap)
     if dd.spec.autoscaling is not None and model_cache_ready:
         if dd.spec.autoscaling.engine == "keda":
+            if dd.spec.queue is not None:
+                children.append(build_trigger_authentication(dd, owner))
             children.append(build_scaled_object(dd, owner, keda_prometheus_address))
         else:
             children.append(build_hpa(dd, owner))

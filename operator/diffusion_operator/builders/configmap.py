@@ -13,6 +13,7 @@ from diffusion_operator.api.funcs import (
     model_pvc,
     quality_gate_on,
     quantize_config,
+    queue_name,
     runtime_settings,
 )
 from diffusion_operator.api.types import DiffusionDeployment
@@ -80,6 +81,8 @@ def runtime_config(dd: DiffusionDeployment) -> RuntimeConfig:
         raw["cache_dit_config"] = CACHE_DIT_FILE
     if cr.compile_cache is not None:
         raw["compile_cache_dir"] = COMPILE_CACHE_MOUNT
+    if cr.queue is not None:
+        _put(raw, "queue.name", queue_name(dd.namespace, dd.name))
     return config_from_dict(raw)
 
 

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from diffusion_operator import builders, validation
 from diffusion_operator.api import funcs
 from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.builders.hpa import QUEUE_DEMAND_METRIC
 from diffusion_operator.controller import model_cache
-from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
+from diffusion_operator.controller.apply import Applier, Slot, needs_apply, slot, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
 from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue
 from diffusion_operator.controller.loop import REFUSED_RETRY, WorkLoop
@@ -33,6 +34,7 @@ log = logging.getLogger("diffusion_operator")
 # a transient child error (5xx, 409, 429, connection) still failing at this attempt is also reported
 # in status (Synced=False) and by one event, while the retries go on
 REPORT_TRANSIENT_AFTER = 3
+QUEUE_POLL_SECONDS = 15.0
 
 
 class Reconciler:
@@ -53,6 +55,8 @@ class Reconciler:
         self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
         # while a model cache downloads, look again this often (None: only on events, as tests drive it)
         self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
+        # with spec.queue, status.queue.demand is refreshed this often (None: only on events, as tests drive it)
+        self.queue_poll: float | None = QUEUE_POLL_SECONDS
         self.informers = Informers(child_delay)
         self.start_lines = StartLines(
             lambda: self.client, lambda ns, name: self.enqueue(ns, name, fresh=True)
@@ -226,14 +230,18 @@ class Reconciler:
         first = not old_status.get("observedGeneration")
         cache = self._model_cache(dd, cr, old_status, fresh, first)
         desired = self._build(dd, cr, cache)
-        observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
+        observed = {slot(obj): None if first else self._observed(obj, fresh) for obj in desired}
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, dd, fresh)
+            self.autoscalers.delete_unwanted_front_door(cr, dd, fresh)
         self._report(key, dd, cr, old_status, desired, observed, apply_error, cache)
         if self.cache_poll is not None and model_cache.downloading(cache):
             # bytes move without any event: look again (fresh, so the echo check does not skip it)
             self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
+        elif self.queue_poll is not None and dd.spec.queue is not None:
+            # the queue's demand moves without any event: status.queue.demand is read again
+            self.enqueue(namespace, name, delay=self.queue_poll, fresh=True)
         if retry is not None:
             raise retry
         return "ok" if apply_error is None else "refused"
@@ -314,14 +322,14 @@ class Reconciler:
         self,
         key: CrKey,
         desired: list[dict],
-        observed: dict[str, dict | None],
+        observed: dict[Slot, dict | None],
         first: bool,
         cache_ready: bool,
     ) -> tuple[tuple[str, str] | None, ApiError | None]:
         """Apply the drifted children. Returns (the error to report, the transient error to raise after
         reporting it); raises a transient error at once while it has not failed REPORT_TRANSIENT_AFTER times."""
-        stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
-        serving = observed.get("Deployment")
+        stale = [obj for obj in desired if needs_apply(obj, observed[slot(obj)])]
+        serving = observed.get(("Deployment", key[1]))
         if not cache_ready and serving is not None and (serving.get("spec") or {}).get("replicas", 1):
             # a new model (revision, variant) is downloading while pods serve the previous one from the
             # same claim: they keep their configuration until the new folder is complete
@@ -353,7 +361,7 @@ class Reconciler:
         cr: dict,
         old_status: dict,
         desired: list[dict],
-        observed: dict[str, dict | None],
+        observed: dict[Slot, dict | None],
         apply_error: tuple[str, str] | None,
         cache: dict | None,
     ) -> None:
@@ -365,8 +373,11 @@ class Reconciler:
         pods = self.informers.pods_of(*key)
         gate_pods = pods if funcs.quality_gate_on(dd.spec) else None
         startup = self.start_lines.status(cr, old_status)
+        demand = None
+        if dd.spec.queue is not None:  # as the HPA reads it (None without a metrics adapter)
+            demand = self.client.object_metric(key[0], "Deployment", key[1], QUEUE_DEMAND_METRIC)
         new_status = serving_status(
-            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods
+            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods, demand
         )
         self.reporter.serving(cr, old_status, new_status, cache, pods)
         self._update_gauges()

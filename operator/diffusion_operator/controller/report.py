@@ -42,22 +42,24 @@ def serving_status(
     cr: dict,
     old_status: dict,
     desired: list[dict],
-    observed: Mapping[str, dict | None],
+    observed: Mapping[tuple[str, str], dict | None],
     apply_error: tuple[str, str] | None,
     gate_pods: list[dict] | None,
     cache: dict | None,
     startup: dict | None,
     pods: list[dict] | None = None,
+    demand: float | None = None,
 ) -> dict:
     """The status of a valid spec: the Deployment's progress, the children's apply, the quality gate,
-    the model cache and the start times."""
+    the model cache, the start times and, with spec.queue, the queue (`demand`: its jobs waiting +
+    running as the custom metrics API serves them, None when unknown) and the front door."""
     generation = cr["metadata"].get("generation", 1)
     configmap = next(o for o in desired if o["kind"] == "ConfigMap")
     new_status = statuses.valid_status(
         old_status,
         generation,
         None if dd.spec.autoscaling else funcs.replicas(dd.spec),
-        observed.get("Deployment"),
+        observed.get(("Deployment", dd.name)),
         builders.selector_string(dd.name),
         builders.endpoint(dd),
         builders.deployment.config_hash(configmap["data"]),
@@ -72,6 +74,16 @@ def serving_status(
         )
     if startup is not None:
         new_status["startup"] = startup
+    if dd.spec.queue is not None:
+        new_status = statuses.queue_status(
+            new_status,
+            old_status,
+            observed.get(("Deployment", dd.name)),
+            observed.get(("Deployment", builders.frontdoor.front_door_name(dd))),
+            dd.spec.queue.front_door.replicas,
+            demand,
+            generation,
+        )
     return new_status
 
 
