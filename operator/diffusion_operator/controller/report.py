@@ -84,6 +84,8 @@ def serving_status(
             demand,
             generation,
         )
+    elif "queue" in (old_status or {}):
+        new_status["queue"] = None  # spec.queue removed: the merge patch drops status.queue
     return new_status
 
 
