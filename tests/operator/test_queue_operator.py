@@ -16,7 +16,13 @@ from diffusion_operator.builders.frontdoor import FRONT_DOOR_APP, front_door_sel
 from diffusion_operator.builders.hpa import QUEUE_DEMAND_METRIC
 from diffusion_operator.controller import Reconciler
 from diffusion_operator.status import queue_status, valid_status
-from diffusion_runtime.contract.config import QUEUE_GROUP, QUEUE_URL_ENV, QueueConfig, config_from_dict, validate
+from diffusion_runtime.contract.config import (
+    QUEUE_GROUP,
+    QUEUE_URL_ENV,
+    QueueConfig,
+    config_from_dict,
+    validate,
+)
 from fakekube import FakeKube
 from op_helpers import deliver_watch, owner_for, sample
 
@@ -82,7 +88,11 @@ def test_the_queue_adds_the_front_door_and_the_runtime_pods_get_the_queue_sectio
     # restricted PodSecurity, as the runtime pods
     assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
     sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert (
+        sc["readOnlyRootFilesystem"]
+        and not sc["allowPrivilegeEscalation"]
+        and sc["capabilities"]["drop"] == ["ALL"]
+    )
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     # the front door's pods and the runtime pods never select each other
@@ -136,7 +146,9 @@ def test_scale_to_zero_hpa_reads_the_queue_demand_as_an_object_metric():
     doc = copy.deepcopy(sample("tiny-cpu.yaml"))
     del doc["spec"]["replicas"]
     doc["spec"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 3}
-    plain = {(o["kind"]): o for o in builders.build_all(validation.parse("t", NS, doc["spec"]).cr, owner_for(doc))}
+    plain = {
+        (o["kind"]): o for o in builders.build_all(validation.parse("t", NS, doc["spec"]).cr, owner_for(doc))
+    }
     assert plain["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["type"] == "Pods"
 
 
@@ -169,8 +181,16 @@ def test_scale_to_zero_keda_reads_the_work_stream_through_a_trigger_authenticati
         (lambda s: s.pop("queue"), "spec.autoscaling.minReplicas", "needs spec.queue"),
         (lambda s: s["queue"].update(maxAttempts=0), "spec.queue.maxAttempts", "greater than or equal to 1"),
         (lambda s: s["queue"].update(maxAttempts=11), "spec.queue.maxAttempts", "less than or equal to 10"),
-        (lambda s: s["queue"].update(claimIdleSeconds=1), "spec.queue.claimIdleSeconds", "greater than or equal to 3"),
-        (lambda s: s["queue"]["frontDoor"].update(replicas=0), "spec.queue.frontDoor.replicas", "greater than or equal to 1"),
+        (
+            lambda s: s["queue"].update(claimIdleSeconds=1),
+            "spec.queue.claimIdleSeconds",
+            "greater than or equal to 3",
+        ),
+        (
+            lambda s: s["queue"]["frontDoor"].update(replicas=0),
+            "spec.queue.frontDoor.replicas",
+            "greater than or equal to 1",
+        ),
         (lambda s: s["queue"].update(url="redis://x"), "spec.queue.url", "unknown field"),
         (
             lambda s: s["template"].update(env=[{"name": QUEUE_URL_ENV, "value": "redis://x"}]),

@@ -50,17 +50,20 @@ class Autoscalers:
         self.keda_prometheus_address = keda_prometheus_address
         self.discovery_ttl = discovery_ttl
         self._lock = threading.Lock()
-        self._keda_seen: tuple[float, bool] | None = None  # (monotonic time, served)
+        self._keda_seen: tuple[float, list[str]] | None = None  # (monotonic time, resources served)
 
     def keda_available(self) -> bool:
         """Whether the API server serves keda.sh/v1alpha1 scaledobjects (discovery, cached)."""
+        return SCALED_OBJECT.plural in self._keda_resources()
+
+    def _keda_resources(self) -> list[str]:
+        """The resources keda.sh/v1alpha1 serves ([] when none), from discovery, cached."""
         now = time.monotonic()
         with self._lock:
             seen = self._keda_seen
         if seen is not None and now - seen[0] < self.discovery_ttl:
             return seen[1]
-        resources = self._client().api_resources(SCALED_OBJECT.api_version)
-        served = resources is not None and SCALED_OBJECT.plural in resources
+        served = self._client().api_resources(SCALED_OBJECT.api_version) or []
         with self._lock:
             self._keda_seen = (now, served)
         return served
@@ -76,6 +79,15 @@ class Autoscalers:
                     "spec.autoscaling.engine",
                     f"keda needs KEDA's ScaledObject CRD ({SCALED_OBJECT.plural}.{SCALED_OBJECT.api_version}), "
                     "which this cluster does not serve: install KEDA, or use engine hpa",
+                )
+            )
+        elif dd.spec.queue is not None and TRIGGER_AUTH.plural not in self._keda_resources():
+            errors.append(
+                FieldError(
+                    "spec.autoscaling.engine",
+                    f"keda with spec.queue needs KEDA's TriggerAuthentication CRD ({TRIGGER_AUTH.plural}."
+                    f"{TRIGGER_AUTH.api_version}), which this cluster does not serve: install KEDA, or use "
+                    "engine hpa",
                 )
             )
         if not self.keda_prometheus_address and dd.spec.queue is None:  # with a queue KEDA reads Redis
@@ -108,7 +120,7 @@ class Autoscalers:
                 self._delete_owned(cr, kind, name + FRONT_DOOR_SUFFIX, fresh)
         a = dd.spec.autoscaling
         keda_queue = dd.spec.queue is not None and a is not None and a.engine == "keda"
-        if not keda_queue and self.keda_available():
+        if not keda_queue and TRIGGER_AUTH.plural in self._keda_resources():
             self._delete_owned(cr, TRIGGER_AUTH, f"{name}-queue", fresh)
 
     def delete_unwanted(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
