@@ -31,7 +31,12 @@ def default_image_names() -> dict[str, str]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     tag = values["image"].get("tag") or chart["appVersion"]
-    return {"operator": f"{values['image']['repository']}:{tag}", "runtime": DEFAULT_IMAGE}
+    queue_tag = values["queue"]["image"].get("tag") or chart["appVersion"]
+    return {
+        "operator": f"{values['image']['repository']}:{tag}",
+        "runtime": DEFAULT_IMAGE,
+        "queue": f"{values['queue']['image']['repository']}:{queue_tag}",
+    }
 
 
 def load_images(
