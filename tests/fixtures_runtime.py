@@ -128,9 +128,11 @@ def start_runtime(
     wait: bool = True,
     metrics_port: bool = True,
     extra_env: dict[str, str] | None = None,
+    command: str = "serve",
     **top: Any,
 ) -> RuntimeProcess:
-    """Write runtime.yaml (+ cache-dit.yaml) into `workdir` and start `diffusion-runtime serve`."""
+    """Write runtime.yaml (+ cache-dit.yaml) into `workdir` and start `diffusion-runtime serve`
+    (or `command`: `front-door` reads the same runtime.yaml)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -157,7 +159,7 @@ def start_runtime(
     env.update(extra_env or {})  # e.g. a test Hub: HF_ENDPOINT, HF_HUB_OFFLINE=0
     env.setdefault("OMP_NUM_THREADS", "1")  # shared 2-core machines: one pipeline thread per server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffusion_runtime", "serve", "--config", str(config_path), *(extra_args or [])],
+        [sys.executable, "-m", "diffusion_runtime", command, "--config", str(config_path), *(extra_args or [])],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
     )  # fmt: skip
     rp = RuntimeProcess(proc, port, mport, workdir, log_path, config_path, log)

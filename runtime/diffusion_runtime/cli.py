@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="runtime.yaml (docs/contracts.md)")
     _add_override_flags(s)
 
+    f = sub.add_parser(
+        "front-door",
+        help="serve the images API in front of the shared queue (the runtime.yaml's queue: section; "
+        "DIFFUSION_QUEUE_URL); no model, no GPU",
+    )
+    f.add_argument("--config", required=True, help="runtime.yaml with a queue: section (docs/queue.md)")
+
     g = sub.add_parser("generate", help="generate one image to a PNG file")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True)
@@ -156,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, argv)
+        if args.command == "front-door":
+            from diffusion_runtime.queue.frontdoor import run_front_door
+
+            return run_front_door(load_config_file(args.config))
         if args.command == "generate":
             return _generate(args)
         if args.command == "download":

@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffusion_runtime.api.state import Phase, RuntimeState
-from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, runtime_errors, validate
+from diffusion_runtime.contract.config import (
+    QUEUE_URL_ENV,
+    ConfigError,
+    RuntimeConfig,
+    runtime_errors,
+    validate,
+)
 from diffusion_runtime.contract.parallel import (
     SINGLE,
     Layout,
@@ -207,7 +213,17 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
         dtype=config.model.dtype, **layout.labels(),
     )  # fmt: skip
     state = RuntimeState(config=config, metrics=metrics)
-    app = create_app(state)
+    if config.queue is not None:  # pull work from the shared queue too (docs/queue.md)
+        from diffusion_runtime.queue.worker import worker_serving
+
+        url = os.environ.get(QUEUE_URL_ENV)
+        if not url:
+            return exit_line(
+                f"queue: {config.queue.name!r} is set but {QUEUE_URL_ENV} is empty (redis://...)", 2
+            )
+        app = create_app(state, worker_serving(url))
+    else:
+        app = create_app(state)
     s = config.server
     server = make_server(app, state, s.host, s.port)
     metrics_server = None

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,32 +30,37 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from diffusion_runtime.api.errors import error_response, validation_message
-from diffusion_runtime.api.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, build_protocol
+from diffusion_runtime.api.protocol import JSON_BODY_MAX_BYTES, SIZE_FORMAT, Protocol, build_protocol
 from diffusion_runtime.api.routers import images_router, models_router, ops_router
 from diffusion_runtime.api.serving import EDITS_PATH, ENDPOINTS, ImageServing
 from diffusion_runtime.api.state import Phase, RuntimeState
-from diffusion_runtime.engine.scheduler import Scheduler
 
 log = logging.getLogger("diffusion_runtime")
 API_VERSION = "0.2.0"
 
 
-def create_app(state: RuntimeState) -> FastAPI:
+ServingFactory = Callable[[RuntimeState, Protocol], ImageServing]
+
+
+def create_app(
+    state: RuntimeState, serving: ServingFactory = ImageServing, title: str = "diffusion-runtime"
+) -> FastAPI:
+    """The app over one serving object: this pod's scheduler (`ImageServing`), or another backend
+    of the same routes and checks (the shared queue: `queue.frontdoor.QueueServing`)."""
     protocol = build_protocol(state.config)
-    api = ImageServing(state, protocol)
+    api = serving(state, protocol)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = api.start()
-        app.state.scheduler = scheduler
         app.state.loop = asyncio.get_running_loop()
+        await api.startup()
         try:
             yield
         finally:
-            await scheduler.stop()
+            await api.shutdown()
 
     app = FastAPI(
-        title="diffusion-runtime",
+        title=title,
         version=API_VERSION,
         lifespan=lifespan,
         description=(
@@ -199,10 +205,8 @@ def make_server(app: FastAPI, state: RuntimeState, host: str, port: int):
 
         async def _drain(self) -> None:
             log.info("signal received: not ready, no new admissions, finishing queued and running requests")
-            scheduler: Scheduler = app.state.scheduler
-            deadline = time.monotonic() + state.config.server.request_timeout_seconds + 5
-            while not scheduler.idle and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            api: ImageServing = app.state.serving
+            await api.drain(time.monotonic() + state.config.server.request_timeout_seconds + 5)
             await asyncio.sleep(0.1)  # let the last responses flush
             self.should_exit = True
 

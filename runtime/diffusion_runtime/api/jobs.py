@@ -35,6 +35,7 @@ class Job:
     endpoint: Literal["generations", "edits"]
     work: Work
     webhook: str | None = None
+    owner: str | None = None  # the API key's name (auth on): GET/DELETE by another key answer 404
     id: str = field(default_factory=lambda: "imgjob_" + uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None

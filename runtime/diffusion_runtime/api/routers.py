@@ -6,7 +6,6 @@ on the config); the serving object and the state come with each request. No `fro
 handlers' annotations at import time.
 """
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -25,12 +24,17 @@ from diffusion_runtime.api.protocol import (
     ReadyStatus,
     error_responses,
 )
-from diffusion_runtime.api.serving import EDITS_PATH, GENERATIONS_PATH, JOBS_PATH, RESULTS_PATH, ImageServing
+from diffusion_runtime.api.serving import (
+    EDITS_PATH,
+    GENERATIONS_PATH,
+    JOBS_PATH,
+    RESULTS_PATH,
+    ImageServing,
+    request_owner,
+)
 from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.engine.errors import EngineError
 from diffusion_runtime.engine.imaging import MEDIA_TYPES
-
-DELETE_WAIT_SECONDS = 5.0
 
 
 def _serving(request: Request) -> ImageServing:
@@ -105,11 +109,11 @@ def images_router(protocol: Protocol) -> APIRouter:
         responses=error_responses(404),
         summary="An async job: status, queue position, step progress and, when done, the result",
     )
-    async def get_job(job_id: str, api: Serving) -> Any:
-        job = api.jobs.get(job_id)
-        if job is None:
-            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
-        return job.view(api.sched)
+    async def get_job(job_id: str, request: Request, api: Serving) -> Any:
+        try:
+            return await api.get_job(job_id, request_owner(request))
+        except Rejected as e:
+            return e.response()
 
     @router.delete(
         JOBS_PATH + "/{job_id}",
@@ -118,16 +122,11 @@ def images_router(protocol: Protocol) -> APIRouter:
         responses=error_responses(404),
         summary="Cancel an async job: a queued job leaves the queue, a running one stops at its next step",
     )
-    async def cancel_job(job_id: str, api: Serving) -> Any:
-        job = api.jobs.get(job_id)
-        if job is None:
-            return error_response(404, api.jobs.unknown_reason(job_id), param="job_id")
-        if not job.final:
-            job.cancel_requested = True
-            api.sched.withdraw(job.work)
-            if job.task is not None:
-                await asyncio.wait({job.task}, timeout=DELETE_WAIT_SECONDS)
-        return job.view(api.sched)
+    async def cancel_job(job_id: str, request: Request, api: Serving) -> Any:
+        try:
+            return await api.cancel_job(job_id, request_owner(request))
+        except Rejected as e:
+            return e.response()
 
     binary = {"schema": {"type": "string", "format": "binary"}}
 
@@ -142,10 +141,10 @@ def images_router(protocol: Protocol) -> APIRouter:
         summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
     )
     async def get_result(result_id: str, api: Serving) -> Response:
-        item = api.results.get(result_id)
-        if item is None:
-            return error_response(404, api.results.unknown_reason(result_id), param="result_id")
-        data, fmt = item
+        try:
+            data, fmt = await api.get_result(result_id)
+        except Rejected as e:
+            return e.response()
         return Response(content=data, media_type=MEDIA_TYPES[fmt])
 
     return router

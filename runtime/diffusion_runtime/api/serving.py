@@ -11,6 +11,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from fastapi import Request
@@ -28,6 +30,7 @@ from diffusion_runtime.api.protocol import (
     ImageRequestFields,
     ImageResultEvent,
     ImagesResponse,
+    JobStatus,
     Protocol,
     Timings,
     prefers_async,
@@ -46,6 +49,7 @@ from diffusion_runtime.engine.params import (
     StepCallback,
 )
 from diffusion_runtime.engine.scheduler import PipelineCall, Scheduler, Work
+from diffusion_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger("diffusion_runtime")
 
@@ -56,6 +60,7 @@ JOBS_PATH = "/v1/images/jobs"
 RESULTS_PATH = "/v1/images/results"
 ENDPOINTS: dict[str, Endpoint] = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
 MAX_FORM_FIELDS = 64
+DELETE_WAIT_SECONDS = 5.0  # DELETE of a running job waits this long for it to stop
 
 
 async def listen_for_disconnect(request: Request) -> None:
@@ -69,6 +74,73 @@ async def listen_for_disconnect(request: Request) -> None:
 def _ignore_result(fut: asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def request_owner(request: Request) -> str | None:
+    """The API key's name the auth dependency set (None without auth): a job is its owner's only."""
+    owner = getattr(request.state, "key_name", None)
+    return owner if isinstance(owner, str) else None
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """The decoded edit uploads and their bytes as sent (the queue stores the bytes)."""
+
+    image: Any  # PIL, RGB
+    mask: Any | None  # PIL, mode L
+    image_bytes: bytes
+    mask_bytes: bytes | None
+
+
+def decode_edit_inputs(image_bytes: bytes, mask_bytes: bytes | None) -> tuple[Any, Any | None]:
+    """The uploads as PIL images (image RGB, mask L), or InvalidInput/Rejected naming the field."""
+    image = decode_upload(image_bytes, "image").convert("RGB")
+    if mask_bytes is None:
+        return image, None
+    mask_img = decode_upload(mask_bytes, "mask")
+    if mask_img.size != image.size:
+        raise Rejected(
+            400,
+            f"mask: {mask_img.width}x{mask_img.height} does not match the image's {image.width}x{image.height}",
+            param="mask",
+        )
+    return image, mask_from_upload(mask_img)
+
+
+def record_result(m: RuntimeMetrics, result: EncodedResult) -> None:
+    """The inference metrics of a finished pipeline call (where it ran)."""
+    m.inference_duration.observe(result.inference_seconds)
+    for s in result.step_seconds:
+        m.step_duration.observe(s)
+    m.cache_steps.labels(result="cached").inc(result.cached_steps)
+    m.cache_steps.labels(result="computed").inc(result.computed_steps)
+    m.images.inc(len(result.images))
+
+
+def build_images_response(
+    result: EncodedResult, params: GenerationParams, fmt: str, response_format: str, base_url: str,
+    put: Callable[[bytes, str], str], queue_wait: float, total: float,
+) -> ImagesResponse:  # fmt: skip
+    """The response body; `url` images are stored with `put(data, fmt) -> result id`."""
+    if response_format == "url":
+        base = base_url.rstrip("/")
+        data = [ImageData(b64_json=None, url=f"{base}{RESULTS_PATH}/{put(b, fmt)}") for b in result.images]
+    else:
+        data = [ImageData(b64_json=base64.b64encode(b).decode("ascii"), url=None) for b in result.images]
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=cast(Any, fmt),
+        size=params.size,
+        seed=result.seed,
+        num_inference_steps=params.steps,
+        timings=Timings(
+            queue_wait_seconds=round(queue_wait, 6),
+            inference_seconds=round(result.inference_seconds, 6),
+            total_seconds=round(total, 6),
+        ),
+        cache=CacheSteps(cached_steps=result.cached_steps, computed_steps=result.computed_steps),
+    )
 
 
 def generation_call(state: RuntimeState, params: GenerationParams, output: OutputFormat) -> PipelineCall:
@@ -174,35 +246,84 @@ class ImageServing:
     ) -> ImagesResponse | JSONResponse:
         width, height = self.size(req.size)
         params = self.params(req, width, height)
+        return await self.run_generation(req, params, request, prefer)
+
+    async def edit(self, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
+        self.admit()  # 503/429 before reading a large upload
+        req, images, mask_bytes = await self.read_edit_form(request)
+        image, mask = decode_edit_inputs(images[0], mask_bytes)
+        default = fit_size(image.width, image.height, self.state.config.server.max_pixels, self.size_multiple)
+        width, height = self.size(req.size, default=default)
+        edit = EditInput(image=image, mask=mask, image_bytes=images[0], mask_bytes=mask_bytes)
+        return await self.run_edit(req, self.params(req, width, height), edit, request, prefer)
+
+    # ------------------------------------------------------------ the backend: this pod's scheduler
+    # (`queue.frontdoor.QueueServing` overrides these: the shared queue)
+
+    @property
+    def size_multiple(self) -> int:
+        engine = self.state.engine
+        return engine.size_multiple if engine is not None else SIZE_MULTIPLE
+
+    def admit(self) -> None:
+        """Raise unless a new request could be taken now (before reading an upload)."""
+        self.sched.admit()
+
+    async def startup(self) -> None:
+        self.start()
+
+    async def shutdown(self) -> None:
+        await self.sched.stop()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running (SIGTERM's drain waits for it)."""
+        return self.scheduler is None or self.scheduler.idle
+
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM (admissions already stopped): until what was admitted is done, or `deadline`."""
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def run_generation(
+        self, req: ImageRequestFields, params: GenerationParams, request: Request, prefer: str
+    ) -> ImagesResponse | JSONResponse:
         output = OutputFormat(req.output_format, req.output_compression)
         work = self.new_work("generations", generation_call(self.state, params, output), params.run_steps)
         return await self.respond("generations", work, params, req, request, prefer)
 
-    async def edit(self, request: Request, prefer: str) -> ImagesResponse | JSONResponse:
-        self.sched.admit()  # 503/429 before reading a large upload
-        req, images, mask_bytes = await self.read_edit_form(request)
-        image = decode_upload(images[0], "image").convert("RGB")
-        mask = None
-        if mask_bytes is not None:
-            mask_img = decode_upload(mask_bytes, "mask")
-            if mask_img.size != image.size:
-                raise Rejected(
-                    400,
-                    f"mask: {mask_img.width}x{mask_img.height} does not match the image's "
-                    f"{image.width}x{image.height}",
-                    param="mask",
-                )
-            mask = mask_from_upload(mask_img)
+    async def run_edit(
+        self, req: ImageRequestFields, base: GenerationParams, edit: EditInput, request: Request, prefer: str
+    ) -> ImagesResponse | JSONResponse:
+        params = EditParams.of(base, edit.image, edit.mask, cast(EditRequestFields, req).strength)
         engine = self.state.loaded()
-        default = fit_size(
-            image.width, image.height, self.state.config.server.max_pixels, engine.size_multiple
-        )
-        width, height = self.size(req.size, default=default)
-        params = EditParams.of(self.params(req, width, height), image, mask, req.strength)
         engine.prepare_edit(params.kind)
         output = OutputFormat(req.output_format, req.output_compression)
         work = self.new_work("edits", edit_call(self.state, params, output), params.run_steps)
         return await self.respond("edits", work, params, req, request, prefer)
+
+    async def get_job(self, job_id: str, owner: str | None) -> JobStatus:
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise Rejected(404, self.jobs.unknown_reason(job_id), param="job_id")
+        return job.view(self.sched)
+
+    async def cancel_job(self, job_id: str, owner: str | None) -> JobStatus:
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise Rejected(404, self.jobs.unknown_reason(job_id), param="job_id")
+        if not job.final:
+            job.cancel_requested = True
+            self.sched.withdraw(job.work)
+            if job.task is not None:
+                await asyncio.wait({job.task}, timeout=DELETE_WAIT_SECONDS)
+        return job.view(self.sched)
+
+    async def get_result(self, result_id: str) -> tuple[bytes, str]:
+        item = self.results.get(result_id)
+        if item is None:
+            raise Rejected(404, self.results.unknown_reason(result_id), param="result_id")
+        return item
 
     # ------------------------------------------------------------ running
 
@@ -235,13 +356,7 @@ class ImageServing:
         return result
 
     def record(self, result: EncodedResult) -> None:
-        m = self.state.metrics
-        m.inference_duration.observe(result.inference_seconds)
-        for s in result.step_seconds:
-            m.step_duration.observe(s)
-        m.cache_steps.labels(result="cached").inc(result.cached_steps)
-        m.cache_steps.labels(result="computed").inc(result.computed_steps)
-        m.images.inc(len(result.images))
+        record_result(self.state.metrics, result)
 
     def images_response(
         self,
@@ -253,29 +368,10 @@ class ImageServing:
         t0: float,
     ) -> ImagesResponse:
         self.record(result)
-        fmt = req.output_format
-        if req.response_format == "url":
-            base = base_url.rstrip("/")
-            data = [
-                ImageData(b64_json=None, url=f"{base}{RESULTS_PATH}/{self.results.put(b, fmt)}")
-                for b in result.images
-            ]
-        else:
-            data = [ImageData(b64_json=base64.b64encode(b).decode("ascii"), url=None) for b in result.images]
-        return ImagesResponse(
-            created=int(time.time()),
-            data=data,
-            output_format=fmt,
-            size=params.size,
-            seed=result.seed,
-            num_inference_steps=params.steps,
-            timings=Timings(
-                queue_wait_seconds=round(work.started - work.enqueued, 6),
-                inference_seconds=round(result.inference_seconds, 6),
-                total_seconds=round(time.perf_counter() - t0, 6),
-            ),
-            cache=CacheSteps(cached_steps=result.cached_steps, computed_steps=result.computed_steps),
-        )
+        return build_images_response(
+            result, params, req.output_format, req.response_format, base_url,
+            put=self.results.put, queue_wait=work.started - work.enqueued, total=time.perf_counter() - t0,
+        )  # fmt: skip
 
     async def respond(
         self, endpoint: Endpoint, work: Work, params: GenerationParams, req: ImageRequestFields, request: Request,
@@ -287,7 +383,7 @@ class ImageServing:
         if req.webhook:
             await self.check_webhook(req.webhook)
         if prefers_async(prefer):
-            job = Job(endpoint=endpoint, work=work, webhook=req.webhook)
+            job = Job(endpoint=endpoint, work=work, webhook=req.webhook, owner=request_owner(request))
             self.sched.submit(work)
             self.jobs.add(job)
             job.task = asyncio.create_task(self._follow(job, params, req, base_url, t0))

@@ -62,6 +62,8 @@ class Scheduler:
         self.running: Work | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._task: asyncio.Task | None = None
         self._avg_seconds = 0.0
 
@@ -81,6 +83,10 @@ class Scheduler:
     def demand(self) -> int:
         return len(self.queue) + (1 if self.running is not None else 0)
 
+    async def wait_idle(self) -> None:
+        """Until nothing waits or runs (the queue worker pulls shared work only then)."""
+        await self._idle.wait()
+
     def position(self, work: Work) -> int | None:
         """1-based place among the waiting items; None when not waiting. FIFO: it never increases."""
         for i, w in enumerate(self.queue):
@@ -99,6 +105,10 @@ class Scheduler:
         m.queue_depth.set(len(self.queue))
         m.in_flight.set(1 if self.running is not None else 0)
         m.demand.set(self.demand)
+        if self.idle:
+            self._idle.set()
+        else:
+            self._idle.clear()
 
     def admit(self) -> None:
         """Raise Unavailable or QueueFull unless a new item could be queued now."""
