@@ -17,9 +17,10 @@ import enum
 import urllib.parse
 from dataclasses import dataclass
 
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
+
 from diffusion_operator.api.group import API_VERSION, KIND, PLURAL
 from diffusion_operator.builders.common import MANAGED_BY
-from diffusion_operator.builders.hpa import QUEUE_DEMAND_METRIC
 
 # the label every child and serving pod carries: the watches of children and pods select on it
 MANAGED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}

@@ -55,7 +55,10 @@ def test_queue_server_statefulset_service_and_url_secret(render):
     assert password not in yaml.safe_dump(sts)
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert env["REDIS_PASSWORD"] == {"name": auth["metadata"]["name"], "key": "password"}
-    assert "--appendonly yes" in container["args"][0] and "--dir /data" in container["args"][0]
+    assert (
+        "--appendonly yes --appendfsync always" in container["args"][0]
+        and "--dir /data" in container["args"][0]
+    )
     # persistence on a claim
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -97,7 +100,7 @@ def test_given_password_and_no_persistence(render):
     assert "volumeClaimTemplates" not in sts["spec"]
     assert {"name": "data", "emptyDir": {}} in sts["spec"]["template"]["spec"]["volumes"]
     assert (
-        "--maxmemory 2gb --maxmemory-policy noeviction"
+        "--maxmemory 2gb --maxmemory-policy volatile-ttl"
         in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
     )
 

@@ -19,7 +19,8 @@ from diffusion_dev.monitoring import (
     render_chart_monitoring,
     signal_expr,
 )
-from diffusion_operator.builders.hpa import DEMAND_METRIC, QUEUE_DEMAND_METRIC
+from diffusion_operator.builders.hpa import DEMAND_METRIC
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
 
 TLS = {"ca_file": "/ca.crt"}
 

@@ -180,7 +180,7 @@ def test_keda_engine_reads_the_work_stream_and_its_trigger_authentication_is_acc
         )
         assert so["spec"]["minReplicaCount"] == 0
         triggers = so["spec"]["triggers"]
-        assert [t["type"] for t in triggers] == ["redis-streams", "redis-streams"]
+        assert [(t["type"], t["metadata"]["streamLength"]) for t in triggers] == [("redis-streams", "1")]
         assert {t["metadata"]["stream"] for t in triggers} == {f"dq:{namespace}/tiny:work"}
         assert {t["metadata"]["consumerGroup"] for t in triggers} == {QUEUE_GROUP}
         auth = get_json(cluster, "triggerauthentications.keda.sh", "tiny-queue", "-n", namespace)

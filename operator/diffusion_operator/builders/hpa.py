@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC  # the front door's gauge: waiting + running
+
 from diffusion_operator.api.funcs import behavior, target_demand
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
@@ -19,8 +21,6 @@ from diffusion_operator.builders.common import metadata
 # the runtime's per-pod demand gauge (waiting + running requests, sync and async): every autoscaling
 # path scales on it (HPA Pods metric, KEDA Prometheus query, dashboard)
 DEMAND_METRIC = "diffusion_demand_requests"
-# the queue's demand, exported by the front door (jobs waiting + running, the same on every replica)
-QUEUE_DEMAND_METRIC = "diffusion_queue_demand"
 
 
 def quantity(value: float) -> str:

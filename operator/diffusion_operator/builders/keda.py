@@ -9,13 +9,13 @@ creates as an External metric with an AverageValue target, and the HPA divides i
 replica count: the same per-pod average the `hpa` engine's Pods metric aims for, at `threshold` =
 targetDemand. No series (no pod scraped yet) reads as 0 (`or vector(0)`).
 
-With spec.queue the ScaledObject reads the queue server itself, not Prometheus: two `redis-streams`
-triggers on the deployment's work stream and consumer group (the runtime contract's
-`QueueConfig.stream` and `QUEUE_GROUP`), `lagCount` (jobs waiting: entries not yet delivered to the
-group, the trigger that scales from and to zero; Redis 7+) and `pendingEntriesCount` (jobs running:
-delivered, not yet acknowledged, so a deployment with work in flight is never scaled to zero). KEDA
-asks for the larger of the two (each / targetDemand). The server's address and password come from
-the queue Secret through a TriggerAuthentication `<name>-queue` (secretTargetRef: by reference, never
+With spec.queue the ScaledObject reads the queue server itself, not Prometheus: one `redis-streams`
+trigger on the deployment's work stream and consumer group (the runtime contract's `QueueConfig.stream`
+and `QUEUE_GROUP`) with `streamLength` = targetDemand: the runtime deletes a job's entry when the job
+finishes or is cancelled, so the stream's length is the jobs waiting + running (docs/queue.md), the
+same demand as the front door's gauge, and 0 when idle (the trigger turns inactive and KEDA scales to
+minReplicaCount, 0 included; any entry wakes it). The server's address and password come from the
+queue Secret through a TriggerAuthentication `<name>-queue` (secretTargetRef: by reference, never
 copied): KEDA's scaler takes host:port and a password, not the URL (queue.secretRef.addressKey and
 passwordKey; database 0).
 """
@@ -65,14 +65,19 @@ def queue_triggers(dd: DiffusionDeployment) -> list[dict]:
     a = dd.spec.autoscaling
     assert a is not None
     target = threshold(target_demand(a))
-    common = {"stream": work_stream(dd), "consumerGroup": QUEUE_GROUP, "databaseIndex": "0"}
-    auth = {"name": trigger_auth_name(dd)}
     return [
-        {"type": "redis-streams", "name": "waiting", "metadata": {**common, "lagCount": target},
-         "authenticationRef": auth},
-        {"type": "redis-streams", "name": "running", "metadata": {**common, "pendingEntriesCount": target},
-         "authenticationRef": auth},
-    ]  # fmt: skip
+        {
+            "type": "redis-streams",
+            "name": "demand",
+            "metadata": {
+                "stream": work_stream(dd),
+                "consumerGroup": QUEUE_GROUP,
+                "databaseIndex": "0",
+                "streamLength": target,
+            },
+            "authenticationRef": {"name": trigger_auth_name(dd)},
+        }
+    ]
 
 
 def demand_query(namespace: str, name: str) -> str:

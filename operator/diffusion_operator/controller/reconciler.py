@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Mapping
 
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
+
 from diffusion_operator import builders, validation
 from diffusion_operator.api import funcs
 from diffusion_operator.api.types import DiffusionDeployment
-from diffusion_operator.builders.hpa import QUEUE_DEMAND_METRIC
 from diffusion_operator.controller import model_cache
 from diffusion_operator.controller.apply import Applier, Slot, needs_apply, slot, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
