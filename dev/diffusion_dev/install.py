@@ -75,3 +75,23 @@ def install_operator(cluster, namespace: str, release: str = "diffusion-operator
     for s in sets:
         args += ["--set", s]
     return helm(cluster, *args).stdout
+
+
+def queue_sets(
+    release: str, storage_class: str, secret_namespaces: list[str], size: str = "1Gi"
+) -> list[str]:
+    """`--set`s of the chart's queue server (queue.enabled) for the local cluster: its URL Secret in
+    `secret_namespaces`, its data on a claim of `storage_class` (a pre-bound local volume:
+    workloads.queue_volume for `queue_claim(release)`)."""
+    return [
+        "queue.enabled=true",
+        f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
+        f"queue.persistence.storageClassName={storage_class}",
+        f"queue.persistence.size={size}",
+    ]
+
+
+def queue_claim(release: str) -> str:
+    """The claim of the chart's queue server (volumeClaimTemplates `data` of `<fullname>-queue`)."""
+    fullname = (release if "diffusion-operator" in release else f"{release}-diffusion-operator")[:63]
+    return f"data-{f'{fullname}-queue'[:63]}-0"
