@@ -12,6 +12,7 @@ running with exactly the RBAC rules it declares (rbac.py):
 from __future__ import annotations
 
 import copy
+import subprocess
 
 import pytest
 import yaml
@@ -203,3 +204,25 @@ def test_keda_engine_reads_the_work_stream_and_its_trigger_authentication_is_acc
         op.assert_alive()
     finally:
         op.stop()
+
+
+def test_the_charts_queue_server_objects_are_accepted_by_the_api_server(cluster, namespace):
+    """`helm template` of the queue server (StatefulSet on a claim, Service, Secrets), server-side dry
+    run against this API server (admission included: the namespace enforces PodSecurity restricted)."""
+    from pathlib import Path
+
+    cluster.kubectl(
+        "label", "namespace", namespace, "--overwrite", "pod-security.kubernetes.io/enforce=restricted"
+    )
+    helm = str(Path(cluster.bin_dir) / "helm")
+    chart = Path(__file__).resolve().parents[2] / "charts" / "diffusion-operator"
+    out = subprocess.run(
+        [helm, "template", "dq", str(chart), "--namespace", namespace, "--set", "queue.enabled=true",
+         "--set", f"queue.secretNamespaces={{{namespace}}}", "--show-only", "templates/queue.yaml"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(out) if d)
+    assert kinds == ["Secret", "Secret", "Service", "StatefulSet"], kinds
+    applied = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=out, check=False)
+    assert applied.returncode == 0, applied.stderr
+    assert "Warning" not in applied.stderr, applied.stderr  # no PodSecurity warning either
