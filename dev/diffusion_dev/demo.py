@@ -79,7 +79,7 @@ def _port_forward(cluster, target: str, port: int) -> tuple[subprocess.Popen, in
 
 
 def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
-    from . import LocalCluster, ensure_binaries
+    from . import LocalCluster, ensure_binaries, images
     from .install import install_operator, load_images, queue_claim, queue_sets, restricted
     from .workloads import (
         STORAGE_CLASS,
@@ -105,7 +105,8 @@ def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
         print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product").stdout, end="")
         _step("images from the Dockerfile (buildah; cached by content hash), loaded into the node")
         t = time.monotonic()
-        for image in load_images(cluster.node).values():
+        targets = images.TARGETS if queue else images.SERVING_TARGETS
+        for image in load_images(cluster.node, targets).values():
             print(f"    {image.target}: {image.ref} ({image.size_bytes / 1e9:.2f} GB)")
         timings["images"] = round(time.monotonic() - t, 1)
         _step(f"helm install the chart into {OPERATOR_NAMESPACE} (PodSecurity restricted)")

@@ -41,7 +41,7 @@ def default_image_names() -> dict[str, str]:
 
 def load_images(
     node: NodeClient,
-    targets: tuple[str, ...] = images.TARGETS,
+    targets: tuple[str, ...] = images.SERVING_TARGETS,
     progress: Callable[[str], None] = images._stderr,
 ) -> dict[str, images.Image]:
     """Build (cached), import into the node and tag with the default names."""

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 import yaml
-from diffusion_dev import wait_for
+from diffusion_dev import images, wait_for
 from diffusion_dev.install import helm, install_operator, load_images, queue_claim, queue_sets, restricted
 from diffusion_dev.loadgen import DEFAULT_BODY, post
 from diffusion_dev.workloads import (
@@ -86,7 +86,7 @@ def queue_release(cluster, namespace):
     data = queue_volume(OPERATOR_NS, queue_claim(release), queue_data_dir(release))
     cluster.apply([*model, data])
     t = time.monotonic()
-    load_images(cluster.node)  # operator, runtime and queue images (cached by content)
+    load_images(cluster.node, images.TARGETS)  # operator, runtime and queue images (cached by content)
     print(f"images ready in {time.monotonic() - t:.0f}s")
     try:
         install_operator(cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]))
