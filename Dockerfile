@@ -100,10 +100,12 @@ CMD ["serve", "--config", "/etc/diffusion/runtime.yaml"]
 FROM python-base AS queue
 LABEL org.opencontainers.image.title="diffusion-queue" \
       org.opencontainers.image.description="Redis (Debian's redis-server) for the diffusion-operator work queue"
+# policy-rc.d: the package's postinst must not start a server inside the build
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d \
+    && apt-get update \
     && apt-get install -y --no-install-recommends redis-server redis-tools \
-    && rm -rf /var/lib/apt/lists/* \
+    && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
     && mkdir -p /data && chown 1000:1000 /data
 USER 1000:1000
 WORKDIR /data

@@ -77,14 +77,30 @@ def install_operator(cluster, namespace: str, release: str = "diffusion-operator
     return helm(cluster, *args).stdout
 
 
+def queue_cluster_ip(release: str) -> str:
+    """A fixed ClusterIP for the queue server's Service: the local cluster has no DNS, so the URL
+    Secret names the address. From the service range's lower band, which Kubernetes keeps for static
+    addresses (dynamic ones come from the upper band first), picked by the release name."""
+    import hashlib
+    import ipaddress
+
+    from .cluster import SERVICE_CIDR
+
+    net = ipaddress.ip_network(SERVICE_CIDR)
+    band = min(max(16, net.num_addresses // 16), 256)  # Kubernetes' static band
+    offset = 2 + int(hashlib.sha256(release.encode()).hexdigest(), 16) % (band - 2)  # .1 is `kubernetes`
+    return str(net.network_address + offset)
+
+
 def queue_sets(
     release: str, storage_class: str, secret_namespaces: list[str], size: str = "1Gi"
 ) -> list[str]:
     """`--set`s of the chart's queue server (queue.enabled) for the local cluster: its URL Secret in
-    `secret_namespaces`, its data on a claim of `storage_class` (a pre-bound local volume:
-    workloads.queue_volume for `queue_claim(release)`)."""
+    `secret_namespaces` naming a fixed ClusterIP (no cluster DNS here), its data on a claim of
+    `storage_class` (a pre-bound local volume: workloads.queue_volume for `queue_claim(release)`)."""
     return [
         "queue.enabled=true",
+        f"queue.service.clusterIP={queue_cluster_ip(release)}",
         f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
         f"queue.persistence.storageClassName={storage_class}",
         f"queue.persistence.size={size}",

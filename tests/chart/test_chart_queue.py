@@ -90,6 +90,15 @@ def test_url_secret_in_every_watched_namespace_with_one_password(render):
     assert [s["metadata"]["namespace"] for s in url_secrets(objects)] == ["ml"]
 
 
+def test_a_fixed_cluster_ip_is_the_urls_host(render):
+    objects = render(ON, "queue.service.clusterIP=10.0.0.9")
+    svc = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-queue"))
+    assert svc["spec"]["clusterIP"] == "10.0.0.9"
+    (secret,) = url_secrets(objects)
+    parsed = parse_url(decoded(secret)["url"])
+    assert (parsed["host"], parsed["port"]) == ("10.0.0.9", 6379)
+
+
 def test_given_password_and_no_persistence(render):
     objects = render(
         ON, "queue.auth.password=s3cret", "queue.persistence.enabled=false", "queue.maxMemory=2gb"
