@@ -124,16 +124,14 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
         },
     }
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-    # the Redis pod (chart), the front door (2 pods) and the first runtime pod, all Ready
+    # the Redis pod (chart) and the front door's 2 pods Ready. The runtime pods come and go with the
+    # demand from here on: the HPA may take the first one away before it is even Ready (demand 0)
     sts = f"{queue_release['release']}-diffusion-operator-queue"
     try:
         wait_for(
-            lambda: (
-                len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2
-                and any(_ready(p) for p in _runtime_pods(cluster, ns, name))
-            ),
-            600,
-            "the front door's 2 pods and a runtime pod Ready",
+            lambda: len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2,
+            300,
+            "the front door's 2 pods Ready",
             interval=2,
         )
     except TimeoutError as exc:
@@ -147,11 +145,13 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
     assert dd["status"]["endpoint"] == f"http://{name}-frontdoor.{ns}.svc:8000"
     base = f"http://{svc['spec']['clusterIP']}:8000"
 
-    # a sync request through the front door's Service
+    # a sync request through the front door's Service: held until a runtime pod has run it
+    t = time.monotonic()
     code, _, body = post(
-        f"{base}/v1/images/generations", {**DEFAULT_BODY, "response_format": "b64_json"}, 120
+        f"{base}/v1/images/generations", {**DEFAULT_BODY, "response_format": "b64_json"}, REQUEST_TIMEOUT + 30
     )
-    assert code == 200, body[:500]
+    assert code == 200, (code, body[:500], _diagnose(cluster, ns))
+    print(f"first request: {time.monotonic() - t:.1f}s")
     assert _image(body) == ("PNG", (64, 64))
     # an async one, read back from each front-door pod (any replica answers for any job)
     code, job = _submit_async(f"{base}/v1/images/generations")
@@ -161,7 +161,7 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
         lambda: (
             (j := _get(f"http://{pods[0]}:8000/v1/images/jobs/{job['id']}"))["status"] == "succeeded" and j
         ),
-        120,
+        REQUEST_TIMEOUT,
         "the async job",
         interval=1,
     )
