@@ -178,15 +178,14 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
         hpa = cluster.kubectl("describe", "hpa", name, "-n", ns, check=False).stdout
         raise AssertionError(f"{exc}\n{hpa}\n{mon.diagnose()}") from None
     print(f"scaled to zero {time.monotonic() - t0:.0f}s after the last request")
-    status = wait_for(
-        lambda: (
-            (s := _json(cluster, "get", "dd", name, "-n", ns)["status"]).get("queue", {}).get("scaledToZero")
-            and s
-        ),
-        60,
-        "status.queue.scaledToZero",
-        interval=1,
-    )
+
+    # scaledToZero, and the demand the operator reads where the HPA does (custom metrics API, its RBAC)
+    def queue_status() -> dict | None:
+        st = _json(cluster, "get", "dd", name, "-n", ns)["status"]
+        q = st.get("queue", {})
+        return st if q.get("scaledToZero") and q.get("demand") == 0 else None
+
+    status = wait_for(queue_status, 60, "status.queue: scaledToZero, demand 0", interval=1)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "ScaledToZero"), status
     assert status["queue"]["frontDoor"] == "2/2", status
