@@ -21,7 +21,15 @@ import uuid
 import pytest
 import yaml
 from diffusion_dev import images, wait_for
-from diffusion_dev.install import helm, install_operator, load_images, queue_claim, queue_sets, restricted
+from diffusion_dev.install import (
+    helm,
+    install_operator,
+    load_images,
+    point_queue_secrets_at_pod,
+    queue_claim,
+    queue_sets,
+    restricted,
+)
 from diffusion_dev.loadgen import DEFAULT_BODY, post
 from diffusion_dev.workloads import (
     STORAGE_CLASS,
@@ -90,6 +98,8 @@ def queue_release(cluster, namespace):
     print(f"images ready in {time.monotonic() - t:.0f}s")
     try:
         install_operator(cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]))
+        # no pod -> ClusterIP -> pod path in the local cluster: the Secret names the server pod
+        print(f"queue server at {point_queue_secrets_at_pod(cluster, release, OPERATOR_NS, [namespace])}")
         yield {"release": release, "namespace": namespace}
     finally:
         cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
