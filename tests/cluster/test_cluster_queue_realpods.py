@@ -109,7 +109,8 @@ def queue_release(cluster, namespace):
             cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
 
 
-@pytest.mark.timeout(1800)  # images (the queue image's first build), a cold start, a scale-down window
+# the wait for the shared real node, images, a cold start and a scale-down window
+@pytest.mark.timeout(2700)
 def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_scaled_to_zero(
     cluster, node, queue_release
 ):
