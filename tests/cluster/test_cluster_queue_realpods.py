@@ -53,10 +53,10 @@ def _front_door_pods(cluster, ns: str, name: str) -> list[dict]:
     return _json(cluster, "get", "pods", "-n", ns, "-l", sel)["items"]
 
 
-def _runtime_pods(cluster, ns: str, name: str) -> list[dict]:
+def _runtime_pods(cluster, ns: str, name: str, terminating: bool = False) -> list[dict]:
     sel = f"app.kubernetes.io/name=diffusion-runtime,app.kubernetes.io/instance={name}"
     return [p for p in _json(cluster, "get", "pods", "-n", ns, "-l", sel)["items"]
-            if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+            if terminating or not p["metadata"].get("deletionTimestamp")]  # fmt: skip
 
 
 def _ready(pod: dict) -> bool:
