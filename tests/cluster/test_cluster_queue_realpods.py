@@ -182,8 +182,12 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
     # idle: the HPA reads demand 0 and scales the runtime pods to zero; the status says so
     t0 = time.monotonic()
     try:
+        # gone entirely: a terminating pod still pulls work during its preStop sleep
         wait_for(
-            lambda: not _runtime_pods(cluster, ns, name), 300, "the runtime pods scaled to zero", interval=2
+            lambda: not _runtime_pods(cluster, ns, name, terminating=True),
+            300,
+            "the runtime pods scaled to zero",
+            interval=2,
         )
     except TimeoutError as exc:
         hpa = cluster.kubectl("describe", "hpa", name, "-n", ns, check=False).stdout
