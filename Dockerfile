@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1.7
 #
-# Two images from one source tree, one target each:
+# Three images from one source tree, one target each:
 #   docker build --target operator -t diffusion-operator:dev .
 #   docker build --target runtime  -t diffusion-runtime:dev  .
-# (`diffusion-dev images` builds both with buildah on a local Debian base: PYTHON_IMAGE below.)
+#   docker build --target queue    -t diffusion-queue:dev    .
+# (`diffusion-dev images` builds them with buildah on a local Debian base: PYTHON_IMAGE below.)
+# `queue` is Debian's redis-server for the chart's optional queue server (queue.enabled): the
+# distribution's package, no Python project in it.
 #
 # Versions come from pyproject.toml only: each image installs the project with its extra
 # (`[operator]`, `[runtime]`), so the pins live in one place. The operator image never installs
@@ -89,3 +92,22 @@ WORKDIR /home/diffusion
 EXPOSE 8000 9090
 ENTRYPOINT ["diffusion-runtime"]
 CMD ["serve", "--config", "/etc/diffusion/runtime.yaml"]
+
+# ---------------------------------------------------------------- queue: Debian's redis-server
+# The shared work queue's server (Redis Streams) for the chart's `queue.enabled`. The package comes
+# from the base image's Debian release (bookworm: Redis 7, which KEDA's lagCount trigger needs). The
+# chart starts it with its own arguments (password from a Secret, data on the claim at /data).
+FROM python-base AS queue
+LABEL org.opencontainers.image.title="diffusion-queue" \
+      org.opencontainers.image.description="Redis (Debian's redis-server) for the diffusion-operator work queue"
+# policy-rc.d: the package's postinst must not start a server inside the build
+# hadolint ignore=DL3008
+RUN printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends redis-server redis-tools \
+    && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d \
+    && mkdir -p /data && chown 1000:1000 /data
+USER 1000:1000
+WORKDIR /data
+EXPOSE 6379
+ENTRYPOINT ["redis-server"]

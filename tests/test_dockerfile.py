@@ -131,13 +131,20 @@ def test_one_target_per_image_with_the_right_base():
     )
 
 
+def test_queue_image_is_debians_redis_server_on_the_shared_base():
+    # the chart's queue server: Debian's package on the same base (no other image is downloaded)
+    assert _chain("queue")[-1] == _chain("operator")[-1]
+    runs = " ".join(args for instr, args in _stages()["queue"] if instr == "RUN")
+    assert "apt-get install" in runs and "redis-server" in runs
+
+
 def test_base_image_is_a_build_argument():
     # diffusion-dev feeds a locally made Debian base (no registry reachable); users keep the default
     assert _args()["PYTHON_IMAGE"].startswith("python:3.11-")
     assert _stages()[_chain("operator")[-1]][0][1].startswith("${PYTHON_IMAGE}")
 
 
-@pytest.mark.parametrize("target", ["operator", "runtime"])
+@pytest.mark.parametrize("target", ["operator", "runtime", "queue"])
 def test_images_run_as_numeric_non_root_user(target):
     users = [args for instr, args in _stages()[target] if instr == "USER"]
     assert users, f"{target}: no USER"

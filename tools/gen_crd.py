@@ -448,6 +448,20 @@ def build_crd() -> dict:
                         },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {
+                            "name": "Queue",
+                            "type": "integer",
+                            "jsonPath": ".status.queue.demand",
+                            "description": "spec.queue: jobs waiting + running (the autoscaler's signal)",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Front",
+                            "type": "string",
+                            "jsonPath": ".status.queue.frontDoor",
+                            "description": "spec.queue: ready/desired front-door pods",
+                            "priority": 1,
+                        },
+                        {
                             "name": "Cold",
                             "type": "number",
                             "jsonPath": ".status.startup.lastCold.seconds",

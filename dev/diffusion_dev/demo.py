@@ -9,6 +9,10 @@
    `kubectl apply -f samples/tiny-cpu.yaml` into `demo` and wait for `Ready` (model loaded, warmed up);
 5. `kubectl port-forward svc/tiny`, POST one generation, save the PNG, print a few metrics.
 
+`--queue`: the chart also runs its queue server (Redis, the Dockerfile's `queue` image, its data on a
+local volume), the sample gets `spec.queue: {}`, and the request goes through the front door
+(`svc/tiny-frontdoor`, status.endpoint) to the runtime pod via the queue.
+
 Everything started here is stopped before the command returns, and the host is put back.
 """
 
@@ -74,10 +78,24 @@ def _port_forward(cluster, target: str, port: int) -> tuple[subprocess.Popen, in
     return proc, int(m.group(1))
 
 
-def run_demo(output: Path, keep: bool) -> Path:
-    from . import LocalCluster, ensure_binaries
-    from .install import install_operator, load_images, restricted
-    from .workloads import model_volume, tiny_model_root, with_model_on_volume
+def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
+    from . import LocalCluster, ensure_binaries, images
+    from .install import (
+        install_operator,
+        load_images,
+        point_queue_secrets_at_pod,
+        queue_claim,
+        queue_sets,
+        restricted,
+    )
+    from .workloads import (
+        STORAGE_CLASS,
+        model_volume,
+        queue_data_dir,
+        queue_volume,
+        tiny_model_root,
+        with_model_on_volume,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="diffusion-demo-"))
     forward: subprocess.Popen | None = None
@@ -94,13 +112,23 @@ def run_demo(output: Path, keep: bool) -> Path:
         print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product").stdout, end="")
         _step("images from the Dockerfile (buildah; cached by content hash), loaded into the node")
         t = time.monotonic()
-        for image in load_images(cluster.node).values():
+        targets = images.TARGETS if queue else images.SERVING_TARGETS
+        for image in load_images(cluster.node, targets).values():
             print(f"    {image.target}: {image.ref} ({image.size_bytes / 1e9:.2f} GB)")
         timings["images"] = round(time.monotonic() - t, 1)
         _step(f"helm install the chart into {OPERATOR_NAMESPACE} (PodSecurity restricted)")
         t = time.monotonic()
         cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-        install_operator(cluster, OPERATOR_NAMESPACE)
+        sets: list[str] = []
+        if queue:
+            # the chart's queue server, its data on a local volume, its URL Secret in the demo namespace
+            release = "diffusion-operator"
+            restricted(cluster, NAMESPACE)
+            cluster.apply([queue_volume(OPERATOR_NAMESPACE, queue_claim(release), queue_data_dir(release))])
+            sets = queue_sets(release, STORAGE_CLASS, [NAMESPACE])
+        install_operator(cluster, OPERATOR_NAMESPACE, "diffusion-operator", *sets)
+        if queue:  # no pod -> ClusterIP -> pod path here: the URL Secret names the server's pod
+            point_queue_secrets_at_pod(cluster, "diffusion-operator", OPERATOR_NAMESPACE, [NAMESPACE])
         timings["operator"] = round(time.monotonic() - t, 1)
         print(cluster.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").stdout, end="")
 
@@ -108,6 +136,8 @@ def run_demo(output: Path, keep: bool) -> Path:
         restricted(cluster, NAMESPACE)
         cluster.apply(model_volume(NAMESPACE, tiny_model_root()))
         doc = with_model_on_volume(yaml.safe_load(SAMPLE.read_text()))
+        if queue:
+            doc["spec"]["queue"] = {}  # the chart's server (Secret diffusion-queue)
         _step(
             f"kubectl apply -n {NAMESPACE} -f {SAMPLE.relative_to(REPO)} (model: {doc['spec']['model']['uri']})"
         )
@@ -121,8 +151,9 @@ def run_demo(output: Path, keep: bool) -> Path:
             f"    status.endpoint: {dd['status'].get('endpoint')}  configHash: {dd['status'].get('configHash')}"
         )
 
-        _step(f"kubectl port-forward svc/{name} :8000, then POST /v1/images/generations")
-        forward, port = _port_forward(cluster, f"svc/{name}", 8000)
+        service = f"{name}-frontdoor" if queue else name  # status.endpoint's Service
+        _step(f"kubectl port-forward svc/{service} :8000, then POST /v1/images/generations")
+        forward, port = _port_forward(cluster, f"svc/{service}", 8000)
         base = f"http://127.0.0.1:{port}"
         body = json.dumps(
             {
@@ -142,6 +173,11 @@ def run_demo(output: Path, keep: bool) -> Path:
         output.write_bytes(base64.b64decode(result["data"][0]["b64_json"]))
         timing = {k: v for k, v in result.items() if k != "data"}
         print(f"    response (without image): {json.dumps(timing)}")
+        if queue:  # the runtime pod's metrics (the front door's are the queue's)
+            forward.terminate()
+            forward.wait(10)
+            forward, port = _port_forward(cluster, f"svc/{name}", 8000)
+            base = f"http://127.0.0.1:{port}"
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         shown = (
@@ -153,7 +189,8 @@ def run_demo(output: Path, keep: bool) -> Path:
         for line in metrics.splitlines():
             if line.startswith(shown):
                 print(f"    {line}")
-        pod = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}",
+        pod = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l",
+                              f"app.kubernetes.io/name=diffusion-runtime,app.kubernetes.io/instance={name}",
                               "-o", "name").stdout.split()[0]  # fmt: skip
         print(f"    kubectl logs {pod} (last lines):")
         for line in cluster.kubectl("logs", "-n", NAMESPACE, pod, "--tail", "3").stdout.splitlines():
@@ -181,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusion-dev demo", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--output", type=Path, default=Path("out/demo.png"), help="where to write the image")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        help="with the chart's queue server: the request goes through the front door",
+    )
     args = parser.parse_args(argv)
     try:
-        run_demo(args.output, args.keep)
+        run_demo(args.output, args.keep, queue=args.queue)
     except Exception as exc:  # the demo reports, it does not dump a traceback on a user
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,8 @@ from . import hosttools
 from .build import cache_home, repo_root
 from .real_node import NodeClient
 
-TARGETS = ("operator", "runtime")
+TARGETS = ("operator", "runtime", "queue")  # queue: Debian's redis-server (the chart's queue.enabled)
+SERVING_TARGETS = ("operator", "runtime")  # what the chart's defaults run (no queue server)
 REGISTRY = "localhost/diffusion-dev"
 DEBIAN_SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")

@@ -32,12 +32,17 @@ def default_image_names() -> dict[str, str]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     tag = values["image"].get("tag") or chart["appVersion"]
-    return {"operator": f"{values['image']['repository']}:{tag}", "runtime": DEFAULT_IMAGE}
+    queue_tag = values["queue"]["image"].get("tag") or chart["appVersion"]
+    return {
+        "operator": f"{values['image']['repository']}:{tag}",
+        "runtime": DEFAULT_IMAGE,
+        "queue": f"{values['queue']['image']['repository']}:{queue_tag}",
+    }
 
 
 def load_images(
     node: NodeClient,
-    targets: tuple[str, ...] = images.TARGETS,
+    targets: tuple[str, ...] = images.SERVING_TARGETS,
     progress: Callable[[str], None] = images._stderr,
 ) -> dict[str, images.Image]:
     """Build (cached), import into the node and tag with the default names."""
@@ -73,3 +78,57 @@ def install_operator(cluster, namespace: str, release: str = "diffusion-operator
     for s in sets:
         args += ["--set", s]
     return helm(cluster, *args).stdout
+
+
+def queue_sets(
+    release: str, storage_class: str, secret_namespaces: list[str], size: str = "1Gi"
+) -> list[str]:
+    """`--set`s of the chart's queue server (queue.enabled) for the local cluster: its URL Secret in
+    `secret_namespaces`, its data on a claim of `storage_class` (a pre-bound local volume:
+    workloads.queue_volume for `queue_claim(release)`). Then `point_queue_secrets_at_pod`."""
+    return [
+        "queue.enabled=true",
+        f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
+        f"queue.persistence.storageClassName={storage_class}",
+        f"queue.persistence.size={size}",
+    ]
+
+
+def queue_claim(release: str) -> str:
+    """The claim of the chart's queue server (volumeClaimTemplates `data` of `<fullname>-queue`)."""
+    return f"data-{queue_statefulset(release)}-0"
+
+
+def queue_statefulset(release: str) -> str:
+    fullname = (release if "diffusion-operator" in release else f"{release}-diffusion-operator")[:63]
+    return f"{fullname}-queue"[:63]
+
+
+def point_queue_secrets_at_pod(cluster, release: str, operator_ns: str, namespaces: list[str]) -> str:
+    """The local cluster keeps the host's net.ipv4.ip_forward off (pods have no route off the machine),
+    and no cluster DNS: a pod reaches another pod directly over the node's bridge, but not through a
+    ClusterIP (kube-proxy's DNAT would need the host to forward). So here the URL Secrets the chart
+    wrote name the queue server pod's own address (stable while that pod lives: the tests do not
+    restart it). Run it after `helm install --wait` and before the pods that read the Secret start.
+    Returns the address."""
+    import base64
+    import json
+
+    pod = json.loads(
+        cluster.kubectl(
+            "get", "pod", f"{queue_statefulset(release)}-0", "-n", operator_ns, "-o", "json"
+        ).stdout
+    )
+    ip = pod["status"]["podIP"]
+    port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["queue"]
+    for ns in namespaces:
+        secret = json.loads(
+            cluster.kubectl("get", "secret", values["secretName"], "-n", ns, "-o", "json").stdout
+        )
+        password = base64.b64decode(secret["data"]["password"]).decode()
+        patch = {"stringData": {"url": f"redis://:{password}@{ip}:{port}/0", "address": f"{ip}:{port}"}}
+        cluster.kubectl(
+            "patch", "secret", values["secretName"], "-n", ns, "--type", "merge", "-p", json.dumps(patch)
+        )
+    return f"{ip}:{port}"

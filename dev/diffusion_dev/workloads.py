@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,42 @@ def model_volume(namespace: str, host_path: Path, claim: str = MODEL_CLAIM) -> l
         },
     }
     return [pv, pvc]
+
+
+def queue_data_dir(name: str) -> Path:
+    """A host folder for the queue server's data on the real node (owned by the image's uid 1000)."""
+    path = cache_home() / "queue-data" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        os.chown(path, 1000, 1000)
+    except PermissionError:
+        path.chmod(0o777)
+    return path
+
+
+def queue_volume(namespace: str, claim: str, host_path: Path, size: str = "1Gi") -> dict:
+    """A `local` PersistentVolume on the real node pre-bound to the chart's queue server claim
+    (`data-<statefulset>-0`, volumeClaimTemplates): the local cluster has no dynamic provisioner."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"queue-{namespace}-{claim}"[:63], "labels": {"diffusion.dev/dev-volume": "queue"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "claimRef": {"namespace": namespace, "name": claim},
+            "local": {"path": str(host_path)},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [
+                            {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                        ]}
+                    ]
+                }
+            },
+        },
+    }  # fmt: skip

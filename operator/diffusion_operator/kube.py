@@ -89,6 +89,8 @@ class KubeClient(Protocol):
 
     def api_resources(self, api_version: str) -> builtins.list[str] | None: ...
 
+    def object_metric(self, namespace: str, kind: str, name: str, metric: str) -> float | None: ...
+
 
 def load_configuration():
     from kubernetes import client, config
@@ -283,6 +285,26 @@ class Kube:
         if out is None:
             return None
         return [r["name"] for r in out.get("resources") or [] if "/" not in r.get("name", "")]
+
+    def object_metric(self, namespace: str, kind: str, name: str, metric: str) -> float | None:
+        """An Object metric from the custom metrics API (what an HPA's Object metric reads), e.g. the
+        queue's demand on a Deployment; None when no adapter serves it (yet), or it has no value."""
+        from diffusion_operator.controller.diff import parse_quantity
+        from diffusion_operator.resources import CUSTOM_METRIC
+
+        assert kind == "Deployment", kind  # the one described kind the table grants (deployments.apps)
+        path = (
+            f"{CUSTOM_METRIC.collection(namespace)}/{urllib.parse.quote(name)}/{urllib.parse.quote(metric)}"
+        )
+        try:
+            out = self.request("GET", path)
+        except ApiError:  # no adapter (404, 503), the series not there yet
+            return None
+        items = (out or {}).get("items") or []
+        if not items:
+            return None
+        value = parse_quantity(items[0].get("value"))
+        return None if value is None else float(value)
 
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:
         path = self.path(API_VERSION, KIND, namespace, name) + "/status"

@@ -23,9 +23,13 @@ from diffusion_operator.resources import RESOURCES, Grant, Resource
 
 
 def rules_of(resource: Resource, name: str = "") -> list[dict]:
-    """The rules one table row needs: the resource's verbs, then each subresource's. Rows with
-    resourceNames get them (`name` fills the templated one, the Lease's)."""
-    out = [{"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}]
+    """The rules one table row needs: the resource's verbs (none: no rule), then each subresource's. Rows
+    with resourceNames get them (`name` fills the templated one, the Lease's)."""
+    out = []
+    if resource.verbs:
+        out.append(
+            {"apiGroups": [resource.group], "resources": [resource.plural], "verbs": list(resource.verbs)}
+        )
     for sub, verbs in resource.subresources:
         out.append(
             {"apiGroups": [resource.group], "resources": [f"{resource.plural}/{sub}"], "verbs": list(verbs)}

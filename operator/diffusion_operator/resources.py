@@ -17,6 +17,8 @@ import enum
 import urllib.parse
 from dataclasses import dataclass
 
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
+
 from diffusion_operator.api.group import API_VERSION, GROUP, KIND, PLURAL
 from diffusion_operator.builders.common import MANAGED_BY
 
@@ -85,12 +87,19 @@ RESOURCES: tuple[Resource, ...] = (
         "runtime.yaml + cache-dit.yaml: read, watch (drift), server-side apply (create happens through apply)",
         watch=Watch.CHILD,
     ),
-    Resource("v1", "Service", "services", WATCHED_CHILD, "the serving pods' Service", watch=Watch.CHILD),
     Resource(
-        "policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", WATCHED_CHILD,
-        "the serving pods' disruption budget", watch=Watch.CHILD,
+        "v1", "Service", "services", (*WATCHED_CHILD, "delete"),
+        "the serving pods' Service, the front door's (deleted when spec.queue is removed)", watch=Watch.CHILD,
     ),
-    Resource("apps/v1", "Deployment", "deployments", WATCHED_CHILD, "the serving pods", watch=Watch.CHILD),
+    Resource(
+        "policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", (*WATCHED_CHILD, "delete"),
+        "the serving pods' and the front door's disruption budgets (the front door's deleted with spec.queue)",
+        watch=Watch.CHILD,
+    ),
+    Resource(
+        "apps/v1", "Deployment", "deployments", (*WATCHED_CHILD, "delete"),
+        "the serving pods, the front door (deleted when spec.queue is removed)", watch=Watch.CHILD,
+    ),
     Resource(
         "networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", (*WATCHED_CHILD, "delete"),
         "the serving pods' NetworkPolicy, deleted when spec.networkPolicy.enabled is false", watch=Watch.CHILD,
@@ -103,6 +112,11 @@ RESOURCES: tuple[Resource, ...] = (
         "keda.sh/v1alpha1", "ScaledObject", "scaledobjects", ("get", "create", "patch", "delete"),
         "spec.autoscaling.engine keda: the KEDA ScaledObject (applied, read on fresh passes, deleted when the "
         "engine or autoscaling changes; not watched, as KEDA's CRD may be absent: no list/watch)",
+    ),
+    Resource(
+        "keda.sh/v1alpha1", "TriggerAuthentication", "triggerauthentications", ("get", "create", "patch", "delete"),
+        "spec.queue with engine keda: the queue Secret's keys for the redis-streams triggers, by reference "
+        "(not watched, as the ScaledObject)",
     ),
     Resource(
         "v1", "PersistentVolumeClaim", "persistentvolumeclaims", WATCHED_CHILD,
@@ -118,6 +132,12 @@ RESOURCES: tuple[Resource, ...] = (
         "pods, read-only: the download's progress (log tail, termination message), the serving pods' "
         "termination messages (a failed quality gate) and start lines (the head of a Ready pod's log)",
         watch=Watch.POD, subresources=(("log", ("get",)),),
+    ),
+    Resource(
+        "custom.metrics.k8s.io/v1beta2", "MetricValueList", "deployments.apps", (),
+        "spec.queue: status.queue.demand, the queue's demand as the HPA reads it (the Object metric on the "
+        "runtime Deployment, from the custom metrics adapter); that one metric only",
+        subresources=((QUEUE_DEMAND_METRIC, ("get",)),),
     ),
     Resource(
         "v1", "Event", "events", ("create", "patch"),
@@ -151,6 +171,9 @@ def resource(api_version: str, kind: str) -> Resource:
     return _BY_KIND[(api_version, kind)]
 
 
+row = resource  # the name where `resource` is a common variable name
+
+
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
     return resource(api_version, kind).collection(namespace)
 
@@ -164,3 +187,4 @@ HPA = resource("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject")
 NETWORK_POLICY = resource("networking.k8s.io/v1", "NetworkPolicy")
 LEASE = resource("coordination.k8s.io/v1", "Lease")
+CUSTOM_METRIC = resource("custom.metrics.k8s.io/v1beta2", "MetricValueList")

@@ -12,7 +12,12 @@ from typing import Any
 from diffusion_runtime.contract.lines import COLD, GATE_FAILED, WARM
 from pydantic import BaseModel
 
-from diffusion_operator.api.status_types import Condition, DiffusionDeploymentStatus, StartRecord
+from diffusion_operator.api.status_types import (
+    Condition,
+    DiffusionDeploymentStatus,
+    QueueStatus,
+    StartRecord,
+)
 from diffusion_operator.builders.deployment import CONFIG_HASH_ANNOTATION
 from diffusion_operator.pod_status import PodSummary, summarize
 from diffusion_operator.validation import condition_reason
@@ -178,6 +183,45 @@ def valid_status(
         }
     )
     return dump(status)
+
+
+def queue_status(
+    status: dict,
+    old_status: dict,
+    runtime: dict | None,
+    front_door: dict | None,
+    front_door_replicas: int,
+    demand: float | None,
+    generation: int | None,
+) -> dict:
+    """`status` of a DiffusionDeployment with spec.queue: status.queue (the demand, the front door, scaled
+    to zero) and Ready, which needs a ready front-door pod (clients reach the queue through it only) and
+    is True at zero runtime pods (ScaledToZero: requests wait in the queue and wake the deployment)."""
+    fd_ready = int(((front_door or {}).get("status") or {}).get("readyReplicas", 0) or 0)
+    rspec, rstatus = (runtime or {}).get("spec") or {}, (runtime or {}).get("status") or {}
+    zero = runtime is not None and rspec.get("replicas", 1) == 0 and not rstatus.get("replicas")
+    queue: dict[str, Any] = {"frontDoor": f"{fd_ready}/{front_door_replicas}", "scaledToZero": zero}
+    if demand is not None:
+        queue["demand"] = max(0, round(demand))
+    out = {**status, "queue": dump(QueueStatus.model_validate(queue))}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == READY), None)
+    new_ready = None
+    if fd_ready == 0:
+        new_ready = condition(
+            READY, False, "FrontDoorNotReady",
+            f"0/{front_door_replicas} front-door pods ready: clients cannot reach the queue", generation,
+        )  # fmt: skip
+    elif zero and ready is not None and ready.get("reason") == "ScaledToZero":
+        waiting = "" if demand is None else f" ({max(0, round(demand))} jobs in the queue)"
+        new_ready = condition(
+            READY, True, "ScaledToZero",
+            f"scaled to zero: no runtime pod; requests wait in the queue and the first one wakes the deployment"
+            f"{waiting}", generation,
+        )  # fmt: skip
+    if new_ready is not None:
+        merged = merge_conditions((old_status or {}).get("conditions"), [new_ready])[0]
+        out["conditions"] = [merged, *(c for c in out.get("conditions") or [] if c.get("type") != READY)]
+    return out
 
 
 def not_ready_condition(

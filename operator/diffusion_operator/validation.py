@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion_runtime.contract import cache_dit_facts as facts
-from diffusion_runtime.contract.config import ConfigError, runtime_errors
+from diffusion_runtime.contract.config import QUEUE_URL_ENV, ConfigError, runtime_errors
 from pydantic import ValidationError
 
 from diffusion_operator.api.funcs import SETTING_FIELDS, cache_dit_config, device_type, max_unavailable
@@ -31,6 +31,7 @@ from diffusion_operator.api.types import (
     PARALLEL_ON_CPU,
     PARALLEL_ON_GPUS,
     PARALLEL_SIZES,
+    SCALE_TO_ZERO_NEEDS_QUEUE,
     DiffusionDeployment,
     DiffusionDeploymentSpec,
 )
@@ -150,6 +151,8 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
     errors: list[FieldError] = []
     if s.autoscaling is not None:
         a = s.autoscaling
+        if a.min_replicas == 0 and s.queue is None:
+            errors.append(FieldError("spec.autoscaling.minReplicas", SCALE_TO_ZERO_NEEDS_QUEUE))
         if a.min_replicas > a.max_replicas:
             errors.append(
                 FieldError("spec.autoscaling.minReplicas", "must be <= spec.autoscaling.maxReplicas")
@@ -187,6 +190,10 @@ def semantic_errors(s: DiffusionDeploymentSpec) -> list[FieldError]:
                 )
             seen.add(api_key.name)
     errors += _adapter_errors(s)
+    if any(e.name == QUEUE_URL_ENV for e in s.template.env or []):
+        errors.append(
+            FieldError("spec.template.env", f"{QUEUE_URL_ENV} comes only from spec.queue.secretRef")
+        )
     if s.model.cache is not None and not s.model.uri.startswith("hf://"):
         errors.append(
             FieldError(

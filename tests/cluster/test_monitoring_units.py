@@ -20,6 +20,7 @@ from diffusion_dev.monitoring import (
     signal_expr,
 )
 from diffusion_operator.builders.hpa import DEMAND_METRIC
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
 
 TLS = {"ca_file": "/ca.crt"}
 
@@ -107,9 +108,18 @@ def test_every_dashboard_target_and_alert_is_collected_with_its_variables_filled
 
 
 def test_the_adapter_rule_serves_the_demand_metric_the_hpa_asks_for():
-    (rule,) = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    rule, queue = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
     assert rule["name"]["as"] == DEMAND_METRIC and rule["seriesQuery"].startswith(DEMAND_METRIC + "{")
     assert rule["resources"]["overrides"] == {
         "namespace": {"resource": "namespace"},
         "pod": {"resource": "pod"},
+    }
+    # spec.queue: the Object metric on the runtime Deployment, from the front door's series by their
+    # owner label as the PodMonitor names it
+    assert queue["name"]["as"] == QUEUE_DEMAND_METRIC and queue["seriesQuery"].startswith(
+        QUEUE_DEMAND_METRIC + "{"
+    )
+    assert queue["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "diffusion_dev_deployment": {"group": "apps", "resource": "deployment"},
     }

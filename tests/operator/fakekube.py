@@ -125,6 +125,8 @@ class FakeKube:
         # group/versions served beyond the built-in ones (API discovery): e.g. {"keda.sh/v1alpha1":
         # ["scaledobjects"]} once a test "installs" KEDA's CRD
         self.served: dict[str, list[str]] = {}
+        # Object metrics a custom metrics adapter would serve: (namespace, kind, name, metric) -> value
+        self.object_metrics: dict[tuple[str, str, str, str], float] = {}
         self._rv = itertools.count(100)
         self._uid = itertools.count(1)
 
@@ -263,6 +265,10 @@ class FakeKube:
         self.reads[("DISCOVERY", api_version)] += 1
         served = self.served.get(api_version)
         return list(served) if served is not None else None
+
+    def object_metric(self, namespace: str, kind: str, name: str, metric: str) -> float | None:
+        self.reads[("METRIC", metric)] += 1
+        return self.object_metrics.get((namespace, kind, name, metric))
 
     @_locked
     def patch_status(self, namespace: str, name: str, status: dict) -> dict:

@@ -117,6 +117,8 @@ def apply_cel(spec: dict) -> dict:
     auto = spec.get("autoscaling")
     if auto and auto.get("minReplicas", 1) > auto["maxReplicas"]:
         auto["minReplicas"] = auto["maxReplicas"]
+    if auto and auto.get("minReplicas", 1) == 0 and "queue" not in spec:  # scale to zero needs a queue
+        auto["minReplicas"] = 1
     rollout = spec.get("rollout") or {}
     if str(rollout.get("maxSurge", 0)) in ("0", "0%") and str(rollout.get("maxUnavailable", 1)) in (
         "0",
@@ -141,7 +143,7 @@ def apply_cel(spec: dict) -> dict:
     env = (spec.get("template") or {}).get("env")
     if env:
         spec["template"]["env"] = [
-            e for e in env if e["name"] not in ("HF_TOKEN", "DIFFUSION_WEBHOOK_SECRET")
+            e for e in env if e["name"] not in ("HF_TOKEN", "DIFFUSION_WEBHOOK_SECRET", "DIFFUSION_QUEUE_URL")
         ]
     return spec
 

@@ -112,12 +112,15 @@ def test_crd_names_subresources_columns_and_cel_rules():
         "Status",
         "Reason",
         "Age",
+        "Queue",
+        "Front",
         "Cold",
         "Warm",
         "Message",
     ]
     wide = {c["name"]: c for c in version["additionalPrinterColumns"] if c.get("priority")}
-    assert set(wide) == {"Cold", "Warm", "Message"}  # kubectl get dd -o wide
+    assert set(wide) == {"Cold", "Warm", "Queue", "Front", "Message"}  # kubectl get dd -o wide
+    assert wide["Queue"]["jsonPath"] == ".status.queue.demand"
     assert wide["Cold"]["jsonPath"] == ".status.startup.lastCold.seconds"
     spec = schema()["properties"]["spec"]
     rules = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])

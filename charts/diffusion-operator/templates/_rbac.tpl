@@ -19,18 +19,19 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; po
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# the serving pods' Service
+# the serving pods' Service, the front door's (deleted when spec.queue is removed)
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# the serving pods' disruption budget
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# the serving pods' and the front door's disruption budgets (the front door's deleted with
+# spec.queue)
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# the serving pods
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# the serving pods, the front door (deleted when spec.queue is removed)
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # the serving pods' NetworkPolicy, deleted when spec.networkPolicy.enabled is false
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
@@ -43,6 +44,11 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; po
 # the engine or autoscaling changes; not watched, as KEDA's CRD may be absent: no list/watch)
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
+# spec.queue with engine keda: the queue Secret's keys for the redis-streams triggers, by reference
+# (not watched, as the ScaledObject)
+- apiGroups: ["keda.sh"]
+  resources: ["triggerauthentications"]
   verbs: ["get", "create", "patch", "delete"]
 # spec.model.cache: the claim (never deleted by the operator: it goes with the DiffusionDeployment)
 - apiGroups: [""]
@@ -59,6 +65,11 @@ No Secrets (the HF token reaches pods by secretKeyRef only), no RBAC objects; po
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
+  verbs: ["get"]
+# spec.queue: status.queue.demand, the queue's demand as the HPA reads it (the Object metric on the
+# runtime Deployment, from the custom metrics adapter); that one metric only
+- apiGroups: ["custom.metrics.k8s.io"]
+  resources: ["deployments.apps/diffusion_queue_demand"]
   verbs: ["get"]
 # events about real problems (invalid spec, failed apply) on the DiffusionDeployment
 - apiGroups: [""]

@@ -195,6 +195,16 @@ def target_demand(autoscaling: AutoscalingSpec) -> float:
     return DEFAULT_TARGET_DEMAND if target is None else target
 
 
+def queue_name(namespace: str, name: str) -> str:
+    """runtime.yaml's queue.name: every key of the deployment's queue starts with it (NAMESPACE/NAME)."""
+    return f"{namespace}/{name}"
+
+
+def queue_url_secret(spec: DiffusionDeploymentSpec) -> tuple[str, str] | None:
+    """(Secret name, key) of the queue server's redis:// URL, None without spec.queue."""
+    return (spec.queue.secret_ref.name, spec.queue.secret_ref.key) if spec.queue is not None else None
+
+
 def tolerations(spec: DiffusionDeploymentSpec) -> list[dict[str, Any]]:
     """template.tolerations as core/v1 Tolerations."""
     return [t.model_dump(by_alias=True, exclude_none=True) for t in spec.template.tolerations or []]

@@ -139,6 +139,26 @@ class RollbackStatus(_Status):
     )
 
 
+class QueueStatus(_Status):
+    """The shared work queue (spec.queue): its demand and the front door."""
+
+    demand: int | None = Field(
+        None,
+        ge=0,
+        description="Jobs waiting + running in the queue (the front door's diffusion_queue_demand, as the HPA "
+        "reads it from the custom metrics API); absent while no metrics adapter serves it.",
+    )
+    front_door: str | None = Field(
+        None, alias="frontDoor", description="Ready/desired front-door pods (the API behind status.endpoint)."
+    )
+    scaled_to_zero: bool | None = Field(
+        None,
+        alias="scaledToZero",
+        description="No runtime pod runs: requests wait in the queue and the first one wakes the deployment "
+        "(autoscaling.minReplicas 0).",
+    )
+
+
 class DiffusionDeploymentStatus(_Status):
     """Observed state, written by the operator."""
 
@@ -154,7 +174,10 @@ class DiffusionDeploymentStatus(_Status):
     )
     ready: str | None = Field(None, description="readyReplicas/desired, for printing.")
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
-    endpoint: str | None = Field(None, description="In-cluster URL of the Service.")
+    endpoint: str | None = Field(
+        None,
+        description="In-cluster URL of the API: the front door's Service with spec.queue, else the pods'.",
+    )
     config_hash: str | None = Field(
         None, alias="configHash", description="Hash of the rendered configuration; a change rolls the pods."
     )
@@ -164,6 +187,7 @@ class DiffusionDeploymentStatus(_Status):
         description="cache-dit's summary tag of the cache config (as cache_dit.strify).",
     )
     model_cache: ModelCacheStatus | None = Field(None, alias="modelCache")
+    queue: QueueStatus | None = None
     startup: StartupStatus | None = None
     rollback: RollbackStatus | None = None
     conditions: list[Condition] | None = Field(

@@ -15,6 +15,7 @@ from diffusion_runtime.contract import cache_dit_facts as facts
 from diffusion_runtime.contract.config import (
     API_KEY_NAME_PATTERN,
     MAX_ADAPTERS,
+    QUEUE_URL_ENV,
     Device,
     Dtype,
     QualityGateConfig,
@@ -27,7 +28,13 @@ from diffusion_runtime.contract.limits import (
 )
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-from diffusion_operator.api.defaults import DEFAULT_IMAGE, DEFAULT_TARGET_DEMAND
+from diffusion_operator.api.defaults import (
+    DEFAULT_FRONT_DOOR_REPLICAS,
+    DEFAULT_IMAGE,
+    DEFAULT_QUEUE_SECRET,
+    DEFAULT_QUEUE_SECRET_KEYS,
+    DEFAULT_TARGET_DEMAND,
+)
 
 URI_PATTERN = (
     r"^(hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|file:///.+|/.+)$"
@@ -84,7 +91,7 @@ class _Types(BaseModel):
 # setting a CR field is rendered into, and whether the builders render its value as it is
 RUNTIME_SETTING = "x-diffusion-runtime-setting"
 AS_IS = "x-diffusion-as-is"
-_SETTING_NAME = re.compile(r"\b(server|warmup|quality_gate)\.([a-z][a-z_]*)\b")
+_SETTING_NAME = re.compile(r"\b(server|warmup|quality_gate|queue)\.([a-z][a-z_]*)\b")
 
 
 def camel(name: str) -> str:
@@ -412,9 +419,11 @@ class ScalingBehavior(_Types):
 
 
 class AutoscalingSpec(_Types):
-    """Scale on the runtime's per-pod demand gauge diffusion_demand_requests (waiting + running requests),
-    with an autoscaling/v2 HPA (Pods metric, needs a custom-metrics adapter) or a KEDA ScaledObject
-    (Prometheus trigger, needs KEDA installed)."""
+    """Scale on the demand: without spec.queue the runtime's per-pod gauge diffusion_demand_requests
+    (waiting + running requests), with an autoscaling/v2 HPA (Pods metric, needs a custom-metrics adapter)
+    or a KEDA ScaledObject (Prometheus trigger, needs KEDA installed); with spec.queue the queue's own
+    demand, which exists at zero pods (HPA: Object metric diffusion_queue_demand of the front door;
+    KEDA: redis-streams triggers on the work stream)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -437,7 +446,13 @@ class AutoscalingSpec(_Types):
         description="hpa: an autoscaling/v2 HorizontalPodAutoscaler on the Pods metric (needs a custom-metrics "
         "adapter); keda: a KEDA ScaledObject with a Prometheus trigger (needs KEDA's CRDs).",
     )
-    min_replicas: int = Field(1, alias="minReplicas", description="Lowest replica count.", ge=1)
+    min_replicas: int = Field(
+        1,
+        alias="minReplicas",
+        description="Lowest replica count; 0 (scale to zero) needs spec.queue: the front door holds requests "
+        "while no runtime pod exists and the queue's demand wakes the deployment.",
+        ge=0,
+    )
     max_replicas: int = Field(alias="maxReplicas", description="Highest replica count.", ge=1)
     target_demand: float | None = Field(
         None,
@@ -639,7 +654,7 @@ class TemplateSpec(_Types):
     env: list[EnvVar] | None = Field(
         None,
         description="Extra environment variables (name/value only; HF_TOKEN is set from model.tokenSecretRef, "
-        "DIFFUSION_WEBHOOK_SECRET from server.webhookSecretRef).",
+        f"DIFFUSION_WEBHOOK_SECRET from server.webhookSecretRef, {QUEUE_URL_ENV} from queue.secretRef).",
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
@@ -650,6 +665,10 @@ class TemplateSpec(_Types):
                     "rule": "self.all(e, e.name != 'DIFFUSION_WEBHOOK_SECRET')",
                     "message": "DIFFUSION_WEBHOOK_SECRET comes only from spec.server.webhookSecretRef",
                 },
+                {
+                    "rule": f"self.all(e, e.name != '{QUEUE_URL_ENV}')",
+                    "message": f"{QUEUE_URL_ENV} comes only from spec.queue.secretRef",
+                },
             ]
         },
     )
@@ -657,6 +676,60 @@ class TemplateSpec(_Types):
         None,
         alias="shmSize",
         description="Size limit of the /dev/shm emptyDir (default 8Gi per GPU, one rank each; 1Gi on CPU).",
+    )
+
+
+class QueueSecretRef(_Types):
+    """Secret holding the queue server's address (same namespace): `key` a redis://[:password@]host:port/db
+    URL, reaching the pods only as DIFFUSION_QUEUE_URL via secretKeyRef. Engine keda also reads
+    `addressKey` (host:port) and `passwordKey` from it (KEDA's redis-streams scaler takes no URL). The
+    chart's queue server writes this Secret (name diffusion-queue, every key)."""
+
+    name: str = Field(DEFAULT_QUEUE_SECRET, description="Secret name (same namespace).", max_length=253)
+    key: str = Field(DEFAULT_QUEUE_SECRET_KEYS["url"], description="Key of the redis:// URL.", max_length=253)
+    address_key: str = Field(
+        DEFAULT_QUEUE_SECRET_KEYS["address"],
+        alias="addressKey",
+        description="Key of host:port (autoscaling engine keda only).",
+        max_length=253,
+    )
+    password_key: str = Field(
+        DEFAULT_QUEUE_SECRET_KEYS["password"],
+        alias="passwordKey",
+        description="Key of the password (autoscaling engine keda only).",
+        max_length=253,
+    )
+
+
+class FrontDoorSpec(_Types):
+    """The front door: a CPU-only Deployment of the runtime image (`diffusion-runtime front-door`) serving
+    the same API; it validates, enqueues and answers from the shared queue, on any replica."""
+
+    replicas: int = Field(
+        DEFAULT_FRONT_DOOR_REPLICAS,
+        description="Front-door pods (a PodDisruptionBudget keeps all but one).",
+        ge=1,
+        le=100,
+    )
+    resources: Resources | None = Field(
+        None,
+        description="cpu/memory of the front-door container (default: requests 100m / 256Mi, limit 1Gi).",
+    )
+
+
+class QueueSpec(_Types):
+    """The shared work queue (Redis Streams) between the API and the GPUs: a front door takes every request,
+    runtime pods pull work when they have room, any front-door replica answers for any job, and
+    autoscaling.minReplicas may be 0. The Redis server is yours or the chart's (queue.enabled)."""
+
+    secret_ref: QueueSecretRef = Field(
+        default_factory=lambda: QueueSecretRef.model_validate({}), alias="secretRef"
+    )
+    max_attempts: int = setting("queue.max_attempts")
+    claim_idle_seconds: float = setting("queue.claim_idle_seconds")
+    max_waiting: int = setting("queue.max_waiting")
+    front_door: FrontDoorSpec = Field(
+        default_factory=lambda: FrontDoorSpec.model_validate({}), alias="frontDoor"
     )
 
 
@@ -714,6 +787,10 @@ PARALLEL_ON_CPU = (
 )
 
 
+SCALE_TO_ZERO_NEEDS_QUEUE = (
+    "0 (scale to zero) needs spec.queue: without the queue's front door nothing holds a request while no "
+    "runtime pod exists"
+)
 _CEL_HAS_PARALLEL = "has(self.cacheDit) && has(self.cacheDit.parallelism_config)"
 _CEL_PRODUCT = " * ".join(
     f"(has(self.cacheDit.parallelism_config.{k}) ? self.cacheDit.parallelism_config.{k} : 1)"
@@ -742,6 +819,12 @@ class DiffusionDeploymentSpec(_Types):
                     "message": "adapters: hf:// adapters are downloaded into spec.model.cache; set it (or use "
                     "pvc:// or file:// adapters)",
                     "fieldPath": ".adapters",
+                },
+                {
+                    "rule": "!has(self.autoscaling) || !has(self.autoscaling.minReplicas) || "
+                    "self.autoscaling.minReplicas >= 1 || has(self.queue)",
+                    "message": f"autoscaling.minReplicas {SCALE_TO_ZERO_NEEDS_QUEUE}",
+                    "fieldPath": ".autoscaling.minReplicas",
                 },
                 {
                     "rule": f"!({_CEL_HAS_PARALLEL}) || !{_CEL_ON_GPUS} || {_CEL_PRODUCT} == {_CEL_GPU_COUNT}",
@@ -804,6 +887,7 @@ class DiffusionDeploymentSpec(_Types):
             "adapters", **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
         ),
     )
+    queue: QueueSpec | None = Field(None, json_schema_extra=renders("queue"))
 
 
 class DiffusionDeployment(_Types):

@@ -11,8 +11,9 @@ from diffusion_operator.builders.configmap import (
     render_runtime_config,
 )
 from diffusion_operator.builders.deployment import build_deployment
+from diffusion_operator.builders.frontdoor import build_front_door
 from diffusion_operator.builders.hpa import build_hpa
-from diffusion_operator.builders.keda import build_scaled_object
+from diffusion_operator.builders.keda import build_scaled_object, build_trigger_authentication
 from diffusion_operator.builders.modelcache import build_download_job, build_model_cache_pvc
 from diffusion_operator.builders.networkpolicy import DEFAULT_NETWORK, NetworkSettings, build_network_policy
 from diffusion_operator.builders.pdb import build_pdb
@@ -25,11 +26,13 @@ __all__ = [
     "build_configmap",
     "build_deployment",
     "build_download_job",
+    "build_front_door",
     "build_model_cache_pvc",
     "build_hpa",
     "build_network_policy",
     "build_pdb",
     "build_scaled_object",
+    "build_trigger_authentication",
     "build_service",
     "endpoint",
     "labels",
@@ -53,8 +56,11 @@ def build_all(
     spec.model.cache its claim and download Job last. Until that cache is complete
     (`model_cache_ready` False) the Deployment has 0 replicas and there is no autoscaler to scale it up.
     The autoscaler is the HPA (engine hpa) or a KEDA ScaledObject (engine keda, its Prometheus trigger
-    reading `keda_prometheus_address`), never both. The NetworkPolicy (unless spec.networkPolicy.enabled is
-    false) follows the operator's `network` settings (monitoring namespace, cluster ranges)."""
+    reading `keda_prometheus_address`, or with spec.queue the queue server through a
+    TriggerAuthentication), never both. With spec.queue the front door (Deployment, Service, PDB
+    `<name>-frontdoor`) follows the runtime pods' children. The NetworkPolicy (unless
+    spec.networkPolicy.enabled is false) follows the operator's `network` settings (monitoring namespace,
+    cluster ranges)."""
     configmap = build_configmap(dd, owner)
     children = [
         configmap,
@@ -64,8 +70,12 @@ def build_all(
     ]
     if dd.spec.network_policy.enabled:
         children.append(build_network_policy(dd, owner, network))
+    if dd.spec.queue is not None:
+        children += build_front_door(dd, owner, configmap)
     if dd.spec.autoscaling is not None and model_cache_ready:
         if dd.spec.autoscaling.engine == "keda":
+            if dd.spec.queue is not None:
+                children.append(build_trigger_authentication(dd, owner))
             children.append(build_scaled_object(dd, owner, keda_prometheus_address))
         else:
             children.append(build_hpa(dd, owner))

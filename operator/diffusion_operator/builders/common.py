@@ -38,27 +38,28 @@ def container_security_context() -> dict:
     }
 
 
-# the component label of a DiffusionDeployment's pods other than the serving ones: the front door's
-# Deployment puts `front_door_labels(name)` on its pods, the serving pods' NetworkPolicy admits
-# `front_door_selector(name)` to the API port (one place for both)
+# The front door's pods (spec.queue; builders/frontdoor.py) in one place: its Deployment and Service select
+# `front_door_selector(name)`, its pods carry `front_door_labels(name)`, the serving pods' NetworkPolicy admits
+# `front_door_selector(name)` to the API port. Never the serving pods' `selector(name)`: the runtime
+# Service, PDB and policy must not select the front door.
 COMPONENT_LABEL = "app.kubernetes.io/component"
+FRONT_DOOR_APP = "diffusion-frontdoor"  # app.kubernetes.io/name of the front-door pods
 FRONT_DOOR_COMPONENT = "front-door"
 DEPLOYMENT_LABEL = "diffusion.dev/deployment"
 
 
 def front_door_selector(name: str) -> dict[str, str]:
     """The front door pods of DiffusionDeployment `name` (in its namespace)."""
-    return {DEPLOYMENT_LABEL: name, COMPONENT_LABEL: FRONT_DOOR_COMPONENT}
+    return {"app.kubernetes.io/name": FRONT_DOOR_APP, "app.kubernetes.io/instance": name}
 
 
 def front_door_labels(name: str) -> dict[str, str]:
-    """Labels of the front door pods: never the serving pods' `selector(name)` (the Service, PDB and
-    NetworkPolicy must not select them)."""
+    """Labels of the front door pods."""
     return {
-        "app.kubernetes.io/name": "diffusion-front-door",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
         **front_door_selector(name),
+        COMPONENT_LABEL: FRONT_DOOR_COMPONENT,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        DEPLOYMENT_LABEL: name,
     }
 
 

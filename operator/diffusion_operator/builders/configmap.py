@@ -13,6 +13,7 @@ from diffusion_operator.api.funcs import (
     model_pvc,
     quality_gate_on,
     quantize_config,
+    queue_name,
     runtime_settings,
 )
 from diffusion_operator.api.types import AdapterSpec, DiffusionDeployment
@@ -103,6 +104,8 @@ def runtime_config(dd: DiffusionDeployment) -> RuntimeConfig:
         raw["adapters"] = [
             {"name": a.name, "path": adapter_path_in_pod(a), "scale": a.scale} for a in cr.adapters
         ]
+    if cr.queue is not None:
+        _put(raw, "queue.name", queue_name(dd.namespace, dd.name))
     return config_from_dict(raw)
 
 

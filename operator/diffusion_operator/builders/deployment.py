@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+from diffusion_runtime.contract.config import QUEUE_URL_ENV
+
 from diffusion_operator.api.funcs import (
     device_type,
     max_unavailable,
     model_pvc,
+    queue_url_secret,
     replicas,
     required_capability,
     startup_budget_seconds,
@@ -104,6 +107,23 @@ def startup_failure_threshold(dd: DiffusionDeployment) -> int:
     return max(1, math.ceil(startup_budget_seconds(dd.spec) / STARTUP_PERIOD_SECONDS))
 
 
+def secret_env(name: str, secret: str, key: str) -> dict:
+    """An environment variable from a Secret by reference (the value never sits in a spec)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def shared_secret_env(dd: DiffusionDeployment) -> list[dict]:
+    """The Secrets both the runtime pods and the front door read: the webhook signing secret, the queue URL."""
+    env = []
+    hook = dd.spec.server.webhook_secret_ref
+    if hook is not None:
+        env.append(secret_env("DIFFUSION_WEBHOOK_SECRET", hook.name, hook.key))
+    queue = queue_url_secret(dd.spec)
+    if queue is not None:
+        env.append(secret_env(QUEUE_URL_ENV, *queue))
+    return env
+
+
 def build_env(dd: DiffusionDeployment) -> list[dict]:
     env: list[dict] = [
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
@@ -112,15 +132,8 @@ def build_env(dd: DiffusionDeployment) -> list[dict]:
     ]
     token = token_secret(dd.spec)
     if token is not None:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token[0], "key": token[1]}}})
-    hook = dd.spec.server.webhook_secret_ref
-    if hook is not None:
-        env.append(
-            {
-                "name": "DIFFUSION_WEBHOOK_SECRET",
-                "valueFrom": {"secretKeyRef": {"name": hook.name, "key": hook.key}},
-            }
-        )
+        env.append(secret_env("HF_TOKEN", *token))
+    env += shared_secret_env(dd)
     if dd.spec.model.cache is not None:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the cache is complete: never download
     env += template_env(dd.spec)

@@ -8,11 +8,23 @@ another deployment named NAME-x). With `metricType: AverageValue` KEDA hands tha
 creates as an External metric with an AverageValue target, and the HPA divides it by the current
 replica count: the same per-pod average the `hpa` engine's Pods metric aims for, at `threshold` =
 targetDemand. No series (no pod scraped yet) reads as 0 (`or vector(0)`).
+
+With spec.queue the ScaledObject reads the queue server itself, not Prometheus: one `redis-streams`
+trigger on the deployment's work stream and consumer group (the runtime contract's `QueueConfig.stream`
+and `QUEUE_GROUP`) with `streamLength` = targetDemand: the runtime deletes a job's entry when the job
+finishes or is cancelled, so the stream's length is the jobs waiting + running (docs/queue.md), the
+same demand as the front door's gauge, and 0 when idle (the trigger turns inactive and KEDA scales to
+minReplicaCount, 0 included; any entry wakes it). The server's address and password come from the
+queue Secret through a TriggerAuthentication `<name>-queue` (secretTargetRef: by reference, never
+copied): KEDA's scaler takes host:port and a password, not the URL (queue.secretRef.addressKey and
+passwordKey; database 0).
 """
 
 from __future__ import annotations
 
-from diffusion_operator.api.funcs import behavior, target_demand
+from diffusion_runtime.contract.config import QUEUE_GROUP, QueueConfig
+
+from diffusion_operator.api.funcs import behavior, queue_name, target_demand
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
 from diffusion_operator.builders.hpa import DEMAND_METRIC, quantity
@@ -20,6 +32,52 @@ from diffusion_operator.builders.hpa import DEMAND_METRIC, quantity
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 SCALED_OBJECT = "ScaledObject"
 SCALED_OBJECTS = "scaledobjects"
+TRIGGER_AUTHENTICATION = "TriggerAuthentication"
+
+
+def trigger_auth_name(dd: DiffusionDeployment) -> str:
+    return f"{dd.name}-queue"
+
+
+def work_stream(dd: DiffusionDeployment) -> str:
+    """The deployment's work stream, as the runtime names it (the contract's QueueConfig.stream)."""
+    return QueueConfig(name=queue_name(dd.namespace, dd.name)).stream
+
+
+def build_trigger_authentication(dd: DiffusionDeployment, owner: dict) -> dict:
+    q = dd.spec.queue
+    assert q is not None
+    ref = q.secret_ref
+    return {
+        "apiVersion": KEDA_API_VERSION,
+        "kind": TRIGGER_AUTHENTICATION,
+        "metadata": metadata(trigger_auth_name(dd), dd, owner),
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": "address", "name": ref.name, "key": ref.address_key},
+                {"parameter": "password", "name": ref.name, "key": ref.password_key},
+            ]
+        },
+    }
+
+
+def queue_triggers(dd: DiffusionDeployment) -> list[dict]:
+    a = dd.spec.autoscaling
+    assert a is not None
+    target = threshold(target_demand(a))
+    return [
+        {
+            "type": "redis-streams",
+            "name": "demand",
+            "metadata": {
+                "stream": work_stream(dd),
+                "consumerGroup": QUEUE_GROUP,
+                "databaseIndex": "0",
+                "streamLength": target,
+            },
+            "authenticationRef": {"name": trigger_auth_name(dd)},
+        }
+    ]
 
 
 def demand_query(namespace: str, name: str) -> str:
@@ -30,6 +88,20 @@ def demand_query(namespace: str, name: str) -> str:
 def threshold(value: float) -> str:
     """KEDA's threshold is a decimal string: 1 -> "1", 1.5 -> "1.5"."""
     return f"{value:g}"
+
+
+def prometheus_trigger(dd: DiffusionDeployment, prometheus_address: str) -> dict:
+    a = dd.spec.autoscaling
+    assert a is not None
+    return {
+        "type": "prometheus",
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": prometheus_address,
+            "query": demand_query(dd.namespace, dd.name),
+            "threshold": threshold(target_demand(a)),
+        },
+    }
 
 
 def build_scaled_object(dd: DiffusionDeployment, owner: dict, prometheus_address: str) -> dict:
@@ -44,19 +116,11 @@ def build_scaled_object(dd: DiffusionDeployment, owner: dict, prometheus_address
             "minReplicaCount": a.min_replicas,
             "maxReplicaCount": a.max_replicas,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(a.behavior)}},
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metricType": "AverageValue",
-                    "metadata": {
-                        "serverAddress": prometheus_address,
-                        "query": demand_query(dd.namespace, dd.name),
-                        "threshold": threshold(target_demand(a)),
-                    },
-                }
-            ],
+            "triggers": queue_triggers(dd)
+            if dd.spec.queue is not None
+            else [prometheus_trigger(dd, prometheus_address)],
         },
     }
 
 
-__all__ = ["build_scaled_object", "demand_query", "quantity"]
+__all__ = ["build_scaled_object", "build_trigger_authentication", "demand_query", "quantity"]

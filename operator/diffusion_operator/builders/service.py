@@ -7,6 +7,11 @@ from diffusion_operator.builders.common import HTTP_PORT, METRICS_PORT, metadata
 
 
 def endpoint(dd: DiffusionDeployment) -> str:
+    """Where clients send requests: the front door's Service with spec.queue, else the runtime pods'."""
+    if dd.spec.queue is not None:
+        from diffusion_operator.builders.frontdoor import front_door_endpoint
+
+        return front_door_endpoint(dd)
     return f"http://{dd.name}.{dd.namespace}.svc:{HTTP_PORT}"
 
 

@@ -27,6 +27,13 @@ SPEC_HASH_ANNOTATION = "diffusion.dev/spec-hash"
 APPLY_THREADS = 16
 
 
+Slot = tuple[str, str]  # (kind, name): one desired child of a CR (two Deployments with spec.queue)
+
+
+def slot(obj: dict) -> Slot:
+    return obj["kind"], obj["metadata"]["name"]
+
+
 def with_spec_hash(obj: dict) -> dict:
     """`obj` with the hash of its whole desired content in an annotation (computed without it)."""
     digest = stable_hash(obj)
@@ -67,33 +74,33 @@ class Applier:
         return answer
 
     def apply_changes(
-        self, stale: list[dict], observed: dict[str, dict | None], applied: list[str], first: bool
+        self, stale: list[dict], observed: dict[Slot, dict | None], applied: list[str], first: bool
     ) -> None:
-        """Apply the `stale` children, recording each answer in `observed` (by kind) and its kind in
+        """Apply the `stale` children, recording each answer in `observed` (by slot) and its kind/name in
         `applied`; raises the first ApiError (after a dry run refused, nothing was changed)."""
         if first:  # nothing exists yet: every child at once
             answers = self.apply_parallel(stale)
             observed.update(answers)
-            applied += list(answers)
+            applied += [f"{kind}/{name}" for kind, name in answers]
             return
-        if any(observed[obj["kind"]] is not None for obj in stale):
+        if any(observed[slot(obj)] is not None for obj in stale):
             for obj in stale:  # running children stay as they are unless every change passes
                 self.apply(obj, dry_run=True)
         for obj in stale:
-            observed[obj["kind"]] = self.apply(obj)
-            applied.append(obj["kind"])
+            observed[slot(obj)] = self.apply(obj)
+            applied.append("/".join(slot(obj)))
 
-    def apply_parallel(self, objs: list[dict]) -> dict[str, dict]:
+    def apply_parallel(self, objs: list[dict]) -> dict[Slot, dict]:
         """Apply independent objects concurrently; on errors, the first failing one in `objs` order
         is raised (after every request finished), so a permanent error wins over nothing."""
         if len(objs) <= 1:
-            return {o["kind"]: self.apply(o) for o in objs}
+            return {slot(o): self.apply(o) for o in objs}
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="apply")
             pool = self._pool
-        futures = [(o["kind"], pool.submit(self.apply, o)) for o in objs]
-        answers: dict[str, dict] = {}
+        futures = [(slot(o), pool.submit(self.apply, o)) for o in objs]
+        answers: dict[Slot, dict] = {}
         errors: list[ApiError] = []
         for kind, future in futures:
             try:

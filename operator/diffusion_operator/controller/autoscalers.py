@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable
 
 from diffusion_operator.api.types import DiffusionDeployment
+from diffusion_operator.builders.frontdoor import FRONT_DOOR_SUFFIX
+from diffusion_operator.builders.keda import TRIGGER_AUTHENTICATION
 from diffusion_operator.controller.informers import Informers, owned_by
 from diffusion_operator.kube import KubeClient
-from diffusion_operator.resources import HPA, SCALED_OBJECT
+from diffusion_operator.resources import HPA, SCALED_OBJECT, Resource, row
 from diffusion_operator.validation import FieldError
 
 # API discovery of keda.sh/v1alpha1 is cached this long; a CR refused for its absence is looked at
@@ -23,6 +25,13 @@ from diffusion_operator.validation import FieldError
 DISCOVERY_TTL = 30.0
 # the autoscaler object of each engine (spec.autoscaling.engine): the other one is deleted
 AUTOSCALERS = {"hpa": HPA, "keda": SCALED_OBJECT}
+# the front door's children (spec.queue), deleted when the queue is turned off
+FRONT_DOOR_KINDS = (
+    row("apps/v1", "Deployment"),
+    row("v1", "Service"),
+    row("policy/v1", "PodDisruptionBudget"),
+)
+TRIGGER_AUTH = row(SCALED_OBJECT.api_version, TRIGGER_AUTHENTICATION)
 KEDA_FLAG = "--keda-prometheus-address"
 KEDA_CHART_VALUE = "autoscaling.keda.prometheusAddress"
 
@@ -41,17 +50,20 @@ class Autoscalers:
         self.keda_prometheus_address = keda_prometheus_address
         self.discovery_ttl = discovery_ttl
         self._lock = threading.Lock()
-        self._keda_seen: tuple[float, bool] | None = None  # (monotonic time, served)
+        self._keda_seen: tuple[float, list[str]] | None = None  # (monotonic time, resources served)
 
     def keda_available(self) -> bool:
         """Whether the API server serves keda.sh/v1alpha1 scaledobjects (discovery, cached)."""
+        return SCALED_OBJECT.plural in self._keda_resources()
+
+    def _keda_resources(self) -> list[str]:
+        """The resources keda.sh/v1alpha1 serves ([] when none), from discovery, cached."""
         now = time.monotonic()
         with self._lock:
             seen = self._keda_seen
         if seen is not None and now - seen[0] < self.discovery_ttl:
             return seen[1]
-        resources = self._client().api_resources(SCALED_OBJECT.api_version)
-        served = resources is not None and SCALED_OBJECT.plural in resources
+        served = self._client().api_resources(SCALED_OBJECT.api_version) or []
         with self._lock:
             self._keda_seen = (now, served)
         return served
@@ -69,7 +81,16 @@ class Autoscalers:
                     "which this cluster does not serve: install KEDA, or use engine hpa",
                 )
             )
-        if not self.keda_prometheus_address:
+        elif dd.spec.queue is not None and TRIGGER_AUTH.plural not in self._keda_resources():
+            errors.append(
+                FieldError(
+                    "spec.autoscaling.engine",
+                    f"keda with spec.queue needs KEDA's TriggerAuthentication CRD ({TRIGGER_AUTH.plural}."
+                    f"{TRIGGER_AUTH.api_version}), which this cluster does not serve: install KEDA, or use "
+                    "engine hpa",
+                )
+            )
+        if not self.keda_prometheus_address and dd.spec.queue is None:  # with a queue KEDA reads Redis
             errors.append(
                 FieldError(
                     "spec.autoscaling.engine",
@@ -92,21 +113,36 @@ class Autoscalers:
             else:
                 self._informers.remember_child({"apiVersion": SCALED_OBJECT.api_version, **obj})
 
+    def _delete_owned(self, cr: dict, res: Resource, name: str, fresh: bool) -> None:
+        """Delete child `name` of kind `res` if it exists and `cr` owns it."""
+        namespace = cr["metadata"]["namespace"]
+        # not fresh: watched kinds are in the cache (kopf lists and watches them); the others hold our
+        # own applies and the fresh passes (start, resync) read the API server
+        obj = self._client().get(res.api_version, res.kind, namespace, name) if fresh else None
+        obj = obj or self._informers.child(res.kind, namespace, name)
+        if obj is not None and owned_by(obj, cr):
+            self._client().delete(res.api_version, res.kind, namespace, name)
+            self._informers.forget_child(res.kind, namespace, name)
+
+    def delete_unwanted_front_door(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
+        """spec.queue removed: the front door (Deployment, Service, PDB) goes; the queue's KEDA
+        TriggerAuthentication goes whenever the ScaledObject does not read the queue."""
+        name = cr["metadata"]["name"]
+        if dd.spec.queue is None:
+            for kind in FRONT_DOOR_KINDS:
+                self._delete_owned(cr, kind, name + FRONT_DOOR_SUFFIX, fresh)
+        a = dd.spec.autoscaling
+        keda_queue = dd.spec.queue is not None and a is not None and a.engine == "keda"
+        if not keda_queue and TRIGGER_AUTH.plural in self._keda_resources():
+            self._delete_owned(cr, TRIGGER_AUTH, f"{name}-queue", fresh)
+
     def delete_unwanted(self, cr: dict, dd: DiffusionDeployment, fresh: bool) -> None:
         """Delete the autoscaler no longer wanted: both when spec.autoscaling is removed, the other
         engine's when the engine is switched. ScaledObjects are looked up only when KEDA is served
         (discovery), else there are none."""
-        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+        name = cr["metadata"]["name"]
         wanted = dd.spec.autoscaling.engine if dd.spec.autoscaling is not None else None
-        for engine, resource in AUTOSCALERS.items():
+        for engine, res in AUTOSCALERS.items():
             if engine == wanted or (engine == "keda" and not self.keda_available()):
                 continue
-            api_version, kind = resource.api_version, resource.kind
-            # not fresh: every HPA of ours is in the cache (kopf lists and watches them); ScaledObjects
-            # are not watched (their CRD may come and go), the cache holds our own applies and the
-            # fresh passes (start, resync) read the API server
-            obj = self._client().get(api_version, kind, namespace, name) if fresh else None
-            obj = obj or self._informers.child(kind, namespace, name)
-            if obj is not None and owned_by(obj, cr):
-                self._client().delete(api_version, kind, namespace, name)
-                self._informers.forget_child(kind, namespace, name)
+            self._delete_owned(cr, res, name, fresh)

@@ -17,6 +17,7 @@ from typing import Any
 
 from diffusion_operator import pod_status
 from diffusion_operator import status as statuses
+from diffusion_operator.builders.frontdoor import FRONT_DOOR_APP
 from diffusion_operator.controller.apply import SPEC_HASH_ANNOTATION
 from diffusion_operator.controller.startup import ready_container
 from diffusion_operator.resources import CR
@@ -239,9 +240,12 @@ class Informers:
 
     def pod_event(self, event_type: str | None, body: Mapping) -> PodChange | None:
         meta = body.get("metadata") or {}
-        owner = (meta.get("labels") or {}).get(OWNER_LABEL)
-        if not owner:
-            return None
+        labels = meta.get("labels") or {}
+        owner = labels.get(OWNER_LABEL)
+        if not owner or labels.get("app.kubernetes.io/name") == FRONT_DOOR_APP:
+            return (
+                None  # front-door pods: no model, no gate, no start line (their Deployment's status counts)
+            )
         key = (meta.get("namespace", ""), meta.get("name", ""))
         view = None if event_type == "DELETED" else pod_gate_view(body)
         with self._lock:

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Mapping
 
+from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
+
 from diffusion_operator import builders, pod_status, validation
 from diffusion_operator.api import funcs
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.controller import model_cache, rollback
-from diffusion_operator.controller.apply import Applier, needs_apply, with_spec_hash
+from diffusion_operator.controller.apply import Applier, Slot, needs_apply, slot, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
 from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue, owned_by
 from diffusion_operator.controller.loop import REFUSED_RETRY, WorkLoop
@@ -37,6 +39,7 @@ log = logging.getLogger("diffusion_operator")
 # in status (Synced=False) and by one event, while the retries go on
 REPORT_TRANSIENT_AFTER = 3
 MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_LABELS.items())  # the resync's child lists
+QUEUE_POLL_SECONDS = 15.0
 
 
 class Reconciler:
@@ -58,6 +61,8 @@ class Reconciler:
         self._client = client  # None: a `Kube` from the kubeconfig or service account, on first use
         # while a model cache downloads, look again this often (None: only on events, as tests drive it)
         self.cache_poll: float | None = model_cache.MODEL_CACHE_POLL_SECONDS
+        # with spec.queue, status.queue.demand is refreshed this often (None: only on events, as tests drive it)
+        self.queue_poll: float | None = QUEUE_POLL_SECONDS
         self.informers = Informers(child_delay)
         self.start_lines = StartLines(
             lambda: self.client, lambda ns, name: self.enqueue(ns, name, force=True)
@@ -310,10 +315,11 @@ class Reconciler:
         built = self._build(dd, cr, cache)
         pods = self.informers.pods_of(*key)
         decision, desired = self._rollback(cr, old_status, built, pods, first)
-        observed = {obj["kind"]: None if first else self._observed(obj, fresh) for obj in desired}
+        observed = {slot(obj): None if first else self._observed(obj, fresh) for obj in desired}
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, dd, fresh)
+            self.autoscalers.delete_unwanted_front_door(cr, dd, fresh)
             self._delete_unwanted_policy(cr, dd, fresh)
         new_status = self._report(key, dd, cr, old_status, desired, observed, apply_error, cache, decision)
         if apply_error is None:
@@ -321,6 +327,9 @@ class Reconciler:
         if self.cache_poll is not None and model_cache.downloading(cache):
             # bytes move without any event: look again (fresh, so the echo check does not skip it)
             self.enqueue(namespace, name, delay=self.cache_poll, fresh=True)
+        elif self.queue_poll is not None and dd.spec.queue is not None:
+            # the queue's demand moves without any event: status.queue.demand is read again
+            self.enqueue(namespace, name, delay=self.queue_poll, fresh=True)
         if retry is not None:
             raise retry
         return "ok" if apply_error is None else "refused"
@@ -447,7 +456,7 @@ class Reconciler:
 
     @staticmethod
     def _revision(built: list[dict]) -> str:
-        by_kind = {o["kind"]: o for o in built}
+        by_kind = rollback.revision_children(built)
         return rollback.revision_of(by_kind["ConfigMap"], by_kind["Deployment"])
 
     def _keep_last_good(
@@ -459,7 +468,7 @@ class Reconciler:
         pods: list[dict],
     ) -> None:
         """A revision applied as desired that serves becomes the last good one (when it is not already)."""
-        deployment = next(o for o in built if o["kind"] == "Deployment")
+        deployment = rollback.revision_children(built)["Deployment"]
         revision = self._revision(built)
         if not rollback.should_save(decision, new_status, revision, deployment):
             return
@@ -472,14 +481,14 @@ class Reconciler:
         self,
         key: CrKey,
         desired: list[dict],
-        observed: dict[str, dict | None],
+        observed: dict[Slot, dict | None],
         first: bool,
         cache_ready: bool,
     ) -> tuple[tuple[str, str] | None, ApiError | None]:
         """Apply the drifted children. Returns (the error to report, the transient error to raise after
         reporting it); raises a transient error at once while it has not failed REPORT_TRANSIENT_AFTER times."""
-        stale = [obj for obj in desired if needs_apply(obj, observed[obj["kind"]])]
-        serving = observed.get("Deployment")
+        stale = [obj for obj in desired if needs_apply(obj, observed[slot(obj)])]
+        serving = observed.get(("Deployment", key[1]))
         if not cache_ready and serving is not None and (serving.get("spec") or {}).get("replicas", 1):
             # a new model (revision, variant) is downloading while pods serve the previous one from the
             # same claim: they keep their configuration until the new folder is complete
@@ -511,7 +520,7 @@ class Reconciler:
         cr: dict,
         old_status: dict,
         desired: list[dict],
-        observed: dict[str, dict | None],
+        observed: dict[Slot, dict | None],
         apply_error: tuple[str, str] | None,
         cache: dict | None,
         decision: rollback.Decision,
@@ -524,8 +533,11 @@ class Reconciler:
         pods = self.informers.pods_of(*key)
         gate_pods = pods if funcs.quality_gate_on(dd.spec) else None
         startup = self.start_lines.status(cr, old_status)
+        demand = None
+        if dd.spec.queue is not None:  # as the HPA reads it (None without a metrics adapter)
+            demand = self.client.object_metric(key[0], "Deployment", key[1], QUEUE_DEMAND_METRIC)
         new_status = serving_status(
-            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods
+            dd, cr, old_status, desired, observed, apply_error, gate_pods, cache, startup, pods, demand
         )
         new_status = rollback.with_rollback(
             new_status, old_status, decision, int(cr["metadata"].get("generation", 1)), decision.good

@@ -43,22 +43,24 @@ def serving_status(
     cr: dict,
     old_status: dict,
     desired: list[dict],
-    observed: Mapping[str, dict | None],
+    observed: Mapping[tuple[str, str], dict | None],
     apply_error: tuple[str, str] | None,
     gate_pods: list[dict] | None,
     cache: dict | None,
     startup: dict | None,
     pods: list[dict] | None = None,
+    demand: float | None = None,
 ) -> dict:
     """The status of a valid spec: the Deployment's progress, the children's apply, the quality gate,
-    the model cache and the start times."""
+    the model cache, the start times and, with spec.queue, the queue (`demand`: its jobs waiting +
+    running as the custom metrics API serves them, None when unknown) and the front door."""
     generation = cr["metadata"].get("generation", 1)
     configmap = next(o for o in desired if o["kind"] == "ConfigMap")
     new_status = statuses.valid_status(
         old_status,
         generation,
         None if dd.spec.autoscaling else funcs.replicas(dd.spec),
-        observed.get("Deployment"),
+        observed.get(("Deployment", dd.name)),
         builders.selector_string(dd.name),
         builders.endpoint(dd),
         builders.deployment.config_hash(configmap["data"]),
@@ -73,6 +75,18 @@ def serving_status(
         )
     if startup is not None:
         new_status["startup"] = startup
+    if dd.spec.queue is not None:
+        new_status = statuses.queue_status(
+            new_status,
+            old_status,
+            observed.get(("Deployment", dd.name)),
+            observed.get(("Deployment", builders.frontdoor.front_door_name(dd))),
+            dd.spec.queue.front_door.replicas,
+            demand,
+            generation,
+        )
+    elif "queue" in (old_status or {}):
+        new_status["queue"] = None  # spec.queue removed: the merge patch drops status.queue
     return new_status
 
 

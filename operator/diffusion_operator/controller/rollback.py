@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from diffusion_operator import pod_status
 from diffusion_operator import status as statuses
 from diffusion_operator.api.status_types import RollbackStatus
-from diffusion_operator.builders.common import labels, owner_reference
+from diffusion_operator.builders.common import FRONT_DOOR_APP, labels, owner_reference
 from diffusion_operator.controller.apply import SPEC_HASH_ANNOTATION, with_spec_hash
 from diffusion_operator.hashing import stable_hash
 from diffusion_operator.kube import KubeClient
@@ -166,10 +166,25 @@ def parse_store(obj: Mapping | None, cr: Mapping) -> LastGood | None:
         return None
 
 
+def revision_children(objs: Sequence[dict]) -> dict[str, dict]:
+    """The children a revision is made of, by kind (the objects themselves): the ConfigMap and the serving
+    pods' Deployment. The front door's Deployment (spec.queue) is not part of it: it runs no model and is
+    never rolled back."""
+    out: dict[str, dict] = {}
+    for o in objs:
+        labels = o["metadata"].get("labels") or {}
+        if o["kind"] == "Deployment" and labels.get("app.kubernetes.io/name") == FRONT_DOOR_APP:
+            continue
+        if o["kind"] in ("ConfigMap", "Deployment"):
+            out.setdefault(o["kind"], o)
+    return out
+
+
 def restored(desired: list[dict], good: LastGood) -> list[dict]:
-    """The desired children with the ConfigMap and the Deployment of the last good revision."""
-    swap = {"ConfigMap": good.configmap, "Deployment": good.deployment}
-    return [json.loads(json.dumps(swap[o["kind"]])) if o["kind"] in swap else o for o in desired]
+    """The desired children with the ConfigMap and the serving Deployment of the last good revision."""
+    swap = {id(o): kind for kind, o in revision_children(desired).items()}
+    good_of = {"ConfigMap": good.configmap, "Deployment": good.deployment}
+    return [json.loads(json.dumps(good_of[swap[id(o)]])) if id(o) in swap else o for o in desired]
 
 
 def failing_new_pods(
@@ -375,7 +390,7 @@ class Rollbacks:
         hashes = ready_pod_hashes(pods)
         if not hashes:
             return None
-        by_kind = {o["kind"]: o for o in desired}
+        by_kind = revision_children(desired)
         good = LastGood(
             revision=desired_revision,
             spec_hash=spec_hash(cr),
