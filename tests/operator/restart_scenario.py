@@ -17,6 +17,7 @@ from pathlib import Path
 
 from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_operator.api.group import API_VERSION, KIND
+from diffusion_operator.controller.rollback import LAST_GOOD_SUFFIX
 from diffusion_operator.kube import Kube
 from op_helpers import OperatorProcess, sample
 
@@ -28,6 +29,7 @@ CHILD_KINDS = (
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 MANAGED_BY = "diffusion-operator"
+LAST_GOOD_KEY = "ConfigMap (last good revision)"
 
 
 def api(kubeconfig: Path) -> Kube:
@@ -83,13 +85,20 @@ def request_costs(proc: OperatorProcess) -> dict[str, dict]:
 
 def children_by_owner(kube: Kube, namespace: str, uids: dict[str, str]) -> dict[str, list[str]]:
     """For each child kind, the owning CR's name of every managed child (an owner not in `uids`, or
-    not exactly one controller reference, is reported by name)."""
+    not exactly one controller reference, is reported by name). The rollback's record of the last good
+    revision (ConfigMap `<name>-last-good`, written once a revision serves) is its own entry."""
     out: dict[str, list[str]] = {}
     for api_version, kind in CHILD_KINDS:
         owners = []
+        stores = []
         for child in kube.list(api_version, kind, namespace):
             meta = child["metadata"]
             if (meta.get("labels") or {}).get("app.kubernetes.io/managed-by") != MANAGED_BY:
+                continue
+            if kind == "ConfigMap" and meta["name"].endswith(LAST_GOOD_SUFFIX):
+                refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+                ok = len(refs) == 1 and refs[0]["uid"] in uids
+                stores.append(uids[refs[0]["uid"]] if ok else f"orphan:{meta['name']}")
                 continue
             refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
             if len(refs) != 1 or refs[0]["uid"] not in uids:
@@ -97,6 +106,8 @@ def children_by_owner(kube: Kube, namespace: str, uids: dict[str, str]) -> dict[
             else:
                 owners.append(uids[refs[0]["uid"]])
         out[kind] = sorted(owners)
+        if stores:
+            out[LAST_GOOD_KEY] = sorted(stores)
     return out
 
 
