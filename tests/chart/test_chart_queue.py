@@ -10,6 +10,7 @@ import yaml
 from chartlib import CHART, by_kind, one, run_helm
 from diffusion_operator.api.defaults import DEFAULT_QUEUE_SECRET, DEFAULT_QUEUE_SECRET_KEYS
 from diffusion_operator.api.types import QueueSecretRef
+from diffusion_operator.builders.common import QUEUE_SERVER_APP
 from redis.connection import parse_url
 
 ON = "queue.enabled=true"
@@ -37,6 +38,8 @@ def test_the_secret_the_crs_reference_by_default_is_the_one_the_chart_writes():
 def test_queue_server_statefulset_service_and_url_secret(render):
     objects = render(ON)
     sts = one(objects, "StatefulSet")
+    # the serving pods' NetworkPolicy reaches the queue server by this label (builders/networkpolicy.py)
+    assert sts["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == QUEUE_SERVER_APP
     pod = sts["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"].startswith("ghcr.io/diffusion-operator/queue:")

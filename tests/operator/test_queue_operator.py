@@ -11,7 +11,7 @@ import pytest
 import yaml
 from diffusion_operator import builders, validation
 from diffusion_operator.api.defaults import DEFAULT_FRONT_DOOR_REPLICAS, DEFAULT_QUEUE_SECRET
-from diffusion_operator.builders.common import selector
+from diffusion_operator.builders.common import QUEUE_SERVER_APP, selector
 from diffusion_operator.builders.frontdoor import FRONT_DOOR_APP, front_door_selector
 from diffusion_operator.controller import Reconciler
 from diffusion_operator.status import queue_status, valid_status
@@ -60,7 +60,22 @@ def test_the_queue_adds_the_front_door_and_the_runtime_pods_get_the_queue_sectio
         ("Deployment", "tiny-frontdoor"),
         ("Service", "tiny-frontdoor"),
         ("PodDisruptionBudget", "tiny-frontdoor"),
+        ("NetworkPolicy", "tiny"),
     }
+    # the serving pods' policy lets them reach the chart's queue server (and admits the front door)
+    egress = objs[("NetworkPolicy", "tiny")]["spec"]["egress"]
+    assert {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": QUEUE_SERVER_APP}}}]} in egress  # fmt: skip
+    ingress = objs[("NetworkPolicy", "tiny")]["spec"]["ingress"]
+    front_door_pods = objs[("Deployment", "tiny-frontdoor")]["spec"]["template"]["metadata"]["labels"]
+    peers = [
+        p["podSelector"].get("matchLabels", {})
+        for rule in ingress
+        for p in rule.get("from", [])
+        if "podSelector" in p and "namespaceSelector" not in p
+    ]
+    assert front_door_selector("tiny") in peers, peers
+    assert front_door_selector("tiny").items() <= front_door_pods.items(), front_door_pods
     raw = yaml.safe_load(objs[("ConfigMap", "tiny-config")]["data"]["runtime.yaml"])
     assert raw["queue"] == {"name": f"{NS}/tiny", "max_attempts": 5, "claim_idle_seconds": 30.0,
                             "max_waiting": 10000}  # fmt: skip
@@ -114,7 +129,8 @@ def test_without_a_queue_nothing_changes():
     doc = copy.deepcopy(sample("tiny-cpu.yaml"))
     parsed = validation.parse("tiny", NS, doc["spec"])
     objs = builders.build_all(parsed.cr, owner_for(doc))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    kinds = ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+    assert [o["kind"] for o in objs] == kinds
     assert "queue" not in yaml.safe_load(objs[0]["data"]["runtime.yaml"])
     assert QUEUE_URL_ENV not in env_of(objs[1]["spec"]["template"]["spec"]["containers"][0])
     assert builders.endpoint(parsed.cr) == f"http://tiny.{NS}.svc:8000"

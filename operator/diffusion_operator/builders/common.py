@@ -46,6 +46,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 FRONT_DOOR_APP = "diffusion-frontdoor"  # app.kubernetes.io/name of the front-door pods
 FRONT_DOOR_COMPONENT = "front-door"
 DEPLOYMENT_LABEL = "diffusion.dev/deployment"
+# app.kubernetes.io/name of the chart's queue server pods (charts/.../templates/queue.yaml; a chart test
+# checks they carry it): the serving pods' NetworkPolicy lets them reach it
+QUEUE_SERVER_APP = "diffusion-queue"
 
 
 def front_door_selector(name: str) -> dict[str, str]:

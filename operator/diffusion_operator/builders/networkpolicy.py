@@ -16,7 +16,9 @@ Egress (everything else is refused):
   Hugging Face Hub (hf:// models without model.cache download at start) and public webhook
   receivers; never the cluster's private ranges, loopback or the metadata address;
 - the addresses and CIDRs of `spec.server.webhookAllow` (host names cannot be expressed in a
-  NetworkPolicy) and `spec.networkPolicy.egressCIDRs`.
+  NetworkPolicy) and `spec.networkPolicy.egressCIDRs`;
+- with `spec.queue`, the chart's queue server pods (`common.QUEUE_SERVER_APP`, any namespace); a
+  queue server elsewhere goes in `egressCIDRs`.
 
 The download Job's pods are not selected (their labels differ): they reach the Hub whatever this says.
 Pure: the typed CR in, the object out.
@@ -33,6 +35,7 @@ from diffusion_operator.api.types import DiffusionDeployment, LabelSelector, Net
 from diffusion_operator.builders.common import (
     HTTP_PORT,
     METRICS_PORT,
+    QUEUE_SERVER_APP,
     front_door_selector,
     metadata,
     selector,
@@ -140,6 +143,17 @@ def build_network_policy(
     extra = list(dict.fromkeys([*webhook_cidrs(dd), *(spec.egress_cidrs or [])]))
     if extra:
         egress.append({"to": [{"ipBlock": {"cidr": c}} for c in extra]})
+    if dd.spec.queue is not None:
+        egress.append(
+            {
+                "to": [
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": QUEUE_SERVER_APP}},
+                    }
+                ]
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
