@@ -115,15 +115,19 @@ def test_tiny_sample_runs_as_a_real_pod_reconciled_by_the_in_cluster_operator(cl
                                                                                operator_release):  # fmt: skip
     ns = workload_ns
     names = default_image_names()
-    # the operator pod: in the cluster, on the real node, with the chart's ServiceAccount
-    (op,) = _json(cluster, "get", "pods", "-n", OPERATOR_NS, "-l",
-                  f"app.kubernetes.io/instance={operator_release['release']}")["items"]  # fmt: skip
-    assert op["spec"]["nodeName"] == NODE_NAME and op["spec"]["containers"][0]["image"] == names["operator"]
-    assert op["spec"]["serviceAccountName"] == f"{operator_release['release']}-diffusion-operator"
+    # the operator pods (the chart's two replicas: a leader and a standby): in the cluster, on the real
+    # node, with the chart's ServiceAccount
+    ops = _json(cluster, "get", "pods", "-n", OPERATOR_NS, "-l",
+                f"app.kubernetes.io/instance={operator_release['release']},"
+                "app.kubernetes.io/name=diffusion-operator")["items"]  # fmt: skip
+    assert len(ops) == 2, [o["metadata"]["name"] for o in ops]
     op_image = json.loads(node.crictl("inspecti", operator_release["images"]["operator"].ref).stdout)[
         "status"
     ]
-    assert op["status"]["containerStatuses"][0]["imageID"] in (op_image["id"], *op_image["repoDigests"])
+    for op in ops:
+        assert op["spec"]["nodeName"] == NODE_NAME and op["spec"]["containers"][0]["image"] == names["operator"]
+        assert op["spec"]["serviceAccountName"] == f"{operator_release['release']}-diffusion-operator"
+        assert op["status"]["containerStatuses"][0]["imageID"] in (op_image["id"], *op_image["repoDigests"])
 
     _apply(cluster, ns, _sample())
     name = _sample()["metadata"]["name"]
