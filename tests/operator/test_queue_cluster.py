@@ -12,11 +12,13 @@ running with exactly the RBAC rules it declares (rbac.py):
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 
 import pytest
 import yaml
 from diffusion_dev import wait_for
+from diffusion_dev.fake_nodes import fake_cpu_placement
 from diffusion_dev.keda import keda_scaledobject_crd, keda_triggerauthentication_crd
 from diffusion_runtime.contract.config import QUEUE_GROUP, QUEUE_URL_ENV
 from op_helpers import OperatorProcess, get_json, restricted_kubeconfig, sample
@@ -94,6 +96,13 @@ def test_a_queue_yields_the_front_door_and_an_hpa_that_scales_to_zero(cluster, c
         )
         pod = front["spec"]["template"]["spec"]
         assert pod["containers"][0]["args"][0] == "front-door" and front["spec"]["replicas"] == 2
+        if cluster.node is not None:
+            # with the real node, kwok's CPU node is tainted and untainted CPU pods land on the real node,
+            # which has not imported the images: pin these front-door pods to the kwok CPU node (another
+            # field manager: the operator's apply neither owns nor reverts these fields)
+            placement = json.dumps({"spec": {"template": {"spec": fake_cpu_placement()}}})
+            cluster.kubectl("patch", "deployment", "tiny-frontdoor", "-n", namespace, "--type", "merge",
+                            "-p", placement)  # fmt: skip
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env[QUEUE_URL_ENV]["valueFrom"]["secretKeyRef"] == {"name": "diffusion-queue", "key": "url"}
         svc = get_json(cluster, "service", "tiny-frontdoor", "-n", namespace)
