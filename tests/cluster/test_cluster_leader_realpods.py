@@ -22,7 +22,7 @@ from diffusion_dev import on_fake_cpu_node, wait_for
 from diffusion_dev.install import helm, install_operator, load_images
 from diffusion_dev.real_node import NODE_NAME
 from diffusion_operator.kube import status_manager
-from fixtures_cluster import REAL_NODE_OFF
+from fixtures_cluster import REAL_NODE_OFF, switched_off
 
 pytestmark = pytest.mark.cluster
 
@@ -40,7 +40,7 @@ def _time(stamp: str) -> datetime:
 
 def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, namespace, record_property):
     if cluster.node is None:
-        pytest.skip(REAL_NODE_OFF)
+        switched_off(REAL_NODE_OFF)
     load_images(cluster.node, targets=("operator",))
     release = f"ha-{uuid.uuid4().hex[:5]}"
     fullname = f"{release}-diffusion-operator"

@@ -39,9 +39,9 @@ TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def operator_release(cluster):
     if cluster.node is None:
-        from fixtures_cluster import REAL_NODE_OFF
+        from fixtures_cluster import REAL_NODE_OFF, switched_off
 
-        pytest.skip(REAL_NODE_OFF)
+        switched_off(REAL_NODE_OFF)
     built = load_images(cluster.node)
     release = f"dmc-{uuid.uuid4().hex[:5]}"
     install_operator(cluster, OPERATOR_NS, release)

@@ -38,7 +38,7 @@ from diffusion_dev.workloads import (
     queue_volume,
     tiny_model_root,
 )
-from fixtures_cluster import REAL_NODE_OFF
+from fixtures_cluster import REAL_NODE_OFF, switched_off
 from PIL import Image
 from test_cluster_realpods import OPERATOR_NS, _diagnose, _json, _sample
 
@@ -87,7 +87,7 @@ def _submit_async(url: str) -> tuple[int, dict]:
 def queue_release(cluster, namespace):
     """The chart with its queue server, its URL Secret in the workload namespace, the operator Ready."""
     if cluster.node is None:
-        pytest.skip(REAL_NODE_OFF)
+        switched_off(REAL_NODE_OFF)
     restricted(cluster, namespace)
     model = model_volume(namespace, tiny_model_root())
     release = f"dq-{uuid.uuid4().hex[:5]}"
@@ -116,7 +116,7 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
 ):
     mon = cluster.monitoring
     if mon is None:
-        pytest.skip("the metrics pipeline is off (DIFFUSION_DEV_METRICS=0): the HPA has no signal")
+        switched_off("the metrics pipeline is off (DIFFUSION_DEV_METRICS=0): the HPA has no signal")
     ns = queue_release["namespace"]
     doc = _sample()
     name = doc["metadata"]["name"]

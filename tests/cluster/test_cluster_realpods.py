@@ -30,7 +30,7 @@ from diffusion_dev.install import default_image_names, install_operator, load_im
 from diffusion_dev.loadgen import DEFAULT_BODY, ClosedLoopLoad, post
 from diffusion_dev.real_node import NODE_NAME
 from diffusion_dev.workloads import model_volume, tiny_model_root, with_model_on_volume
-from fixtures_cluster import REAL_NODE_OFF
+from fixtures_cluster import REAL_NODE_OFF, switched_off
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,7 +45,7 @@ OPERATOR_NS = "diffusion-system"
 def operator_release(cluster):
     """The chart installed once for this module: images loaded, operator Ready in the cluster."""
     if cluster.node is None:
-        pytest.skip(REAL_NODE_OFF)
+        switched_off(REAL_NODE_OFF)
     t = time.monotonic()
     built = load_images(cluster.node)
     print(f"images: { {k: (v.ref, v.built_seconds, v.imported_seconds, v.size_bytes) for k, v in built.items()} }"
