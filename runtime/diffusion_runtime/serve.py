@@ -194,12 +194,31 @@ def _fail(state: RuntimeState, server: Any, line: str) -> None:
     server.should_exit = True
 
 
-def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: str = "the config") -> int:
-    """Serve HTTP. With a parallel layout this process is rank 0 and starts the other ranks with the
-    same command line (`argv`, without the program name)."""
+def open_listeners(state: RuntimeState, serving: Any, **app_args: Any) -> tuple[Any, Any]:
+    """The API server (not yet running) on server.host:port and the /metrics listener on
+    server.metrics_port (None when 0), for the runtime and the front door alike. ConfigError: a config
+    the app refuses (server.auth_keys_dir) or a metrics port it cannot listen on."""
     from prometheus_client import start_http_server
 
     from diffusion_runtime.api.app import create_app, make_server
+
+    app = create_app(state, serving, **app_args)  # reads server.auth_keys_dir's keys
+    s = state.config.server
+    server = make_server(app, state, s.host, s.port)
+    metrics_server = None
+    if s.metrics_port:
+        try:
+            metrics_server, _ = start_http_server(
+                s.metrics_port, addr=s.host, registry=state.metrics.registry
+            )
+        except OSError as e:
+            raise ConfigError(f"server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})") from e
+    return server, metrics_server
+
+
+def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: str = "the config") -> int:
+    """Serve HTTP. With a parallel layout this process is rank 0 and starts the other ranks with the
+    same command line (`argv`, without the program name)."""
     from diffusion_runtime.api.serving import ImageServing
     from diffusion_runtime.engine.model import ModelError
 
@@ -226,17 +245,10 @@ def run_server(config: RuntimeConfig, argv: Sequence[str] = (), warmup_source: s
     else:
         serving = ImageServing
     try:
-        app = create_app(state, serving)  # reads server.auth_keys_dir's keys
+        server, metrics_server = open_listeners(state, serving)
     except ConfigError as e:
         return exit_line(str(e), 2)
     s = config.server
-    server = make_server(app, state, s.host, s.port)
-    metrics_server = None
-    if s.metrics_port:
-        try:
-            metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics.registry)
-        except OSError as e:
-            return exit_line(f"server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})", 2)
     ranks = None
     if layout.world_size > 1:
         ranks = RankGroup(layout, device, argv, config)

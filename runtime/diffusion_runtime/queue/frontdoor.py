@@ -515,11 +515,8 @@ class QueueServing(ImageServing):
 
 def run_front_door(config: RuntimeConfig) -> int:
     """Serve the front door until SIGTERM (then: /ready 503, held sync requests finish, exit 0)."""
-    from prometheus_client import start_http_server
-
-    from diffusion_runtime.api.app import create_app, make_server
     from diffusion_runtime.contract.config import validate
-    from diffusion_runtime.serve import exit_line
+    from diffusion_runtime.serve import exit_line, open_listeners
 
     try:
         validate(config)
@@ -535,17 +532,10 @@ def run_front_door(config: RuntimeConfig) -> int:
     metrics.set_info(model=config.model.uri, role="front-door", queue=config.queue.stream)
     state = FrontDoorState(config=config, metrics=metrics, phase=Phase.READY)
     try:
-        app = create_app(state, QueueServing, title="diffusion-front-door")  # server.auth_keys_dir's keys
+        server, metrics_server = open_listeners(state, QueueServing, title="diffusion-front-door")
     except ConfigError as e:
         return exit_line(str(e), 2)
     s = config.server
-    server = make_server(app, state, s.host, s.port)
-    metrics_server = None
-    if s.metrics_port:
-        try:
-            metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=metrics.registry)
-        except OSError as e:
-            return exit_line(f"server.metrics_port {s.metrics_port}: cannot listen ({e.strerror})", 2)
     log.info("front door for queue %s on %s:%d", config.queue.stream, s.host, s.port)
     try:
         server.run()
