@@ -337,8 +337,12 @@ def import_into(node: NodeClient, image: Image, progress: Progress = _stderr) ->
         node.import_archive(archive)
     repo = image.ref.rsplit(":", 1)[0] + ":"
     stale = [name for name in node.images() if name.startswith(repo) and name != image.ref]
-    if stale:  # all of an image's references (tags, id) go; containerd then drops its content
-        node.crictl("rmi", *stale, check=False)
+    if stale:
+        # only the stale *names* go (`ctr images rm`); containerd drops the content once no name is
+        # left. Not `crictl rmi`: CRI removes an image by id with every name it has, and a rebuild
+        # whose layers all came from buildah's cache (the queue image, when only Python changed) has
+        # the same id as the old build, so the new name would go with the old one.
+        node.ctr("images", "rm", *stale, check=False)
     image.imported_seconds = round(time.monotonic() - t, 1)
     progress(f"[images] {image.target}: imported into the node in {image.imported_seconds:.0f}s")
     return image

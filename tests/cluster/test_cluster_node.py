@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 import urllib.request
+import uuid
 
 import pytest
 from diffusion_dev import hoststate, wait_for
@@ -183,3 +184,23 @@ def test_stopping_the_node_puts_the_host_back(cluster, node, namespace):
     t = time.monotonic()
     cluster.start_node()
     print(f"node start again: {time.monotonic() - t:.1f}s")
+
+
+def test_a_rebuild_with_the_same_layers_keeps_its_new_name_in_containerd(node, operator_image):
+    """A rebuild whose layers all came from buildah's cache (new content tag, same image id: the
+    queue image when only Python changed) is imported under its new name and the old name is
+    dropped: the new one must stay (CRI's remove-by-id took both, and `ctr images tag` then failed)."""
+    from diffusion_dev import images
+
+    twin = f"{operator_image.ref.rsplit(':', 1)[0]}:same-layers-{uuid.uuid4().hex[:6]}"
+    images.buildah("tag", operator_image.ref, twin)
+    try:
+        images.import_into(node, images.Image("operator", twin))
+        names = node.images()
+        assert twin in names, sorted(names)
+        assert operator_image.ref not in names, sorted(names)  # the stale name went, by name only
+        node.ctr("images", "tag", "--force", twin, operator_image.ref)  # put the session's name back
+    finally:
+        images.buildah("rmi", twin, timeout=300)
+        node.ctr("images", "rm", twin, check=False)
+    assert operator_image.ref in node.images()
