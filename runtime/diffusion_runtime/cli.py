@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
     d.add_argument("--termination-log", help="also write the last progress line here (/dev/termination-log)")
 
-    t = sub.add_parser("tiny-model", help="write the random-weight tiny FluxPipeline into DIR")
+    t = sub.add_parser(
+        "tiny-model",
+        help="write a random-weight tiny pipeline (FluxPipeline; wan-tiny: WanPipeline) into DIR",
+    )
     t.add_argument("dir")
     t.add_argument("--variant", choices=VARIANTS, default="tiny")
     t.add_argument("--seed", type=int, default=0)

@@ -97,6 +97,22 @@ class RuntimeMetrics:
             ["adapter"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.images = Counter("diffusion_images_generated", "Images generated and returned.", registry=r)
+        # video (/v1/videos; docs/video.md): per-step latency is diffusion_step_duration_seconds as for images
+        self.video_frames = Counter(
+            "diffusion_video_frames_generated", "Video frames generated (finished clips).", registry=r
+        )
+        self.video_fps = Histogram(
+            "diffusion_video_generation_frames_per_second",
+            "Frames of a clip divided by its pipeline call's seconds.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0), registry=r,
+        )  # fmt: skip
+        self.video_encode_duration = Histogram(
+            "diffusion_video_encode_seconds", "Time to encode a clip (H.264 MP4 and thumbnail, PyAV).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.video_bytes = Counter(
+            "diffusion_video_bytes", "Bytes of the MP4s encoded (finished clips).", registry=r
+        )
         self.queue_depth = Gauge(
             "diffusion_queue_depth", "Admitted requests waiting for the pipeline.", registry=r
         )

@@ -1,4 +1,5 @@
-"""A random-weight FluxPipeline small enough for CPU tests, built fully offline.
+"""Random-weight pipelines small enough for CPU tests, built fully offline: FluxPipeline (images) and
+WanPipeline (text-to-video, variant `wan-tiny`).
 
 Every component is a real diffusers/transformers class with a tiny config; the tokenizers are built
 from vocabularies written here (no hub access). `write_tiny_model(dir)` saves it with
@@ -36,7 +37,10 @@ SPECS = {
     # "tiny" with 4 heads of 8: divisible by ulysses_size x tp_size = 2 x 2 (hybrid parallel tests)
     "tiny-heads4": TinySpec(2, 4, 4, 8, (2, 2, 4), 32, 32, (8, 8, 8, 8), 4, 32),
 }
-VARIANTS = tuple(SPECS)
+# WanPipeline (text-to-video): a 2-block WanTransformer3DModel, a 2-layer UMT5, the Wan VAE at base_dim 3
+WAN_VARIANTS = ("wan-tiny",)
+VARIANTS = tuple(SPECS) + WAN_VARIANTS
+WAN_MAX_SEQUENCE_LENGTH = 32
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -90,8 +94,59 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return vocab
 
 
+def build_tiny_wan_pipeline(seed: int = 0):
+    """The random-weight WanPipeline (float32): diffusers' own test shapes for Wan 2.1 (patch 1x2x2,
+    16 latent channels, temporal VAE factor 4, spatial 8), a UMT5 encoder and a T5 unigram tokenizer."""
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    tokenizer = T5Tokenizer(vocab=_t5_vocab(), extra_ids=0)
+    tokenizer.model_max_length = WAN_MAX_SEQUENCE_LENGTH
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )  # fmt: skip
+    )
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    with torch.no_grad():  # as for FLUX: no zero-initialised projections
+        for p in transformer.parameters():  # type: ignore[attr-defined]
+            if torch.count_nonzero(p) == 0 and p.dim() >= 1:
+                p.normal_(0.0, 0.02)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
 def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
-    """Build the random-weight FluxPipeline in memory (float32)."""
+    """Build the random-weight pipeline of `variant` in memory (float32): FluxPipeline, or WanPipeline."""
+    if variant in WAN_VARIANTS:
+        return build_tiny_wan_pipeline(seed)
     if variant not in SPECS:
         raise ValueError(f"unknown tiny-model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     import torch
@@ -203,7 +258,13 @@ def write_tiny_model(folder: str | Path, variant: str = "tiny", seed: int = 0) -
     pipe.save_pretrained(str(folder), safe_serialization=True)
     (folder / "TINY_MODEL.json").write_text(
         json.dumps(
-            {"variant": variant, "seed": seed, "max_sequence_length": SPECS[variant].max_sequence_length}
+            {
+                "variant": variant,
+                "seed": seed,
+                "max_sequence_length": (
+                    WAN_MAX_SEQUENCE_LENGTH if variant in WAN_VARIANTS else SPECS[variant].max_sequence_length
+                ),
+            }
         )
     )
     return folder

@@ -43,6 +43,10 @@ from diffusion_runtime.api.protocol import (
 from diffusion_runtime.api.routers import images_router, models_router, ops_router
 from diffusion_runtime.api.serving import EDITS_PATH, ENDPOINTS, ImageServing
 from diffusion_runtime.api.state import Phase, RuntimeState
+from diffusion_runtime.api.videos.protocol import VIDEOS_PATH
+from diffusion_runtime.api.videos.router import videos_router
+from diffusion_runtime.api.videos.serving import ENDPOINT as VIDEOS_ENDPOINT
+from diffusion_runtime.api.videos.serving import VideoServing
 
 log = logging.getLogger("diffusion_runtime")
 API_VERSION = "0.2.0"
@@ -80,6 +84,7 @@ def create_app(
         ),
     )
     app.state.serving = api
+    app.state.videos = videos = VideoServing(api)  # /v1/videos: on the same queue (docs/video.md)
     keys = auth.install(app, state.config.server)  # ConfigError: unreadable folder, no key
 
     @app.exception_handler(RequestValidationError)
@@ -109,6 +114,7 @@ def create_app(
 
     app.add_middleware(_Guard, state=state, max_upload_bytes=protocol.max_upload_bytes)
     app.include_router(images_router(protocol))
+    app.include_router(videos_router(videos))
     app.include_router(models_router(time.time()))
     app.include_router(ops_router())
 
@@ -160,7 +166,7 @@ class _Guard:
 
     async def _reject(self, send: Any, scope: dict, status: int, message: str) -> None:
         api: ImageServing = scope["app"].state.serving
-        api.finish(ENDPOINTS[scope["path"]], status, scope["t0"])
+        api.finish(ENDPOINTS.get(scope["path"], VIDEOS_ENDPOINT), status, scope["t0"])
         resp = error_response(status, message)
         await resp(scope, _no_receive, send)
 
@@ -170,12 +176,22 @@ class _Guard:
             return
         scope["t0"] = time.perf_counter()
         path = scope["path"]
-        if scope["method"] != "POST" or path not in ENDPOINTS:
+        if scope["method"] != "POST" or (path not in ENDPOINTS and path != VIDEOS_PATH):
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if path == EDITS_PATH:
+        if path == VIDEOS_PATH:  # the openai client sends a form; JSON is taken too
+            limit, what = self.max_upload_bytes, "server.max_upload_bytes"
+            if ctype not in ("multipart/form-data", "application/json"):
+                await self._reject(
+                    send,
+                    scope,
+                    415,
+                    f"content-type: {ctype or 'none'}; send multipart/form-data or application/json",
+                )
+                return
+        elif path == EDITS_PATH:
             limit, what = self.max_upload_bytes, "server.max_upload_bytes"
             if ctype != "multipart/form-data":
                 await self._reject(

@@ -234,6 +234,13 @@ class ImageServing:
     def params(self, req: ImageRequestFields, width: int, height: int) -> GenerationParams:
         """The engine's parameters of a request (generation or edit form): defaults filled in."""
         s = self.state.config.server
+        engine = self.state.engine
+        if engine is not None and engine.modality != "image":
+            raise Rejected(
+                400,
+                f"the served pipeline {engine.pipeline_name} makes videos; use POST /v1/videos",
+                param="model",
+            )
         steps = (
             req.num_inference_steps if req.num_inference_steps is not None else self.state.config.warmup.steps
         )

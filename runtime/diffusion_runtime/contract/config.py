@@ -31,9 +31,12 @@ from pydantic import (
 
 from diffusion_runtime.contract import cache_dit_facts as facts
 from diffusion_runtime.contract.limits import (
+    MAX_FPS_LIMIT,
+    MAX_FRAMES_LIMIT,
     MAX_JOBS_LIMIT,
     MAX_N_LIMIT,
     MAX_STEPS_LIMIT,
+    MAX_VIDEO_SECONDS_LIMIT,
     MIN_PIXELS,
     MIN_STORE_BYTES,
     MIN_UPLOAD_BYTES,
@@ -164,6 +167,12 @@ class WarmupConfig(_Section):
         le=MAX_STEPS_LIMIT,
     )
     prompt: NonBlank = Field(default="a photo of a cat", description="Warmup prompt.")
+    frames: int = Field(
+        default=9,
+        description="Frames per warmup clip of a video pipeline (k*4+1 for Wan); at most server.max_frames.",
+        ge=1,
+        le=MAX_FRAMES_LIMIT,
+    )
 
 
 def _absolute(path: str | None) -> str | None:
@@ -216,6 +225,37 @@ class ServerConfig(_Section):
         default=512 << 20,
         description="Image data kept in memory by each store (finished async jobs' results, url results); "
         "oldest out first.",
+        ge=MIN_STORE_BYTES,
+    )
+    max_frames: int = Field(
+        default=129, description="Most frames of one clip (POST /v1/videos).", ge=1, le=MAX_FRAMES_LIMIT
+    )
+    max_video_seconds: int = Field(
+        default=12,
+        description="Longest clip (`seconds` of POST /v1/videos).",
+        ge=1,
+        le=MAX_VIDEO_SECONDS_LIMIT,
+    )
+    max_video_pixels: int = Field(
+        default=1280 * 720 * 81,
+        description="Largest width*height*frames of one clip (the latent volume bounds memory and time).",
+        ge=MIN_PIXELS,
+    )
+    video_fps: int = Field(
+        default=16,
+        description="Frame rate of a clip when the request sends no `fps`.",
+        ge=1,
+        le=MAX_FPS_LIMIT,
+    )
+    video_crf: int = Field(
+        default=20,
+        description="H.264 constant rate factor of the MP4s (0 lossless .. 51 worst; 18-23 look good).",
+        ge=0,
+        le=51,
+    )
+    video_store_max_bytes: int = Field(
+        default=2 << 30,
+        description="MP4 and thumbnail bytes of finished clips kept in memory; oldest out first.",
         ge=MIN_STORE_BYTES,
     )
     webhook_allow: list[Annotated[NonBlank, Field(max_length=253)]] = Field(
@@ -437,6 +477,8 @@ class RuntimeConfig(_Section):
         s, w, g = self.server, self.warmup, self.quality_gate
         found = [_pixels_error("warmup.resolutions", r, s.max_pixels) for r in w.resolutions]
         found.append(_steps_error("warmup.steps", w.steps, s.max_steps))
+        if w.frames > s.max_frames:
+            found.append(_error("warmup.frames", f"{w.frames} exceeds server.max_frames={s.max_frames}"))
         if g is not None:
             if g.steps is not None:
                 found.append(_steps_error("quality_gate.steps", g.steps, s.max_steps))

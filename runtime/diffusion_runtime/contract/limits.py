@@ -17,3 +17,7 @@ SIZE_MULTIPLE = 16  # width and height of warmup resolutions (the VAE and patchi
 # takes spaces and an upper-case X from the command line
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
 QUALITY_GATE_MAX_CANARIES = 16  # quality_gate prompts x seeds (each rendered twice during warmup)
+# video (/v1/videos): hard ceilings of the server.* video settings
+MAX_FRAMES_LIMIT = 1025  # frames of one clip (server.max_frames); Wan 2.x renders 81
+MAX_VIDEO_SECONDS_LIMIT = 120  # the `seconds` of one clip (server.max_video_seconds)
+MAX_FPS_LIMIT = 60  # frames per second of the MP4 (server.video_fps, the request's `fps`)

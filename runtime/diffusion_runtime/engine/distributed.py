@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from diffusion_runtime.contract.config import ConfigError, RuntimeConfig
 from diffusion_runtime.contract.parallel import Layout
+from diffusion_runtime.contract.pipelines import Modality
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
 
@@ -369,6 +370,14 @@ class RankedModel:
     @property
     def size_multiple(self) -> int:
         return self.local.size_multiple
+
+    @property
+    def modality(self) -> Modality:
+        return self.local.modality
+
+    @property
+    def frame_multiple(self) -> int:
+        return self.local.frame_multiple
 
     def generate(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+from diffusion_runtime.contract.pipelines import Modality
 from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
 
 
@@ -27,6 +28,16 @@ class Engine(Protocol):
     def quant_type(self) -> str: ...
 
     @property
+    def modality(self) -> Modality:
+        """`image` or `video` (contract.pipelines): which API serves this pipeline."""
+        ...
+
+    @property
+    def frame_multiple(self) -> int:
+        """A video pipeline's valid frame counts are k * this + 1."""
+        ...
+
+    @property
     def size_multiple(self) -> int:
         """Generated sizes are multiples of this (the VAE's scale factor x 2)."""
         ...
@@ -37,7 +48,8 @@ class Engine(Protocol):
         cancel: threading.Event | None = None,
         on_step: StepCallback | None = None,
     ) -> GenerationResult:
-        """One text-to-image call; `cancel` set: stops at the next step (Cancelled)."""
+        """One text-to-image call (a video pipeline: text-to-video, `VideoParams`); `cancel` set: stops
+        at the next step (Cancelled)."""
         ...
 
     def prepare_edit(self, kind: str) -> None:

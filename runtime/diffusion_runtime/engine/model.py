@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, parse_size
+from diffusion_runtime.contract.pipelines import WAN_FRAME_MULTIPLE, Modality, modality
 from diffusion_runtime.engine import cache_dit_adapter
 from diffusion_runtime.engine.adapters import Adapters
 from diffusion_runtime.engine.errors import InvalidInput
@@ -26,7 +27,13 @@ from diffusion_runtime.engine.optimize import (
     plan_cache_dit,
     read_cache_dit_yaml,
 )
-from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
+from diffusion_runtime.engine.params import (
+    EditParams,
+    GenerationParams,
+    GenerationResult,
+    StepCallback,
+    VideoParams,
+)
 from diffusion_runtime.engine.pipelines import EditVariants, timed_call
 from diffusion_runtime.engine.quality_gate import GatePlan, QualityGate
 
@@ -135,6 +142,15 @@ class Model:
         return type(self.pipe).__name__
 
     @property
+    def modality(self) -> Modality:
+        return modality(self.pipeline_name)
+
+    @property
+    def frame_multiple(self) -> int:
+        """Valid frame counts of a video pipeline are k * this + 1 (its VAE's temporal factor)."""
+        return int(getattr(self.pipe, "vae_scale_factor_temporal", None) or WAN_FRAME_MULTIPLE)
+
+    @property
     def uses_cache_dit(self) -> bool:
         return bool(self.plan and self.plan.uses_cache_dit)
 
@@ -158,6 +174,9 @@ class Model:
         cancel: threading.Event | None = None,
         on_step: StepCallback | None = None,
     ) -> GenerationResult:
+        if (self.modality == "video") != isinstance(params, VideoParams):
+            wants = "a video" if isinstance(params, VideoParams) else "an image"
+            raise InvalidInput(f"{wants} call on {self.pipeline_name}, a {self.modality} pipeline")
         cached = self.pipe if self.uses_cache_dit else None
         self.adapters.activate(params.adapters)
         return timed_call(self.pipe, params, self.device, cached, cancel, on_step)
@@ -186,6 +205,11 @@ class Model:
             log.info("warmup %d/%d: %dx%d, %d steps", i, len(w.resolutions), width, height, w.steps)
             t1 = time.perf_counter()
             params = GenerationParams(prompt=w.prompt, width=width, height=height, steps=w.steps, seed=0)
+            if self.modality == "video":
+                params = VideoParams(
+                    prompt=w.prompt, width=width, height=height, steps=w.steps, seed=0,
+                    frames=w.frames, fps=self.config.server.video_fps,
+                )  # fmt: skip
             self.generate(params, on_step=_progress_logger(w.steps))
             log.info(
                 "warmup %d/%d: %dx%d done in %.2fs",
@@ -257,6 +281,12 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         raise ModelError(str(e)) from e
     gate = None
     gate_plan = GatePlan.from_config(config)
+    if gate_plan is not None and modality(type(pipe).__name__) == "video":
+        raise ConfigError(
+            f"quality_gate: not supported for the video pipeline {type(pipe).__name__} (image canaries only)",
+            "quality_gate",
+            "Unsupported",
+        )
     if gate_plan is not None and (plan is not None or config.compile):
         # the reference: the plain pipeline, before cache-dit, quantization and compile change it
         gate = QualityGate(gate_plan)
@@ -276,7 +306,10 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
             transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
         else:
             transformer.compile()
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    # images: the VAE's factor; Wan: its spatial factor (patching doubles it, as for images)
+    vae_scale = int(
+        getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8) or 8
+    )
     return Model(
         pipe=pipe,
         config=config,

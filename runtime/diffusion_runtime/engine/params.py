@@ -78,6 +78,16 @@ class EditParams(GenerationParams):
         return edit_steps(self.steps, self.strength)[0]
 
 
+@dataclass(frozen=True, kw_only=True)
+class VideoParams(GenerationParams):
+    """One text-to-video call (`Engine.generate` on a video pipeline): `frames` frames (a valid count
+    for the pipeline, `Engine.frame_multiple`), played at `fps`. The result's `images` holds one
+    uint8 array (frames, height, width, 3) per clip."""
+
+    frames: int
+    fps: int
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     """How the images of a call are encoded: png | jpeg | webp; jpeg/webp quality 0-100."""
@@ -88,7 +98,7 @@ class OutputFormat:
 
 @dataclass
 class GenerationResult:
-    images: list[Any]  # PIL images
+    images: list[Any]  # PIL images; a video call: one uint8 array (frames, height, width, 3) per clip
     seed: int
     inference_seconds: float
     step_seconds: list[float]

@@ -1,5 +1,6 @@
 """One pipeline call: text-to-image on the loaded pipeline, edits on its image-to-image / inpaint
-variants, each timed per step, with progress and cancellation at the step boundary.
+variants, text-to-video on a video pipeline (`VideoParams`), each timed per step, with progress and
+cancellation at the step boundary.
 
 Variants come from diffusers' `AutoPipelineForImage2Image.from_pipe` /
 `AutoPipelineForInpainting.from_pipe`: the same modules (transformer, VAE, text encoders), no
@@ -20,7 +21,13 @@ from typing import Any
 
 from diffusion_runtime.engine import cache_dit_adapter
 from diffusion_runtime.engine.errors import Cancelled, InvalidInput
-from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
+from diffusion_runtime.engine.params import (
+    EditParams,
+    GenerationParams,
+    GenerationResult,
+    StepCallback,
+    VideoParams,
+)
 
 EDIT_VARIANTS = {"img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
 
@@ -69,13 +76,17 @@ def guidance_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[
 
 
 def call_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[str, Any]:
-    """The pipeline arguments of `params` (text-to-image; an edit adds image, mask and strength)."""
+    """The pipeline arguments of `params` (text-to-image; an edit adds image, mask and strength; a
+    video: frames, float frames in [0, 1] out)."""
     import torch
 
     kwargs: dict[str, Any] = dict(
-        prompt=params.prompt, width=params.width, height=params.height,
-        num_inference_steps=params.steps, num_images_per_prompt=params.n,
+        prompt=params.prompt, width=params.width, height=params.height, num_inference_steps=params.steps,
     )  # fmt: skip
+    if isinstance(params, VideoParams):
+        kwargs.update(num_frames=params.frames, num_videos_per_prompt=params.n, output_type="np")
+    else:
+        kwargs["num_images_per_prompt"] = params.n
     if isinstance(params, EditParams):
         kwargs.update(image=params.image, strength=params.strength)
         if params.mask is not None:
@@ -127,7 +138,13 @@ def timed_call(
 
     if "callback_on_step_end" in accepts:
         kwargs["callback_on_step_end"] = _callback
-    max_seq = getattr(getattr(pipe, "tokenizer_2", None), "model_max_length", None)
+    # the T5 tokenizer: FLUX's second one, a video pipeline's only one
+    t5 = (
+        getattr(pipe, "tokenizer", None)
+        if isinstance(params, VideoParams)
+        else getattr(pipe, "tokenizer_2", None)
+    )
+    max_seq = getattr(t5, "model_max_length", None)
     if "max_sequence_length" in accepts and isinstance(max_seq, int) and max_seq < 512:
         kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
     handle = None
@@ -147,7 +164,15 @@ def timed_call(
     cached, computed = (
         cache_dit_adapter.step_counts(cached_pipe) if cached_pipe is not None else (0, params.run_steps)
     )
+    outputs = [video_frames(v) for v in out.frames] if isinstance(params, VideoParams) else list(out.images)
     return GenerationResult(
-        images=list(out.images), seed=params.seed, inference_seconds=elapsed, step_seconds=step_times,
+        images=outputs, seed=params.seed, inference_seconds=elapsed, step_seconds=step_times,
         cached_steps=cached, computed_steps=computed,
     )  # fmt: skip
+
+
+def video_frames(video: Any) -> Any:
+    """One clip of a pipeline's `np` output (frames, height, width, 3), floats in [0, 1], as uint8."""
+    import numpy as np
+
+    return (np.clip(np.asarray(video), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

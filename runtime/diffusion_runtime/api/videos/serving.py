@@ -1,0 +1,365 @@
+"""The serving object of /v1/videos: request -> `VideoParams` -> the image API's one queue (its
+scheduler: one pipeline thread for every call) -> frames -> MP4 (PyAV, in a worker thread, so the
+pipeline takes the next call while a clip is encoded) -> the store. Always asynchronous."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal, cast
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from diffusion_runtime.api.auth import key_name
+from diffusion_runtime.api.errors import Rejected, validation_message
+from diffusion_runtime.api.routers import model_id
+from diffusion_runtime.api.serving import DELETE_WAIT_SECONDS, MAX_FORM_FIELDS, ImageServing
+from diffusion_runtime.api.videos.protocol import (
+    DEFAULT_SECONDS,
+    VideoDeleted,
+    VideoError,
+    VideoList,
+    VideoObject,
+    VideoRequestFields,
+    build_video_request,
+)
+from diffusion_runtime.api.videos.store import VideoJob, VideoStore
+from diffusion_runtime.contract.pipelines import VIDEO_PIPELINES, frames_for
+from diffusion_runtime.engine.errors import Cancelled
+from diffusion_runtime.engine.params import GenerationResult, StepCallback, VideoParams
+from diffusion_runtime.engine.scheduler import PipelineCall, Work
+from diffusion_runtime.engine.video import encode_video
+
+log = logging.getLogger("diffusion_runtime")
+ENDPOINT = "videos"  # the metrics label
+CHUNK_BYTES = 256 << 10  # content is streamed in chunks of this size
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _ignore_result(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive (first, last) byte of a single `Range: bytes=...` header; None: the whole body.
+    Rejected 416 when it cannot be satisfied (RFC 9110 14.1.2: suffix `-N`, open `N-`, `N-M`)."""
+    if not header:
+        return None
+    m = _RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        if "," in header:  # several ranges: answered with the whole body (RFC 9110 allows it)
+            return None
+        raise Rejected(416, f"Range: {header!r} is not a single bytes range (bytes=first-last)")
+    first_s, last_s = m.groups()
+    if not first_s:  # suffix: the last N bytes
+        n = int(last_s)
+        if n == 0:
+            raise Rejected(416, f"Range: {header!r} asks for no bytes")
+        return max(0, size - n), size - 1
+    first = int(first_s)
+    last = min(int(last_s), size - 1) if last_s else size - 1
+    if first >= size or (last_s and int(last_s) < first):
+        raise Rejected(416, f"Range: {header!r} is outside the {size} bytes of the content")
+    return first, last
+
+
+async def chunks(data: bytes, first: int, last: int) -> AsyncIterator[bytes]:
+    view = memoryview(data)
+    for start in range(first, last + 1, CHUNK_BYTES):
+        yield bytes(view[start : min(start + CHUNK_BYTES, last + 1)])
+
+
+class VideoServing:
+    """What the video routes share: the image API's serving object (its scheduler, admission,
+    metrics and webhooks) and this pod's clips."""
+
+    def __init__(self, images: ImageServing):
+        self.images = images
+        self.state = images.state
+        s = self.state.config.server
+        self.request_model = build_video_request(self.state.config)
+        self.store = VideoStore(s.max_jobs, s.job_ttl_seconds, s.video_store_max_bytes)
+
+    # ------------------------------------------------------------ checks
+
+    def _video_engine(self) -> None:
+        """503 while loading / draining, 501 through the front door, 400 on an image pipeline."""
+        if self.images.scheduler is None:
+            raise Rejected(
+                501, "videos are served by the runtime pods' own API (the shared queue carries images only)"
+            )
+        self.images.admit()  # Unavailable (503) / QueueFull (429) before reading the body
+        engine = self.state.loaded()
+        if engine.modality != "video":
+            raise Rejected(
+                400,
+                f"the served pipeline {engine.pipeline_name} makes images, not videos; /v1/videos needs a "
+                f"video pipeline ({', '.join(VIDEO_PIPELINES)}); use /v1/images/generations",
+                param="model",
+            )
+
+    async def read_fields(self, request: Request) -> VideoRequestFields:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields: dict[str, Any] = {}
+        if ctype == "multipart/form-data":
+            try:
+                form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=1 << 20)
+            except MultiPartException as e:
+                raise Rejected(400, f"multipart body: {e.message}") from e
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile) or key == "input_reference":
+                    await form.close()
+                    raise Rejected(
+                        400,
+                        f"{key}: image-to-video (input_reference) is not served by this runtime yet; "
+                        "send a text prompt only",
+                        param=key,
+                    )
+                if key in fields:
+                    raise Rejected(400, f"{key}: sent more than once", param=key)
+                fields[key] = value
+            await form.close()
+        else:
+            try:
+                fields = json.loads(await request.body() or b"null")
+            except ValueError as e:
+                raise Rejected(400, f"malformed JSON body ({e})") from e
+            if not isinstance(fields, dict):
+                raise Rejected(400, "request body must be a JSON object (or multipart/form-data)")
+            if "input_reference" in fields:
+                raise Rejected(
+                    400, "input_reference: image-to-video is not served by this runtime yet",
+                    param="input_reference",
+                )  # fmt: skip
+        try:
+            return cast(VideoRequestFields, self.request_model.model_validate(fields))
+        except ValidationError as e:
+            msg, param = validation_message(e.errors())  # type: ignore[arg-type]
+            raise Rejected(400, msg, param=param) from e
+
+    def params(self, req: VideoRequestFields) -> tuple[VideoParams, str]:
+        """The engine's parameters and the clip's `seconds`, every limit checked (400 naming it)."""
+        s = self.state.config.server
+        engine = self.state.loaded()
+        width, height = self.images.size(req.size)
+        fps = req.fps if req.fps is not None else s.video_fps
+        multiple = engine.frame_multiple
+        if req.num_frames is not None:
+            if req.seconds is not None:
+                raise Rejected(400, "seconds, num_frames: send one of them", param="num_frames")
+            frames = req.num_frames
+            if (frames - 1) % multiple:
+                lower = (frames - 1) // multiple * multiple + 1
+                raise Rejected(
+                    400,
+                    f"num_frames: {frames} is not a frame count {engine.pipeline_name} renders "
+                    f"(k*{multiple}+1: {lower} or {lower + multiple})",
+                    param="num_frames",
+                )
+            seconds = f"{frames / fps:g}"
+        else:
+            wanted = req.seconds if req.seconds is not None else DEFAULT_SECONDS
+            if wanted > s.max_video_seconds:  # the schema's bound too (a config changed at runtime)
+                raise Rejected(
+                    400, f"seconds: {wanted} exceeds server.max_video_seconds={s.max_video_seconds}",
+                    param="seconds",
+                )  # fmt: skip
+            frames, seconds = frames_for(wanted, fps, multiple), str(wanted)
+        if frames > s.max_frames:
+            raise Rejected(
+                400,
+                f"seconds: {seconds}s at {fps} fps is {frames} frames, more than server.max_frames="
+                f"{s.max_frames}; ask for fewer seconds or a lower fps",
+                param="num_frames" if req.num_frames is not None else "seconds",
+            )
+        if width * height * frames > s.max_video_pixels:
+            raise Rejected(
+                400,
+                f"size x frames: {width}x{height} x {frames} frames = {width * height * frames} exceeds "
+                f"server.max_video_pixels={s.max_video_pixels}",
+                param="size",
+            )
+        steps = (
+            req.num_inference_steps if req.num_inference_steps is not None else self.state.config.warmup.steps
+        )
+        params = VideoParams(
+            prompt=req.prompt, width=width, height=height, steps=steps,
+            seed=req.seed if req.seed is not None else random.randrange(2**31),
+            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, frames=frames, fps=fps,
+        )  # fmt: skip
+        return params, seconds
+
+    # ------------------------------------------------------------ the routes' calls
+
+    async def create(self, request: Request) -> VideoObject:
+        t0 = request.scope.get("t0", time.perf_counter())
+        self._video_engine()
+        req = await self.read_fields(request)
+        params, seconds = self.params(req)
+        if req.webhook:
+            await self.images.check_webhook(req.webhook)
+        state = self.state
+
+        def run(cancel: threading.Event, on_step: StepCallback) -> GenerationResult:
+            return state.loaded().generate(params, cancel, on_step)
+
+        # the scheduler's calls are typed by the image API's result; a video call returns its frames
+        work = Work(
+            endpoint=ENDPOINT, run=cast(PipelineCall, run), total_steps=params.run_steps,
+            future=asyncio.get_running_loop().create_future(),
+        )  # fmt: skip
+        work.future.add_done_callback(_ignore_result)
+        owner = key_name(request)
+        self.images.sched.submit(work)
+        job = VideoJob(
+            work=work, params=params, model=req.model or model_id(state.config.model.uri), seconds=seconds,
+            webhook=req.webhook, owner=owner,
+        )  # fmt: skip
+        self.store.add(job)
+        job.task = asyncio.create_task(self._follow(job))
+        self.images.finish(ENDPOINT, 200, t0, owner)
+        return self.view(job)
+
+    async def retrieve(self, video_id: str, owner: str | None) -> VideoObject:
+        return self.view(self._job(video_id, owner))
+
+    async def list(self, owner: str | None, after: str | None, limit: int, order: str) -> VideoList:
+        jobs = self.store.owned(owner)
+        if order == "desc":
+            jobs.reverse()
+        if after is not None:
+            ids = [j.id for j in jobs]
+            if after not in ids:
+                raise Rejected(404, self.store.unknown_reason(after, owner), param="after")
+            jobs = jobs[ids.index(after) + 1 :]
+        page = jobs[:limit]
+        return VideoList(
+            data=[self.view(j) for j in page],
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(jobs) > limit,
+        )
+
+    async def delete(self, video_id: str, owner: str | None) -> VideoDeleted:
+        """Drop a clip; a queued one leaves the queue, a running one stops at its next step."""
+        job = self._job(video_id, owner)
+        if not job.final:
+            self.images.sched.withdraw(job.work)
+            if job.task is not None:
+                await asyncio.wait({job.task}, timeout=DELETE_WAIT_SECONDS)
+        self.store.remove(job, "deleted by DELETE /v1/videos/{id}")
+        return VideoDeleted(id=job.id, deleted=True)
+
+    async def content(self, video_id: str, owner: str | None, variant: str) -> tuple[bytes, str]:
+        """The MP4 (or the thumbnail) of a completed clip: (bytes, media type)."""
+        from diffusion_runtime.engine.video import MP4_MEDIA_TYPE, THUMBNAIL_MEDIA_TYPE
+
+        job = self._job(video_id, owner)
+        if job.video is None:
+            status = self.view(job).status
+            raise Rejected(
+                409 if status != "failed" else 404,
+                f"video {video_id!r} is {status}; its content exists once it is completed",
+                param="video_id",
+            )
+        if variant == "thumbnail":
+            return job.video.thumbnail, THUMBNAIL_MEDIA_TYPE
+        if variant != "video":
+            raise Rejected(
+                400, f"variant: {variant!r} is not produced here (video or thumbnail)", param="variant"
+            )
+        return job.video.mp4, MP4_MEDIA_TYPE
+
+    # ------------------------------------------------------------ internals
+
+    def _job(self, video_id: str, owner: str | None) -> VideoJob:
+        job = self.store.get(video_id, owner)
+        if job is None:
+            raise Rejected(404, self.store.unknown_reason(video_id, owner), param="video_id")
+        return job
+
+    def view(self, job: VideoJob) -> VideoObject:
+        sched = self.images.sched
+        w, p = job.work, job.params
+        status: Literal["queued", "in_progress", "completed", "failed"]
+        if job.final:
+            status = job.final
+        elif job.encoding or sched.running is w:
+            status = "in_progress"
+        else:
+            status = "queued"
+        if job.final == "completed":
+            progress = 100
+        elif job.encoding:
+            progress = 99
+        else:
+            progress = min(99, 100 * w.step // max(1, w.total_steps))
+        ttl = self.store.ttl
+        return VideoObject(
+            id=job.id, model=job.model, status=status, progress=progress, created_at=int(job.created_at),
+            completed_at=int(job.finished_at) if job.final == "completed" and job.finished_at else None,
+            expires_at=int(job.finished_at + ttl) if job.finished_at else None,
+            prompt=p.prompt, seconds=job.seconds, size=p.size, error=job.error, frames=p.frames, fps=p.fps,
+            num_inference_steps=p.steps, step=w.step,
+            queue_position=sched.position(w) if status == "queued" else None, seed=p.seed,
+            bytes=len(job.video.mp4) if job.video else None, cached_steps=job.cached_steps,
+        )  # fmt: skip
+
+    async def _follow(self, job: VideoJob) -> None:
+        work, m = job.work, self.state.metrics
+        timeout = self.state.config.server.request_timeout_seconds
+        try:
+            result: GenerationResult = await asyncio.wait_for(asyncio.shield(work.future), timeout)
+            job.encoding = True
+            m.inference_duration.observe(result.inference_seconds)
+            for s in result.step_seconds:
+                m.step_duration.observe(s)
+            m.cache_steps.labels(result="cached").inc(result.cached_steps)
+            m.cache_steps.labels(result="computed").inc(result.computed_steps)
+            frames = result.images[0]
+            crf = self.state.config.server.video_crf
+            video = await asyncio.to_thread(encode_video, frames, job.params.fps, crf)
+        except TimeoutError:
+            self.images.sched.withdraw(work)
+            job.finish(
+                error=VideoError(
+                    code="timeout", message=f"timed out after {timeout:g}s (request_timeout_seconds)"
+                )
+            )
+        except Cancelled:
+            job.finish(error=VideoError(code="cancelled", message="deleted before it finished"))
+        except Exception as e:  # noqa: BLE001 - recorded in the clip
+            log.error("video %s failed (key=%s): %s: %s", job.id, job.owner or "-", type(e).__name__, e)
+            job.finish(error=VideoError(code="generation_failed", message=f"{type(e).__name__}: {e}"))
+        else:
+            job.cached_steps = result.cached_steps
+            job.finish(video=video)
+            m.video_frames.inc(video.frames)
+            m.video_fps.observe(video.frames / max(result.inference_seconds, 1e-9))
+            m.video_encode_duration.observe(video.encode_seconds)
+            m.video_bytes.inc(len(video.mp4))
+            log.info(
+                "video %s: %d frames %dx%d in %.2fs, encoded in %.3fs (%d bytes)", job.id, video.frames,
+                video.width, video.height, result.inference_seconds, video.encode_seconds, len(video.mp4),
+            )  # fmt: skip
+        outcome = "succeeded" if job.final == "completed" else "failed"
+        if job.error is not None and job.error.code == "cancelled":
+            outcome = "cancelled"
+        m.jobs.labels(endpoint=ENDPOINT, status=outcome).inc()
+        if job.webhook:
+            body = _json(self.view(job))
+            await self.images.webhooks.deliver(job.webhook, body, self.images._webhook_outcome)
+
+
+def _json(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")

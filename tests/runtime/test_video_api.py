@@ -1,0 +1,213 @@
+"""The videos API as the official `openai` client (3.51) calls it, on a real `diffusion-runtime serve`
+of the tiny random-weight WanPipeline (`tiny-model --variant wan-tiny`, 64x64, a few frames, CPU),
+with cache-dit's static mask: create -> poll -> download an MP4 that PyAV reads back as asked, Range
+requests, the thumbnail, list, delete (a running clip stops), bad input -> 400 naming the limit, and
+the video metrics."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import time
+
+import av
+import httpx
+import openai
+import pytest
+from fixtures_runtime import STATIC_CACHE_DIT, free_port, make_tiny_model, start_runtime
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = [pytest.mark.runtime, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
+FPS = 8
+# 64x64 clips; 2 s at 8 fps = 16 frames -> 17 (Wan renders 4k+1); at most 33 frames, 4 s
+LIMITS = {"max_pixels": 64 * 64, "max_steps": 1000, "max_frames": 33, "max_video_seconds": 4, "max_video_pixels": 64 * 64 * 33,
+          "video_fps": FPS, "max_queue": 8, "webhook_allow": ["127.0.0.1/32"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wan_model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("wan-tiny") / "wan-tiny", "wan-tiny")
+
+
+@pytest.fixture(scope="module")
+def video_server(wan_model_dir, tmp_path_factory):
+    rp = start_runtime(
+        wan_model_dir, tmp_path_factory.mktemp("video-api"), cache_dit=STATIC_CACHE_DIT, server=LIMITS,
+        warmup={"frames": 9},
+    )  # fmt: skip
+    yield rp
+    rp.stop()
+
+
+@pytest.fixture(scope="module")
+def client(video_server):
+    return openai.OpenAI(base_url=video_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def read_mp4(data: bytes) -> tuple[str, str, int, int, int, float]:
+    """(codec, pixel format, decoded frames, width, height, fps) as PyAV reads the MP4 back."""
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        codec, pix_fmt, rate = s.codec_context.name, s.codec_context.pix_fmt, float(s.average_rate or 0)
+        frames = list(c.decode(video=0))
+        return codec, pix_fmt or "", len(frames), frames[0].width, frames[0].height, rate
+
+
+def test_create_poll_download_gives_the_mp4_asked_for(client, video_server):
+    url = video_server.url
+    frames_before = metric(url, "diffusion_video_frames_generated_total")
+    cached_before = metric(url, "diffusion_cache_steps_total", result="cached")
+    video = client.videos.create(prompt="a cat walking", model="wan-tiny", size="64x64", seconds="2")  # type: ignore[arg-type]
+    assert video.object == "video" and video.status in ("queued", "in_progress") and video.id.startswith("video_")
+    assert video.size == "64x64" and video.seconds == "2"
+    done = client.videos.poll(video.id, poll_interval_ms=100)
+    assert done.status == "completed", done.error
+    assert done.progress == 100 and done.completed_at is not None and done.expires_at is not None
+    extra = done.model_extra or {}
+    assert extra["frames"] == 17 and extra["fps"] == FPS and extra["cached_steps"] > 0
+    content = client.videos.download_content(video.id)
+    data = content.read()
+    assert data[4:8] == b"ftyp" and len(data) == extra["bytes"]
+    codec, pix_fmt, n, width, height, rate = read_mp4(data)
+    assert (codec, pix_fmt, n, width, height, rate) == ("h264", "yuv420p", 17, 64, 64, float(FPS))
+    thumb = client.videos.download_content(video.id, variant="thumbnail").read()
+    img = Image.open(io.BytesIO(thumb))
+    assert img.format == "WEBP" and img.size == (64, 64)
+    # metrics: frames, encode time, bytes; cache-dit's static mask cached steps of the clip
+    assert metric(url, "diffusion_video_frames_generated_total") - frames_before == 17
+    assert metric(url, "diffusion_video_encode_seconds_count") >= 1
+    assert metric(url, "diffusion_video_bytes_total") >= len(data)
+    assert metric(url, "diffusion_video_generation_frames_per_second_count") >= 1
+    assert metric(url, "diffusion_cache_steps_total", result="cached") > cached_before
+    # listed (newest first), then deleted: gone
+    listed = client.videos.list(limit=100)
+    assert video.id in [v.id for v in listed.data]
+    gone = client.videos.delete(video.id)
+    assert gone.deleted and gone.id == video.id and gone.object == "video.deleted"
+    with pytest.raises(openai.NotFoundError, match="deleted by DELETE"):
+        client.videos.retrieve(video.id)
+
+
+def test_range_requests_answer_206_with_the_right_bytes(client, video_server):
+    video = client.videos.create_and_poll(prompt="waves", size="64x64", seconds="1", poll_interval_ms=100)  # type: ignore[arg-type]
+    assert video.status == "completed"
+    path = f"{video_server.url}/v1/videos/{video.id}/content"
+    full = httpx.get(path, timeout=30)
+    assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+    assert full.headers["content-type"] == "video/mp4"
+    data = full.content
+    size = len(data)
+    cases = {"bytes=0-99": (0, 99), "bytes=100-": (100, size - 1), "bytes=-50": (size - 50, size - 1),
+             f"bytes=10-{size + 100}": (10, size - 1)}  # fmt: skip
+    for header, (first, last) in cases.items():
+        r = httpx.get(path, headers={"Range": header}, timeout=30)
+        assert r.status_code == 206, (header, r.text)
+        assert r.headers["content-range"] == f"bytes {first}-{last}/{size}"
+        assert r.content == data[first : last + 1]
+    r = httpx.get(path, headers={"Range": f"bytes={size}-"}, timeout=30)
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}"
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"size": "720x1280"}, "max_pixels"),
+        ({"size": "64x60"}, "multiples of 16"),
+        ({"seconds": "12"}, "seconds"),
+        ({"seconds": "4", "fps": "16"}, "server.max_frames=33"),
+        ({"num_frames": "10"}, "k*4+1: 9 or 13"),
+        ({"seconds": "abc"}, "seconds"),
+        ({"prompt": "   "}, "prompt"),
+    ],
+)
+def test_bad_input_is_400_naming_the_limit(video_server, fields, needle):
+    form = {"prompt": "a cat", "size": "64x64", **fields}
+    r = httpx.post(video_server.url + "/v1/videos", files={k: (None, v) for k, v in form.items()}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_the_openai_client_gets_400_for_a_size_over_the_limit(client):
+    with pytest.raises(openai.BadRequestError, match="max_pixels"):
+        client.videos.create(prompt="a cat", size="1280x720")
+
+
+def test_input_reference_and_wrong_media_types_are_refused(video_server):
+    url = video_server.url + "/v1/videos"
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    r = httpx.post(url, data={"prompt": "a cat"}, files={"input_reference": ("a.png", png.getvalue(), "image/png")})
+    assert r.status_code == 400 and "input_reference" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"prompt=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_json_body_and_the_image_api_refuses_a_video_pipeline(video_server):
+    r = httpx.post(video_server.url + "/v1/videos", json={"prompt": "a cat", "size": "64x64", "num_frames": 5},
+                   timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["frames"] == 5 and r.json()["seconds"] == "0.625"
+    r = httpx.post(video_server.url + "/v1/images/generations", json={"prompt": "a cat"}, timeout=30)
+    assert r.status_code == 400 and "/v1/videos" in r.json()["error"]["message"]
+
+
+def test_delete_while_running_stops_it_and_frees_the_queue(client, video_server):
+    # a long clip (many steps) so that it is still running when deleted
+    body = {"prompt": "slow", "size": "64x64", "num_frames": 33, "num_inference_steps": 400}
+    r = httpx.post(video_server.url + "/v1/videos", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    long = r.json()
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(long["id"]).status != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelled_before = metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled")
+    t0 = time.monotonic()
+    assert client.videos.delete(long["id"]).deleted
+    assert time.monotonic() - t0 < 5  # stopped at its next step
+    assert metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled") == cancelled_before + 1
+    # the pipeline is free: the next clip completes
+    nxt = client.videos.create_and_poll(prompt="next", size="64x64", seconds="1", poll_interval_ms=100)  # type: ignore[arg-type]
+    assert nxt.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        client.videos.delete(long["id"])
+
+
+def test_webhook_receives_the_finished_clip(client, video_server):
+    got: list[dict] = []
+    arrived = threading.Event()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+            arrived.set()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    srv = http.server.HTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        video = client.videos.create(
+            prompt="a hook", size="64x64", seconds="1",  # type: ignore[arg-type]
+            extra_body={"webhook": f"http://127.0.0.1:{port}/hook"},
+        )  # fmt: skip
+        assert arrived.wait(60)
+        assert got[0]["id"] == video.id and got[0]["status"] == "completed" and got[0]["frames"] == 9
+    finally:
+        srv.shutdown()
