@@ -1,6 +1,7 @@
 """Fixtures for the runtime: the tiny model on disk and real `diffusion-runtime serve` processes.
 
 - `tiny_model_dir` (session): `diffusion-runtime tiny-model DIR` run once; a real diffusers folder.
+- `tiny_wan_model_dir` (session): the same for the tiny WanPipeline (`--variant wan-tiny`, videos).
 - `start_runtime(...)` / `RuntimeProcess`: start a server subprocess on free ports from a runtime.yaml
   written here, wait for /ready (or for the exit), stop it with SIGTERM.
 - `runtime_server` (session): one ready server on the tiny model with a static cache-dit mask and a
@@ -28,6 +29,7 @@ __all__ = [
     "free_port",
     "start_runtime",
     "tiny_model_dir",
+    "tiny_wan_model_dir",
     "runtime_server",
     "runtime_server_factory",
     "STATIC_CACHE_DIT",
@@ -187,6 +189,12 @@ def make_tiny_model(folder: Path, variant: str) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny random-weight FluxPipeline, generated once per session by the real CLI."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "flux-tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_model_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight WanPipeline (text-to-video), generated once per session by the real CLI."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-wan") / "wan-tiny", "wan-tiny")
 
 
 @pytest.fixture(scope="session")

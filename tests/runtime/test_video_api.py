@@ -16,7 +16,7 @@ import av
 import httpx
 import openai
 import pytest
-from fixtures_runtime import STATIC_CACHE_DIT, free_port, make_tiny_model, start_runtime
+from fixtures_runtime import STATIC_CACHE_DIT, free_port, start_runtime
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,14 +28,9 @@ LIMITS = {"max_pixels": 64 * 64, "max_steps": 1000, "max_frames": 33, "max_video
 
 
 @pytest.fixture(scope="module")
-def wan_model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("wan-tiny") / "wan-tiny", "wan-tiny")
-
-
-@pytest.fixture(scope="module")
-def video_server(wan_model_dir, tmp_path_factory):
+def video_server(tiny_wan_model_dir, tmp_path_factory):
     rp = start_runtime(
-        wan_model_dir, tmp_path_factory.mktemp("video-api"), cache_dit=STATIC_CACHE_DIT, server=LIMITS,
+        tiny_wan_model_dir, tmp_path_factory.mktemp("video-api"), cache_dit=STATIC_CACHE_DIT, server=LIMITS,
         warmup={"frames": 9},
     )  # fmt: skip
     yield rp
@@ -70,7 +65,11 @@ def test_create_poll_download_gives_the_mp4_asked_for(client, video_server):
     frames_before = metric(url, "diffusion_video_frames_generated_total")
     cached_before = metric(url, "diffusion_cache_steps_total", result="cached")
     video = client.videos.create(prompt="a cat walking", model="wan-tiny", size="64x64", seconds="2")  # type: ignore[arg-type]
-    assert video.object == "video" and video.status in ("queued", "in_progress") and video.id.startswith("video_")
+    assert (
+        video.object == "video"
+        and video.status in ("queued", "in_progress")
+        and video.id.startswith("video_")
+    )
     assert video.size == "64x64" and video.seconds == "2"
     done = client.videos.poll(video.id, poll_interval_ms=100)
     assert done.status == "completed", done.error
@@ -118,6 +117,11 @@ def test_range_requests_answer_206_with_the_right_bytes(client, video_server):
         assert r.content == data[first : last + 1]
     r = httpx.get(path, headers={"Range": f"bytes={size}-"}, timeout=30)
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}"
+    for ignored in ("bytes=0-1,5-9", "items=0-9", "nonsense"):  # not one bytes range: the whole body
+        r = httpx.get(path, headers={"Range": ignored}, timeout=30)
+        assert r.status_code == 200 and r.content == data, ignored
+    r = httpx.get(path, params={"variant": "spritesheet"}, timeout=30)
+    assert r.status_code == 400 and "variant" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +152,9 @@ def test_input_reference_and_wrong_media_types_are_refused(video_server):
     url = video_server.url + "/v1/videos"
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, format="PNG")
-    r = httpx.post(url, data={"prompt": "a cat"}, files={"input_reference": ("a.png", png.getvalue(), "image/png")})
+    r = httpx.post(
+        url, data={"prompt": "a cat"}, files={"input_reference": ("a.png", png.getvalue(), "image/png")}
+    )
     assert r.status_code == 400 and "input_reference" in r.json()["error"]["message"]
     r = httpx.post(url, content=b"prompt=a", headers={"content-type": "text/plain"})
     assert r.status_code == 415
@@ -177,7 +183,10 @@ def test_delete_while_running_stops_it_and_frees_the_queue(client, video_server)
     t0 = time.monotonic()
     assert client.videos.delete(long["id"]).deleted
     assert time.monotonic() - t0 < 5  # stopped at its next step
-    assert metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled") == cancelled_before + 1
+    assert (
+        metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled")
+        == cancelled_before + 1
+    )
     # the pipeline is free: the next clip completes
     nxt = client.videos.create_and_poll(prompt="next", size="64x64", seconds="1", poll_interval_ms=100)  # type: ignore[arg-type]
     assert nxt.status == "completed"

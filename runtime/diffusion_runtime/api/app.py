@@ -84,7 +84,9 @@ def create_app(
         ),
     )
     app.state.serving = api
-    app.state.videos = videos = VideoServing(api)  # /v1/videos: on the same queue (docs/video.md)
+    # /v1/videos: on this pod's queue (docs/video.md); not through the front door's shared queue
+    videos = VideoServing(api) if api.serves_videos else None
+    app.state.videos = videos
     keys = auth.install(app, state.config.server)  # ConfigError: unreadable folder, no key
 
     @app.exception_handler(RequestValidationError)
@@ -114,7 +116,8 @@ def create_app(
 
     app.add_middleware(_Guard, state=state, max_upload_bytes=protocol.max_upload_bytes)
     app.include_router(images_router(protocol))
-    app.include_router(videos_router(videos))
+    if videos is not None:
+        app.include_router(videos_router(videos))
     app.include_router(models_router(time.time()))
     app.include_router(ops_router())
 

@@ -73,9 +73,11 @@ class ErrorResponse(BaseModel):
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "Invalid request: a field is missing, malformed or out of the server's limits (message names it)",
     401: "No API key, or not a valid one (server.auth_keys_dir; code invalid_api_key)",
-    404: "Not found: an unknown job, result or model id (message says why)",
+    404: "Not found: an unknown job, result, video or model id (message says why)",
+    409: "The video is not completed yet (or failed): its content does not exist (yet)",
     413: "Request body too large (server.max_upload_bytes for uploads, 1 MiB for JSON)",
-    415: "Unsupported media type: JSON for generations, multipart/form-data for edits",
+    415: "Unsupported media type: JSON for generations, multipart/form-data for edits (videos: either)",
+    416: "Range not satisfiable: outside the content (Content-Range: bytes */size)",
     429: "Queue full (server.max_queue); retry after the Retry-After header's seconds",
     500: "The pipeline failed while generating",
     503: "Not ready (loading, warming up) or shutting down; retry after Retry-After",

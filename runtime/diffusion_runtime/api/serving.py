@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -162,6 +162,8 @@ def edit_call(state: RuntimeState, params: EditParams, output: OutputFormat) -> 
 
 class ImageServing:
     """What the image routes share: limits, the scheduler, jobs, results, metrics."""
+
+    serves_videos: ClassVar[bool] = True  # this pod's scheduler also runs /v1/videos (api.videos)
 
     def __init__(self, state: RuntimeState, protocol: Protocol):
         self.state = state

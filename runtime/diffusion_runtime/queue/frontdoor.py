@@ -208,6 +208,8 @@ def _view(job_id: str, h: dict[str, Any], position: int | None) -> JobStatus:
 class QueueServing(ImageServing):
     """The image routes' backend in the front door: the shared queue instead of a local scheduler."""
 
+    serves_videos = False  # the shared queue carries image jobs only: no /v1/videos (docs/video.md)
+
     def __init__(self, state: RuntimeState, protocol: Protocol):
         super().__init__(state, protocol)
         q = state.config.queue

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from diffusion_runtime.api.protocol import (
     MAX_GUIDANCE,
     MAX_SEED,
     PROMPT_MAX_CHARS,
     SIZE_FORMAT,
+    WEBHOOK_FORMAT,
     WEBHOOK_PATTERN,
+    _no_null,
 )
 from diffusion_runtime.contract.config import RuntimeConfig
 from diffusion_runtime.contract.limits import MAX_FPS_LIMIT, SIZE_MULTIPLE, SIZE_PATTERN
 
 VIDEOS_PATH = "/v1/videos"
-VIDEO_STATUSES = ("queued", "in_progress", "completed", "failed")
-VARIANTS = ("video", "thumbnail", "spritesheet")
 DEFAULT_SECONDS = 4  # OpenAI's default clip length
 LIST_LIMIT_MAX = 100
 
@@ -77,7 +77,7 @@ class VideoRequestFields:
     prompt: str
     model: str | None
     size: str | None
-    seconds: int | None
+    seconds: str | int | None
     num_frames: int | None
     fps: int | None
     num_inference_steps: int | None
@@ -91,15 +91,43 @@ def _int(ge: int, le: int) -> Any:
     return Annotated[int, Field(ge=ge, le=le)]
 
 
-def build_video_request(cfg: RuntimeConfig) -> type[BaseModel]:
-    """The fields of POST /v1/videos (multipart form or JSON; numbers may come as strings, as the
-    openai client sends them in a form)."""
+INT_FIELDS = ("num_frames", "fps", "num_inference_steps", "seed")
+
+
+class _Strict(BaseModel):
+    """JSON: types as the schema states them (53.0 is an integer, "53" is not)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {
+                k: int(v) if k in INT_FIELDS and isinstance(v, float) and v.is_integer() else v
+                for k, v in data.items()
+            }
+        return data
+
+
+class _Form(BaseModel):
+    """multipart/form-data (what the openai client sends): values arrive as text, numbers are parsed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _fields(cfg: RuntimeConfig, form: bool) -> dict[str, Any]:
     s = cfg.server
-    size_extra: dict[str, Any] = {"format": SIZE_FORMAT, "x-max-pixels": s.max_pixels, "x-multiple-of": SIZE_MULTIPLE}
-    return create_model(  # type: ignore[call-overload, no-any-return]
-        "VideoCreateRequest",
-        __config__=ConfigDict(extra="forbid"),
-        __doc__="POST /v1/videos: OpenAI's fields plus the diffusion knobs.",
+    size_extra: dict[str, Any] = {
+        "format": SIZE_FORMAT,
+        "x-max-pixels": s.max_pixels,
+        "x-multiple-of": SIZE_MULTIPLE,
+    }
+    # OpenAI's `seconds` is a string enum ("4", "8", "12"); here "1" .. server.max_video_seconds, and
+    # in JSON the integer too
+    second_strings = Literal[tuple(str(i) for i in range(1, s.max_video_seconds + 1))]  # type: ignore[valid-type]
+    seconds_type: Any = second_strings if form else second_strings | _int(1, s.max_video_seconds)
+    return dict(
         prompt=(
             str,
             Field(min_length=1, max_length=PROMPT_MAX_CHARS, pattern=r"\S", description="not blank"),
@@ -114,19 +142,23 @@ def build_video_request(cfg: RuntimeConfig) -> type[BaseModel]:
             ),
         ),
         seconds=(
-            _int(1, s.max_video_seconds) | None,
+            seconds_type | None,
             Field(
                 None,
-                description=f'clip length (OpenAI sends it as a string, e.g. "4"); default {DEFAULT_SECONDS}; '
-                f"at most server.max_video_seconds={s.max_video_seconds}. Frames: seconds * fps rounded up "
-                "to a count the pipeline renders (Wan: 4k+1)",
+                description=f"clip length; default {DEFAULT_SECONDS}; at most server.max_video_seconds="
+                f"{s.max_video_seconds}. Frames: seconds * fps rounded up to a count the pipeline renders "
+                f"(Wan: 4k+1), at most server.max_frames={s.max_frames} and width*height*frames at most "
+                f"server.max_video_pixels={s.max_video_pixels} (400 naming the limit)",
             ),
         ),
         num_frames=(
             _int(1, s.max_frames) | None,
             Field(None, description="frames, instead of seconds (Wan: 4k+1); at most server.max_frames"),
         ),
-        fps=(_int(1, MAX_FPS_LIMIT) | None, Field(None, description="default: server.video_fps")),
+        fps=(
+            _int(1, MAX_FPS_LIMIT) | None,
+            Field(None, description=f"default: server.video_fps={s.video_fps}"),
+        ),
         num_inference_steps=(
             _int(1, s.max_steps) | None,
             Field(None, description="default: warmup.steps (server.max_steps)"),
@@ -140,6 +172,7 @@ def build_video_request(cfg: RuntimeConfig) -> type[BaseModel]:
                 None,
                 max_length=2048,
                 pattern=WEBHOOK_PATTERN,
+                json_schema_extra={"format": WEBHOOK_FORMAT},
                 description="http(s) URL that receives the finished clip (the video object) by POST "
                 "(docs/webhooks.md: the same signing and destination fence as the image jobs)",
             ),
@@ -147,14 +180,28 @@ def build_video_request(cfg: RuntimeConfig) -> type[BaseModel]:
     )
 
 
-def create_request_body(model: type[BaseModel]) -> dict[str, Any]:
+def build_video_requests(cfg: RuntimeConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The fields of POST /v1/videos: (the JSON model, the multipart form model)."""
+    json_model = create_model(  # type: ignore[call-overload]
+        "VideoCreateRequest", __base__=_Strict, __doc__="POST /v1/videos (JSON): OpenAI's fields plus the diffusion knobs.",
+        **_fields(cfg, form=False),
+    )  # fmt: skip
+    form_model = create_model(  # type: ignore[call-overload]
+        "VideoCreateForm", __base__=_Form, __doc__="POST /v1/videos (multipart/form-data, as the openai client sends it).",
+        **_fields(cfg, form=True),
+    )  # fmt: skip
+    return json_model, form_model
+
+
+def create_request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> dict[str, Any]:
     """POST /v1/videos' body: the openai client sends multipart/form-data; JSON is taken too."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("title", None)
+    ref = "#/components/schemas/{model}"
+    form = form_model.model_json_schema(ref_template=ref)
+    form["properties"] = {name: _no_null(p) for name, p in form["properties"].items()}
     return {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"title": "VideoCreateForm", **schema}},
-            "application/json": {"schema": {"title": "VideoCreateRequest", **schema}},
+            "multipart/form-data": {"schema": form},
+            "application/json": {"schema": json_model.model_json_schema(ref_template=ref)},
         },
     }

@@ -40,7 +40,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         operation_id="createVideo",
         response_model=VideoObject,
         responses=error_responses(400, 413, 415, 429, 500, 503),
-        openapi_extra={"requestBody": create_request_body(videos.request_model)},
+        openapi_extra={"requestBody": create_request_body(videos.json_model, videos.form_model)},
         summary="Queue a clip from a prompt (always asynchronous: poll GET /v1/videos/{id})",
     )
     async def create(request: Request, api: Videos) -> Any:
@@ -56,7 +56,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         VIDEOS_PATH,
         operation_id="listVideos",
         response_model=VideoList,
-        responses=error_responses(404),
+        responses=error_responses(400, 404),
         summary="This key's clips on this pod (cursor pagination: after, limit, order)",
     )
     async def list_videos(
@@ -110,8 +110,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
             },
             206: {"description": "the bytes of the Range asked for", "content": {MP4_MEDIA_TYPE: binary}},
             **error_responses(400, 404),
-            409: {"description": "not completed yet"},
-            416: {"description": "Range outside the content"},
+            **error_responses(409, 416),
         },  # fmt: skip
         summary="A completed clip's MP4 (HTTP Range supported) or, with variant=thumbnail, its first frame",
     )
@@ -119,7 +118,10 @@ def videos_router(videos: VideoServing) -> APIRouter:
         video_id: str,
         request: Request,
         api: Videos,
-        variant: Literal["video", "thumbnail", "spritesheet"] = "video",
+        variant: Annotated[
+            Literal["video", "thumbnail"],
+            Query(description="video: the MP4; thumbnail: its first frame (WebP). No spritesheet."),
+        ] = "video",
         range_: Annotated[str | None, Header(alias="range")] = None,
     ) -> Response:
         try:

@@ -30,7 +30,7 @@ from diffusion_runtime.api.videos.protocol import (
     VideoList,
     VideoObject,
     VideoRequestFields,
-    build_video_request,
+    build_video_requests,
 )
 from diffusion_runtime.api.videos.store import VideoJob, VideoStore
 from diffusion_runtime.contract.pipelines import VIDEO_PIPELINES, frames_for
@@ -51,15 +51,14 @@ def _ignore_result(fut: asyncio.Future) -> None:
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The inclusive (first, last) byte of a single `Range: bytes=...` header; None: the whole body.
-    Rejected 416 when it cannot be satisfied (RFC 9110 14.1.2: suffix `-N`, open `N-`, `N-M`)."""
+    """The inclusive (first, last) byte of a single `Range: bytes=...` header (RFC 9110 14.1.2: `N-M`,
+    open `N-`, suffix `-N`); None: the whole body (no header, or one this server ignores). Rejected
+    416 when it cannot be satisfied."""
     if not header:
         return None
     m = _RANGE.match(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
-        if "," in header:  # several ranges: answered with the whole body (RFC 9110 allows it)
-            return None
-        raise Rejected(416, f"Range: {header!r} is not a single bytes range (bytes=first-last)")
+        return None  # not one bytes range (malformed, several, another unit): ignored (RFC 9110 14.2)
     first_s, last_s = m.groups()
     if not first_s:  # suffix: the last N bytes
         n = int(last_s)
@@ -87,17 +86,13 @@ class VideoServing:
         self.images = images
         self.state = images.state
         s = self.state.config.server
-        self.request_model = build_video_request(self.state.config)
+        self.json_model, self.form_model = build_video_requests(self.state.config)
         self.store = VideoStore(s.max_jobs, s.job_ttl_seconds, s.video_store_max_bytes)
 
     # ------------------------------------------------------------ checks
 
     def _video_engine(self) -> None:
-        """503 while loading / draining, 501 through the front door, 400 on an image pipeline."""
-        if self.images.scheduler is None:
-            raise Rejected(
-                501, "videos are served by the runtime pods' own API (the shared queue carries images only)"
-            )
+        """503 while loading / draining, 429 with a full queue, 400 on an image pipeline."""
         self.images.admit()  # Unavailable (503) / QueueFull (429) before reading the body
         engine = self.state.loaded()
         if engine.modality != "video":
@@ -111,6 +106,7 @@ class VideoServing:
     async def read_fields(self, request: Request) -> VideoRequestFields:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields: dict[str, Any] = {}
+        model = self.form_model if ctype == "multipart/form-data" else self.json_model
         if ctype == "multipart/form-data":
             try:
                 form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=1 << 20)
@@ -142,7 +138,7 @@ class VideoServing:
                     param="input_reference",
                 )  # fmt: skip
         try:
-            return cast(VideoRequestFields, self.request_model.model_validate(fields))
+            return cast(VideoRequestFields, model.model_validate(fields))
         except ValidationError as e:
             msg, param = validation_message(e.errors())  # type: ignore[arg-type]
             raise Rejected(400, msg, param=param) from e
@@ -168,7 +164,7 @@ class VideoServing:
                 )
             seconds = f"{frames / fps:g}"
         else:
-            wanted = req.seconds if req.seconds is not None else DEFAULT_SECONDS
+            wanted = int(req.seconds) if req.seconds is not None else DEFAULT_SECONDS
             if wanted > s.max_video_seconds:  # the schema's bound too (a config changed at runtime)
                 raise Rejected(
                     400, f"seconds: {wanted} exceeds server.max_video_seconds={s.max_video_seconds}",
@@ -274,10 +270,6 @@ class VideoServing:
             )
         if variant == "thumbnail":
             return job.video.thumbnail, THUMBNAIL_MEDIA_TYPE
-        if variant != "video":
-            raise Rejected(
-                400, f"variant: {variant!r} is not produced here (video or thumbnail)", param="variant"
-            )
         return job.video.mp4, MP4_MEDIA_TYPE
 
     # ------------------------------------------------------------ internals
