@@ -22,7 +22,7 @@ def fields(parsed) -> list[str]:
 
 
 def test_samples_parse_without_errors():
-    for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml"):
+    for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml", "wan.yaml"):
         doc = sample(name)
         parsed = parse(doc["spec"], doc["metadata"]["name"])
         assert parsed.ok, (name, [str(e) for e in parsed.errors])
@@ -429,3 +429,15 @@ def test_a_null_runtime_setting_never_crashes_the_parse():
         where[name] = None
         parsed = parse(spec)
         assert parsed.ok or parsed.errors, f.cr
+
+
+def test_wan_sample_renders_the_video_limits_into_the_runtime_config():
+    from diffusion_operator.builders.configmap import runtime_config
+
+    doc = sample("wan.yaml")
+    parsed = parse(doc["spec"], doc["metadata"]["name"])
+    assert parsed.ok, [str(e) for e in parsed.errors]
+    cfg = runtime_config(parsed.cr)
+    assert cfg.model.pipeline == "WanPipeline" and cfg.warmup.frames == 81
+    assert (cfg.server.max_frames, cfg.server.max_video_seconds, cfg.server.video_fps) == (81, 5, 16)
+    assert cfg.server.max_video_pixels == 1280 * 720 * 81

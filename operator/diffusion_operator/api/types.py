@@ -300,6 +300,7 @@ class WarmupSpec(_Types):
         json_schema_extra={"default": list(_RUNTIME_DEFAULTS.warmup.resolutions)},
     )
     steps: int = setting("warmup.steps")
+    frames: int = setting("warmup.frames")
     prompt: str | None = setting(
         "warmup.prompt",
         default=None,
@@ -363,6 +364,10 @@ class ServerSpec(_Types):
     max_pixels: int = setting("server.max_pixels")
     max_steps: int = setting("server.max_steps")
     max_n: int = setting("server.max_n")
+    max_frames: int = setting("server.max_frames")
+    max_video_seconds: int = setting("server.max_video_seconds")
+    max_video_pixels: int = setting("server.max_video_pixels")
+    video_fps: int = setting("server.video_fps")
     max_retry_after_seconds: int | None = setting("server.max_retry_after_seconds")
     webhook_allow: list[str] | None = setting("server.webhook_allow", default=None)
     webhook_secret_ref: WebhookSecretRef | None = Field(
