@@ -441,3 +441,20 @@ def test_wan_sample_renders_the_video_limits_into_the_runtime_config():
     assert cfg.model.pipeline == "WanPipeline" and cfg.warmup.frames == 81
     assert (cfg.server.max_frames, cfg.server.max_video_seconds, cfg.server.video_fps) == (81, 5, 16)
     assert cfg.server.max_video_pixels == 1280 * 720 * 81
+
+
+def test_startup_budget_grows_with_the_warmup_clips_frames():
+    doc = sample("wan.yaml")
+    long = parse(doc["spec"]).cr.spec
+    short_doc = copy.deepcopy(doc)
+    short_doc["spec"]["warmup"]["frames"] = 9
+    short = parse(short_doc["spec"]).cr.spec
+    assert funcs.startup_budget_seconds(long) > funcs.startup_budget_seconds(short)
+    image = copy.deepcopy(short_doc)
+    image["spec"]["model"]["pipeline"] = "FluxPipeline"
+    image["spec"]["warmup"]["frames"] = 81  # frames do not count for an image pipeline
+    image_short = copy.deepcopy(image)
+    image_short["spec"]["warmup"]["frames"] = 9
+    assert funcs.startup_budget_seconds(parse(image["spec"]).cr.spec) == funcs.startup_budget_seconds(
+        parse(image_short["spec"]).cr.spec
+    )

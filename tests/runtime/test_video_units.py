@@ -134,3 +134,29 @@ def test_tiny_wan_pipeline_with_cache_dit_caches_steps():
     assert clip.shape == (5, 32, 32, 3) and clip.dtype == np.uint8
     assert result.cached_steps == 3 and result.computed_steps == 5  # the static mask 11101001
     assert len(result.step_seconds) == 8
+
+
+def test_the_frame_rule_is_diffusers_own():
+    """contract.pipelines' Wan frame multiple and the size multiple are diffusers' Wan defaults."""
+    import inspect
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusion_runtime.contract.limits import SIZE_MULTIPLE
+    from diffusion_runtime.contract.pipelines import VIDEO_PIPELINES, WAN_FRAME_MULTIPLE
+
+    down = inspect.signature(AutoencoderKLWan.__init__).parameters["temperal_downsample"].default
+    patch = inspect.signature(WanTransformer3DModel.__init__).parameters["patch_size"].default
+    assert 2 ** sum(down) == WAN_FRAME_MULTIPLE == VIDEO_PIPELINES["WanPipeline"]
+    assert 2 ** len(down) * patch[1] == SIZE_MULTIPLE  # spatial VAE factor x patch
+
+
+def test_warmup_frames_follow_the_named_video_pipelines_rule():
+    def errors(pipeline: str | None, frames: int) -> list[str]:
+        model = {"uri": "/m", **({"pipeline": pipeline} if pipeline else {})}
+        return [
+            str(e) for e in config_errors(config_from_dict({"model": model, "warmup": {"frames": frames}}))
+        ]
+
+    assert errors("WanPipeline", 81) == [] and errors("WanPipeline", 9) == []
+    assert errors("WanPipeline", 80) == ["warmup.frames: 80 is not a frame count WanPipeline renders (k*4+1)"]
+    assert errors("FluxPipeline", 80) == [] and errors(None, 80) == []  # images: frames unused

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion_runtime.contract import cache_dit_facts as facts
+from diffusion_runtime.contract.pipelines import modality
 from pydantic import BaseModel
 
 from diffusion_operator.api.defaults import DEFAULT_BEHAVIOR, DEFAULT_TARGET_DEMAND
@@ -224,6 +225,10 @@ def startup_budget_seconds(spec: DiffusionDeploymentSpec) -> int:
     if not spec.model.uri.startswith("hf://") or spec.model.cache is not None:
         load = load // 2  # no download in the pod (a volume, or the model cache filled by its Job)
     per_resolution = 60 + spec.warmup.steps * 2
+    pipeline = spec.model.pipeline or (model.pipeline if model else None)
+    if pipeline is not None and modality(pipeline) == "video":
+        # a warmup clip: the steps' cost grows with its frames (docs/video.md), 2 s per step per 16 frames
+        per_resolution = 60 + spec.warmup.steps * 2 * -(-spec.warmup.frames // 16)
     if spec.compile:
         per_resolution += 300
     return load + per_resolution * max(1, len(spec.warmup.resolutions))

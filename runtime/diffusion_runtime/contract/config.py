@@ -44,6 +44,7 @@ from diffusion_runtime.contract.limits import (
     SIZE_MULTIPLE,
 )
 from diffusion_runtime.contract.parallel import layout_refusal
+from diffusion_runtime.contract.pipelines import WAN_DEFAULT_FPS, video_frame_multiple
 
 
 class ConfigError(ValueError):
@@ -242,7 +243,7 @@ class ServerConfig(_Section):
         ge=MIN_PIXELS,
     )
     video_fps: int = Field(
-        default=16,
+        default=WAN_DEFAULT_FPS,
         description="Frame rate of a clip when the request sends no `fps`.",
         ge=1,
         le=MAX_FPS_LIMIT,
@@ -479,6 +480,14 @@ class RuntimeConfig(_Section):
         found.append(_steps_error("warmup.steps", w.steps, s.max_steps))
         if w.frames > s.max_frames:
             found.append(_error("warmup.frames", f"{w.frames} exceeds server.max_frames={s.max_frames}"))
+        video = video_frame_multiple(self.model.pipeline)
+        if video is not None and (w.frames - 1) % video:
+            found.append(
+                _error(
+                    "warmup.frames",
+                    f"{w.frames} is not a frame count {self.model.pipeline} renders (k*{video}+1)",
+                )
+            )
         if g is not None:
             if g.steps is not None:
                 found.append(_steps_error("quality_gate.steps", g.steps, s.max_steps))

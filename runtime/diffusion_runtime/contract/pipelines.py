@@ -1,6 +1,6 @@
 """What a diffusers pipeline class makes: images or videos. One table, torch-free: the runtime picks
-its call and its API by it (`engine.model.Model.modality`), the config checks read it, and the docs
-quote it.
+its call and its API by it (`engine.model.Model.modality`), the config checks read it (warmup frame
+counts), the operator sizes the startup probe by it, and the docs quote it.
 
 A pipeline class not listed as a video pipeline is served as an image pipeline (FLUX, Qwen-Image,
 SD3, ...): the image API's checks and diffusers' own errors apply to it as before.
@@ -12,20 +12,26 @@ from typing import Literal
 
 Modality = Literal["image", "video"]
 
-# diffusers video pipelines this runtime serves on /v1/videos: class -> its temporal frame rule
-# (valid frame counts are k * FRAME_MULTIPLE + 1: the Wan VAE's temporal compression, 4)
-VIDEO_PIPELINES: dict[str, str] = {
-    "WanPipeline": "text-to-video",
+# diffusers' AutoencoderKLWan: vae_scale_factor_temporal = 2 ** sum(temperal_downsample) (checked against
+# diffusers' defaults by tests/runtime/test_video_units.py)
+WAN_FRAME_MULTIPLE = 4
+WAN_DEFAULT_FPS = 16  # Wan 2.1's frame rate (diffusers' Wan examples export at fps=16)
+# diffusers video pipelines this runtime serves on /v1/videos: class -> its frame multiple (valid
+# frame counts are k * multiple + 1: the VAE's temporal compression). The loaded pipeline's own
+# factor wins at run time (`Model.frame_multiple`).
+VIDEO_PIPELINES: dict[str, int] = {
+    "WanPipeline": WAN_FRAME_MULTIPLE,
 }
-WAN_FRAME_MULTIPLE = (
-    4  # diffusers' AutoencoderKLWan: vae_scale_factor_temporal (2 ** sum(temperal_downsample))
-)
-WAN_DEFAULT_FPS = 16  # Wan 2.1's training frame rate (diffusers' Wan examples export at fps=16)
 
 
 def modality(pipeline_class: str) -> Modality:
     """`video` for a class of VIDEO_PIPELINES, else `image`."""
     return "video" if pipeline_class in VIDEO_PIPELINES else "image"
+
+
+def video_frame_multiple(pipeline_class: str | None) -> int | None:
+    """The frame multiple of a video pipeline class; None for an image pipeline (or none named)."""
+    return VIDEO_PIPELINES.get(pipeline_class) if pipeline_class else None
 
 
 def frames_for(seconds: float, fps: int, multiple: int) -> int:
