@@ -160,3 +160,8 @@ def test_warmup_frames_follow_the_named_video_pipelines_rule():
     assert errors("WanPipeline", 81) == [] and errors("WanPipeline", 9) == []
     assert errors("WanPipeline", 80) == ["warmup.frames: 80 is not a frame count WanPipeline renders (k*4+1)"]
     assert errors("FluxPipeline", 80) == [] and errors(None, 80) == []  # images: frames unused
+
+
+def test_a_quality_gate_on_a_named_video_pipeline_is_unsupported():
+    cfg = config_from_dict({"model": {"uri": "/m", "pipeline": "WanPipeline"}, "quality_gate": {}})
+    assert [(e.path, e.reason) for e in config_errors(cfg)] == [("quality_gate", "Unsupported")]

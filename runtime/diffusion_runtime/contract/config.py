@@ -474,13 +474,22 @@ class RuntimeConfig(_Section):
 
     @model_validator(mode="after")
     def _within_server_limits(self) -> RuntimeConfig:
-        """Warmup and canary sizes within server.max_pixels, their steps within server.max_steps."""
+        """Warmup and canary sizes within server.max_pixels, their steps within server.max_steps; a named
+        video pipeline's warmup frame counts (and no quality gate: image canaries only)."""
         s, w, g = self.server, self.warmup, self.quality_gate
         found = [_pixels_error("warmup.resolutions", r, s.max_pixels) for r in w.resolutions]
         found.append(_steps_error("warmup.steps", w.steps, s.max_steps))
         if w.frames > s.max_frames:
             found.append(_error("warmup.frames", f"{w.frames} exceeds server.max_frames={s.max_frames}"))
         video = video_frame_multiple(self.model.pipeline)
+        if video is not None and g is not None:
+            found.append(
+                _error(
+                    "quality_gate",
+                    f"not supported for the video pipeline {self.model.pipeline} (image canaries only)",
+                    "Unsupported",
+                )
+            )
         if video is not None and (w.frames - 1) % video:
             found.append(
                 _error(
