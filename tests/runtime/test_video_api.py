@@ -220,3 +220,10 @@ def test_webhook_receives_the_finished_clip(client, video_server):
         assert got[0]["id"] == video.id and got[0]["status"] == "completed" and got[0]["frames"] == 9
     finally:
         srv.shutdown()
+
+
+def test_an_image_pipeline_refuses_videos_naming_the_video_pipelines(runtime_server):
+    """The tiny FLUX server: /v1/videos answers 400 naming its pipeline and the video pipelines."""
+    client = openai.OpenAI(base_url=runtime_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError, match="FluxPipeline makes images.*WanPipeline"):
+        client.videos.create(prompt="a cat", size="64x64")
