@@ -176,9 +176,14 @@ def test_delete_while_running_stops_it_and_frees_the_queue(client, video_server)
     assert r.status_code == 200, r.text
     long = r.json()
     deadline = time.monotonic() + 60
-    while client.videos.retrieve(long["id"]).status != "in_progress":
-        assert time.monotonic() < deadline
+    while (running := client.videos.retrieve(long["id"])).status != "in_progress" or running.progress < 1:
+        assert time.monotonic() < deadline, running
         time.sleep(0.05)
+    assert 1 <= running.progress < 100 and (running.model_extra or {})["step"] >= 1
+    # a clip behind it waits in the queue (position 1: next), and a DELETE takes it out of the queue
+    queued = client.videos.create(prompt="behind", size="64x64", seconds="1")  # type: ignore[arg-type]
+    assert queued.status == "queued" and (queued.model_extra or {})["queue_position"] == 1
+    assert client.videos.delete(queued.id).deleted
     cancelled_before = metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled")
     t0 = time.monotonic()
     assert client.videos.delete(long["id"]).deleted

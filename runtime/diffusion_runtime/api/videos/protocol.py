@@ -49,7 +49,7 @@ class VideoObject(BaseModel):
     fps: int = Field(description="frames per second of the MP4")
     num_inference_steps: int
     step: int = Field(description="denoising steps done")
-    queue_position: int | None = Field(None, description="0: next to run; only while queued")
+    queue_position: int | None = Field(None, description="1 = next to run; only while queued")
     seed: int
     bytes: int | None = Field(None, description="MP4 size, once completed")
     cached_steps: int | None = Field(
