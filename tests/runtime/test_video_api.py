@@ -232,3 +232,37 @@ def test_an_image_pipeline_refuses_videos_naming_the_video_pipelines(runtime_ser
     client = openai.OpenAI(base_url=runtime_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError, match="FluxPipeline makes images.*WanPipeline"):
         client.videos.create(prompt="a cat", size="64x64")
+
+
+def test_ulysses2_renders_the_single_process_clip(client, video_server, tiny_wan_model_dir, tmp_path):
+    """A parallel replica (two gloo ranks, cache-dit's Ulysses) runs the video call on every rank and
+    gives the single-process server's clip (decoded frames within H.264's rounding)."""
+    cd = {**STATIC_CACHE_DIT, "parallelism_config": {"ulysses_size": 2}}
+    ranked = start_runtime(
+        tiny_wan_model_dir, tmp_path / "u2", cache_dit=cd, server=LIMITS, warmup={"frames": 9}, wait=False
+    )
+    try:
+        ranked.wait_ready(timeout=420)
+        body = {"prompt": "a cat", "size": "64x64", "seconds": 1, "seed": 3, "num_inference_steps": 8}
+        clips = []
+        for url in (video_server.url, ranked.url):
+            created = httpx.post(url + "/v1/videos", json=body, timeout=30).json()
+            deadline = time.monotonic() + 120
+            while (v := httpx.get(f"{url}/v1/videos/{created['id']}", timeout=30).json())[
+                "status"
+            ] != "completed":
+                assert v["status"] != "failed" and time.monotonic() < deadline, v
+                time.sleep(0.1)
+            clips.append(httpx.get(f"{url}/v1/videos/{created['id']}/content", timeout=30).content)
+        assert "rank 1/2 loaded WanPipeline" in ranked.log()
+    finally:
+        ranked.stop(timeout=30)
+    frames = []
+    for data in clips:
+        with av.open(io.BytesIO(data)) as c:
+            frames.append([f.to_ndarray(format="rgb24").astype(int) for f in c.decode(video=0)])
+    single, parallel = frames
+    assert len(single) == len(parallel) == 9
+    assert min(f.std() for f in single) > 2, "real decoded frames, not a flat fill"
+    diff = max(abs(a - b).max() for a, b in zip(single, parallel, strict=True))
+    assert diff <= 3, f"frames differ by up to {diff} levels"
