@@ -266,3 +266,13 @@ def test_ulysses2_renders_the_single_process_clip(client, video_server, tiny_wan
     assert min(f.std() for f in single) > 2, "real decoded frames, not a flat fill"
     diff = max(abs(a - b).max() for a, b in zip(single, parallel, strict=True))
     assert diff <= 3, f"frames differ by up to {diff} levels"
+
+
+def test_warmup_frames_off_the_pipelines_rule_stop_the_server_with_one_line(tiny_wan_model_dir, tmp_path):
+    """No `model.pipeline`: model_index.json picks WanPipeline, and its frame rule is checked at load."""
+    rp = start_runtime(tiny_wan_model_dir, tmp_path / "bad", server=LIMITS, warmup={"frames": 8}, wait=False)
+    try:
+        assert rp.wait_exit(timeout=120) != 0
+    finally:
+        rp.stop(timeout=10)
+    assert "warmup.frames: 8 is not a frame count WanPipeline renders (k*4+1)" in rp.log(), rp.log_tail()

@@ -236,6 +236,23 @@ def _progress_logger(total: int, every_seconds: float = 10.0) -> Callable[[int],
     return on_step
 
 
+def check_video_settings(config: RuntimeConfig, name: str, frame_multiple: int) -> None:
+    """What the config checks when `model.pipeline` names a video pipeline, for one that
+    model_index.json chose: no quality gate (image canaries only), warmup.frames = k*multiple+1."""
+    if config.quality_gate is not None:
+        raise ConfigError(
+            f"quality_gate: not supported for the video pipeline {name} (image canaries only)",
+            "quality_gate",
+            "Unsupported",
+        )
+    frames = config.warmup.frames
+    if frame_multiple > 1 and (frames - 1) % frame_multiple:
+        raise ConfigError(
+            f"warmup.frames: {frames} is not a frame count {name} renders (k*{frame_multiple}+1)",
+            "warmup.frames",
+        )
+
+
 def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     """Load and optimize the pipeline named by `config` (no warmup)."""
     import torch
@@ -281,12 +298,8 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         raise ModelError(str(e)) from e
     gate = None
     gate_plan = GatePlan.from_config(config)
-    if gate_plan is not None and modality(type(pipe).__name__) == "video":
-        raise ConfigError(
-            f"quality_gate: not supported for the video pipeline {type(pipe).__name__} (image canaries only)",
-            "quality_gate",
-            "Unsupported",
-        )
+    if modality(type(pipe).__name__) == "video":  # model_index.json named it: the config's rules now
+        check_video_settings(config, type(pipe).__name__, int(getattr(pipe, "vae_scale_factor_temporal", 1)))
     if gate_plan is not None and (plan is not None or config.compile):
         # the reference: the plain pipeline, before cache-dit, quantization and compile change it
         gate = QualityGate(gate_plan)
