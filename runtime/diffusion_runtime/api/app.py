@@ -78,7 +78,8 @@ def create_app(
         lifespan=lifespan,
         description=(
             "OpenAI-compatible images API (generations, edits) over one diffusers pipeline with "
-            "cache-dit, plus async jobs (`Prefer: respond-async`). Every error answer has the body "
+            "cache-dit, plus async jobs (`Prefer: respond-async`); a video pipeline (Wan) serves OpenAI's "
+            "videos API (`/v1/videos`, always asynchronous) instead. Every error answer has the body "
             f"`ErrorResponse`. `size` has the custom format `{SIZE_FORMAT}`: WIDTHxHEIGHT, both "
             "multiples of `x-multiple-of`, at most `x-max-pixels` pixels."
         ),
