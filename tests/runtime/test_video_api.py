@@ -276,3 +276,29 @@ def test_warmup_frames_off_the_pipelines_rule_stop_the_server_with_one_line(tiny
     finally:
         rp.stop(timeout=10)
     assert "warmup.frames: 8 is not a frame count WanPipeline renders (k*4+1)" in rp.log(), rp.log_tail()
+
+
+def test_clips_belong_to_the_key_that_created_them(tiny_wan_model_dir, tmp_path):
+    """With API keys (docs/security.md) a clip is the creating key's: another key gets 404 on every
+    route and an empty list; no key is 401."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "alice").write_text("sk-alice\n")
+    (keys / "bob").write_text("sk-bob\n")
+    rp = start_runtime(tiny_wan_model_dir, tmp_path / "rt", server={**LIMITS, "auth_keys_dir": str(keys)},
+                       warmup={"frames": 9})  # fmt: skip
+    try:
+        alice = openai.OpenAI(base_url=rp.url + "/v1", api_key="sk-alice", max_retries=0, timeout=60)
+        bob = openai.OpenAI(base_url=rp.url + "/v1", api_key="sk-bob", max_retries=0, timeout=60)
+        video = alice.videos.create_and_poll(prompt="mine", size="64x64", seconds="1", poll_interval_ms=100)  # type: ignore[arg-type]
+        assert video.status == "completed"
+        assert alice.videos.download_content(video.id).read()[4:8] == b"ftyp"
+        assert [v.id for v in alice.videos.list().data] == [video.id] and bob.videos.list().data == []
+        for call in (bob.videos.retrieve, bob.videos.download_content, bob.videos.delete):
+            with pytest.raises(openai.NotFoundError, match="not known to this pod"):
+                call(video.id)
+        assert httpx.get(f"{rp.url}/v1/videos/{video.id}", timeout=10).status_code == 401
+        requests = metric(rp.url, "diffusion_requests_total", endpoint="videos", status="200", key="alice")
+        assert requests == 1
+    finally:
+        rp.stop()
