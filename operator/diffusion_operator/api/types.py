@@ -364,6 +364,8 @@ class ServerSpec(_Types):
     max_steps: int = setting("server.max_steps")
     max_n: int = setting("server.max_n")
     max_retry_after_seconds: int | None = setting("server.max_retry_after_seconds")
+    max_batch: int = setting("server.max_batch")
+    max_batch_delay_seconds: float = setting("server.max_batch_delay_seconds")
     webhook_allow: list[str] | None = setting("server.webhook_allow", default=None)
     webhook_secret_ref: WebhookSecretRef | None = Field(
         None,

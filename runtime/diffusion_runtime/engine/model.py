@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from diffusion_runtime.engine.optimize import (
     read_cache_dit_yaml,
 )
 from diffusion_runtime.engine.params import EditParams, GenerationParams, GenerationResult, StepCallback
-from diffusion_runtime.engine.pipelines import EditVariants, timed_call
+from diffusion_runtime.engine.pipelines import EditVariants, timed_batch_call, timed_call
 from diffusion_runtime.engine.quality_gate import GatePlan, QualityGate
 
 log = logging.getLogger("diffusion_runtime")
@@ -161,6 +161,16 @@ class Model:
         cached = self.pipe if self.uses_cache_dit else None
         self.adapters.activate(params.adapters)
         return timed_call(self.pipe, params, self.device, cached, cancel, on_step)
+
+    def generate_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        cancel: threading.Event | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[GenerationResult]:
+        cached = self.pipe if self.uses_cache_dit else None
+        self.adapters.activate(batch[0].adapters)  # one batch_key: the same adapters and scales
+        return timed_batch_call(self.pipe, batch, self.device, cached, cancel, on_step)
 
     def prepare_edit(self, kind: str) -> None:
         self.edit_variants.get(kind)
