@@ -227,6 +227,22 @@ def test_the_docs_quote_figures_from_files():
     assert len(links) >= 50
     files = {Path(path).name for _, path, _ in links}
     assert {"gpu_flux_h200.json", "queue_overhead_cpu.json", "runtime_overhead_cpu.json"} <= files
+    assert {doc for doc, _, _ in ALLOWED} <= set(DOCS)
+
+
+def test_a_doctored_readme_fails():
+    """The real README with one figure changed, and with one unbacked figure added."""
+    readme = (REPO / "README.md").read_text()
+    link = "[4.93](bench/results/gpu_flux_h200.json#/rows/0/s_per_image)"
+    assert link in readme
+    (error,) = figure_errors(readme.replace(link, link.replace("4.93", "4.99")), REPO)
+    assert "the file says 4.933" in error
+    allowed = [s for d, s, _ in ALLOWED if d == "README.md"]
+    assert unbacked_figures(readme, allowed) == []
+    (error,) = unbacked_figures(
+        readme.replace("## Quickstart", "A run took 12.3 s.\n\n## Quickstart"), allowed
+    )
+    assert "'12.3 s'" in error
 
 
 # The checks themselves, on doctored text: each kind of mistake is caught.
