@@ -11,9 +11,11 @@ Fragment functions (arguments are JSON pointers or numbers): ratio(a,b) = a/b, d
 pct(a,b) = (a/b - 1) * 100, mul(a,b) = a*b, min(...), max(...). The link text holds one number; it
 must equal the value rounded to as many decimals as it is printed with. Links from docs/ start with
 `../`. Outside fenced code blocks and `code spans`, any other number with a measurement unit (ms, s,
-min, MiB, GiB, MB, GB, %, dB, a ratio such as 1.3x or x1.3) fails the test unless it is a bound
-(right after <, >, <= or >=) or one of the non-measurement numbers in ALLOWED below (settings,
-defaults, limits, examples of a message, other projects' published figures).
+min, h, KiB, MiB, GiB, MB, GB, %, dB, a ratio such as 1.3x or x1.3, N ... per CR/request/image/pod,
+N images/s) fails the test unless it is a bound (right after <, >, <= or >=) or one of the
+non-measurement numbers in ALLOWED below (settings, defaults, limits, examples of a message, other
+projects' published figures). Numbers without a unit (a table's seconds column) are not scanned:
+link them all the same.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?"
 FIGURE_LINK = re.compile(
     r"\[([^\[\]]*)\]\(((?:\.\./)*(?:bench/)?results/[^()\s#]+)#((?:[^()\s]|\([^()\s]*\))+)\)"
 )
-UNIT = r"(?:ms|s|min|h|KiB|MiB|GiB|MB|GB|%|dB|images/s)"
+UNIT = r"(?:ms|s|min|h|KiB|MiB|GiB|MB|GB|%|dB)"
 RANGE_SEP = r"\s*(?:-|to|and|->|/|,)\s*"
 UNBACKED = re.compile(
     rf"(?<![\w.\-/+])(?:{NUMBER})(?:{RANGE_SEP}{NUMBER})*\s?{UNIT}(?![\w/])"  # 12.3 s, 10-15 %, 3/4 ms
     rf"|(?<![\w.])\d+(?:\.\d+)?x(?![\w])"  # 1.29x
     rf"|(?<![\w.])x\d+(?:\.\d+)?(?![\w])"  # x1.3
+    rf"|(?<![\w.\-/+]){NUMBER}\s(?:[A-Za-z-]+\s){{0,2}}per (?:CR|request|image|pod)\b"  # 2.11 reconciles per CR
+    rf"|(?<![\w.\-/+]){NUMBER}\s?[a-z]+/s\b"  # 3.2 requests/s
 )
 BOUND = re.compile(r"(?:<=|>=|<|>|≤|≥)\s*$")
 
@@ -312,6 +316,9 @@ def test_a_figure_that_does_not_match_its_file_fails(results, text, why):
         ("the ratio (x0.77)", "x0.77"),
         ("about 10-15 % here", "10-15 %"),
         ("PSNR about 49 dB", "49 dB"),
+        ("2.11 reconciles per CR", "2.11 reconciles per CR"),
+        ("6 API writes per CR", "6 API writes per CR"),
+        ("at 1.7 images/s", "1.7 images/s"),
         ("[3.8 ms](bench/results/r.json#/p50_ms) against 25.0 ms for the direct path", "25.0 ms"),
         ("[an old run](https://example.com/run.json) gave 120.3 s", "120.3 s"),
     ],
