@@ -87,7 +87,8 @@ def create_one(kube, namespace: str, name: str, direct: bool) -> None:
 def latency_pairs(kube, count: int) -> tuple[list[float], list[float]]:
     """`count` CR creations (bench-lat) and `count` direct Deployment creations (bench-direct), one
     after another in turn, the order swapping each pair: (operator samples, baseline samples)."""
-    op, base = [], []
+    op: list[float] = []
+    base: list[float] = []
     for i in range(count):
         order = (False, True) if i % 2 == 0 else (True, False)
         for direct in order:

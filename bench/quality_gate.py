@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gate-bench-"))
     try:
         model = tiny_model(tmp / "model", a.variant, quiet=True)
-        offs, ons = [], []
+        offs: list[dict] = []
+        ons: list[dict] = []
         for r in range(a.rounds):
             for gate in (False, True) if r % 2 == 0 else (True, False):
                 row = start_to_ready(model, tmp / f"{'on' if gate else 'off'}-{r}", a, gate=gate)
