@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             "| quality gate | start to Ready | load | warmup | gate (both renderings + compare) | PSNR / SSIM |"
         )
         print("| --- | --- | --- | --- | --- | --- |")
-        for r in (off, on):
-            figures = f"{r['psnr']:.1f} dB / {r['ssim']:.4f}" if r["gate"] else "-"
+        for shown in (off, on):
+            figures = f"{shown['psnr']:.1f} dB / {shown['ssim']:.4f}" if shown["gate"] else "-"
             print(
-                f"| {'on' if r['gate'] else 'off'} | {r['ready_s']:.1f} s | {r['load_s']:.1f} s | "
-                f"{r['warmup_s']:.1f} s | {r['gate_s']:.1f} s | {figures} |"
+                f"| {'on' if shown['gate'] else 'off'} | {shown['ready_s']:.1f} s | {shown['load_s']:.1f} s | "
+                f"{shown['warmup_s']:.1f} s | {shown['gate_s']:.1f} s | {figures} |"
             )
         print(
             f"\ncost: +{on['ready_s'] - off['ready_s']:.1f} s to Ready ({on['ready_s'] / off['ready_s']:.2f}x), the "
