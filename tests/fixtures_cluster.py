@@ -37,7 +37,6 @@ from diffusion_dev.real_node import NodeError  # noqa: E402
 REAL_NODE_OFF = "the real node was turned off (DIFFUSION_DEV_REAL_NODE=0); it is on by default (root, runc, CNI plugins, buildah)"
 
 
-
 def switched_off(reason: str) -> None:
     """A part of the core path turned off by a documented switch: skipped on a workstation, a failure
     in CI (`CI` set), where nothing on the core path may be off."""

@@ -326,36 +326,46 @@ def prune(target: str, keep: str) -> None:
     buildah("rmi", "--prune", timeout=600)
 
 
-def import_into(node: NodeClient, image: Image, progress: Progress = _stderr) -> Image:
-    """Export `image` from buildah and import it into the node's containerd (if not there yet)."""
+def import_into(
+    node: NodeClient, image: Image, progress: Progress = _stderr, aliases: tuple[str, ...] = ()
+) -> Image:
+    """Export `image` from buildah and import it into the node's containerd (if not there yet).
+
+    Older builds of the target (other tags of its repository, and `aliases`: the names pods pull,
+    which point at an older build until retagged) are dropped first, by name (`ctr images rm`, not
+    CRI's remove-by-id: a rebuild whose layers all came from buildah's cache, as the queue image when
+    only Python changed, has the old build's id), and synchronously: containerd frees an old runtime
+    image's ~13 GB (content + unpacked snapshot) before the new one is written, not after."""
     if image.ref in node.images():
         return image
+    repo = image.ref.rsplit(":", 1)[0] + ":"
+    present = node.images()
+    stale = [name for name in present if (name.startswith(repo) and name != image.ref) or name in aliases]
+    if stale:
+        node.ctr("images", "rm", "--sync", *stale, check=False)
     t = time.monotonic()
     with tempfile.TemporaryDirectory(dir=buildah_tmp()) as tmp:
         archive = Path(tmp) / "image.tar"
         buildah("push", "--quiet", image.ref, f"docker-archive:{archive}:{image.ref}", timeout=3600)
         node.import_archive(archive)
-    repo = image.ref.rsplit(":", 1)[0] + ":"
-    stale = [name for name in node.images() if name.startswith(repo) and name != image.ref]
-    if stale:
-        # only the stale *names* go (`ctr images rm`); containerd drops the content once no name is
-        # left. Not `crictl rmi`: CRI removes an image by id with every name it has, and a rebuild
-        # whose layers all came from buildah's cache (the queue image, when only Python changed) has
-        # the same id as the old build, so the new name would go with the old one.
-        node.ctr("images", "rm", *stale, check=False)
     image.imported_seconds = round(time.monotonic() - t, 1)
     progress(f"[images] {image.target}: imported into the node in {image.imported_seconds:.0f}s")
     return image
 
 
 def ensure(
-    targets: tuple[str, ...] = TARGETS, node: NodeClient | None = None, progress: Progress = _stderr
+    targets: tuple[str, ...] = TARGETS,
+    node: NodeClient | None = None,
+    progress: Progress = _stderr,
+    aliases: dict[str, str] | None = None,
 ) -> dict[str, Image]:
-    """Build (cached by content hash) and, with a node, import every target."""
+    """Build (cached by content hash) and, with a node, import every target (`aliases`: target ->
+    the name its pods pull, dropped with the older build it points at; see `import_into`)."""
     out = {}
     for target in targets:
         image = build(target, progress)
         if node is not None:
-            import_into(node, image, progress)
+            alias = (aliases or {}).get(target)
+            import_into(node, image, progress, aliases=(alias,) if alias else ())
         out[target] = image
     return out

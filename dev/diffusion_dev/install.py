@@ -46,8 +46,8 @@ def load_images(
     progress: Callable[[str], None] = images._stderr,
 ) -> dict[str, images.Image]:
     """Build (cached), import into the node and tag with the default names."""
-    built = images.ensure(targets, node=node, progress=progress)
     names = default_image_names()
+    built = images.ensure(targets, node=node, progress=progress, aliases=names)
     for target, image in built.items():
         node.ctr("images", "tag", "--force", image.ref, names[target])
     return built

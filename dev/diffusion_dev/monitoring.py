@@ -271,6 +271,22 @@ def dashboard_exprs(dashboard: dict, variables: dict[str, str]) -> list[tuple[st
     return out
 
 
+def chart_exprs(helm: Path, variables: dict[str, str]) -> list[tuple[str, str]]:
+    """(title, PromQL) of every dashboard target and every alert of the chart (an alert's conditions
+    turned into bool comparisons, `signal_expr`, so that it has a series whether it fires or not)."""
+    rendered = render_chart_monitoring(helm)
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs = dashboard_exprs(dashboard, variables)
+    return exprs + [(alert, signal_expr(expr)) for alert, expr in alert_exprs(rendered["PrometheusRule"])]
+
+
+def uses_front_door_metrics(expr: str) -> bool:
+    """Whether a PromQL expression reads a metric only the queue's front door exports."""
+    from diffusion_runtime.contract.queue import FRONT_DOOR_QUEUE_METRICS
+
+    return any(re.search(rf"\b{name}(_bucket|_total)?\b", expr) for name in FRONT_DOOR_QUEUE_METRICS)
+
+
 def alert_exprs(prometheus_rule: dict) -> list[tuple[str, str]]:
     """(alert or record name, PromQL) of every rule of a rendered PrometheusRule."""
     return [

@@ -2,7 +2,8 @@
 
 A real `diffusion-runtime serve` on the tiny model answers one generation, then its metrics
 listener (the `metrics` port the PodMonitor scrapes) is scraped over HTTP and parsed with
-prometheus_client's parser. The names in the PromQL of the dashboard and of the rendered
+prometheus_client's parser; so is a real `diffusion-runtime front-door` (the PodMonitor scrapes it
+too) on a real redis-server, for the queue's panels and alerts. The names in the PromQL of the dashboard and of the rendered
 PrometheusRule must be among the exported sample names (`_bucket`, `_sum`, `_count`, `_total`
 included as exported), and the labels they match on must exist on those samples.
 """
@@ -15,6 +16,15 @@ import urllib.request
 
 import pytest
 from chartlib import CHART, one
+from diffusion_runtime.contract.config import QUEUE_URL_ENV
+from diffusion_runtime.contract.queue import (
+    QUEUE_DEMAND_METRIC,
+    QUEUE_JOB_WAIT_METRIC,
+    QUEUE_SERVER_PERSISTENCE_METRIC,
+    QUEUE_UP_METRIC,
+)
+from fixtures_queue import RedisServer
+from fixtures_runtime import start_runtime
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.runtime
@@ -99,10 +109,29 @@ def scraped(runtime_server) -> list:
 
 
 @pytest.fixture(scope="module")
-def exported(scraped) -> dict[str, set[str]]:
-    """Sample name -> label names."""
+def front_door_scraped(tiny_model_dir, tmp_path_factory) -> list:
+    """The samples of a live front door's metrics listener, its queue server up."""
+    base = tmp_path_factory.mktemp("front-door-metrics")
+    redis = RedisServer(base / "redis").start()
+    door = start_runtime(
+        tiny_model_dir, base / "fd", command="front-door", queue={"name": "metrics/test"},
+        extra_env={QUEUE_URL_ENV: redis.url},
+    )  # fmt: skip
+    try:
+        assert door.metrics_url
+        with urllib.request.urlopen(door.metrics_url, timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        door.stop()
+        redis.stop()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+@pytest.fixture(scope="module")
+def exported(scraped, front_door_scraped) -> dict[str, set[str]]:
+    """Sample name -> label names (the runtime's and the front door's)."""
     names: dict[str, set[str]] = {}
-    for sample in scraped:
+    for sample in [*scraped, *front_door_scraped]:
         names.setdefault(sample.name, set()).update(sample.labels)
     return names
 
@@ -118,6 +147,10 @@ def test_every_dashboard_and_alert_metric_is_exported_by_a_live_runtime(render, 
         "diffusion_cache_steps_total",
         "diffusion_gpu_memory_allocated_bytes",
         "diffusion_images_generated_total",
+        QUEUE_DEMAND_METRIC,
+        QUEUE_UP_METRIC,
+        QUEUE_JOB_WAIT_METRIC + "_bucket",
+        QUEUE_SERVER_PERSISTENCE_METRIC,
     ):
         assert needed in names, needed
     unknown = sorted(names - set(exported) - SYNTHETIC)
@@ -142,3 +175,11 @@ def test_label_values_the_chart_relies_on_are_exported(scraped):
     assert "200" in statuses and all(re.fullmatch(r"\d{3}", st) for st in statuses)
     ready = [s.value for s in scraped if s.name == "diffusion_ready"]
     assert ready == [1.0]
+
+
+def test_the_front_door_reports_its_queue_server_up_and_healthy(front_door_scraped):
+    values = {s.name: s.value for s in front_door_scraped if not s.labels}
+    assert values[QUEUE_UP_METRIC] == 1.0
+    assert values[QUEUE_SERVER_PERSISTENCE_METRIC] == 1.0  # the test server writes an append-only file
+    assert values["diffusion_queue_server_memory_bytes"] > 0
+    assert values["diffusion_queue_server_connected_clients"] >= 1  # the front door itself

@@ -297,7 +297,11 @@ def test_monitoring_on_renders_monitors_dashboard_and_alerts(render):
 
     rule = one(objects, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert alerts == {"DiffusionQueueSaturated", "DiffusionLatencyP95High", "DiffusionPodNotReady"}
+    assert alerts == {
+        "DiffusionQueueSaturated", "DiffusionLatencyP95High", "DiffusionPodNotReady",
+        "DiffusionQueueServerDown", "DiffusionQueueWaitHigh", "DiffusionQueueJobsExhaustedAttempts",
+        "DiffusionQueueServerPersistenceFailing", "DiffusionQueueServerMemoryHigh",
+    }  # fmt: skip
 
 
 def test_podmonitor_follows_the_watched_namespaces(render):

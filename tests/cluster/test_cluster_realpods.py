@@ -125,7 +125,9 @@ def test_tiny_sample_runs_as_a_real_pod_reconciled_by_the_in_cluster_operator(cl
         "status"
     ]
     for op in ops:
-        assert op["spec"]["nodeName"] == NODE_NAME and op["spec"]["containers"][0]["image"] == names["operator"]
+        assert (
+            op["spec"]["nodeName"] == NODE_NAME and op["spec"]["containers"][0]["image"] == names["operator"]
+        )
         assert op["spec"]["serviceAccountName"] == f"{operator_release['release']}-diffusion-operator"
         assert op["status"]["containerStatuses"][0]["imageID"] in (op_image["id"], *op_image["repoDigests"])
 

@@ -30,7 +30,13 @@ def parsed(spec: dict | None = None, name: str = "flux-dev"):
 
 def test_every_child_has_contract_labels_and_controller_owner():
     children = builders.build_all(parsed(), OWNER)
-    assert [c["kind"] for c in children] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+    assert [c["kind"] for c in children] == [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    ]
     for child in children:
         meta = child["metadata"]
         assert meta["labels"] == CONTRACT_LABELS

@@ -24,7 +24,9 @@ def test_two_reconcilers_count_into_their_own_registries():
     assert rec.drain() == 1
     assert sample(rec.metrics, "diffusion_operator_reconciles_total", result="ok") == 1
     assert sample(rec.metrics, "diffusion_operator_reconcile_duration_seconds_count") == 1
-    assert sample(rec.metrics, "diffusion_operator_managed_objects", kind="children") == 5  # with the NetworkPolicy
+    assert (
+        sample(rec.metrics, "diffusion_operator_managed_objects", kind="children") == 5
+    )  # with the NetworkPolicy
     assert sample(rec.metrics, "diffusion_operator_managed_objects", kind="DiffusionDeployment") == 1
     assert sample(other.metrics, "diffusion_operator_reconciles_total", result="ok") is None
     assert sample(other.metrics, "diffusion_operator_reconcile_duration_seconds_count") == 0

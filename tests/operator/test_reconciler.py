@@ -87,7 +87,9 @@ def test_create_applies_every_child_once_and_the_burst_after_it_runs_one_reconci
     kube.create(cr_doc())
     assert rec.drain() == 1  # the CR's ADDED event; the echoes of our own applies queue nothing
     assert {k for (verb, k) in kube.writes if verb == "APPLY"} == set(CHILDREN)
-    assert kube.total_writes() == len(CHILDREN) + 1  # the applies + 1 status patch, no reads of absent children
+    assert (
+        kube.total_writes() == len(CHILDREN) + 1
+    )  # the applies + 1 status patch, no reads of absent children
     assert kube.reads[("GET", "Deployment")] == 0 and kube.reads[("GET", "DiffusionDeployment")] == 0
     dep = deployment(kube)
     assert dep["metadata"]["annotations"][SPEC_HASH_ANNOTATION]

@@ -16,6 +16,18 @@ QUEUE_UP_METRIC = "diffusion_queue_server_up"  # 1 when the scrape reached the q
 QUEUE_REDELIVERIES_METRIC = "diffusion_queue_redeliveries"  # counter (Redis-side total): jobs restarted
 QUEUE_EXHAUSTED_METRIC = "diffusion_queue_attempts_exhausted"  # counter: jobs failed after max_attempts
 QUEUE_JOB_WAIT_METRIC = "diffusion_queue_job_wait_seconds"  # histogram: enqueued -> started
+# the queue server's own health, from its INFO at scrape time (no separate exporter to deploy)
+QUEUE_SERVER_MEMORY_METRIC = "diffusion_queue_server_memory_bytes"  # INFO used_memory
+QUEUE_SERVER_MAXMEMORY_METRIC = "diffusion_queue_server_maxmemory_bytes"  # INFO maxmemory (0: no limit)
+QUEUE_SERVER_CLIENTS_METRIC = "diffusion_queue_server_connected_clients"  # INFO connected_clients
+QUEUE_SERVER_PERSISTENCE_METRIC = "diffusion_queue_server_persistence_ok"  # 1: last AOF write/RDB save ok
+# what only the front door exports (the dashboard's and alerts' queue expressions need a deployment
+# with spec.queue to have a series)
+FRONT_DOOR_QUEUE_METRICS = (
+    QUEUE_WAITING_METRIC, QUEUE_RUNNING_METRIC, QUEUE_DEMAND_METRIC, QUEUE_UP_METRIC, QUEUE_REDELIVERIES_METRIC,
+    QUEUE_EXHAUSTED_METRIC, QUEUE_JOB_WAIT_METRIC, QUEUE_SERVER_MEMORY_METRIC, QUEUE_SERVER_MAXMEMORY_METRIC,
+    QUEUE_SERVER_CLIENTS_METRIC, QUEUE_SERVER_PERSISTENCE_METRIC,
+)  # fmt: skip
 # runtime pods (queue worker)
 QUEUE_EXECUTIONS_METRIC = (
     "diffusion_queue_executions"  # counter {result}: succeeded|failed|cancelled|discarded

@@ -68,6 +68,10 @@ from diffusion_runtime.contract.queue import (
     QUEUE_JOB_WAIT_METRIC,
     QUEUE_REDELIVERIES_METRIC,
     QUEUE_RUNNING_METRIC,
+    QUEUE_SERVER_CLIENTS_METRIC,
+    QUEUE_SERVER_MAXMEMORY_METRIC,
+    QUEUE_SERVER_MEMORY_METRIC,
+    QUEUE_SERVER_PERSISTENCE_METRIC,
     QUEUE_UP_METRIC,
     QUEUE_WAITING_METRIC,
 )
@@ -142,6 +146,7 @@ class QueueCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        yield from self._server_info()
         for name, doc, key in (
             (QUEUE_REDELIVERIES_METRIC, "Jobs started again after their pod stopped renewing them.", b"redeliveries"),
             (QUEUE_EXHAUSTED_METRIC, "Jobs failed after queue.max_attempts starts.", b"exhausted"),
@@ -149,6 +154,30 @@ class QueueCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(stats.get(key, 0)))
             yield c
+
+    def _server_info(self) -> Iterator[Any]:
+        """The queue server's own health from INFO (left out where a managed server's ACL refuses INFO:
+        the queue's figures above do not depend on it)."""
+        try:
+            info = self.client.info()
+        except (RedisError, OSError):
+            return
+        persistence_ok = (
+            info.get("aof_last_write_status", "ok") == "ok" and info.get("rdb_last_bgsave_status", "ok") == "ok"
+        )
+        for name, doc, value in (
+            (QUEUE_SERVER_MEMORY_METRIC, "The queue server's used memory (INFO used_memory).",
+             info.get("used_memory", 0)),
+            (QUEUE_SERVER_MAXMEMORY_METRIC, "The queue server's memory limit (INFO maxmemory; 0 = none).",
+             info.get("maxmemory", 0)),
+            (QUEUE_SERVER_CLIENTS_METRIC, "Clients connected to the queue server (INFO connected_clients).",
+             info.get("connected_clients", 0)),
+            (QUEUE_SERVER_PERSISTENCE_METRIC, "1 when the queue server's last AOF write and RDB save succeeded.",
+             1 if persistence_ok else 0),
+        ):  # fmt: skip
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
 
 
 def _view(job_id: str, h: dict[str, Any], position: int | None) -> JobStatus:
