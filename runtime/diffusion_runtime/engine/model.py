@@ -222,6 +222,25 @@ def _progress_logger(total: int, every_seconds: float = 10.0) -> Callable[[int],
     return on_step
 
 
+def optimize_pipeline(
+    pipe: Any, plan: CacheDitPlan | None, quantize_raw: dict[str, Any] | None, compile: bool
+) -> None:
+    """What the runtime does to a loaded pipeline (bench/gpu_pipeline.py does the same): check the
+    cache-dit plan against it, quantize / enable cache-dit, then the optional regional torch.compile."""
+    if plan is not None:
+        check_against_pipeline(plan, pipe)
+        apply_plan(pipe, plan, quantize_raw)
+    if compile:
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is None:
+            raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
+        cache_dit_adapter.tune_compile()
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
+        else:
+            transformer.compile()
+
+
 def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     """Load and optimize the pipeline named by `config` (no warmup)."""
     import torch
@@ -274,18 +293,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         gate.render_reference(plain.generate)
     elif gate_plan is not None:
         log.info("quality gate: no cache-dit, quantization or compile to check; skipped")
-    if plan is not None:
-        check_against_pipeline(plan, pipe)
-        apply_plan(pipe, plan, raw.get("quantize_config"))
-    if config.compile:
-        transformer = getattr(pipe, "transformer", None)
-        if transformer is None:
-            raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
-        cache_dit_adapter.tune_compile()
-        if getattr(transformer, "_repeated_blocks", None):
-            transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
-        else:
-            transformer.compile()
+    optimize_pipeline(pipe, plan, raw.get("quantize_config") if plan is not None else None, config.compile)
     vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
     return Model(
         pipe=pipe,
