@@ -11,8 +11,10 @@ import copy
 import http.client
 import json
 import os
+import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -147,3 +149,47 @@ class Checks:
 
     def as_json(self) -> list[dict]:
         return [{"name": n, "ok": ok, "detail": d} for n, ok, d in self.rows]
+
+
+def run_record(script: str, argv: list[str] | None = None, packages: tuple[str, ...] = ()) -> dict:
+    """What every result file in bench/results/ starts with: the command that made it, the versions
+    of python, torch and `packages`, the machine (CPUs, platform, load average at the start) and the
+    date (UTC). bench/README.md ("Result files") has the convention."""
+    from importlib import metadata
+
+    argv = sys.argv[1:] if argv is None else argv
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", *packages):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "command": " ".join([".venv/bin/python", f"bench/{script}", *argv]),
+        "versions": versions,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def spread(xs: list[float], scale: float = 1.0) -> dict[str, float | int]:
+    """Median, p10, p90, min and max of `xs` times `scale` (1000: seconds to ms), and n."""
+    ys = sorted(x * scale for x in xs)
+
+    def pct(q: float) -> float:
+        return round(ys[min(len(ys) - 1, int(round(q * (len(ys) - 1))))], 4)
+
+    return {"n": len(ys), "median": round(statistics.median(ys), 4), "p10": pct(0.1), "p90": pct(0.9),
+            "min": round(ys[0], 4), "max": round(ys[-1], 4)}  # fmt: skip
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """`result` as indented JSON into `path` (its folder made), and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}", flush=True)

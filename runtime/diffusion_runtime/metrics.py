@@ -40,6 +40,8 @@ LATENCY_BUCKETS = (
     600.0,
 )
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images per call, up to MAX_BATCH_LIMIT
+BATCH_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def _rss_bytes() -> float:
@@ -68,6 +70,16 @@ class RuntimeMetrics:
         self.queue_wait = Histogram(
             "diffusion_queue_wait_seconds", "Time an admitted request waited for the pipeline.",
             buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "diffusion_batch_size",
+            "Images per pipeline call (server.max_batch > 1 batches compatible requests; 1 = alone).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_wait = Histogram(
+            "diffusion_batch_wait_seconds",
+            "Time the first request of a batch waited for company (server.max_batch_delay_seconds).",
+            buckets=BATCH_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_duration = Histogram(
             "diffusion_inference_duration_seconds", "Time of one pipeline call (all steps, VAE decode).",
@@ -117,7 +129,9 @@ class RuntimeMetrics:
             "diffusion_queue_depth", "Admitted requests waiting for the pipeline.", registry=r
         )
         self.in_flight = Gauge(
-            "diffusion_requests_in_flight", "Generations running on the pipeline now (0 or 1).", registry=r
+            "diffusion_requests_in_flight",
+            "Requests running on the pipeline now (0 or 1; up to server.max_batch when batching).",
+            registry=r,
         )
         self.demand = Gauge(
             "diffusion_demand_requests",

@@ -149,7 +149,8 @@ def _load_and_warm(state: RuntimeState, server: Any, ranks: RankGroup | None = N
         if state.config.quality_gate is not None and gate is None:
             m.quality_gate_state.state("skipped")
         if gate is not None:
-            result = gate.check(model.generate)  # optimized canaries: through every rank
+            # optimized canaries (and, batching on, batched ones): through every rank
+            result = gate.check(model.generate, model.generate_batch, state.config.server.max_batch)
             m.quality_gate_psnr.set(result.psnr)
             m.quality_gate_ssim.set(result.ssim)
             m.quality_gate_seconds.set(result.seconds)

@@ -77,6 +77,8 @@ def test_configmap_runtime_yaml_follows_the_contract():
             "max_steps": 100,
             "max_n": 4,
             "max_upload_bytes": 33554432,
+            "max_batch": 1,
+            "max_batch_delay_seconds": 0.02,
             "max_jobs": 64,
             "job_ttl_seconds": 600.0,
             "store_max_bytes": 512 << 20,

@@ -9,6 +9,7 @@ mechanism, not real image quality.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 from diffusion_runtime.contract.config import ConfigError, config_from_dict, validate
@@ -44,6 +45,20 @@ def test_mild_cache_setting_passes_with_its_figures_in_metrics(runtime_server_fa
     assert "quality gate passed" in log and log.count("quality gate: 'a") == 4  # 2 prompts x 2 seeds
     r = generate(rp.url, size="64x64", num_inference_steps=8, seed=3)
     assert r.status_code == 200 and r.json()["cache"]["cached_steps"] == 3
+
+
+def test_with_batching_the_gate_also_compares_batched_canaries_with_unbatched_ones(runtime_server_factory):
+    rp = runtime_server_factory(
+        "batched", cache_dit=STATIC_CACHE_DIT, quality_gate=GATE, server={"max_batch": 4}
+    )
+    m = scrape(rp.metrics_url)
+    assert value(m, "diffusion_quality_gate", diffusion_quality_gate="passed") == 1
+    log = rp.log()
+    found = re.search(r"batched \(max_batch 4\) vs unbatched canaries: worst PSNR (\S+) dB, SSIM (\S+)", log)
+    assert found, log[-3000:]
+    # the static mask: a batched canary equals its unbatched twin up to float rounding
+    assert float(found.group(1)) >= 60 and float(found.group(2)) >= 0.999, found.group(0)
+    assert "and batched vs unbatched)" in log
 
 
 def test_aggressive_mask_never_turns_ready_and_exits_with_the_figures(runtime_server_factory):

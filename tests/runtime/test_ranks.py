@@ -358,3 +358,32 @@ def test_a_killed_rank_ends_the_serve_process_with_one_line(tiny_model_dir, tmp_
     assert last.startswith(f"diffusion-runtime: rank 1 (pid {pid}) was killed by SIGKILL"), last
     assert "needs every rank" in last
     assert "r" not in result or result["r"].status_code != 200  # the in-flight request did not succeed
+
+
+def test_a_batch_on_ulysses2_gives_each_request_its_single_process_image(tiny_model_dir, tmp_path):
+    """server.max_batch on a ranked pod: rank 0's scheduler ships the whole batch (GenerateBatch) to
+    every rank; each request's image is the single-process one of its seed."""
+    cd = {**STATIC_CACHE_DIT, "parallelism_config": {"ulysses_size": 2}}
+    rp = start_ranked(
+        tiny_model_dir, tmp_path / "u2-batch", cd, server={"max_batch": 2, "max_batch_delay_seconds": 1.0}
+    )
+    try:
+        out: dict[int, httpx.Response] = {}
+
+        def send(seed: int) -> None:
+            out[seed] = post(rp.url, size="64x64", num_inference_steps=8, seed=seed)
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in (21, 22)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        m = scrape(rp.url)
+        assert metric(m, "diffusion_batch_size_count") == 1, "both requests in one pipeline call"
+        assert metric(m, "diffusion_batch_size_sum") == 2
+    finally:
+        rp.stop(timeout=60)
+    for seed in (21, 22):
+        assert out[seed].status_code == 200, out[seed].text
+        got = base64.b64decode(out[seed].json()["data"][0]["b64_json"])
+        assert_same_image(got, reference_png(tiny_model_dir, tmp_path / "ref", seed, STATIC_CACHE_DIT))

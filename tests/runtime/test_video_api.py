@@ -22,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.runtime, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
 FPS = 8
-# 64x64 clips; 2 s at 8 fps = 16 frames -> 17 (Wan renders 4k+1); at most 33 frames, 4 s
-LIMITS = {"max_pixels": 64 * 64, "max_steps": 1000, "max_frames": 33, "max_video_seconds": 4, "max_video_pixels": 64 * 64 * 33,
+# 64x64 clips; 2 s at 8 fps = 16 frames -> 17 (Wan renders 4k+1); at most 33 frames, 4 s, and
+# 128x128 x 25 frames
+LIMITS = {"max_pixels": 128 * 128, "max_steps": 1000, "max_frames": 33, "max_video_seconds": 4,
+          "max_video_pixels": 128 * 128 * 25,
           "video_fps": FPS, "max_queue": 8, "webhook_allow": ["127.0.0.1/32"]}  # fmt: skip
 
 
@@ -132,6 +134,7 @@ def test_range_requests_answer_206_with_the_right_bytes(client, video_server):
         ({"seconds": "12"}, "seconds"),
         ({"seconds": "4", "fps": "16"}, "server.max_frames=33"),
         ({"num_frames": "10"}, "k*4+1: 9 or 13"),
+        ({"size": "128x128", "num_frames": "29"}, "server.max_video_pixels=409600"),
         ({"seconds": "abc"}, "seconds"),
         ({"prompt": "   "}, "prompt"),
     ],
@@ -170,28 +173,31 @@ def test_json_body_and_the_image_api_refuses_a_video_pipeline(video_server):
 
 
 def test_delete_while_running_stops_it_and_frees_the_queue(client, video_server):
-    # a long clip (many steps) so that it is still running when deleted
-    body = {"prompt": "slow", "size": "64x64", "num_frames": 33, "num_inference_steps": 400}
+    # a long clip (the largest volume, many steps) so that it is still running when deleted, and one
+    # queued behind it
+    body = {"prompt": "slow", "size": "128x128", "num_frames": 25, "num_inference_steps": 1000}
     r = httpx.post(video_server.url + "/v1/videos", json=body, timeout=30)
     assert r.status_code == 200, r.text
     long = r.json()
+    queued = client.videos.create(prompt="behind", size="64x64", seconds="1")  # type: ignore[arg-type]
     deadline = time.monotonic() + 60
     while (running := client.videos.retrieve(long["id"])).status != "in_progress" or running.progress < 1:
         assert time.monotonic() < deadline, running
         time.sleep(0.05)
-    assert 1 <= running.progress < 100 and (running.model_extra or {})["step"] >= 1
-    # a clip behind it waits in the queue (position 1: next), and a DELETE takes it out of the queue
-    queued = client.videos.create(prompt="behind", size="64x64", seconds="1")  # type: ignore[arg-type]
-    assert queued.status == "queued" and (queued.model_extra or {})["queue_position"] == 1
-    assert client.videos.delete(queued.id).deleted
+    assert 1 <= running.progress < 100 and (running.model_extra or {})["step"] >= 10
+    # the clip behind it waits (position 1: next); a DELETE takes it out of the queue
+    behind = client.videos.retrieve(queued.id)
+    assert behind.status == "queued" and (behind.model_extra or {})["queue_position"] == 1
     cancelled_before = metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled")
+    assert client.videos.delete(queued.id).deleted
     t0 = time.monotonic()
     assert client.videos.delete(long["id"]).deleted
     assert time.monotonic() - t0 < 5  # stopped at its next step
     assert (
         metric(video_server.url, "diffusion_jobs_total", endpoint="videos", status="cancelled")
-        == cancelled_before + 1
+        == cancelled_before + 2
     )
+    assert "video " + long["id"] not in video_server.log()  # never finished (nor encoded)
     # the pipeline is free: the next clip completes
     nxt = client.videos.create_and_poll(prompt="next", size="64x64", seconds="1", poll_interval_ms=100)  # type: ignore[arg-type]
     assert nxt.status == "completed"

@@ -369,6 +369,8 @@ class ServerSpec(_Types):
     max_video_pixels: int = setting("server.max_video_pixels")
     video_fps: int = setting("server.video_fps")
     max_retry_after_seconds: int | None = setting("server.max_retry_after_seconds")
+    max_batch: int = setting("server.max_batch")
+    max_batch_delay_seconds: float = setting("server.max_batch_delay_seconds")
     webhook_allow: list[str] | None = setting("server.webhook_allow", default=None)
     webhook_secret_ref: WebhookSecretRef | None = Field(
         None,

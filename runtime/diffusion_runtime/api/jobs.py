@@ -86,7 +86,7 @@ class Job:
         status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
         if self.final:
             status = self.final
-        elif scheduler.running is w:
+        elif scheduler.is_running(w):
             status = "running"
         else:
             status = "queued"

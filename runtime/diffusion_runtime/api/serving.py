@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
@@ -47,6 +47,7 @@ from diffusion_runtime.engine.params import (
     EditParams,
     EncodedResult,
     GenerationParams,
+    GenerationResult,
     OutputFormat,
     StepCallback,
 )
@@ -181,9 +182,17 @@ class ImageServing:
 
     def start(self) -> Scheduler:
         """The queue and its worker (in the server's event loop; the app's lifespan)."""
-        self.scheduler = Scheduler(self.state.metrics, self.state.config.server, self.state.accepting)
+        self.scheduler = Scheduler(
+            self.state.metrics, self.state.config.server, self.state.accepting, run_batch=self._run_batch
+        )
         self.scheduler.start()
         return self.scheduler
+
+    def _run_batch(
+        self, batch: Sequence[GenerationParams], cancel: threading.Event, on_step: StepCallback
+    ) -> list[GenerationResult]:
+        """A batch of compatible generations on the engine (the scheduler's pipeline thread)."""
+        return self.state.loaded().generate_batch(batch, cancel, on_step)
 
     @property
     def sched(self) -> Scheduler:
@@ -307,6 +316,7 @@ class ImageServing:
     ) -> ImagesResponse | Response:
         output = OutputFormat(req.output_format, req.output_compression)
         work = self.new_work("generations", generation_call(self.state, params, output), params.run_steps)
+        work.params, work.output = params, output  # batchable with compatible ones (server.max_batch)
         return await self.respond("generations", work, params, req, request, prefer)
 
     async def run_edit(

@@ -31,6 +31,7 @@ from pydantic import (
 
 from diffusion_runtime.contract import cache_dit_facts as facts
 from diffusion_runtime.contract.limits import (
+    MAX_BATCH_LIMIT,
     MAX_FPS_LIMIT,
     MAX_FRAMES_LIMIT,
     MAX_JOBS_LIMIT,
@@ -217,6 +218,21 @@ class ServerConfig(_Section):
     )
     max_upload_bytes: int = Field(
         default=32 << 20, description="Body bound of POST /v1/images/edits.", ge=MIN_UPLOAD_BYTES
+    )
+    max_batch: int = Field(
+        default=1,
+        description="Most images one pipeline call runs: waiting text-to-image requests with the same "
+        "size, steps, guidance, negative-prompt use and LoRA adapters are batched into one call, each "
+        "with its own seed, cancellation and result (1 = off: one request per call).",
+        ge=1,
+        le=MAX_BATCH_LIMIT,
+    )
+    max_batch_delay_seconds: float = Field(
+        default=0.02,
+        description="With server.max_batch > 1: how long the first request of a batch waits for company "
+        "before its call starts without a full batch.",
+        ge=0,
+        le=1.0,
     )
     max_jobs: int = Field(
         default=64, description="Finished async jobs and url results kept in memory.", ge=1, le=MAX_JOBS_LIMIT

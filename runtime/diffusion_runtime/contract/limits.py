@@ -5,6 +5,7 @@ Torch-free."""
 from __future__ import annotations
 
 MAX_N_LIMIT = 64  # images per request (server.max_n)
+MAX_BATCH_LIMIT = 64  # images per pipeline call (server.max_batch)
 MAX_STEPS_LIMIT = (
     1000  # num_inference_steps (server.max_steps, warmup.steps, cache_config.num_inference_steps)
 )

@@ -160,6 +160,15 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class GenerateBatch:
+    batch: tuple[GenerationParams, ...]  # one batch_key (server.max_batch)
+    name = "generate_batch"
+
+    def run(self, model: Model, hook: StepCallback) -> list[GenerationResult]:
+        return model.generate_batch(self.batch, cancel=None, on_step=hook)
+
+
+@dataclass(frozen=True)
 class Edit:
     params: EditParams  # the decoded image and mask travel with it
     name = "edit"
@@ -181,7 +190,7 @@ class Stop:
     name = "stop"
 
 
-RankCall = Generate | Edit | Warmup
+RankCall = Generate | GenerateBatch | Edit | Warmup
 
 
 class RankGroup:
@@ -386,6 +395,17 @@ class RankedModel:
         on_step: StepCallback | None = None,
     ) -> GenerationResult:
         result: GenerationResult = self.group.run(self.local, Generate(params), cancel, on_step)
+        return result
+
+    def generate_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        cancel: threading.Event | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[GenerationResult]:
+        result: list[GenerationResult] = self.group.run(
+            self.local, GenerateBatch(tuple(batch)), cancel, on_step
+        )
         return result
 
     def prepare_edit(self, kind: str) -> None:

@@ -8,6 +8,7 @@ one pipeline thread; `prepare_edit` runs before queueing, so an unsupported edit
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 from diffusion_runtime.contract.pipelines import Modality
@@ -50,6 +51,16 @@ class Engine(Protocol):
     ) -> GenerationResult:
         """One text-to-image call (a video pipeline: text-to-video, `VideoParams`); `cancel` set: stops
         at the next step (Cancelled)."""
+        ...
+
+    def generate_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        cancel: threading.Event | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Text-to-image requests with one `batch_key` as one pipeline call: one result per request,
+        each from its own seed; `cancel` set: the whole call stops (Cancelled)."""
         ...
 
     def prepare_edit(self, kind: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from diffusion_runtime.engine.params import (
     StepCallback,
     VideoParams,
 )
-from diffusion_runtime.engine.pipelines import EditVariants, timed_call
+from diffusion_runtime.engine.pipelines import EditVariants, timed_batch_call, timed_call
 from diffusion_runtime.engine.quality_gate import GatePlan, QualityGate
 
 log = logging.getLogger("diffusion_runtime")
@@ -181,6 +181,16 @@ class Model:
         self.adapters.activate(params.adapters)
         return timed_call(self.pipe, params, self.device, cached, cancel, on_step)
 
+    def generate_batch(
+        self,
+        batch: Sequence[GenerationParams],
+        cancel: threading.Event | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[GenerationResult]:
+        cached = self.pipe if self.uses_cache_dit else None
+        self.adapters.activate(batch[0].adapters)  # one batch_key: the same adapters and scales
+        return timed_batch_call(self.pipe, batch, self.device, cached, cancel, on_step)
+
     def prepare_edit(self, kind: str) -> None:
         self.edit_variants.get(kind)
 
@@ -253,6 +263,25 @@ def check_video_settings(config: RuntimeConfig, name: str, frame_multiple: int) 
         )
 
 
+def optimize_pipeline(
+    pipe: Any, plan: CacheDitPlan | None, quantize_raw: dict[str, Any] | None, compile: bool
+) -> None:
+    """What the runtime does to a loaded pipeline (bench/gpu_pipeline.py does the same): check the
+    cache-dit plan against it, quantize / enable cache-dit, then the optional regional torch.compile."""
+    if plan is not None:
+        check_against_pipeline(plan, pipe)
+        apply_plan(pipe, plan, quantize_raw)
+    if compile:
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is None:
+            raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
+        cache_dit_adapter.tune_compile()
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
+        else:
+            transformer.compile()
+
+
 def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
     """Load and optimize the pipeline named by `config` (no warmup)."""
     import torch
@@ -307,18 +336,7 @@ def load_model(config: RuntimeConfig, progress: bool = True) -> Model:
         gate.render_reference(plain.generate)
     elif gate_plan is not None:
         log.info("quality gate: no cache-dit, quantization or compile to check; skipped")
-    if plan is not None:
-        check_against_pipeline(plan, pipe)
-        apply_plan(pipe, plan, raw.get("quantize_config"))
-    if config.compile:
-        transformer = getattr(pipe, "transformer", None)
-        if transformer is None:
-            raise ConfigError(f"compile: pipeline {type(pipe).__name__} has no transformer to compile")
-        cache_dit_adapter.tune_compile()
-        if getattr(transformer, "_repeated_blocks", None):
-            transformer.compile_repeated_blocks()  # regional: one graph per block class, fast to build
-        else:
-            transformer.compile()
+    optimize_pipeline(pipe, plan, raw.get("quantize_config") if plan is not None else None, config.compile)
     # images: the VAE's factor; Wan: its spatial factor (patching doubles it, as for images)
     vae_scale = int(
         getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8) or 8

@@ -50,6 +50,18 @@ class GenerationParams:
         """Denoising steps this call runs (an edit runs fewer than `steps`)."""
         return self.steps
 
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """What must match for requests to share one pipeline call (`server.max_batch`): every
+        call-wide argument (size, steps, guidance, whether a negative prompt / true CFG runs, the
+        adapters and their scales); prompts, negative prompts, seeds and n are per image. None: this
+        call is never batched (edits)."""
+        negative = bool(self.negative_prompt)
+        return (
+            self.width, self.height, self.steps, self.guidance_scale, negative,
+            self.true_cfg_scale if negative else None, self.adapters,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, kw_only=True)
 class EditParams(GenerationParams):
@@ -77,6 +89,10 @@ class EditParams(GenerationParams):
     def run_steps(self) -> int:
         return edit_steps(self.steps, self.strength)[0]
 
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        return None  # an edit runs alone (its image, mask and strength are call-wide)
+
 
 @dataclass(frozen=True, kw_only=True)
 class VideoParams(GenerationParams):
@@ -86,6 +102,10 @@ class VideoParams(GenerationParams):
 
     frames: int
     fps: int
+
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        return None  # a clip runs alone (`batch_kwargs` builds image calls)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from diffusion_runtime.engine import cache_dit_adapter
@@ -101,6 +101,34 @@ def accepted(pipe: Any) -> frozenset[str]:
     return frozenset(inspect.signature(pipe.__call__).parameters)
 
 
+def batch_kwargs(accepts: Collection[str], batch: Sequence[GenerationParams]) -> dict[str, Any]:
+    """The pipeline arguments of several text-to-image requests with one `batch_key`, as one call:
+    one prompt (and negative prompt) per image, and per image the generator of its request, so each
+    request's images are drawn from its own seed exactly as when it runs alone (diffusers draws the
+    latents of a generator list image by image)."""
+    import torch
+
+    first = batch[0]
+    assert all(p.batch_key is not None and p.batch_key == first.batch_key for p in batch), "not one batch"
+    prompts: list[str] = []
+    negatives: list[str] = []
+    generators: list[Any] = []
+    for p in batch:
+        g = torch.Generator("cpu").manual_seed(p.seed)
+        prompts += [p.prompt] * p.n
+        negatives += [p.negative_prompt or ""] * p.n
+        generators += [g] * p.n
+    kwargs: dict[str, Any] = dict(
+        prompt=prompts, width=first.width, height=first.height,
+        num_inference_steps=first.steps, num_images_per_prompt=1,
+    )  # fmt: skip
+    kwargs.update(guidance_kwargs(accepts, first))
+    if "negative_prompt" in kwargs:
+        kwargs["negative_prompt"] = negatives
+    kwargs["generator"] = generators
+    return kwargs
+
+
 def timed_call(
     pipe: Any,
     params: GenerationParams,
@@ -114,10 +142,37 @@ def timed_call(
     per-step timing, progress (`on_step`) and cancellation at the step boundary (`cancel` set:
     Cancelled), inside `context` when given. Images not encoded; cached/computed steps are read from `cached_pipe`'s
     cache-dit stats (the loaded pipeline, when cache-dit is on; else every step computed)."""
+    kwargs = call_kwargs(accepted(pipe), params)
+    return _run(pipe, kwargs, [params], device, cached_pipe, cancel, on_step, context)[0]
+
+
+def timed_batch_call(
+    pipe: Any,
+    batch: Sequence[GenerationParams],
+    device: str,
+    cached_pipe: Any = None,
+    cancel: threading.Event | None = None,
+    on_step: StepCallback | None = None,
+) -> list[GenerationResult]:
+    """Several text-to-image requests with one `batch_key` as one call of the loaded pipeline
+    (`batch_kwargs`): one result per request, its images in order, the call's timings and cache
+    steps on each. cache-dit opens a fresh cache context per pipeline call, so per batch."""
+    return _run(pipe, batch_kwargs(accepted(pipe), batch), batch, device, cached_pipe, cancel, on_step, None)
+
+
+def _run(
+    pipe: Any,
+    kwargs: dict[str, Any],
+    batch: Sequence[GenerationParams],
+    device: str,
+    cached_pipe: Any,
+    cancel: threading.Event | None,
+    on_step: StepCallback | None,
+    context: contextlib.AbstractContextManager[Any] | None,
+) -> list[GenerationResult]:
     import torch
 
     accepts = accepted(pipe)
-    kwargs = call_kwargs(accepts, params)
     step_times: list[float] = []
     last = [0.0]
 
@@ -139,11 +194,8 @@ def timed_call(
     if "callback_on_step_end" in accepts:
         kwargs["callback_on_step_end"] = _callback
     # the T5 tokenizer: FLUX's second one, a video pipeline's only one
-    t5 = (
-        getattr(pipe, "tokenizer", None)
-        if isinstance(params, VideoParams)
-        else getattr(pipe, "tokenizer_2", None)
-    )
+    video = isinstance(batch[0], VideoParams)
+    t5 = getattr(pipe, "tokenizer", None) if video else getattr(pipe, "tokenizer_2", None)
     max_seq = getattr(t5, "model_max_length", None)
     if "max_sequence_length" in accepts and isinstance(max_seq, int) and max_seq < 512:
         kwargs["max_sequence_length"] = max_seq  # tiny models: a short T5 sequence
@@ -161,14 +213,26 @@ def timed_call(
         if handle is not None:
             handle.remove()
     elapsed = time.perf_counter() - t0
+    first = batch[0]
     cached, computed = (
-        cache_dit_adapter.step_counts(cached_pipe) if cached_pipe is not None else (0, params.run_steps)
+        cache_dit_adapter.step_counts(cached_pipe) if cached_pipe is not None else (0, first.run_steps)
     )
-    outputs = [video_frames(v) for v in out.frames] if isinstance(params, VideoParams) else list(out.images)
-    return GenerationResult(
-        images=outputs, seed=params.seed, inference_seconds=elapsed, step_seconds=step_times,
-        cached_steps=cached, computed_steps=computed,
-    )  # fmt: skip
+    images = [video_frames(v) for v in out.frames] if video else list(out.images)
+    if len(batch) == 1:
+        counts = [len(images)]
+    else:
+        counts = [p.n for p in batch]
+        if sum(counts) != len(images):
+            raise RuntimeError(f"a batch of {sum(counts)} images returned {len(images)}")
+    results: list[GenerationResult] = []
+    start = 0
+    for p, count in zip(batch, counts, strict=True):
+        results.append(GenerationResult(
+            images=images[start : start + count], seed=p.seed, inference_seconds=elapsed,
+            step_seconds=step_times, cached_steps=cached, computed_steps=computed,
+        ))  # fmt: skip
+        start += count
+    return results
 
 
 def video_frames(video: Any) -> Any:

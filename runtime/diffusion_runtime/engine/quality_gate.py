@@ -8,6 +8,12 @@ reference), and with the optimized pipeline after warmup. It compares each pair 
 each. Both must meet the thresholds or the pod never turns Ready: it exits with one line carrying
 the figures and the thresholds (also written as the container's termination message).
 
+With dynamic batching on (`server.max_batch` > 1) the optimized canaries are also rendered in
+batches (`Engine.generate_batch`, canaries grouped by their batch key, at most `max_batch` per call)
+and each batched image is compared with its unbatched optimized twin against the same thresholds;
+the worst figures include them. With a static cache mask they are equal to float rounding; a
+dynamic cache policy decides cached steps for the whole batch, which this catches if it degrades.
+
 With LoRA adapters declared (`adapters`), each adapter adds one canary: the first prompt and seed
 with that adapter at its declared scale, rendered plain (adapters are loaded before the reference)
 and optimized. With random-weight test models the figures show the mechanism, not real image quality. How the
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +33,7 @@ from diffusion_runtime.engine.params import GenerationParams, GenerationResult
 
 log = logging.getLogger("diffusion_runtime")
 Generate = Callable[[GenerationParams], GenerationResult]  # Engine.generate
+GenerateBatch = Callable[[Sequence[GenerationParams]], list[GenerationResult]]  # Engine.generate_batch
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class GateResult:
     min_ssim: float = 0.0
     reference_seconds: float = 0.0
     optimized_seconds: float = 0.0
+    batched: GateResult | None = None  # batched vs unbatched optimized canaries (server.max_batch > 1)
 
     @property
     def passed(self) -> bool:
@@ -92,23 +100,39 @@ class GateResult:
         return (
             f"PSNR {self.psnr:.2f} dB {mark(self.psnr >= self.min_psnr)} min {self.min_psnr:g}, "
             f"SSIM {self.ssim:.4f} {mark(self.ssim >= self.min_ssim)} min {self.min_ssim:g} "
-            f"(worst of {len(self.per_canary)} canaries, optimized vs plain pipeline)"
+            f"(worst of {len(self.per_canary)} canaries, optimized vs plain pipeline"
+            + (", and batched vs unbatched" if self.batched is not None else "")
+            + ")"
         )
+
+
+def canary_params(plan: GatePlan) -> list[GenerationParams]:
+    return [
+        GenerationParams(
+            prompt=c.prompt, width=plan.width, height=plan.height, steps=plan.steps, seed=c.seed,
+            adapters=c.adapters,
+        )
+        for c in plan.canaries
+    ]  # fmt: skip
 
 
 def render(generate: Generate, plan: GatePlan) -> list[Any]:
     """The canaries' images (PIL) through `generate` (the plain model's, or the engine's)."""
-    images = []
-    for c in plan.canaries:
-        params = GenerationParams(
-            prompt=c.prompt,
-            width=plan.width,
-            height=plan.height,
-            steps=plan.steps,
-            seed=c.seed,
-            adapters=c.adapters,
-        )
-        images.append(generate(params).images[0])
+    return [generate(params).images[0] for params in canary_params(plan)]
+
+
+def render_batched(generate_batch: GenerateBatch, plan: GatePlan, max_batch: int) -> list[Any]:
+    """The canaries' images rendered in batches: grouped by batch key, at most `max_batch` a call."""
+    params = canary_params(plan)
+    groups: dict[Any, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.batch_key, []).append(i)
+    images: list[Any] = [None] * len(params)
+    for indices in groups.values():
+        for start in range(0, len(indices), max_batch):
+            chunk = indices[start : start + max_batch]
+            for i, result in zip(chunk, generate_batch([params[i] for i in chunk]), strict=True):
+                images[i] = result.images[0]
     return images
 
 
@@ -161,12 +185,24 @@ class QualityGate:
         self.reference = render(generate, self.plan)
         self.reference_seconds = time.perf_counter() - t0
 
-    def check(self, generate: Generate) -> GateResult:
+    def check(
+        self, generate: Generate, generate_batch: GenerateBatch | None = None, max_batch: int = 1
+    ) -> GateResult:
+        """The optimized canaries against the plain ones; with `generate_batch` and `max_batch` > 1
+        also the batched optimized canaries against the unbatched ones."""
         if self.reference is None:
             raise RuntimeError("quality gate: no reference images (render_reference was not called)")
         t0 = time.perf_counter()
         optimized = render(generate, self.plan)
         result = compare(self.plan, self.reference, optimized)
+        if generate_batch is not None and max_batch > 1 and len(self.plan.canaries) > 1:
+            batched = compare(self.plan, optimized, render_batched(generate_batch, self.plan, max_batch))
+            result.batched = batched
+            result.psnr, result.ssim = min(result.psnr, batched.psnr), min(result.ssim, batched.ssim)
+            log.info(
+                "quality gate: batched (max_batch %d) vs unbatched canaries: worst PSNR %.2f dB, SSIM %.4f",
+                max_batch, batched.psnr, batched.ssim,
+            )  # fmt: skip
         result.reference_seconds = self.reference_seconds
         result.optimized_seconds = time.perf_counter() - t0
         for canary, psnr, ssim in result.per_canary:

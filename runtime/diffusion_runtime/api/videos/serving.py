@@ -286,7 +286,7 @@ class VideoServing:
         status: Literal["queued", "in_progress", "completed", "failed"]
         if job.final:
             status = job.final
-        elif job.encoding or sched.running is w:
+        elif job.encoding or w.started or sched.is_running(w):  # started: taken by the pipeline thread
             status = "in_progress"
         else:
             status = "queued"
