@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from diffusion_dev import on_fake_cpu_node, wait_for
+from diffusion_dev.fake_nodes import PROFILE_LABEL
 from diffusion_dev.install import helm, install_operator, load_images
 from diffusion_dev.real_node import NODE_NAME
 from diffusion_operator.kube import status_manager
@@ -32,6 +33,9 @@ OPERATOR_NS = "leader-system"
 
 def _json(cluster, *args: str) -> dict:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+PROFILE_LABEL_GATE = "diffusion.dev/test-rollout-gate"  # set on the kwok CPU nodes once the standby leads
 
 
 def _time(stamp: str) -> datetime:
@@ -79,8 +83,13 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
 
         wait_for(converged, 120, "dd/ha Ready under the first leader")
 
-        # a rollout (a new pod template), and the leader SIGKILLed right after it started
-        patch = {"spec": {"template": {"env": [{"name": "ROLLOUT", "value": "2"}]}}}
+        # a rollout (a new pod template), and the leader SIGKILLed right after it started. kwok readies
+        # pods at once, so the whole rollout could finish before the kill (and the standby would have
+        # nothing left to do): the new pods ask for a node label that is set only once the standby leads
+        gate = {PROFILE_LABEL_GATE: uuid.uuid4().hex[:8]}
+        template = doc["spec"]["template"]
+        patch = {"spec": {"template": {"env": [{"name": "ROLLOUT", "value": "2"}],
+                                       "nodeSelector": {**template["nodeSelector"], **gate}}}}  # fmt: skip
         cluster.kubectl("patch", "dd", "ha", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
         generation = _json(cluster, "dd", "ha", "-n", namespace)["metadata"]["generation"]
         wait_for(
@@ -102,6 +111,12 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
             lambda: lease().get("holderIdentity") == standby, 60, "the standby to take over", interval=0.1
         )
         takeover = time.monotonic() - killed
+        mid = _json(cluster, "dd", "ha", "-n", namespace)["status"]
+        assert converged(generation) is None, f"the rollout was over before the kill: {mid}"
+        ((gate_key, gate_value),) = gate.items()
+        cluster.kubectl(
+            "label", "nodes", "-l", f"{PROFILE_LABEL}=cpu", f"{gate_key}={gate_value}", "--overwrite"
+        )
         obj = wait_for(
             lambda: converged(generation), 120, "the rollout finished by the new leader", interval=0.2
         )
@@ -124,5 +139,6 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
         assert _time(status[status_manager(standby)]["time"]) >= acquired.replace(microsecond=0)
         assert set(status) <= {status_manager(leader), status_manager(standby)}, list(status)
     finally:
+        cluster.kubectl("label", "nodes", "-l", f"{PROFILE_LABEL}=cpu", f"{PROFILE_LABEL_GATE}-", check=False)
         cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=false", check=False)
         helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait", "--ignore-not-found")
