@@ -5,7 +5,8 @@ and webhookSecretRef were added to the CRD). Helm installs a chart's crds/ on th
 and never upgrades them, so after `helm upgrade` the cluster still has the old schema (checked: the
 control); the new chart's operator applies the CRD it was built with when it starts leading
 (crd.py). Then a CR with the new field is accepted (kubectl's strict field validation) and the field
-is kept (not pruned), and the CR created under the previous chart is still there, unchanged.
+is kept (not pruned), and the CR created under the previous chart is still there, every field it was
+written with unchanged (the new schema's defaults for the fields it did not have appear on read).
 
 Without the real node the chart's pods are kwok fakes: the operator runs here as a subprocess with
 the chart ServiceAccount's token only (what the chart's pod would hold), in the chart's election.
@@ -61,6 +62,24 @@ def git_show(spec: str) -> str:
 def schema_has_new_field(crd: dict) -> bool:
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     return NEW_FIELD[1] in spec[NEW_FIELD[0]]["properties"]
+
+
+def _added(before, after, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    """Fields of `after` that `before` lacks, as (path, value); any field of `before` changed fails."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        assert after == before, (path, before, after)
+        return []
+    out: list[tuple[tuple[str, ...], object]] = []
+    for key in before:
+        assert key in after, (path + (key,), "dropped")
+        out += _added(before[key], after[key], path + (key,))
+    return out + [(path + (key,), after[key]) for key in after if key not in before]
+
+
+def _schema_at(schema: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        schema = schema["properties"][key]
+    return schema
 
 
 def live_crd(cluster) -> dict:
@@ -206,7 +225,14 @@ def test_helm_upgrade_from_the_previous_chart_brings_the_new_crd_field(
                 cluster.kubectl("get", "dd", "before-upgrade", "-n", namespace, "-o", "json").stdout
             )
             assert after["metadata"]["uid"] == before["metadata"]["uid"]
-            assert after["spec"] == before["spec"]
+            # every field written before is unchanged; what the API server adds on read is exactly the
+            # new schema's defaults for fields the previous CRD did not have
+            added = _added(before["spec"], after["spec"])
+            schema = live_crd(cluster)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+                "spec"
+            ]
+            for path, value in added:
+                assert _schema_at(schema, path).get("default") == value, (path, value)
             if log_path is not None:
                 log = log_path.read_text()
                 assert forbidden_lines(log) == [], log[-3000:]
