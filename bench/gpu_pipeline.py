@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from gpu_flux import FLUX_DEV
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "flux-dev.yaml"
@@ -60,11 +61,7 @@ CLIP_L = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
 )  # fmt: skip
-FLUX_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
+FLUX_TRANSFORMER = FLUX_DEV  # one definition of FLUX.1-dev's transformer config: bench/gpu_flux.py
 FLUX_VAE = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
