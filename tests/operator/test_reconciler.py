@@ -108,6 +108,32 @@ def test_create_applies_every_child_once_and_the_burst_after_it_runs_one_reconci
     assert kube.total_writes() == writes
 
 
+def test_a_deployment_that_turns_ready_while_a_reconcile_runs_is_not_skipped_as_an_echo():
+    """The Deployment controller writes its status while a reconcile runs (it read the Deployment
+    before): that event's queued run must run, not be skipped as the echo of the reconcile's own
+    writes, or status says 'waiting for pods' until the next resync (minutes) while the pod serves."""
+    kube, rec = setup()
+    kube.create(cr_doc())
+    assert rec.drain() == 1
+    patch_status = kube.patch_status
+    raced = []
+
+    def status_write_after_a_rollout(namespace: str, name: str, status: dict) -> dict:
+        if not raced:  # the first status write of the run below: the pod turned Ready meanwhile
+            raced.append(True)
+            roll_out(kube)
+        return patch_status(namespace, name, status)
+
+    kube.patch_status = status_write_after_a_rollout  # type: ignore[method-assign]
+    update_spec(
+        kube, "tiny", {**cr(kube)["spec"], "replicas": 1, "server": {**cr(kube)["spec"]["server"], "maxN": 3}}
+    )
+    rec.drain()
+    assert raced
+    obj = cr(kube)
+    assert conditions(obj)["Ready"]["status"] == "True", obj["status"]
+
+
 # (CR spec mutation adding the field, where it shows in the pod spec)
 REMOVABLE = {
     "gpu.product": (

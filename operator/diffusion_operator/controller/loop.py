@@ -36,9 +36,13 @@ class WorkLoop:
         settle: Callable[[float], bool],
         max_backoff: float,
         metrics: OperatorMetrics,
+        seen: Callable[[CrKey], tuple[int, ...]] | None = None,
     ) -> None:
         self._run = run
         self._versions = versions  # resourceVersions of a CR and its children, as cached
+        # the versions a run worked from (default: as cached when it ends); a child that moved during
+        # the run by someone else's write must not count as seen, or its event's run is skipped
+        self._seen_by_run = seen or versions
         self._settle = settle  # waits for background work that may queue keys (drain, in tests)
         self.max_backoff = max_backoff
         self.metrics = metrics
@@ -115,7 +119,7 @@ class WorkLoop:
             with self._lock:
                 self.runs += 1
             result = self._run(namespace, name, fresh)
-            versions = self._versions(key)
+            versions = self._seen_by_run(key)
             with self._lock:
                 self._seen[key] = versions
                 attempt = self._failures.pop(key, 0) + 1 if result == "refused" else 0

@@ -23,7 +23,14 @@ from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.controller import model_cache, rollback
 from diffusion_operator.controller.apply import Applier, Slot, needs_apply, slot, with_spec_hash
 from diffusion_operator.controller.autoscalers import DISCOVERY_TTL, Autoscalers
-from diffusion_operator.controller.informers import ChildKey, CrKey, Informers, Queue, owned_by
+from diffusion_operator.controller.informers import (
+    ChildKey,
+    CrKey,
+    Informers,
+    Queue,
+    owned_by,
+    resource_version,
+)
 from diffusion_operator.controller.loop import REFUSED_RETRY, WorkLoop
 from diffusion_operator.controller.report import Reporter, serving_status
 from diffusion_operator.controller.startup import StartLines
@@ -73,11 +80,19 @@ class Reconciler:
         self.applier = Applier(lambda: self.client, self.informers.remember_child)
         self.reporter = Reporter(lambda: self.client, self.informers.remember_cr)
         self.rollbacks = rollback.Rollbacks(lambda: self.client, self.informers.child, self.applier.apply)
-        self.loop = WorkLoop(self.reconcile, self._versions, self.start_lines.wait, max_backoff, self.metrics)
+        self.loop = WorkLoop(
+            self.reconcile,
+            self._versions,
+            self.start_lines.wait,
+            max_backoff,
+            self.metrics,
+            seen=self._seen_versions,
+        )
         self._guard = threading.Lock()
         self._locks: dict[CrKey, threading.Lock] = {}
         self._invalid: set[CrKey] = set()
         self._managed: dict[CrKey, list[ChildKey]] = {}  # the children of each CR's last reconcile
+        self._used: dict[CrKey, dict[ChildKey, int]] = {}  # the child versions the running reconcile used
         self._first_pass: tuple[float, set[CrKey]] | None = None  # (started, CRs not reconciled yet)
         self.reconciles = 0
         # the NetworkPolicies' settings: the monitoring namespace, the cluster's own ranges
@@ -151,6 +166,7 @@ class Reconciler:
         with self._guard:
             self._invalid.discard(key)
             self._managed.pop(key, None)
+            self._used.pop(key, None)
         self._update_gauges()
 
     # ---- the work loop --------------------------------------------------------------------------
@@ -272,6 +288,17 @@ class Reconciler:
             children = self._managed.get(key, [])
         return self.informers.versions(key, children)
 
+    def _seen_versions(self, key: CrKey) -> tuple[int, ...]:
+        """The versions a reconcile that just ended worked from: the CR as cached now (its own status
+        write's answer included), each child as the run read or wrote it. A child another controller
+        changed while the run went on (a Deployment's status: a pod turned Ready) is newer in the cache
+        than in the run: its event's queued run is then not skipped as an echo, so the status follows."""
+        with self._guard:
+            children = self._managed.get(key, [])
+            used = self._used.pop(key, {})
+        cached = self.informers.versions(key, children)
+        return (cached[0], *(used.get(child, v) for child, v in zip(children, cached[1:], strict=True)))
+
     # ---- one reconcile ----------------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str, fresh: bool = True) -> str:
@@ -317,6 +344,13 @@ class Reconciler:
         decision, desired = self._rollback(cr, old_status, built, pods, first)
         observed = {slot(obj): None if first else self._observed(obj, fresh) for obj in desired}
         apply_error, retry = self._apply(key, desired, observed, first, model_cache.is_ready(cache))
+        used = {
+            (kind, namespace, name_): resource_version(obj)
+            for (kind, name_), obj in observed.items()
+            if obj is not None and resource_version(obj) >= 0
+        }
+        with self._guard:
+            self._used[key] = used
         if apply_error is None:
             self.autoscalers.delete_unwanted(cr, dd, fresh)
             self.autoscalers.delete_unwanted_front_door(cr, dd, fresh)
