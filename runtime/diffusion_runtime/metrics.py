@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +21,10 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from diffusion_runtime.contract.autoscaling import DEMAND_METRIC, DEMAND_SECONDS_METRIC
 
 disable_created_metrics()  # no *_created series: half the scrape size, nothing dashboards use
 
@@ -56,6 +63,36 @@ def _rss_bytes() -> float:
 def _max_rss_bytes() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class DemandIntegral(Collector):
+    """The integral of the demand over time (request-seconds), a counter read at scrape time.
+
+    Its rate over a window is the pod's average demand in that window (requests waiting + running,
+    time-weighted): what the autoscalers read. An instantaneous gauge sampled once per scrape swings
+    between 0 and the full demand whenever requests are short next to the scrape interval (a single
+    client's requests land on a pod at one scrape and miss it at the next), and the HPA's scale-down
+    window, which keeps the largest recommendation it saw, then holds pods the load does not need."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self._lock = threading.Lock()
+        self._total = 0.0
+        self._level = 0
+        self._since = time.monotonic()
+
+    def set(self, level: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._total += self._level * (now - self._since)
+            self._level, self._since = level, now
+
+    def value(self) -> float:
+        with self._lock:
+            return self._total + self._level * (time.monotonic() - self._since)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value())
 
 
 class RuntimeMetrics:
@@ -134,10 +171,17 @@ class RuntimeMetrics:
             registry=r,
         )
         self.demand = Gauge(
-            "diffusion_demand_requests",
-            "Waiting + running image requests (sync and async jobs): the per-pod autoscaling signal.",
+            DEMAND_METRIC,
+            "Waiting + running image requests (sync and async jobs) now; the autoscalers read the rate of "
+            f"{DEMAND_SECONDS_METRIC}_total (the same demand averaged over time).",
             registry=r,
         )
+        self.demand_seconds = DemandIntegral(
+            DEMAND_SECONDS_METRIC,
+            "Request-seconds of demand (waiting + running image requests, integrated over time): its rate is "
+            "the pod's average demand, the per-pod autoscaling signal.",
+        )
+        r.register(self.demand_seconds)
         self.jobs = Counter(
             "diffusion_jobs",
             "Async jobs finished, by endpoint and outcome (succeeded|failed|cancelled).",

@@ -19,7 +19,7 @@ from diffusion_dev.monitoring import (
     render_chart_monitoring,
     signal_expr,
 )
-from diffusion_operator.builders.hpa import DEMAND_METRIC
+from diffusion_runtime.contract.autoscaling import DEMAND_METRIC, DEMAND_RATE_WINDOW, DEMAND_SECONDS_METRIC
 from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC
 
 TLS = {"ca_file": "/ca.crt"}
@@ -98,7 +98,10 @@ def test_every_dashboard_target_and_alert_is_collected_with_its_variables_filled
     n_targets = sum(len(p.get("targets", [])) for p in dashboard["panels"])
     assert len(exprs) == n_targets > 10
     assert not [e for _, e in exprs if "$" in e]  # every variable filled in
-    assert any(DEMAND_METRIC in e for _, e in exprs)
+    # the dashboard shows the autoscalers' signal: the average demand, not the gauge sampled now
+    assert any(
+        f"rate({DEMAND_SECONDS_METRIC}_total" in e and f"[{DEMAND_RATE_WINDOW}]" in e for _, e in exprs
+    )
     alerts = alert_exprs(rendered["PrometheusRule"])
     assert {a for a, _ in alerts} >= {
         "DiffusionQueueSaturated",
@@ -109,7 +112,13 @@ def test_every_dashboard_target_and_alert_is_collected_with_its_variables_filled
 
 def test_the_adapter_rule_serves_the_demand_metric_the_hpa_asks_for():
     rule, queue = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
-    assert rule["name"]["as"] == DEMAND_METRIC and rule["seriesQuery"].startswith(DEMAND_METRIC + "{")
+    # served under the gauge's name (the HPA's metric), computed from the counter: its rate over the window
+    assert rule["name"]["as"] == DEMAND_METRIC
+    assert rule["seriesQuery"].startswith(DEMAND_SECONDS_METRIC + "_total{")
+    assert (
+        rule["metricsQuery"]
+        == f"max(rate(<<.Series>>{{<<.LabelMatchers>>}}[{DEMAND_RATE_WINDOW}])) by (<<.GroupBy>>)"
+    )
     assert rule["resources"]["overrides"] == {
         "namespace": {"resource": "namespace"},
         "pod": {"resource": "pod"},

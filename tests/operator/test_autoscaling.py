@@ -139,8 +139,8 @@ def test_keda_engine_builds_a_scaled_object_and_no_hpa():
             "metricType": "AverageValue",
             "metadata": {
                 "serverAddress": PROM,
-                "query": 'sum(diffusion_demand_requests{namespace="ns",diffusion_dev_deployment="qwen-image"})'
-                " or vector(0)",
+                "query": "sum(rate(diffusion_demand_request_seconds_total"
+                '{namespace="ns",diffusion_dev_deployment="qwen-image"}[1m])) or vector(0)',
                 "threshold": "1.5",
             },
         }

@@ -138,8 +138,8 @@ def test_keda_scaled_object_is_accepted_and_engines_switch(cluster, crd, keda_cr
         assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
         assert trigger["metadata"] == {
             "serverAddress": PROM,
-            "query": f'sum(diffusion_demand_requests{{namespace="{namespace}",diffusion_dev_deployment="tiny"}})'
-            " or vector(0)",
+            "query": "sum(rate(diffusion_demand_request_seconds_total"
+            f'{{namespace="{namespace}",diffusion_dev_deployment="tiny"}}[1m])) or vector(0)',
             "threshold": "1",
         }
         behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]

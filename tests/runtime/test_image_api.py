@@ -248,7 +248,18 @@ def test_async_jobs_positions_progress_cancel_and_results(api_server):
         assert r.status_code == 202, r.text
         assert r.json()["status"] == "queued" and r.json()["queue_position"] == i + 1
         short_ids.append(r.json()["id"])
-    assert metric(url, "diffusion_demand_requests") == 5  # 4 waiting + 1 running: the scaling signal
+    assert metric(url, "diffusion_demand_requests") == 5  # 4 waiting + 1 running now
+    # the autoscalers' signal: request-seconds of demand, growing at 5 per second while the 5 stay (the long
+    # job runs 200 steps); bounds from the client's clock around the two scrapes
+    t0 = time.monotonic()
+    first = metric(url, "diffusion_demand_request_seconds_total")
+    t1 = time.monotonic()
+    time.sleep(0.5)
+    t2 = time.monotonic()
+    second = metric(url, "diffusion_demand_request_seconds_total")
+    t3 = time.monotonic()
+    assert metric(url, "diffusion_demand_requests") == 5
+    assert 5 * (t2 - t1) <= second - first <= 5 * (t3 - t0), (first, second, t0, t1, t2, t3)
     assert metric(url, "diffusion_queue_depth") == 4
     running = _job(url, a_id)
     assert running["status"] == "running" and running["progress"]["total_steps"] == 200
@@ -297,6 +308,9 @@ def test_async_jobs_positions_progress_cancel_and_results(api_server):
     assert metric(url, "diffusion_jobs_total", endpoint="generations", status="cancelled") >= 1
     assert metric(url, "diffusion_jobs_total", endpoint="generations", status="succeeded") >= 4
     assert metric(url, "diffusion_demand_requests") == 0
+    idle = metric(url, "diffusion_demand_request_seconds_total")
+    time.sleep(0.2)
+    assert metric(url, "diffusion_demand_request_seconds_total") == idle  # no demand, no growth
 
 
 def test_async_edit_job_and_queued_cancel(api_server, source_png):

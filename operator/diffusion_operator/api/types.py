@@ -426,8 +426,8 @@ class ScalingBehavior(_Types):
 
 
 class AutoscalingSpec(_Types):
-    """Scale on the demand: without spec.queue the runtime's per-pod gauge diffusion_demand_requests
-    (waiting + running requests), with an autoscaling/v2 HPA (Pods metric, needs a custom-metrics adapter)
+    """Scale on the demand: without spec.queue the runtime's per-pod demand diffusion_demand_requests
+    (waiting + running requests, averaged over a minute), with an autoscaling/v2 HPA (Pods metric, needs a custom-metrics adapter)
     or a KEDA ScaledObject (Prometheus trigger, needs KEDA installed); with spec.queue the queue's own
     demand, which exists at zero pods (HPA: Object metric diffusion_queue_demand of the front door;
     KEDA: redis-streams triggers on the work stream)."""
@@ -464,7 +464,7 @@ class AutoscalingSpec(_Types):
     target_demand: float | None = Field(
         None,
         alias="targetDemand",
-        description="Average demand per pod to aim for: requests waiting + running "
+        description="Average demand per pod to aim for: requests waiting + running, averaged over a minute "
         f"(diffusion_demand_requests); default {DEFAULT_TARGET_DEMAND:g}.",
         ge=0.1,
     )

@@ -1,7 +1,8 @@
 """autoscaling/v2 HorizontalPodAutoscaler with the spec's scale-up/scale-down behavior, on the demand:
 
 - without spec.queue, the runtime's per-pod demand (Pods metric `diffusion_demand_requests`: requests
-  waiting + running in each pod);
+  waiting + running in each pod, averaged over `DEMAND_RATE_WINDOW`: the adapter serves the rate of the
+  runtime's request-seconds counter under that name, contract/autoscaling.py);
 - with spec.queue, the queue's demand (`diffusion_queue_demand`: jobs waiting + running, read from the
   queue server by every front-door replica, so it exists at zero runtime pods) as an Object metric
   describing the runtime Deployment: prometheus-adapter serves it from the front-door pods' series by
@@ -12,15 +13,14 @@
 
 from __future__ import annotations
 
+from diffusion_runtime.contract.autoscaling import (
+    DEMAND_METRIC,  # the runtime's per-pod demand (adapter: averaged)
+)
 from diffusion_runtime.contract.queue import QUEUE_DEMAND_METRIC  # the front door's gauge: waiting + running
 
 from diffusion_operator.api.funcs import behavior, target_demand
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
-
-# the runtime's per-pod demand gauge (waiting + running requests, sync and async): every autoscaling
-# path scales on it (HPA Pods metric, KEDA Prometheus query, dashboard)
-DEMAND_METRIC = "diffusion_demand_requests"
 
 
 def quantity(value: float) -> str:

@@ -1,7 +1,8 @@
 """KEDA ScaledObject (keda.sh/v1alpha1) on the same per-pod demand signal as the HPA, read from
 Prometheus (the trigger's serverAddress is the operator's `--keda-prometheus-address`).
 
-The query sums `diffusion_demand_requests` over the DiffusionDeployment's pods (the labels the chart's
+The query sums the pods' average demand (the rate of `diffusion_demand_request_seconds_total` over
+`DEMAND_RATE_WINDOW`, the same signal the adapter serves the HPA) over the DiffusionDeployment's pods (the labels the chart's
 PodMonitor attaches: `namespace` and `diffusion_dev_deployment`, from the pod label
 `diffusion.dev/deployment`, an exact match, unlike a `pod=~"NAME-.*"` regex that also matches
 another deployment named NAME-x). With `metricType: AverageValue` KEDA hands that total to the HPA it
@@ -22,12 +23,13 @@ passwordKey; database 0).
 
 from __future__ import annotations
 
+from diffusion_runtime.contract.autoscaling import DEMAND_RATE_WINDOW, DEMAND_SECONDS_METRIC
 from diffusion_runtime.contract.config import QUEUE_GROUP, QueueConfig
 
 from diffusion_operator.api.funcs import behavior, queue_name, target_demand
 from diffusion_operator.api.types import DiffusionDeployment
 from diffusion_operator.builders.common import metadata
-from diffusion_operator.builders.hpa import DEMAND_METRIC, quantity
+from diffusion_operator.builders.hpa import quantity
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 SCALED_OBJECT = "ScaledObject"
@@ -82,7 +84,8 @@ def queue_triggers(dd: DiffusionDeployment) -> list[dict]:
 
 def demand_query(namespace: str, name: str) -> str:
     """PromQL: the total demand of one DiffusionDeployment's pods (KEDA divides by replicas)."""
-    return f'sum({DEMAND_METRIC}{{namespace="{namespace}",diffusion_dev_deployment="{name}"}}) or vector(0)'
+    series = f'{DEMAND_SECONDS_METRIC}_total{{namespace="{namespace}",diffusion_dev_deployment="{name}"}}'
+    return f"sum(rate({series}[{DEMAND_RATE_WINDOW}])) or vector(0)"
 
 
 def threshold(value: float) -> str:

@@ -6,8 +6,9 @@ the call to make (`run`, executed in the pipeline thread), its step progress and
 the pipeline's step callback checks: a withdrawn running item stops at its next step.
 
 Gauges: `diffusion_queue_depth` (waiting), `diffusion_requests_in_flight` (running: 0 or 1, up to
-`server.max_batch` when batching) and `diffusion_demand_requests` (waiting + running: the autoscaling
-signal).
+`server.max_batch` when batching) and `diffusion_demand_requests` (waiting + running), and the counter
+`diffusion_demand_request_seconds_total` (that demand integrated over time: its rate, the average demand,
+is the autoscaling signal).
 
 Dynamic batching (`server.max_batch` > 1): a text-to-image item that carries its `params` (and the
 `output` its images are encoded to) takes the waiting items with the same `params.batch_key`, up to
@@ -144,6 +145,7 @@ class Scheduler:
         m.queue_depth.set(len(self.queue))
         m.in_flight.set(len(self.running))
         m.demand.set(self.demand)
+        m.demand_seconds.set(self.demand)
         if self.idle:
             self._idle.set()
         else:

@@ -163,7 +163,8 @@ class QueueCollector:
         except (RedisError, OSError):
             return
         persistence_ok = (
-            info.get("aof_last_write_status", "ok") == "ok" and info.get("rdb_last_bgsave_status", "ok") == "ok"
+            info.get("aof_last_write_status", "ok") == "ok"
+            and info.get("rdb_last_bgsave_status", "ok") == "ok"
         )
         for name, doc, value in (
             (QUEUE_SERVER_MEMORY_METRIC, "The queue server's used memory (INFO used_memory).",
