@@ -42,6 +42,7 @@ class ClosedLoopLoad:
     timeout: float = 120.0
     max_retries: int = 60
     max_retry_wait: float = 2.0
+    think: float = 0.0  # seconds a client waits after each answered request (0: the next one at once)
     counts: Counter = field(default_factory=Counter)  # "200", "429 retried", "503 retried", "lost"
     failures: list[str] = field(default_factory=list)
     started_at: float = 0.0
@@ -64,6 +65,7 @@ class ClosedLoopLoad:
                 code, headers, body = post(self.url, self.body, self.timeout)
                 if code == 200:
                     self._count("200")
+                    self._stop.wait(self.think)
                     break
                 retry_after = headers.get("Retry-After")
                 if code in (429, 503) and retry_after:

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.cluster
 SCALE_DOWN_WINDOW = 30  # seconds, the HPA's scale-down stabilization window set in the CR
 LOAD_LIMIT = 120  # seconds of load at most
 CLIENTS = 4
+TRICKLE_THINK = 0.1  # seconds the one client left after the burst waits between requests (~45 ms each)
 
 
 def _quantity(q: str) -> float:
@@ -152,10 +153,12 @@ def test_the_hpa_scales_on_demand_read_from_prometheus_through_the_adapter(
     assert seen_demand > 1, seen_demand  # the HPA read the demand from Prometheus via the adapter
     assert float(keda_total["value"][1]) > 1, keda_total
 
-    # the burst is over; one client stays (demand about 1 in total, a third of the target per pod over
-    # three pods): back to one pod once the scale-down stabilization window has passed, and the
-    # requests in flight on the pods that go are drained, not lost
-    trickle = ClosedLoopLoad(load.url, clients=1).start()
+    # the burst is over; one client stays, pausing after each answer (TRICKLE_THINK, about twice a
+    # request's time), so its demand is clearly below one pod's worth, not at the target where a ceil
+    # may rightly ask for two: back to one pod once the burst has left the averaging window and the
+    # scale-down stabilization window has passed, and the requests in flight on the pods that go are
+    # drained, not lost
+    trickle = ClosedLoopLoad(load.url, clients=1, think=TRICKLE_THINK).start()
 
     def decided_one() -> bool:  # the HPA's decision: the Deployment asked for one pod
         return _json(cluster, "get", "deployment", name, "-n", ns)["spec"]["replicas"] == 1

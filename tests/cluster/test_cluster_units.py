@@ -249,3 +249,50 @@ def test_wait_for_lets_a_real_failure_through_at_once(error):
     with pytest.raises(type(error)):
         wait_for(condition, 60, "z", interval=0)
     assert len(calls) == 1
+
+
+def test_the_load_generator_pauses_its_think_time_between_answers_and_retries_429_after_retry_after():
+    """A real HTTP server on loopback counts the requests: a client with think time sends about one per
+    (request + think), one without sends back to back; a 429 with Retry-After is retried, not lost."""
+    import http.server
+    import threading
+    import time
+
+    from diffusion_dev.loadgen import ClosedLoopLoad
+
+    refused = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if not refused.is_set():  # the first request is turned away once
+                refused.set()
+                self.send_response(429)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/images/generations"
+    try:
+        loads = {}
+        for think in (0.2, 0.0):
+            loads[think] = load = ClosedLoopLoad(url, clients=1, think=think).start()
+            time.sleep(1.0)
+            load.stop()
+            assert not load.failures, load.failures
+        counts = {think: load.counts["200"] for think, load in loads.items()}
+        assert loads[0.2].counts["429 retried"] == 1  # the one refusal, retried after its Retry-After
+        assert 3 <= counts[0.2] <= 6, counts  # ~1 s / 0.2 s
+        assert counts[0.0] > 3 * counts[0.2], counts
+    finally:
+        server.shutdown()
