@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 from diffusion_runtime.api.protocol import ErrorDetail, ImagesResponse, JobProgress, JobStatus
 from diffusion_runtime.engine.scheduler import Scheduler, Work
@@ -109,23 +109,67 @@ class Job:
         )
 
 
-class JobStore:
+class _Held(Protocol):
+    """What a bounded store reads of its entries (read-only, so each entry type keeps its own Literals)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def owner(self) -> str | None: ...
+    @property
+    def final(self) -> str | None: ...
+    @property
+    def finished_at(self) -> float | None: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+H = TypeVar("H", bound=_Held)
+
+
+class BoundedStore(Generic[H]):
+    """Entries of this pod by id, owned by an API key name: unfinished ones are never dropped; finished
+    ones go after `ttl_seconds`, beyond the `max_finished` most recent, and oldest first while their
+    bytes exceed `max_bytes` (the newest finished entry stays whatever its size, so its client can read
+    what it waited for). A subclass names its entries in the 404 reasons."""
+
+    noun = "entry"  # "job 'imgjob_…' is not known to this pod"
+    plural = "entries"
+    created = "never created here"
+    gone = "was evicted from this pod"
+    held = "the finished entries"  # "... exceeded N bytes (setting)"
+    bytes_of = "data"  # "... or N bytes of <bytes_of>"
+    bytes_setting = "server.store_max_bytes"
+
     def __init__(self, max_finished: int, ttl_seconds: float, max_bytes: int):
         self.max_finished = max_finished
         self.ttl = ttl_seconds
         self.max_bytes = max_bytes
-        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._jobs: collections.OrderedDict[str, H] = collections.OrderedDict()
         self.evicted = Evicted()
 
-    def add(self, job: Job) -> None:
+    def add(self, job: H) -> None:
         self.prune()
         self._jobs[job.id] = job
 
-    def get(self, job_id: str, owner: str | None = None) -> Job | None:
-        """The job, if `owner` (the caller's key name) created it."""
+    def get(self, job_id: str, owner: str | None = None) -> H | None:
+        """The entry, if `owner` (the caller's key name) created it."""
         self.prune()
         job = self._jobs.get(job_id)
         return job if job is not None and job.owner == owner else None
+
+    def remove(self, job: H, why: str) -> None:
+        if self._jobs.pop(job.id, None) is not None:
+            self.evicted.add(job.id, why, job.owner)
+
+    def owned(self, owner: str | None) -> list[H]:
+        """The owner's entries, oldest first."""
+        self.prune()
+        return [j for j in self._jobs.values() if j.owner == owner]
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(j.nbytes for j in self._jobs.values())
 
     def prune(self) -> None:
         now = time.time()
@@ -134,34 +178,35 @@ class JobStore:
         for j in finished:
             if j.finished_at is not None and now - j.finished_at > self.ttl:
                 why[j.id] = f"it finished more than {self.ttl:g}s ago (server.job_ttl_seconds)"
-        keep = [j for j in finished if j.id not in why]
-        keep.sort(key=lambda j: j.finished_at or 0.0)
+        keep = sorted((j for j in finished if j.id not in why), key=lambda j: j.finished_at or 0.0)
         for j in keep[: max(0, len(keep) - self.max_finished)]:
-            why[j.id] = f"{self.max_finished} more recent jobs finished after it (server.max_jobs)"
+            why[j.id] = f"{self.max_finished} more recent {self.plural} finished after it (server.max_jobs)"
         held = sum(j.nbytes for j in keep if j.id not in why)
-        # oldest first, until the results fit the byte budget; the newest finished job stays whatever its
-        # size (as the newest url result does), so its client can read what it waited for
-        for j in keep[:-1]:
+        for j in keep[:-1]:  # oldest first; the newest finished entry stays whatever its size
             if held <= self.max_bytes:
                 break
             if j.id not in why:
                 why[j.id] = (
-                    f"the finished jobs' images exceeded {self.max_bytes} bytes (server.store_max_bytes): "
-                    "oldest out first"
+                    f"{self.held} exceeded {self.max_bytes} bytes ({self.bytes_setting}): oldest out first"
                 )
                 held -= j.nbytes
         for job_id, reason in why.items():
-            self.evicted.add(job_id, reason, self._jobs.pop(job_id).owner)
+            self.remove(self._jobs[job_id], reason)
 
     def unknown_reason(self, job_id: str, owner: str | None = None) -> str:
         why = self.evicted.get(job_id, owner)
         if why is not None:
-            return f"job {job_id!r} was evicted from this pod: {why}"
+            return f"{self.noun} {job_id!r} {self.gone}: {why}"
         return (
-            f"job {job_id!r} is not known to this pod: never submitted here, or finished more than "
+            f"{self.noun} {job_id!r} is not known to this pod: {self.created}, or finished more than "
             f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent or {self.max_bytes} bytes "
-            "of results (server.job_ttl_seconds, server.max_jobs, server.store_max_bytes)"
+            f"of {self.bytes_of} (server.job_ttl_seconds, server.max_jobs, {self.bytes_setting})"
         )
+
+
+class JobStore(BoundedStore[Job]):
+    noun, plural, created, gone = "job", "jobs", "never submitted here", "was evicted from this pod"
+    held, bytes_of, bytes_setting = "the finished jobs' images", "results", "server.store_max_bytes"
 
 
 class ResultStore:

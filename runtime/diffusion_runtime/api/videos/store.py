@@ -7,13 +7,12 @@ clip the pod no longer knows answers 404 naming the rule that dropped it (or DEL
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from diffusion_runtime.api.jobs import Evicted
+from diffusion_runtime.api.jobs import BoundedStore
 from diffusion_runtime.api.videos.protocol import VideoError
 from diffusion_runtime.engine.params import VideoParams
 from diffusion_runtime.engine.scheduler import Work
@@ -49,65 +48,6 @@ class VideoJob:
         self.encoding = False
 
 
-class VideoStore:
-    def __init__(self, max_finished: int, ttl_seconds: float, max_bytes: int):
-        self.max_finished = max_finished
-        self.ttl = ttl_seconds
-        self.max_bytes = max_bytes
-        self._jobs: collections.OrderedDict[str, VideoJob] = collections.OrderedDict()
-        self.evicted = Evicted()
-
-    def add(self, job: VideoJob) -> None:
-        self.prune()
-        self._jobs[job.id] = job
-
-    def get(self, video_id: str, owner: str | None = None) -> VideoJob | None:
-        self.prune()
-        job = self._jobs.get(video_id)
-        return job if job is not None and job.owner == owner else None
-
-    def remove(self, job: VideoJob, why: str) -> None:
-        if self._jobs.pop(job.id, None) is not None:
-            self.evicted.add(job.id, why, job.owner)
-
-    def owned(self, owner: str | None) -> list[VideoJob]:
-        """The owner's clips, oldest first."""
-        self.prune()
-        return [j for j in self._jobs.values() if j.owner == owner]
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(j.nbytes for j in self._jobs.values())
-
-    def prune(self) -> None:
-        now = time.time()
-        finished = [j for j in self._jobs.values() if j.final]
-        why: dict[str, str] = {}
-        for j in finished:
-            if j.finished_at is not None and now - j.finished_at > self.ttl:
-                why[j.id] = f"it finished more than {self.ttl:g}s ago (server.job_ttl_seconds)"
-        keep = sorted((j for j in finished if j.id not in why), key=lambda j: j.finished_at or 0.0)
-        for j in keep[: max(0, len(keep) - self.max_finished)]:
-            why[j.id] = f"{self.max_finished} more recent clips finished after it (server.max_jobs)"
-        held = sum(j.nbytes for j in keep if j.id not in why)
-        for j in keep[:-1]:
-            if held <= self.max_bytes:
-                break
-            if j.id not in why:
-                why[j.id] = (
-                    f"the finished clips exceeded {self.max_bytes} bytes (server.video_store_max_bytes): "
-                    "oldest out first"
-                )
-                held -= j.nbytes
-        for video_id, reason in why.items():
-            self.remove(self._jobs[video_id], reason)
-
-    def unknown_reason(self, video_id: str, owner: str | None = None) -> str:
-        why = self.evicted.get(video_id, owner)
-        if why is not None:
-            return f"video {video_id!r} is gone from this pod: {why}"
-        return (
-            f"video {video_id!r} is not known to this pod: never created here, or finished more than "
-            f"{self.ttl:g}s ago or beyond the {self.max_finished} most recent or {self.max_bytes} bytes "
-            "of clips (server.job_ttl_seconds, server.max_jobs, server.video_store_max_bytes)"
-        )
+class VideoStore(BoundedStore[VideoJob]):
+    noun, plural, created, gone = "video", "clips", "never created here", "is gone from this pod"
+    held, bytes_of, bytes_setting = "the finished clips", "clips", "server.video_store_max_bytes"
