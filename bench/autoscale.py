@@ -138,7 +138,7 @@ def autoscaled(cluster, ns: str, clients: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--out", type=Path, help="write autoscale.json there")
+    ap.add_argument("--out", type=Path, help="write autoscale_cpu.json there (bench/results)")
     args = ap.parse_args()
     with LocalCluster(real_node=True, metrics=True, timeout=120) as cluster:
         assert cluster.node is not None and cluster.monitoring is not None
@@ -160,8 +160,10 @@ def main() -> int:
             "demand_rate_window": DEMAND_RATE_WINDOW,
         }
     reaction = result["second_pod_ready_s"]
-    report = {"settings": settings, "baseline_manual_scale_pod_ready_s": round(base, 2), **result,
-              "reaction_vs_manual_pod_start": round(reaction / base, 2)}  # fmt: skip
+    from _common import run_record, write_result  # bench/ is on sys.path when run as a script
+
+    report = {**run_record("autoscale.py"), "settings": settings, "baseline_manual_scale_pod_ready_s": round(base, 2),
+              **result, "reaction_vs_manual_pod_start": round(reaction / base, 2)}  # fmt: skip
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     rows = [
         ("load start -> first scrape of demand > target", result["first_scrape_above_target_s"]),
@@ -177,8 +179,7 @@ def main() -> int:
     print(f"reaction / baseline pod start: x{report['reaction_vs_manual_pod_start']}; requests {result['requests']}"
           f"{'; LOST ' + str(result['lost']) if result['lost'] else ''}")  # fmt: skip
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "autoscale.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_result(args.out / "autoscale_cpu.json", report)
     return 1 if result["lost"] else 0
 
 
