@@ -1,5 +1,5 @@
 """The local cluster's metrics pipeline: Prometheus scrapes the runtime pods, prometheus-adapter serves
-their demand gauge to the HPA through the aggregation layer.
+their average demand (the rate of the request-seconds counter) to the HPA through the aggregation layer.
 
 - Prometheus v3 (built from the module proxy, `build.py`) discovers pods with Kubernetes service
   discovery (role `pod`) and scrapes them with the selection of the chart's own PodMonitor: the
