@@ -1,5 +1,14 @@
 """The chart's two operator replicas as real pods on the real node: SIGKILL of the leader while a CR's
-rollout is in flight -> the standby takes the Lease over and finishes it; one writer at a time.
+rollout is in flight -> another replica takes the Lease over and finishes it; one writer at a time.
+
+Which replica: the standby, or the pod the Deployment creates in the killed one's place. Both are
+candidates, and a candidate takes a lease over a lease duration after it first saw the record unchanged
+(client-go's rule, `diffusion_operator.leader`): the standby saw the dead leader's last renewal up to a
+retry period after it, the replacement sees it when it starts, so on a machine where the replacement
+starts within a few seconds either may win. A CI run timed out waiting for the standby by name (most
+likely the replacement had won; the failure printed nothing more, and now prints the lease, the pods
+and their logs); here the standby led 14.6-15.0 s after the kill in 4 runs of 4. Either is right: the
+test names the winner and checks it.
 
 The leader's container is SIGKILLed through containerd (`ctr task kill -s SIGKILL`: no SIGTERM, no
 release) and its pod force-deleted at once, as when its node is lost: the kubelet would otherwise
@@ -35,14 +44,16 @@ def _json(cluster, *args: str) -> dict:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
 
 
-PROFILE_LABEL_GATE = "diffusion.dev/test-rollout-gate"  # set on the kwok CPU nodes once the standby leads
+PROFILE_LABEL_GATE = "diffusion.dev/test-rollout-gate"  # set on the kwok CPU nodes once a successor leads
 
 
 def _time(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
-def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, namespace, record_property):
+def test_sigkill_of_the_leader_pod_mid_rollout_another_replica_finishes_it(
+    cluster, namespace, record_property
+):
     if cluster.node is None:
         switched_off(REAL_NODE_OFF)
     load_images(cluster.node, targets=("operator",))
@@ -84,8 +95,8 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
         wait_for(converged, 120, "dd/ha Ready under the first leader")
 
         # a rollout (a new pod template), and the leader SIGKILLed right after it started. kwok readies
-        # pods at once, so the whole rollout could finish before the kill (and the standby would have
-        # nothing left to do): the new pods ask for a node label that is set only once the standby leads
+        # pods at once, so the whole rollout could finish before the kill (and the successor would have
+        # nothing left to do): the new pods ask for a node label that is set only once the successor leads
         gate = {PROFILE_LABEL_GATE: uuid.uuid4().hex[:8]}
         template = doc["spec"]["template"]
         patch = {"spec": {"template": {"env": [{"name": "ROLLOUT", "value": "2"}],
@@ -107,10 +118,37 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
             "delete", "pod", leader, "-n", OPERATOR_NS, "--grace-period=0", "--force", check=False
         )
 
-        wait_for(
-            lambda: lease().get("holderIdentity") == standby, 60, "the standby to take over", interval=0.1
-        )
+        def diagnose() -> str:
+            """The lease, every operator pod (restarts, phase, age) and the tail of each one's log."""
+            lines = [f"killed {leader} at +0 s (now +{time.monotonic() - killed:.1f} s); lease: {lease()}"]
+            for p in _json(cluster, "pods", "-n", OPERATOR_NS, "-l", selector)["items"]:
+                statuses = p["status"].get("containerStatuses") or [{}]
+                lines.append(f"pod {p['metadata']['name']}: phase {p['status'].get('phase')}, created "
+                             f"{p['metadata']['creationTimestamp']}, restarts {statuses[0].get('restartCount')}, "
+                             f"deleting {bool(p['metadata'].get('deletionTimestamp'))}")  # fmt: skip
+                log = cluster.kubectl(
+                    "logs", p["metadata"]["name"], "-n", OPERATOR_NS, "--tail=15", check=False
+                )
+                lines += [f"  | {line}" for line in (log.stdout + log.stderr).splitlines()]
+            return "\n".join(lines)
+
+        def new_holder() -> str | None:
+            holder = lease().get("holderIdentity")
+            return holder if holder and holder != leader else None
+
+        try:
+            successor = wait_for(new_holder, 60, "another replica to take over", interval=0.1)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{diagnose()}") from None
         takeover = time.monotonic() - killed
+        # the standby, or the killed pod's replacement (a new name): never a stranger
+        replicas = {
+            p["metadata"]["name"] for p in _json(cluster, "pods", "-n", OPERATOR_NS, "-l", selector)["items"]
+        }
+        assert successor == standby or (successor in replicas and successor not in names), (
+            successor,
+            diagnose(),
+        )
         mid = _json(cluster, "dd", "ha", "-n", namespace)["status"]
         assert converged(generation) is None, f"the rollout was over before the kill: {mid}"
         ((gate_key, gate_value),) = gate.items()
@@ -124,20 +162,20 @@ def test_sigkill_of_the_leader_pod_mid_rollout_the_standby_finishes_it(cluster, 
         record_property("takeover_s", round(takeover, 2))
         record_property("rollout_finished_after_kill_s", round(finished, 2))
         print(
-            f"\nreal pods: the standby led {takeover:.1f} s after the SIGKILL; the rollout was finished {finished:.1f} s after it"
+            f"\nreal pods: {'the standby' if successor == standby else 'the replacement pod'} led {takeover:.1f} s after the SIGKILL; the rollout was finished {finished:.1f} s after it"
         )
-        assert takeover <= 15 + 2 * 2 + 3, takeover
+        assert takeover <= 15 + 2 * 2 + 3, (takeover, diagnose())
 
-        # one writer at a time: the killed leader's last status write precedes the standby's acquisition
+        # one writer at a time: the killed leader's last status write precedes the successor's acquisition
         status = {
             m["manager"]: m for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"
         }
-        assert status_manager(standby) in status, list(status)
+        assert status_manager(successor) in status, list(status)
         acquired = _time(lease()["acquireTime"])
         if status_manager(leader) in status:
             assert _time(status[status_manager(leader)]["time"]) <= acquired, (status, acquired)
-        assert _time(status[status_manager(standby)]["time"]) >= acquired.replace(microsecond=0)
-        assert set(status) <= {status_manager(leader), status_manager(standby)}, list(status)
+        assert _time(status[status_manager(successor)]["time"]) >= acquired.replace(microsecond=0)
+        assert set(status) <= {status_manager(leader), status_manager(successor)}, list(status)
     finally:
         cluster.kubectl("label", "nodes", "-l", f"{PROFILE_LABEL}=cpu", f"{PROFILE_LABEL_GATE}-", check=False)
         cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=false", check=False)
