@@ -108,6 +108,21 @@ def test_create_applies_every_child_once_and_the_burst_after_it_runs_one_reconci
     assert kube.total_writes() == writes
 
 
+def test_a_spec_change_runs_one_reconcile_and_the_echoes_of_its_own_updates_queue_nothing():
+    """An update of children that exist: the run records the versions it wrote, not the ones it read
+    before writing, so the informer events of its own writes are echoes (no second, idle reconcile)."""
+    kube, rec = setup()
+    kube.create(cr_doc())
+    assert rec.drain() == 1
+    roll_out(kube)
+    assert rec.drain() == 1
+    runs = rec.reconciles
+    update_spec(kube, "tiny", {**cr(kube)["spec"], "server": {**cr(kube)["spec"]["server"], "maxN": 3}})
+    assert rec.drain() == 1  # the CR's own update; the Deployment and ConfigMap it rewrote are echoes
+    assert rec.reconciles == runs + 1
+    assert any(verb == "APPLY" and k == "Deployment" for verb, k in kube.writes)
+
+
 def test_a_deployment_that_turns_ready_while_a_reconcile_runs_is_not_skipped_as_an_echo():
     """The Deployment controller writes its status while a reconcile runs (it read the Deployment
     before): that event's queued run must run, not be skipped as the echo of the reconcile's own
