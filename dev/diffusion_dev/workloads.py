@@ -20,21 +20,33 @@ from .real_node import NODE_NAME
 
 MODEL_CLAIM = "tiny-model"  # samples/tiny-cpu.yaml: pvc://tiny-model/tiny-flux
 MODEL_FOLDER = "tiny-flux"
+WAN_CLAIM, WAN_FOLDER = "tiny-wan", "tiny-wan"  # the tiny WanPipeline's volume: pvc://tiny-wan/tiny-wan
 STORAGE_CLASS = "diffusion-dev-local"
 
 
 def tiny_model_root() -> Path:
     """A folder holding `tiny-flux/` (the runtime's tiny pipeline), made once per generator version."""
+    return _generated("tiny", MODEL_FOLDER)
+
+
+def tiny_wan_root() -> Path:
+    """A folder holding `tiny-wan/` (the tiny random-weight WanPipeline, for video), made once per
+    generator version."""
+    return _generated("tiny-wan", WAN_FOLDER, "wan-tiny")
+
+
+def _generated(name: str, folder: str, variant: str | None = None) -> Path:
     generator = repo_root() / "runtime" / "diffusion_runtime" / "tiny.py"
     key = hashlib.sha256(generator.read_bytes()).hexdigest()[:10] if generator.is_file() else "installed"
-    root = cache_home() / "models" / f"tiny-{key}"
-    if (root / MODEL_FOLDER / "model_index.json").is_file():
+    root = cache_home() / "models" / f"{name}-{key}"
+    if (root / folder / "model_index.json").is_file():
         return root
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    variant_args = ["--variant", variant] if variant else []
     subprocess.run(
-        [sys.executable, "-m", "diffusion_runtime.cli", "tiny-model", str(staging / MODEL_FOLDER)],
+        [sys.executable, "-m", "diffusion_runtime.cli", "tiny-model", str(staging / folder), *variant_args],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     for path in [staging, *staging.rglob("*")]:  # readable by the pod's non-root user

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from diffusion_runtime.contract.config import QUEUE_GROUP, QueueConfig
-from diffusion_runtime.queue.store import QueueStore, done_message, new_job_id
+from diffusion_runtime.queue.store import QueueStore, done_message, new_job_id, new_video_id
 
 pytestmark = pytest.mark.runtime
 
@@ -230,5 +230,89 @@ def test_sync_notice_carries_the_outcome_to_its_front_door(redis_server):
         )
         await ps.aclose()
         await s.close()
+
+    run(main())
+
+
+async def _running_video(s: QueueStore, consumer: str = "w") -> tuple[str, str]:
+    vid = new_video_id()
+    added, _ = await s.enqueue(
+        vid, {"endpoint": "videos"}, endpoint="videos", total_steps=2, owner=None, webhook=None, sync=False
+    )
+    assert added
+    entry, got, _ = await s.read(consumer)
+    assert got == vid
+    assert (await s.start(entry, vid, consumer)).outcome == "run"
+    return vid, entry
+
+
+def test_clips_are_bounded_by_bytes_oldest_out_and_the_evicted_job_says_why(redis_server):
+    async def main():
+        s = store_for(redis_server)
+        r = redis_server.client()
+        kept: list[str] = []
+        for i in range(4):  # 4 clips of 400 + 100 bytes under a 1200-byte bound: two fit
+            vid, entry = await _running_video(s)
+            evicted = await s.store_clip(
+                vid, bytes([i]) * 400, b"t" * 100, "w", 1200, "over the bound (setting)"
+            )
+            assert evicted == ([kept[i - 2]] if i >= 2 else [])  # the oldest kept one goes
+            kept.append(vid)
+            await s.finalize(
+                entry, vid, "succeeded", result="{}", message=done_message(vid, "succeeded", 0, False, False)
+            )
+            time.sleep(0.002)  # distinct finish times
+        assert [await s.clip(v, "m") is not None for v in kept] == [False, False, True, True]
+        assert await s.clip(kept[3], "m") == bytes([3]) * 400 and await s.clip(kept[3], "t") == b"t" * 100
+        assert (await s.job(kept[0]))["evicted"] == "over the bound (setting)"
+        assert (await s.job(kept[3]))["evicted"] is None
+        assert sorted(r.hkeys(s.clip_bytes)) == sorted(v.encode() for v in kept[2:])
+        assert 0 < r.ttl(s.clip_key(kept[3])) <= 60
+
+    run(main())
+
+
+def test_the_newest_clip_stays_whatever_its_size(redis_server):
+    async def main():
+        s = store_for(redis_server)
+        a, _ = await _running_video(s)
+        assert await s.store_clip(a, b"a" * 100, b"", "w", 1000, "why") == []
+        b, _ = await _running_video(s)
+        assert await s.store_clip(b, b"b" * 5000, b"", "w", 1000, "why") == [a]
+        assert await s.clip(b, "m") == b"b" * 5000
+
+    run(main())
+
+
+def test_a_clip_is_stored_only_while_its_job_runs_on_that_worker(redis_server):
+    async def main():
+        s = store_for(redis_server)
+        vid, _ = await _running_video(s, "w1")
+        assert await s.store_clip(vid, b"m", b"t", "w2", 1000, "why") is None  # another worker's job
+        await s.drop_video(vid, None)  # deleted while it ran
+        assert await s.store_clip(vid, b"m", b"t", "w1", 1000, "why") is None
+        assert await s.clip(vid, "m") is None
+        assert redis_server.client().exists(s.clip_key(vid)) == 0
+
+    run(main())
+
+
+def test_the_owner_index_lists_a_keys_clips_and_forgets_dropped_ones(redis_server):
+    async def main():
+        s = store_for(redis_server)
+        mine, _ = await _running_video(s)
+        theirs, _ = await _running_video(s)
+        now = time.time()
+        await s.index_video("alice", mine, now, 600)
+        await s.index_video("bob", theirs, now, 600)
+        assert [v for v, _ in await s.owned_videos("alice")] == [mine]
+        assert [v for v, _ in await s.owned_videos(None)] == []
+        await s.drop_video(mine, "alice")
+        assert await s.owned_videos("alice") == []
+        assert await s.job(mine) is None
+        # an id whose job expired is dropped from the index when listed
+        await s.index_video("bob", "video_gone", now, 600)
+        assert [v for v, _ in await s.owned_videos("bob")] == [theirs]
+        assert redis_server.client().zrange(s.owner_key("bob"), 0, -1) == [theirs.encode()]
 
     run(main())

@@ -85,8 +85,8 @@ def create_app(
         ),
     )
     app.state.serving = api
-    # /v1/videos: on this pod's queue (docs/video.md); not through the front door's shared queue
-    videos = VideoServing(api) if api.serves_videos else None
+    # /v1/videos: on this pod's scheduler, or (the front door) through the shared queue (docs/video.md)
+    videos = (api.videos_class or VideoServing)(api)
     app.state.videos = videos
     keys = auth.install(app, state.config.server)  # ConfigError: unreadable folder, no key
 
@@ -117,8 +117,7 @@ def create_app(
 
     app.add_middleware(_Guard, state=state, max_upload_bytes=protocol.max_upload_bytes)
     app.include_router(images_router(protocol))
-    if videos is not None:
-        app.include_router(videos_router(videos))
+    app.include_router(videos_router(videos))
     app.include_router(models_router(time.time()))
     app.include_router(ops_router())
 

@@ -40,6 +40,7 @@ from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.api.webhooks import Delivery, Fence, Outcome, Refused, secret_from_env
 from diffusion_runtime.contract.config import parse_size
 from diffusion_runtime.contract.limits import SIZE_MULTIPLE
+from diffusion_runtime.contract.pipelines import modality
 from diffusion_runtime.engine.adapters import labels, requested
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.imaging import decode_upload, encode_result, fit_size, mask_from_upload
@@ -104,16 +105,21 @@ def decode_edit_inputs(image_bytes: bytes, mask_bytes: bytes | None) -> tuple[An
     return image, mask_from_upload(mask_img)
 
 
-def record_result(m: RuntimeMetrics, result: EncodedResult, params: GenerationParams) -> None:
-    """The inference metrics of a finished pipeline call (where it ran), by adapter too."""
+def record_inference(m: RuntimeMetrics, result: EncodedResult | GenerationResult) -> None:
+    """The pipeline figures of a finished call (where it ran: this pod or a queue worker)."""
     m.inference_duration.observe(result.inference_seconds)
-    for adapter in labels(params.adapters):
-        m.adapter_requests.labels(adapter=adapter).inc()
-        m.adapter_inference_duration.labels(adapter=adapter).observe(result.inference_seconds)
     for s in result.step_seconds:
         m.step_duration.observe(s)
     m.cache_steps.labels(result="cached").inc(result.cached_steps)
     m.cache_steps.labels(result="computed").inc(result.computed_steps)
+
+
+def record_result(m: RuntimeMetrics, result: EncodedResult, params: GenerationParams) -> None:
+    """The inference metrics of a finished image call, by adapter too."""
+    record_inference(m, result)
+    for adapter in labels(params.adapters):
+        m.adapter_requests.labels(adapter=adapter).inc()
+        m.adapter_inference_duration.labels(adapter=adapter).observe(result.inference_seconds)
     m.images.inc(len(result.images))
 
 
@@ -164,7 +170,9 @@ def edit_call(state: RuntimeState, params: EditParams, output: OutputFormat) -> 
 class ImageServing:
     """What the image routes share: limits, the scheduler, jobs, results, metrics."""
 
-    serves_videos: ClassVar[bool] = True  # this pod's scheduler also runs /v1/videos (api.videos)
+    # /v1/videos' serving class (api.app builds it); None: api.videos.serving.VideoServing, on this
+    # pod's scheduler (the front door's QueueServing names the shared queue's)
+    videos_class: ClassVar[type | None] = None
 
     def __init__(self, state: RuntimeState, protocol: Protocol):
         self.state = state
@@ -245,12 +253,11 @@ class ImageServing:
     def params(self, req: ImageRequestFields, width: int, height: int) -> GenerationParams:
         """The engine's parameters of a request (generation or edit form): defaults filled in."""
         s = self.state.config.server
-        engine = self.state.engine
-        if engine is not None and engine.modality != "image":
+        engine = self.state.engine  # a front door loads none: the class its config names, if any
+        name = engine.pipeline_name if engine is not None else self.state.config.model.pipeline
+        if name and modality(name) != "image":
             raise Rejected(
-                400,
-                f"the served pipeline {engine.pipeline_name} makes videos; use POST /v1/videos",
-                param="model",
+                400, f"the served pipeline {name} makes videos; use POST /v1/videos", param="model"
             )
         steps = (
             req.num_inference_steps if req.num_inference_steps is not None else self.state.config.warmup.steps
@@ -354,7 +361,8 @@ class ImageServing:
 
     # ------------------------------------------------------------ running
 
-    def new_work(self, endpoint: Endpoint, run: PipelineCall, steps: int) -> Work:
+    def new_work(self, endpoint: str, run: PipelineCall, steps: int) -> Work:
+        """`endpoint`: generations | edits | videos (the metrics label)."""
         work = Work(
             endpoint=endpoint, run=run, total_steps=steps, future=asyncio.get_running_loop().create_future()
         )

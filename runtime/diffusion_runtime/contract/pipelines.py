@@ -34,6 +34,14 @@ def video_frame_multiple(pipeline_class: str | None) -> int | None:
     return VIDEO_PIPELINES.get(pipeline_class) if pipeline_class else None
 
 
+def common_frame_multiple() -> int:
+    """The frame multiple where no pipeline is named (a front door whose config leaves the class to
+    model_index.json): the one every served video pipeline shares, else 1 (any count passes there and
+    the worker's loaded pipeline checks it)."""
+    multiples = set(VIDEO_PIPELINES.values())
+    return multiples.pop() if len(multiples) == 1 else 1
+
+
 def frames_for(seconds: float, fps: int, multiple: int) -> int:
     """The frame count of a clip of `seconds` at `fps`: the smallest k * multiple + 1 >= seconds * fps
     (at least one frame)."""

@@ -55,7 +55,7 @@ BatchCall = Callable[[Sequence[GenerationParams], threading.Event, StepCallback]
 
 @dataclass(eq=False)
 class Work:
-    endpoint: str  # "generations" | "edits": the metrics label
+    endpoint: str  # "generations" | "edits" | "videos": the metrics label
     run: PipelineCall
     total_steps: int
     future: asyncio.Future

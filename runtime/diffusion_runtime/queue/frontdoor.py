@@ -55,6 +55,7 @@ from diffusion_runtime.api.serving import (
     listen_for_disconnect,
 )
 from diffusion_runtime.api.state import Phase, RuntimeState
+from diffusion_runtime.api.videos.serving import ENDPOINT as VIDEOS_ENDPOINT
 from diffusion_runtime.contract.config import (
     QUEUE_GROUP,
     QUEUE_URL_ENV,
@@ -89,6 +90,8 @@ from diffusion_runtime.queue.store import (
     parse_done,
     sync_client,
 )
+from diffusion_runtime.queue.videos import QueueVideoServing
+from diffusion_runtime.queue.views import job_view, video_view
 
 log = logging.getLogger("diffusion_runtime")
 QUEUE_RETRY_AFTER = 2  # seconds: Retry-After while the queue server is unreachable
@@ -181,35 +184,10 @@ class QueueCollector:
             yield g
 
 
-def _view(job_id: str, h: dict[str, Any], position: int | None) -> JobStatus:
-    def num(k: str) -> float | None:
-        v = h.get(k)
-        return float(v) if v not in (None, "") else None
-
-    cancel_step = h.get("cancel_step")
-    return JobStatus(
-        id=job_id,
-        endpoint=cast(Any, h["endpoint"]),
-        status=cast(Any, h["status"]),
-        created_at=num("created_at") or 0.0,
-        started_at=num("started_at"),
-        finished_at=num("finished_at"),
-        queue_position=position,
-        progress=JobProgress(
-            step=int(h.get("step") or 0),
-            total_steps=int(h.get("total_steps") or 0),
-            cancel_requested_at_step=int(cancel_step) if cancel_step not in (None, "") else None,
-        ),  # fmt: skip
-        cancel_requested=h.get("cancel_requested") == "1",
-        result=ImagesResponse.model_validate_json(h["result"]) if h.get("result") else None,
-        error=ErrorDetail.model_validate_json(h["error"]) if h.get("error") else None,
-    )
-
-
 class QueueServing(ImageServing):
     """The image routes' backend in the front door: the shared queue instead of a local scheduler."""
 
-    serves_videos = False  # the shared queue carries image jobs only: no /v1/videos (docs/video.md)
+    videos_class = QueueVideoServing  # /v1/videos: clips are queue jobs too (queue.videos)
 
     def __init__(self, state: RuntimeState, protocol: Protocol):
         super().__init__(state, protocol)
@@ -351,16 +329,41 @@ class QueueServing(ImageServing):
             h = await self.store.job(job_id)
             if h is None or not h.get("webhook"):
                 return
-            view = _view(job_id, h, None)
+            if h["endpoint"] == VIDEOS_ENDPOINT:
+                body = _json(video_view(job_id, h, None, self.store.ttl))
+            else:
+                body = _json(job_view(job_id, h, None))
         except (RedisError, OSError) as e:
             log.warning("webhook of job %s not sent: %s", job_id, e)
             return
-        await self.webhooks.deliver(h["webhook"], _json(view), self._webhook_outcome)
+        await self.webhooks.deliver(h["webhook"], body, self._webhook_outcome)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._hooks.add(task)
         task.add_done_callback(self._hooks.discard)
+
+    @contextlib.contextmanager
+    def waiting_for(self, job_id: str) -> Iterator[asyncio.Future]:
+        """A future set when the job's notice arrives (while inside)."""
+        fut = self._waiter(job_id)
+        try:
+            yield fut
+        finally:
+            self._drop_waiter(job_id, fut)
+
+    def remember(self, job_id: str, endpoint: str) -> None:
+        """A job this replica enqueued (its wait time and outcome are counted here)."""
+        self.mine[job_id] = endpoint
+        while len(self.mine) > self.cfg.max_waiting:
+            self.mine.popitem(last=False)
+
+    def queue_full(self, waiting: int) -> Rejected:
+        cap = self.state.config.server.max_retry_after_seconds
+        return Rejected(
+            429, f"queue full ({waiting} jobs waiting; queue.max_waiting {self.cfg.max_waiting})",
+            retry_after=FULL_RETRY_AFTER if cap is None else min(cap, FULL_RETRY_AFTER),
+        )  # fmt: skip
 
     def _waiter(self, job_id: str) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -416,14 +419,8 @@ class QueueServing(ImageServing):
         if not added:
             if fut is not None:
                 self._drop_waiter(job_id, fut)
-            cap = self.state.config.server.max_retry_after_seconds
-            raise Rejected(
-                429, f"queue full ({waiting} jobs waiting; queue.max_waiting {self.cfg.max_waiting})",
-                retry_after=FULL_RETRY_AFTER if cap is None else min(cap, FULL_RETRY_AFTER),
-            )  # fmt: skip
-        self.mine[job_id] = endpoint
-        while len(self.mine) > self.cfg.max_waiting:
-            self.mine.popitem(last=False)
+            raise self.queue_full(waiting)
+        self.remember(job_id, endpoint)
         if fut is None:
             view = JobStatus(
                 id=job_id, endpoint=endpoint, status="queued", created_at=time.time(), queue_position=waiting,
@@ -502,7 +499,10 @@ class QueueServing(ImageServing):
     async def _job(self, job_id: str, owner: str | None) -> dict[str, Any]:
         with self.guard():
             h = await self.store.job(job_id)
-        if h is None or (h.get("owner") or None) != owner or h.get("sync") == "1":
+        if (
+            h is None or (h.get("owner") or None) != owner or h.get("sync") == "1"
+            or h["endpoint"] == VIDEOS_ENDPOINT
+        ):  # fmt: skip
             raise Rejected(404, self._unknown(job_id), param="job_id")
         return h
 
@@ -512,22 +512,25 @@ class QueueServing(ImageServing):
         if h["status"] == "queued":
             with self.guard():
                 position = await self.store.position(job_id) or None
-        return _view(job_id, h, position)
+        return job_view(job_id, h, position)
 
     async def cancel_job(self, job_id: str, owner: str | None) -> JobStatus:
         h = await self._job(job_id, owner)
-        if h["status"] not in FINAL:
-            fut = self._waiter(job_id)
-            try:
-                err = error_detail(400, "cancelled by DELETE before it started").model_dump_json()
-                with self.guard():
-                    notice = done_message(job_id, "cancelled", None, bool(h.get("webhook")), False)
-                    out = await self.store.cancel(job_id, notice, err)
-                if out == "running":
-                    await asyncio.wait({fut}, timeout=DELETE_WAIT_SECONDS)
-            finally:
-                self._drop_waiter(job_id, fut)
+        await self.stop(job_id, h, "cancelled by DELETE before it started", bool(h.get("webhook")))
         return await self.get_job(job_id, owner)
+
+    async def stop(self, job_id: str, h: dict[str, Any], why: str, webhook: bool) -> None:
+        """Cancel an unfinished job: a queued one ends now (error `why`), a running one stops at its
+        next step (waited for up to DELETE_WAIT_SECONDS)."""
+        if h["status"] in FINAL:
+            return
+        with self.waiting_for(job_id) as fut:
+            err = error_detail(400, why).model_dump_json()
+            with self.guard():
+                notice = done_message(job_id, "cancelled", None, webhook, False)
+                out = await self.store.cancel(job_id, notice, err)
+            if out == "running":
+                await asyncio.wait({fut}, timeout=DELETE_WAIT_SECONDS)
 
     async def get_result(self, result_id: str, owner: str | None) -> tuple[bytes, str]:
         fmt = result_id.rsplit(".", 1)[-1]

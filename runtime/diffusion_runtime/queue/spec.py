@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from diffusion_runtime.api.protocol import ImageRequestFields
-from diffusion_runtime.engine.params import EditParams, GenerationParams, OutputFormat
+from diffusion_runtime.engine.params import EditParams, GenerationParams, OutputFormat, VideoParams
 
 SPEC_VERSION = 1
 
@@ -34,12 +34,37 @@ def job_spec(
     }
 
 
-def generation_params(spec: dict[str, Any]) -> GenerationParams:
+def _call_fields(spec: dict[str, Any]) -> dict[str, Any]:
     fields = dict(spec["params"])
     # JSON has lists where the dataclass has tuples: ((name, scale), ...)
     fields["adapters"] = tuple((str(name), float(scale)) for name, scale in fields.get("adapters") or ())
-    return GenerationParams(**fields)
+    return fields
+
+
+def generation_params(spec: dict[str, Any]) -> GenerationParams:
+    return GenerationParams(**_call_fields(spec))
 
 
 def output_format(spec: dict[str, Any]) -> OutputFormat:
     return OutputFormat(spec["output_format"], spec.get("output_compression"))
+
+
+def video_spec(
+    params: VideoParams, seconds: str, model: str, owner: str | None, webhook: bool
+) -> dict[str, Any]:
+    """A /v1/videos job: the clip's call with every default resolved, and what its VideoObject shows."""
+    return {
+        "v": SPEC_VERSION,
+        "endpoint": "videos",
+        "params": {f.name: getattr(params, f.name) for f in dataclasses.fields(VideoParams)},
+        "seconds": seconds,
+        "model": model,
+        "owner": owner,
+        "webhook": webhook,
+        "sync": False,
+        "reply": None,
+    }
+
+
+def video_params(spec: dict[str, Any]) -> VideoParams:
+    return VideoParams(**_call_fields(spec))

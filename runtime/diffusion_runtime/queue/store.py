@@ -12,6 +12,11 @@ Key layout (prefix `P` = `QueueConfig.prefix`, `dq:{name}:`; docs/queue.md):
   job's: `SYNC_RECORD_TTL`, its answer rides the notice).
 - `P result:RID` (hash: `d` the image, `o` its owner's key name): one `response_format: url` image,
   TTL `server.job_ttl_seconds`.
+- `P clip:VID` (hash: `m` the MP4, `t` its thumbnail): a finished video job's content (docs/video.md),
+  TTL `server.job_ttl_seconds`; `P clips` (sorted set: video id -> finished at) and `P clipbytes`
+  (hash: video id -> bytes) bound them by `server.video_store_max_bytes`, oldest out first (the
+  evicted job's hash says why: `evicted`).
+- `P videos:OWNER` (sorted set: video id -> created at): one key name's clips, for GET /v1/videos.
 - `P stats` (hash): `redeliveries`, `exhausted` counters.
 - `P hook:ID` (string): which front door delivers an async job's webhook (SET NX).
 - channels `P done` (a job finished: JSON `{id, status, wait, webhook, sync}`), `P reply:FRONT_DOOR` (a
@@ -44,6 +49,7 @@ SYNC_RECORD_TTL = 60  # seconds a finished sync job's record is kept (its answer
 JOB_FIELDS = (
     "endpoint", "status", "step", "total_steps", "attempts", "owner", "created_at", "started_at",
     "finished_at", "result", "error", "cancel_requested", "cancel_step", "webhook", "sync", "worker",
+    "spec", "evicted",
 )  # fmt: skip
 
 # ---------------------------------------------------------------- scripts (atomic transitions)
@@ -185,6 +191,44 @@ end
 return #redis.call('XRANGE', KEYS[1], '(' .. last, entry)
 """
 
+# KEYS clip, clips, clipbytes, job; ARGV video_id, mp4, thumbnail, ttl, now, max_bytes, clip prefix,
+# job prefix, consumer, reason -> evicted video ids, or -1 (the job is no longer this worker's: nothing
+# stored). All keys share the deployment's {hash tag}.
+STORE_CLIP = """
+if redis.call('HGET', KEYS[4], 'status') ~= 'running' or redis.call('HGET', KEYS[4], 'worker') ~= ARGV[9] then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'm', ARGV[2], 't', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], string.len(ARGV[2]) + string.len(ARGV[3]))
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[5]) - tonumber(ARGV[4])))) do
+  redis.call('ZREM', KEYS[2], old)
+  redis.call('HDEL', KEYS[3], old)
+end
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(v) end
+local evicted = {}
+while total > tonumber(ARGV[6]) and redis.call('ZCARD', KEYS[2]) > 1 do
+  local old = redis.call('ZPOPMIN', KEYS[2])[1]
+  total = total - tonumber(redis.call('HGET', KEYS[3], old) or '0')
+  redis.call('HDEL', KEYS[3], old)
+  redis.call('DEL', ARGV[7] .. old)
+  if redis.call('EXISTS', ARGV[8] .. old) == 1 then redis.call('HSET', ARGV[8] .. old, 'evicted', ARGV[10]) end
+  evicted[#evicted + 1] = old
+end
+return evicted
+"""
+
+# KEYS job, clip, clips, clipbytes, owner index; ARGV video_id: a video job and its content, gone
+DROP_VIDEO = """
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return 1
+"""
+
 # KEYS stream; ARGV group -> {length, pending}
 DEPTH = (
     _GROUP
@@ -207,6 +251,10 @@ def _f(v: Any) -> float | None:
 
 def new_job_id() -> str:
     return "imgjob_" + uuid.uuid4().hex
+
+
+def new_video_id() -> str:
+    return "video_" + uuid.uuid4().hex
 
 
 def new_result_id(fmt: str) -> str:
@@ -256,6 +304,10 @@ class QueueStore:
         self._result_prefix = p + "result:"
         self._hook_prefix = p + "hook:"
         self.reply_prefix = p + "reply:"
+        self._clip_prefix = p + "clip:"
+        self.clips = p + "clips"
+        self.clip_bytes = p + "clipbytes"
+        self._owner_prefix = p + "videos:"
         self._enqueue = self.r.register_script(ENQUEUE)
         self._start = self.r.register_script(START)
         self._heartbeat = self.r.register_script(HEARTBEAT)
@@ -264,12 +316,20 @@ class QueueStore:
         self._release = self.r.register_script(RELEASE)
         self._position = self.r.register_script(POSITION)
         self._depth = self.r.register_script(DEPTH)
+        self._store_clip = self.r.register_script(STORE_CLIP)
+        self._drop_video = self.r.register_script(DROP_VIDEO)
 
     def job_key(self, job_id: str) -> str:
         return self._job_prefix + job_id
 
     def result_key(self, rid: str) -> str:
         return self._result_prefix + rid
+
+    def clip_key(self, video_id: str) -> str:
+        return self._clip_prefix + video_id
+
+    def owner_key(self, owner: str | None) -> str:
+        return self._owner_prefix + (owner or "")
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -344,6 +404,44 @@ class QueueStore:
         length, pending = await self._depth(keys=[self.stream], args=[QUEUE_GROUP])
         return max(0, int(length) - int(pending)), int(pending)
 
+    # ------------------------------------------------------------ videos (front door)
+
+    async def index_video(
+        self, owner: str | None, video_id: str, created_at: float, keep_seconds: float
+    ) -> None:
+        """List the clip under its owner; entries older than `keep_seconds` (run time + TTL) go."""
+        key = self.owner_key(owner)
+        async with self.r.pipeline(transaction=True) as p:
+            p.zadd(key, {video_id: created_at})
+            p.zremrangebyscore(key, "-inf", f"({created_at - keep_seconds}")
+            p.expire(key, max(1, int(keep_seconds)))
+            await p.execute()
+
+    async def owned_videos(self, owner: str | None) -> list[tuple[str, dict[str, Any]]]:
+        """The owner's video jobs, oldest first (ids whose job hash is gone are dropped from the index)."""
+        key = self.owner_key(owner)
+        ids = [_s(v) or "" for v in await self.r.zrange(key, 0, -1)]
+        out: list[tuple[str, dict[str, Any]]] = []
+        gone: list[str] = []
+        for vid in ids:
+            h = await self.job(vid)
+            (out.append((vid, h)) if h is not None else gone.append(vid))
+        if gone:
+            await self.r.zrem(key, *gone)
+        return out
+
+    async def clip(self, video_id: str, field: str) -> bytes | None:
+        """`m` the MP4 or `t` the thumbnail of a finished clip; None once expired or evicted."""
+        data: Any = await self.r.hget(self.clip_key(video_id), field)
+        return bytes(data) if data is not None else None
+
+    async def drop_video(self, video_id: str, owner: str | None) -> None:
+        await self._drop_video(
+            keys=[self.job_key(video_id), self.clip_key(video_id), self.clips, self.clip_bytes,
+                  self.owner_key(owner)],
+            args=[video_id],
+        )  # fmt: skip
+
     async def claim_webhook(self, job_id: str) -> bool:
         return bool(await self.r.set(self._hook_prefix + job_id, "1", nx=True, ex=self.ttl))
 
@@ -414,6 +512,20 @@ class QueueStore:
                 p.hset(self.result_key(rid), mapping={"d": data, "o": owner or ""})
                 p.expire(self.result_key(rid), self.ttl)
             await p.execute()
+
+    async def store_clip(
+        self, video_id: str, mp4: bytes, thumbnail: bytes, consumer: str, max_bytes: int, reason: str
+    ) -> list[str] | None:
+        """Keep a clip's content while its job is still this worker's (None: it is not: nothing kept);
+        the evicted clips' ids (the bound `max_bytes`, oldest out first)."""
+        out = await self._store_clip(
+            keys=[self.clip_key(video_id), self.clips, self.clip_bytes, self.job_key(video_id)],
+            args=[video_id, mp4, thumbnail, self.ttl, repr(time.time()), max_bytes, self._clip_prefix,
+                  self._job_prefix, consumer, reason],
+        )  # fmt: skip
+        if out == -1:
+            return None
+        return [_s(v) or "" for v in out]
 
     async def finalize(
         self, entry: str, job_id: str, status: str, *, result: str = "", error: str = "", error_status: int = 0,

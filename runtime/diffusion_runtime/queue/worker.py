@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import Counter
 from redis.exceptions import RedisError
@@ -37,13 +38,22 @@ from diffusion_runtime.api.serving import (
     decode_edit_inputs,
     edit_call,
     generation_call,
+    record_inference,
     record_result,
 )
+from diffusion_runtime.api.videos.serving import ENDPOINT as VIDEOS_ENDPOINT
+from diffusion_runtime.api.videos.serving import record_video, video_call
 from diffusion_runtime.contract.queue import EXECUTION_RESULTS, QUEUE_EXECUTIONS_METRIC
 from diffusion_runtime.engine.errors import Cancelled, EngineError, InvalidInput, QueueFull, Unavailable
-from diffusion_runtime.engine.params import EditParams, EncodedResult
+from diffusion_runtime.engine.params import (
+    EditParams,
+    EncodedResult,
+    GenerationResult,
+    VideoParams,
+)
 from diffusion_runtime.engine.scheduler import Work
-from diffusion_runtime.queue.spec import generation_params, output_format
+from diffusion_runtime.engine.video import encode_video
+from diffusion_runtime.queue.spec import generation_params, output_format, video_params
 from diffusion_runtime.queue.store import QueueStore, Started, done_message, new_result_id
 
 log = logging.getLogger("diffusion_runtime")
@@ -144,6 +154,8 @@ class QueueWorker:
     # ------------------------------------------------------------ one job
 
     def _work(self, spec: dict[str, Any], image: bytes | None, mask: bytes | None) -> tuple[Work, Any]:
+        if spec["endpoint"] == VIDEOS_ENDPOINT:
+            return self._video_work(spec)
         params = generation_params(spec)
         output = output_format(spec)
         if spec["endpoint"] == "edits":
@@ -160,6 +172,22 @@ class QueueWorker:
             return self.serving.new_work("edits", edit_call(self.state, edit, output), edit.run_steps), edit
         call = generation_call(self.state, params, output)
         return self.serving.new_work("generations", call, params.run_steps), params
+
+    def _video_work(self, spec: dict[str, Any]) -> tuple[Work, VideoParams]:
+        """A clip: the front door checked it against the pipeline its config names (if any); the
+        loaded pipeline's own frame rule is checked here (a wrong count fails the job with a 400)."""
+        params = video_params(spec)
+        engine = self.state.loaded()
+        multiple = engine.frame_multiple
+        if engine.modality == "video" and (params.frames - 1) % multiple:
+            raise InvalidInput(
+                f"num_frames: {params.frames} is not a frame count {engine.pipeline_name} renders "
+                f"(k*{multiple}+1)",
+                param="num_frames",
+            )
+        return self.serving.new_work(
+            VIDEOS_ENDPOINT, video_call(self.state, params), params.run_steps
+        ), params
 
     async def _execute(self, entry: str, job_id: str, spec: dict[str, Any] | None = None) -> None:
         """Run one job. A generation's first delivery (`spec` read with the entry) is submitted at
@@ -239,7 +267,8 @@ class QueueWorker:
         return isinstance(started, Started) and started.outcome == "run"
 
     async def _finish(
-        self, entry: str, job_id: str, spec: dict[str, Any], status: str, *, result: EncodedResult | None = None,
+        self, entry: str, job_id: str, spec: dict[str, Any], status: str, *,
+        result: EncodedResult | GenerationResult | None = None,
         work: Work | None = None, params: Any = None, created: float = 0.0,
         error: tuple[int, str, str | None] | None = None,
     ) -> None:  # fmt: skip
@@ -247,19 +276,26 @@ class QueueWorker:
         wait = None
         if work is not None and work.started:
             wait = max(0.0, time.time() - (time.perf_counter() - work.started) - created)
-        if result is not None:
-            record_result(self.state.metrics, result, params)
+        if result is not None and spec["endpoint"] == VIDEOS_ENDPOINT:
+            stored = await self._store_clip(job_id, cast(GenerationResult, result), params)
+            if stored is None:  # taken over, deleted, or the store stayed away: not this run's outcome
+                self.executions.labels(result="discarded").inc()
+                return
+            body = stored
+        elif result is not None:
+            images = cast(EncodedResult, result)
+            record_result(self.state.metrics, images, params)
             rids: list[str] = []
             if spec["response_format"] == "url":
-                rids = [new_result_id(spec["output_format"]) for _ in result.images]
+                rids = [new_result_id(spec["output_format"]) for _ in images.images]
                 await self._retrying(
                     lambda: self.store.put_results(
-                        list(zip(rids, result.images, strict=True)), spec.get("owner")
+                        list(zip(rids, images.images, strict=True)), spec.get("owner")
                     )
                 )
             ids = iter(rids)
             response = build_images_response(
-                result, params, spec["output_format"], spec["response_format"], spec["base_url"],
+                images, params, spec["output_format"], spec["response_format"], spec["base_url"],
                 put=lambda _b, _f: next(ids), queue_wait=wait or 0.0, total=time.time() - created,
             )  # fmt: skip
             body = response.model_dump_json()
@@ -287,6 +323,25 @@ class QueueWorker:
         log.debug(
             "queue: job %s %s%s", job_id, status, "" if first else " (already final elsewhere: discarded)"
         )
+
+    async def _store_clip(self, job_id: str, result: GenerationResult, params: VideoParams) -> str | None:
+        """Encode the clip (a worker thread) and keep it in the store; the job's result JSON, or None when
+        the job is no longer this pod's (nothing kept)."""
+        s = self.state.config.server
+        record_inference(self.state.metrics, result)
+        video = await asyncio.to_thread(encode_video, result.images[0], params.fps, s.video_crf)
+        reason = f"the stored clips exceeded {s.video_store_max_bytes} bytes (server.video_store_max_bytes): oldest out first"
+        evicted = await self._retrying(
+            lambda: self.store.store_clip(
+                job_id, video.mp4, video.thumbnail, self.consumer, s.video_store_max_bytes, reason
+            )
+        )
+        if evicted is None or evicted is False:
+            return None
+        for old in evicted:
+            log.info("queue: clip %s evicted: %s", old, reason)
+        record_video(self.state.metrics, job_id, result, video)
+        return json.dumps({"bytes": len(video.mp4), "cached_steps": result.cached_steps})
 
     async def _retrying(self, op: Any) -> Any:
         """A store write that must land: retried while the server is unreachable, up to the request

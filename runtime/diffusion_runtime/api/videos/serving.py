@@ -22,7 +22,8 @@ from starlette.formparsers import MultiPartException
 from diffusion_runtime.api.auth import key_name
 from diffusion_runtime.api.errors import Rejected, validation_message
 from diffusion_runtime.api.routers import model_id
-from diffusion_runtime.api.serving import DELETE_WAIT_SECONDS, MAX_FORM_FIELDS, ImageServing
+from diffusion_runtime.api.serving import DELETE_WAIT_SECONDS, MAX_FORM_FIELDS, ImageServing, record_inference
+from diffusion_runtime.api.state import RuntimeState
 from diffusion_runtime.api.videos.protocol import (
     DEFAULT_SECONDS,
     VideoDeleted,
@@ -33,11 +34,19 @@ from diffusion_runtime.api.videos.protocol import (
     build_video_requests,
 )
 from diffusion_runtime.api.videos.store import VideoJob, VideoStore
-from diffusion_runtime.contract.pipelines import VIDEO_PIPELINES, frames_for
+from diffusion_runtime.contract.pipelines import (
+    VIDEO_PIPELINES,
+    Modality,
+    common_frame_multiple,
+    frames_for,
+    modality,
+    video_frame_multiple,
+)
 from diffusion_runtime.engine.errors import Cancelled
 from diffusion_runtime.engine.params import GenerationResult, StepCallback, VideoParams
-from diffusion_runtime.engine.scheduler import PipelineCall, Work
-from diffusion_runtime.engine.video import encode_video
+from diffusion_runtime.engine.scheduler import PipelineCall
+from diffusion_runtime.engine.video import EncodedVideo, encode_video
+from diffusion_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger("diffusion_runtime")
 ENDPOINT = "videos"  # the metrics label
@@ -45,9 +54,14 @@ CHUNK_BYTES = 256 << 10  # content is streamed in chunks of this size
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _ignore_result(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()
+def video_call(state: RuntimeState, params: VideoParams) -> PipelineCall:
+    """A clip's pipeline call (the scheduler's thread; on this pod or a queue worker)."""
+
+    def run(cancel: threading.Event, on_step: StepCallback) -> GenerationResult:
+        return state.loaded().generate(params, cancel, on_step)
+
+    # the scheduler's calls are typed by the image API's result; a video call returns its frames
+    return cast(PipelineCall, run)
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -91,14 +105,24 @@ class VideoServing:
 
     # ------------------------------------------------------------ checks
 
-    def _video_engine(self) -> None:
+    def served_pipeline(self) -> tuple[str, Modality, int | None] | None:
+        """(class, modality, frame multiple) of the served pipeline: the loaded engine's, else the one
+        the config names (a front door loads no model); None: not known here (a front door whose
+        config names no pipeline: its workers check again with the loaded pipeline)."""
+        engine = self.state.engine
+        if engine is not None:
+            return engine.pipeline_name, engine.modality, engine.frame_multiple
+        name = self.state.config.model.pipeline
+        return (name, modality(name), video_frame_multiple(name)) if name else None
+
+    def _check_pipeline(self) -> None:
         """503 while loading / draining, 429 with a full queue, 400 on an image pipeline."""
         self.images.admit()  # Unavailable (503) / QueueFull (429) before reading the body
-        engine = self.state.loaded()
-        if engine.modality != "video":
+        served = self.served_pipeline()
+        if served is not None and served[1] != "video":
             raise Rejected(
                 400,
-                f"the served pipeline {engine.pipeline_name} makes images, not videos; /v1/videos needs a "
+                f"the served pipeline {served[0]} makes images, not videos; /v1/videos needs a "
                 f"video pipeline ({', '.join(VIDEO_PIPELINES)}); use /v1/images/generations",
                 param="model",
             )
@@ -146,10 +170,11 @@ class VideoServing:
     def params(self, req: VideoRequestFields) -> tuple[VideoParams, str]:
         """The engine's parameters and the clip's `seconds`, every limit checked (400 naming it)."""
         s = self.state.config.server
-        engine = self.state.loaded()
+        served = self.served_pipeline()
+        name = served[0] if served is not None else "the video pipeline"
+        multiple = (served[2] if served is not None else None) or common_frame_multiple()
         width, height = self.images.size(req.size)
         fps = req.fps if req.fps is not None else s.video_fps
-        multiple = engine.frame_multiple
         if req.num_frames is not None:
             if req.seconds is not None:
                 raise Rejected(400, "seconds, num_frames: send one of them", param="num_frames")
@@ -158,7 +183,7 @@ class VideoServing:
                 lower = (frames - 1) // multiple * multiple + 1
                 raise Rejected(
                     400,
-                    f"num_frames: {frames} is not a frame count {engine.pipeline_name} renders "
+                    f"num_frames: {frames} is not a frame count {name} renders "
                     f"(k*{multiple}+1: {lower} or {lower + multiple})",
                     param="num_frames",
                 )
@@ -199,31 +224,30 @@ class VideoServing:
 
     async def create(self, request: Request) -> VideoObject:
         t0 = request.scope.get("t0", time.perf_counter())
-        self._video_engine()
+        self._check_pipeline()
         req = await self.read_fields(request)
         params, seconds = self.params(req)
         if req.webhook:
             await self.images.check_webhook(req.webhook)
-        state = self.state
-
-        def run(cancel: threading.Event, on_step: StepCallback) -> GenerationResult:
-            return state.loaded().generate(params, cancel, on_step)
-
-        # the scheduler's calls are typed by the image API's result; a video call returns its frames
-        work = Work(
-            endpoint=ENDPOINT, run=cast(PipelineCall, run), total_steps=params.run_steps,
-            future=asyncio.get_running_loop().create_future(),
-        )  # fmt: skip
-        work.future.add_done_callback(_ignore_result)
         owner = key_name(request)
+        video = await self.submit(req, params, seconds, owner)
+        self.images.finish(ENDPOINT, 200, t0, owner)
+        return video
+
+    # ------------------------------------------------------------ the backend: this pod's scheduler
+    # (`queue.videos.QueueVideoServing` overrides these: the shared queue and store)
+
+    async def submit(
+        self, req: VideoRequestFields, params: VideoParams, seconds: str, owner: str | None
+    ) -> VideoObject:
+        work = self.images.new_work(ENDPOINT, video_call(self.state, params), params.run_steps)
         self.images.sched.submit(work)
         job = VideoJob(
-            work=work, params=params, model=req.model or model_id(state.config.model.uri), seconds=seconds,
+            work=work, params=params, model=req.model or model_id(self.state.config.model.uri), seconds=seconds,
             webhook=req.webhook, owner=owner,
         )  # fmt: skip
         self.store.add(job)
         job.task = asyncio.create_task(self._follow(job))
-        self.images.finish(ENDPOINT, 200, t0, owner)
         return self.view(job)
 
     async def retrieve(self, video_id: str, owner: str | None) -> VideoObject:
@@ -231,20 +255,9 @@ class VideoServing:
 
     async def list(self, owner: str | None, after: str | None, limit: int, order: str) -> VideoList:
         jobs = self.store.owned(owner)
-        if order == "desc":
-            jobs.reverse()
-        if after is not None:
-            ids = [j.id for j in jobs]
-            if after not in ids:
-                raise Rejected(404, self.store.unknown_reason(after, owner), param="after")
-            jobs = jobs[ids.index(after) + 1 :]
-        page = jobs[:limit]
-        return VideoList(
-            data=[self.view(j) for j in page],
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=len(jobs) > limit,
-        )
+        if after is not None and after not in {j.id for j in jobs}:
+            raise Rejected(404, self.store.unknown_reason(after, owner), param="after")
+        return paginate([self.view(j) for j in jobs], after, limit, order)
 
     async def delete(self, video_id: str, owner: str | None) -> VideoDeleted:
         """Drop a clip; a queued one leaves the queue, a running one stops at its next step."""
@@ -313,14 +326,10 @@ class VideoServing:
         try:
             result: GenerationResult = await asyncio.wait_for(asyncio.shield(work.future), timeout)
             job.encoding = True
-            m.inference_duration.observe(result.inference_seconds)
-            for s in result.step_seconds:
-                m.step_duration.observe(s)
-            m.cache_steps.labels(result="cached").inc(result.cached_steps)
-            m.cache_steps.labels(result="computed").inc(result.computed_steps)
-            frames = result.images[0]
-            crf = self.state.config.server.video_crf
-            video = await asyncio.to_thread(encode_video, frames, job.params.fps, crf)
+            record_inference(m, result)
+            video = await asyncio.to_thread(
+                encode_video, result.images[0], job.params.fps, self.state.config.server.video_crf
+            )
         except TimeoutError:
             self.images.sched.withdraw(work)
             job.finish(
@@ -336,14 +345,7 @@ class VideoServing:
         else:
             job.cached_steps = result.cached_steps
             job.finish(video=video)
-            m.video_frames.inc(video.frames)
-            m.video_fps.observe(video.frames / max(result.inference_seconds, 1e-9))
-            m.video_encode_duration.observe(video.encode_seconds)
-            m.video_bytes.inc(len(video.mp4))
-            log.info(
-                "video %s: %d frames %dx%d in %.2fs, encoded in %.3fs (%d bytes)", job.id, video.frames,
-                video.width, video.height, result.inference_seconds, video.encode_seconds, len(video.mp4),
-            )  # fmt: skip
+            record_video(m, job.id, result, video)
         outcome = "succeeded" if job.final == "completed" else "failed"
         if job.error is not None and job.error.code == "cancelled":
             outcome = "cancelled"
@@ -351,6 +353,34 @@ class VideoServing:
         if job.webhook:
             body = _json(self.view(job))
             await self.images.webhooks.deliver(job.webhook, body, self.images._webhook_outcome)
+
+
+def record_video(m: RuntimeMetrics, video_id: str, result: GenerationResult, video: EncodedVideo) -> None:
+    """The video figures of an encoded clip (frames, frames/s generated, encode time, bytes) and its log line."""
+    m.video_frames.inc(video.frames)
+    m.video_fps.observe(video.frames / max(result.inference_seconds, 1e-9))
+    m.video_encode_duration.observe(video.encode_seconds)
+    m.video_bytes.inc(len(video.mp4))
+    log.info(
+        "video %s: %d frames %dx%d in %.2fs, encoded in %.3fs (%d bytes)", video_id, video.frames,
+        video.width, video.height, result.inference_seconds, video.encode_seconds, len(video.mp4),
+    )  # fmt: skip
+
+
+def paginate(videos: list[VideoObject], after: str | None, limit: int, order: str) -> VideoList:
+    """One page of a key's clips (oldest first in `videos`), OpenAI's cursor rules: after the clip `after`
+    (which the caller checked is in `videos`), at most `limit`, `order` asc|desc by creation."""
+    if order == "desc":
+        videos = videos[::-1]
+    if after is not None:
+        videos = videos[[v.id for v in videos].index(after) + 1 :]
+    page = videos[:limit]
+    return VideoList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(videos) > limit,
+    )
 
 
 def _json(model: BaseModel) -> dict[str, Any]:
