@@ -41,7 +41,9 @@ def _clip(client: openai.OpenAI, reader: openai.OpenAI, timeout: float = 300) ->
 
 @pytest.mark.timeout(1800)
 def test_a_tiny_wan_deployment_serves_clips_through_the_front_door_and_its_runtime_service(
-    cluster, node, queue_release  # noqa: F811 - the fixture imported above
+    cluster,
+    node,
+    queue_release,  # noqa: F811 - the fixture imported above
 ):
     ns = queue_release["namespace"]
     wan = model_volume(ns, tiny_wan_root(), claim=WAN_CLAIM)
@@ -58,8 +60,10 @@ def test_a_tiny_wan_deployment_serves_clips_through_the_front_door_and_its_runti
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
         try:
             wait_for(
-                lambda: len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2
-                and any(_ready(p) for p in _runtime_pods(cluster, ns, name)),
+                lambda: (
+                    len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2
+                    and any(_ready(p) for p in _runtime_pods(cluster, ns, name))
+                ),
                 600,
                 "the front door's 2 pods and the runtime pod Ready",
                 interval=2,
@@ -70,7 +74,9 @@ def test_a_tiny_wan_deployment_serves_clips_through_the_front_door_and_its_runti
         doors = [p["status"]["podIP"] for p in _front_door_pods(cluster, ns, name)]
 
         def client(host: str) -> openai.OpenAI:
-            return openai.OpenAI(base_url=f"http://{host}:8000/v1", api_key="unused", max_retries=0, timeout=120)
+            return openai.OpenAI(
+                base_url=f"http://{host}:8000/v1", api_key="unused", max_retries=0, timeout=120
+            )
 
         # through the front door's Service, read back from a front-door pod
         t = time.monotonic()
