@@ -77,7 +77,7 @@ def strategy(node: dict, path: str = "") -> st.SearchStrategy:
     if path.endswith(".steps_computation_mask"):
         names = st.sampled_from([*facts.MASK_POLICIES, "fastest"])
         return st.one_of(names, st.lists(st.sampled_from([0, 1]), min_size=0, max_size=60))
-    if path == ".template.affinity":
+    if path in (".template.affinity", ".queue.frontDoor.affinity"):
         return st.just({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}})
     if node.get("x-kubernetes-int-or-string"):
         if "pattern" in node:  # a quantity

@@ -143,6 +143,33 @@ def test_front_door_replicas_and_resources():
     assert front["spec"]["template"]["spec"]["containers"][0]["resources"] == {"limits": {"cpu": "2"}}
 
 
+def test_front_door_placement_is_its_own_and_spreads_by_default():
+    # the runtime pods' GPU placement (template) is not the front door's; its own fields are
+    doc = tiny_queue({"frontDoor": {}})
+    doc["spec"]["template"] = {
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}],
+    }
+    pod = built(doc)[("Deployment", "tiny-frontdoor")]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"] == {
+        "labelSelector": {"matchLabels": front_door_selector("tiny")},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    placed = {
+        "nodeSelector": {"pool": "cpu"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "api", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}
+        ]}},
+    }  # fmt: skip
+    pod = built(tiny_queue({"frontDoor": placed}))[("Deployment", "tiny-frontdoor")]["spec"]["template"][
+        "spec"
+    ]
+    assert {k: pod[k] for k in placed} == placed  # as given: the user's affinity replaces the default
+
+
 def test_scale_to_zero_hpa_reads_the_queue_demand_as_an_object_metric():
     objs = built(tiny_queue(minReplicas=0, targetDemand=2))
     hpa = objs[("HorizontalPodAutoscaler", "tiny")]["spec"]

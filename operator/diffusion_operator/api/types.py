@@ -722,6 +722,19 @@ class FrontDoorSpec(_Types):
         None,
         description="cpu/memory of the front-door container (default: requests 100m / 256Mi, limit 1Gi).",
     )
+    node_selector: dict[str, str] | None = Field(
+        None,
+        alias="nodeSelector",
+        description="Node selector labels of the front-door pods (CPU nodes; spec.template's placement is the "
+        "runtime pods').",
+    )
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations of the front-door pods.")
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="A core/v1 Affinity of the front-door pods (default: prefer one pod per node, so a node "
+        "going away leaves the other replicas answering).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
 
 
 class QueueSpec(_Types):

@@ -63,6 +63,32 @@ def front_door_resources(dd: DiffusionDeployment) -> dict:
     return resources.model_dump(by_alias=True, exclude_none=True)
 
 
+def front_door_placement(dd: DiffusionDeployment) -> dict:
+    """nodeSelector, tolerations and affinity of the front-door pods (spec.queue.frontDoor): theirs alone,
+    none of the runtime pods' GPU placement; without an affinity, prefer one front-door pod per node."""
+    fd = dd.spec.queue.front_door if dd.spec.queue is not None else None
+    assert fd is not None
+    out: dict = {}
+    if fd.node_selector:
+        out["nodeSelector"] = dict(fd.node_selector)
+    if fd.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in fd.tolerations]
+    out["affinity"] = copy.deepcopy(fd.affinity) if fd.affinity else {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": front_door_selector(dd.name)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        }
+    }  # fmt: skip
+    return out
+
+
 def build_front_door_deployment(dd: DiffusionDeployment, owner: dict, configmap: dict) -> dict:
     queue = dd.spec.queue
     assert queue is not None
@@ -115,6 +141,7 @@ def build_front_door_deployment(dd: DiffusionDeployment, owner: dict, configmap:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    pod_spec.update(front_door_placement(dd))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
