@@ -146,7 +146,8 @@ def test_the_frame_rule_is_diffusers_own():
 
     down = inspect.signature(AutoencoderKLWan.__init__).parameters["temperal_downsample"].default
     patch = inspect.signature(WanTransformer3DModel.__init__).parameters["patch_size"].default
-    assert 2 ** sum(down) == WAN_FRAME_MULTIPLE == VIDEO_PIPELINES["WanPipeline"]
+    assert 2 ** sum(down) == WAN_FRAME_MULTIPLE == VIDEO_PIPELINES["WanPipeline"].frame_multiple
+    assert VIDEO_PIPELINES["WanImageToVideoPipeline"].frame_multiple == WAN_FRAME_MULTIPLE
     assert 2 ** len(down) * patch[1] == SIZE_MULTIPLE  # spatial VAE factor x patch
 
 
