@@ -2,6 +2,7 @@
 
 - `tiny_model_dir` (session): `diffusion-runtime tiny-model DIR` run once; a real diffusers folder.
 - `tiny_wan_model_dir` (session): the same for the tiny WanPipeline (`--variant wan-tiny`, videos).
+- `tiny_wan_i2v_model_dir` (session): the tiny WanImageToVideoPipeline (`--variant wan-i2v-tiny`).
 - `start_runtime(...)` / `RuntimeProcess`: start a server subprocess on free ports from a runtime.yaml
   written here, wait for /ready (or for the exit), stop it with SIGTERM.
 - `runtime_server` (session): one ready server on the tiny model with a static cache-dit mask and a
@@ -30,6 +31,7 @@ __all__ = [
     "start_runtime",
     "tiny_model_dir",
     "tiny_wan_model_dir",
+    "tiny_wan_i2v_model_dir",
     "runtime_server",
     "runtime_server_factory",
     "STATIC_CACHE_DIT",
@@ -175,7 +177,7 @@ def start_runtime(
 
 
 def make_tiny_model(folder: Path, variant: str) -> Path:
-    """A tiny random-weight FluxPipeline (`variant` of the CLI's tiny-model) written by the real CLI."""
+    """A tiny random-weight pipeline (`variant` of the CLI's tiny-model) written by the real CLI."""
     res = subprocess.run(
         [sys.executable, "-m", "diffusion_runtime", "tiny-model", str(folder), "--variant", variant],
         capture_output=True, text=True, timeout=600,
@@ -195,6 +197,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_wan_model_dir(tmp_path_factory) -> Path:
     """The tiny random-weight WanPipeline (text-to-video), generated once per session by the real CLI."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-wan") / "wan-tiny", "wan-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_i2v_model_dir(tmp_path_factory) -> Path:
+    """The tiny random-weight WanImageToVideoPipeline (image-to-video), generated once per session."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-wan-i2v") / "wan-i2v-tiny", "wan-i2v-tiny")
 
 
 @pytest.fixture(scope="session")

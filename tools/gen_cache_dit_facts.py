@@ -92,6 +92,7 @@ MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "stable-diffusion-3.5-large-turbo": ("SD3Transformer2DModel", {"transformer_blocks": 38}),
     "Wan2.1-T2V-1.3B-Diffusers": ("WanTransformer3DModel", {"blocks": 30}),
     "Wan2.1-T2V-14B-Diffusers": ("WanTransformer3DModel", {"blocks": 40}),
+    "Wan2.1-I2V-14B-480P-Diffusers": ("WanTransformer3DModel", {"blocks": 40}),
     "HunyuanVideo": (
         "HunyuanVideoTransformer3DModel",
         {"transformer_blocks": 20, "single_transformer_blocks": 40},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "tiny-model",
-        help="write a random-weight tiny pipeline (FluxPipeline; wan-tiny: WanPipeline) into DIR",
+        help="write a random-weight tiny pipeline (FluxPipeline; wan-tiny: WanPipeline; wan-i2v-tiny: "
+        "WanImageToVideoPipeline) into DIR",
     )
     t.add_argument("dir")
     t.add_argument("--variant", choices=VARIANTS, default="tiny")
@@ -161,7 +163,8 @@ def _tiny(a: argparse.Namespace) -> int:
     from diffusion_runtime.tiny import write_tiny_model
 
     folder = write_tiny_model(a.dir, a.variant, a.seed)
-    print(f"wrote the {a.variant} FluxPipeline to {folder}")
+    pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    print(f"wrote the {a.variant} {pipeline} to {folder}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Random-weight pipelines small enough for CPU tests, built fully offline: FluxPipeline (images) and
-WanPipeline (text-to-video, variant `wan-tiny`).
+"""Random-weight pipelines small enough for CPU tests, built fully offline: FluxPipeline (images),
+WanPipeline (text-to-video, variant `wan-tiny`) and WanImageToVideoPipeline (image-to-video, variant
+`wan-i2v-tiny`).
 
 Every component is a real diffusers/transformers class with a tiny config; the tokenizers are built
 from vocabularies written here (no hub access). `write_tiny_model(dir)` saves it with
@@ -37,10 +38,16 @@ SPECS = {
     # "tiny" with 4 heads of 8: divisible by ulysses_size x tp_size = 2 x 2 (hybrid parallel tests)
     "tiny-heads4": TinySpec(2, 4, 4, 8, (2, 2, 4), 32, 32, (8, 8, 8, 8), 4, 32),
 }
-# WanPipeline (text-to-video): a 2-block WanTransformer3DModel, a 2-layer UMT5, the Wan VAE at base_dim 3
-WAN_VARIANTS = ("wan-tiny",)
+# WanPipeline (text-to-video): a 2-block WanTransformer3DModel, a 2-layer UMT5, the Wan VAE at base_dim 3;
+# WanImageToVideoPipeline (image-to-video): the same parts in Wan 2.1 I2V's layout (36 input channels:
+# 16 noise + 4 first-frame mask + 16 image latents; image cross-attention) plus a 2-layer CLIP vision
+# encoder and its image processor, both from configs
+WAN_I2V_VARIANT = "wan-i2v-tiny"
+WAN_VARIANTS = ("wan-tiny", WAN_I2V_VARIANT)
 VARIANTS = tuple(SPECS) + WAN_VARIANTS
 WAN_MAX_SEQUENCE_LENGTH = 32
+WAN_I2V_IMAGE_DIM = 16  # the tiny CLIP vision encoder's hidden size (Wan 2.1 I2V: ViT-H/14, 1280)
+WAN_I2V_CLIP_SIZE = 32  # its input size, patches of 8: 16 image tokens (Wan 2.1 I2V: 224, 257 tokens)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -94,13 +101,17 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return vocab
 
 
-def build_tiny_wan_pipeline(seed: int = 0):
+def build_tiny_wan_pipeline(seed: int = 0, image_to_video: bool = False):
     """The random-weight WanPipeline (float32): diffusers' own test shapes for Wan 2.1 (patch 1x2x2,
-    16 latent channels, temporal VAE factor 4, spatial 8), a UMT5 encoder and a T5 unigram tokenizer."""
+    16 latent channels, temporal VAE factor 4, spatial 8), a UMT5 encoder and a T5 unigram tokenizer.
+    `image_to_video`: WanImageToVideoPipeline in Wan 2.1 I2V's layout (Wan2.1-I2V-14B-480P-Diffusers:
+    the transformer takes the first frame's latents and mask as 20 more input channels and attends to
+    the CLIP vision encoder's penultimate hidden states through its own key/value projections)."""
     import torch
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
         WanPipeline,
         WanTransformer3DModel,
     )
@@ -127,26 +138,52 @@ def build_tiny_wan_pipeline(seed: int = 0):
             eos_token_id=1,
         )  # fmt: skip
     )
+    heads, head_dim = 2, 12
+    # image-to-video: 16 noise + 4 mask (the VAE's temporal factor) + 16 first-frame latent channels in
+    i2v: dict = dict(in_channels=36, image_dim=WAN_I2V_IMAGE_DIM, added_kv_proj_dim=heads * head_dim)
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        **(i2v if image_to_video else {"in_channels": 16}),
     )  # fmt: skip
     with torch.no_grad():  # as for FLUX: no zero-initialised projections
         for p in transformer.parameters():  # type: ignore[attr-defined]
             if torch.count_nonzero(p) == 0 and p.dim() >= 1:
                 p.normal_(0.0, 0.02)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return WanPipeline(
+    parts = dict(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+    if not image_to_video:
+        return WanPipeline(**parts)
+    # the PIL backend: what transformers picks for CLIPImageProcessor without torchvision (not in the pins)
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed + 3)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=WAN_I2V_IMAGE_DIM,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=WAN_I2V_CLIP_SIZE,
+            patch_size=8,
+        )
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": WAN_I2V_CLIP_SIZE},
+        crop_size={"height": WAN_I2V_CLIP_SIZE, "width": WAN_I2V_CLIP_SIZE},
+    )
+    return WanImageToVideoPipeline(**parts, image_encoder=image_encoder, image_processor=image_processor)
 
 
 def build_tiny_pipeline(variant: str = "tiny", seed: int = 0):
-    """Build the random-weight pipeline of `variant` in memory (float32): FluxPipeline, or WanPipeline."""
+    """Build the random-weight pipeline of `variant` in memory (float32): FluxPipeline, WanPipeline or
+    WanImageToVideoPipeline."""
     if variant in WAN_VARIANTS:
-        return build_tiny_wan_pipeline(seed)
+        return build_tiny_wan_pipeline(seed, image_to_video=variant == WAN_I2V_VARIANT)
     if variant not in SPECS:
         raise ValueError(f"unknown tiny-model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     import torch

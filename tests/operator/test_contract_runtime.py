@@ -8,7 +8,9 @@ from diffusion_operator.api import funcs
 from op_helpers import owner_for, sample
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "flux-dev.yaml", "qwen-image.yaml", "wan.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny-cpu.yaml", "flux-dev.yaml", "qwen-image.yaml", "wan.yaml", "wan-i2v.yaml"]
+)
 def test_runtime_loads_the_rendered_config(name, tmp_path):
     from diffusion_runtime.contract.config import load_config_file
 

@@ -22,7 +22,7 @@ def fields(parsed) -> list[str]:
 
 
 def test_samples_parse_without_errors():
-    for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml", "wan.yaml"):
+    for name in ("flux-dev.yaml", "qwen-image.yaml", "tiny-cpu.yaml", "wan.yaml", "wan-i2v.yaml"):
         doc = sample(name)
         parsed = parse(doc["spec"], doc["metadata"]["name"])
         assert parsed.ok, (name, [str(e) for e in parsed.errors])

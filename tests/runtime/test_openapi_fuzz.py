@@ -40,12 +40,14 @@ VIDEO_OPERATIONS = 5  # tagged `videos`: fuzzed on the video server only (an ima
 TOTAL_OPERATIONS = 15
 
 
-@pytest.mark.parametrize(("auth", "video"), [(False, False), (True, False), (False, True)],
-                         ids=["no-keys", "api-keys", "video"])  # fmt: skip
-def test_schemathesis_finds_nothing(tiny_model_dir, tiny_wan_model_dir, tmp_path, auth, video):
+@pytest.mark.parametrize(("auth", "video"), [(False, None), (True, None), (False, "tiny_wan_model_dir"),
+                                             (False, "tiny_wan_i2v_model_dir")],
+                         ids=["no-keys", "api-keys", "video", "video-i2v"])  # fmt: skip
+def test_schemathesis_finds_nothing(tiny_model_dir, request, tmp_path, auth, video):
     """With API keys (docs/security.md) the fuzzer sends one, and its `ignored_auth` check also sends
     each operation without it, expecting the 401 the document declares. The image servers are fuzzed
-    on every operation but the videos API; the video server (the tiny Wan) on the videos API."""
+    on every operation but the videos API; the video servers (the tiny Wan text-to-video and
+    image-to-video: `video` names the model's fixture) on the videos API, input_reference included."""
     server, headers = dict(FUZZ_LIMITS, **(VIDEO_LIMITS if video else {})), []
     if auth:
         (tmp_path / "keys").mkdir()
@@ -54,7 +56,10 @@ def test_schemathesis_finds_nothing(tiny_model_dir, tiny_wan_model_dir, tmp_path
         headers = ["--header", "Authorization: Bearer sk-fuzz-key"]
     warmup: dict = {"resolutions": ["32x32"], "steps": 2, **({"frames": 5} if video else {})}
     rp = start_runtime(
-        tiny_wan_model_dir if video else tiny_model_dir, tmp_path / "fuzz", server=server, warmup=warmup
+        request.getfixturevalue(video) if video else tiny_model_dir,
+        tmp_path / "fuzz",
+        server=server,
+        warmup=warmup,
     )
     tags = ["--include-tag", "videos"] if video else ["--exclude-tag", "videos"]
     try:

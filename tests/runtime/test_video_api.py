@@ -6,6 +6,7 @@ the video metrics."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import json
@@ -151,14 +152,24 @@ def test_the_openai_client_gets_400_for_a_size_over_the_limit(client):
         client.videos.create(prompt="a cat", size="1280x720")
 
 
-def test_input_reference_and_wrong_media_types_are_refused(video_server):
+def test_input_reference_and_wrong_media_types_are_refused(client, video_server):
+    """A text-to-video pipeline refuses a reference image, naming itself and the image-to-video
+    pipelines (test_video_i2v.py serves one)."""
     url = video_server.url + "/v1/videos"
     png = io.BytesIO()
     Image.new("RGB", (64, 64)).save(png, format="PNG")
-    r = httpx.post(
-        url, data={"prompt": "a cat"}, files={"input_reference": ("a.png", png.getvalue(), "image/png")}
-    )
-    assert r.status_code == 400 and "input_reference" in r.json()["error"]["message"]
+    needle = "served pipeline WanPipeline is text-to-video.*needs an image-to-video pipeline.*WanImageToVideoPipeline"
+    with pytest.raises(openai.BadRequestError, match=needle) as e:
+        client.videos.create(
+            prompt="a cat",
+            size="64x64",
+            seconds="1",
+            input_reference=("a.png", png.getvalue(), "image/png"),  # type: ignore[arg-type]
+        )
+    assert e.value.body["param"] == "input_reference"  # type: ignore[index]
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    r = httpx.post(url, json={"prompt": "a cat", "num_frames": 5, "input_reference": {"image_url": data_url}})
+    assert r.status_code == 400 and "is text-to-video" in r.json()["error"]["message"]
     r = httpx.post(url, content=b"prompt=a", headers={"content-type": "text/plain"})
     assert r.status_code == 415
 

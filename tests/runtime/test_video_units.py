@@ -146,7 +146,8 @@ def test_the_frame_rule_is_diffusers_own():
 
     down = inspect.signature(AutoencoderKLWan.__init__).parameters["temperal_downsample"].default
     patch = inspect.signature(WanTransformer3DModel.__init__).parameters["patch_size"].default
-    assert 2 ** sum(down) == WAN_FRAME_MULTIPLE == VIDEO_PIPELINES["WanPipeline"]
+    assert 2 ** sum(down) == WAN_FRAME_MULTIPLE == VIDEO_PIPELINES["WanPipeline"].frame_multiple
+    assert VIDEO_PIPELINES["WanImageToVideoPipeline"].frame_multiple == WAN_FRAME_MULTIPLE
     assert 2 ** len(down) * patch[1] == SIZE_MULTIPLE  # spatial VAE factor x patch
 
 
@@ -165,3 +166,124 @@ def test_warmup_frames_follow_the_named_video_pipelines_rule():
 def test_a_quality_gate_on_a_named_video_pipeline_is_unsupported():
     cfg = config_from_dict({"model": {"uri": "/m", "pipeline": "WanPipeline"}, "quality_gate": {}})
     assert [(e.path, e.reason) for e in config_errors(cfg)] == [("quality_gate", "Unsupported")]
+
+
+# ---------------------------------------------------------------- image-to-video (input_reference)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_fit_frame_crops_to_the_clips_aspect_then_resizes():
+    from diffusion_runtime.engine.imaging import fit_frame
+    from PIL import Image
+
+    wide = Image.new("RGB", (96, 32), (0, 0, 255))  # blue sides, a red centre square
+    wide.paste((255, 0, 0), (32, 0, 64, 32))
+    square = np.asarray(fit_frame(wide, 16, 16)).astype(int)
+    assert square.shape == (16, 16, 3)
+    assert (square[..., 0] > 200).all() and (square[..., 2] < 60).all(), "the sides were not cropped"
+    tall = Image.new("L", (20, 60), 0)  # a grey image: converted to RGB; the middle third kept
+    tall.paste(255, (0, 20, 20, 40))
+    frame = fit_frame(tall, 32, 32)
+    assert frame.mode == "RGB" and frame.size == (32, 32) and np.asarray(frame).min() > 200
+    same = fit_frame(Image.new("RGB", (64, 32), (9, 9, 9)), 32, 16)  # same aspect: only resized
+    assert same.size == (32, 16) and np.asarray(same).max() == 9
+
+
+def test_warmup_frame_is_a_fixed_gradient_of_the_size():
+    from diffusion_runtime.engine.imaging import warmup_frame
+
+    a, b = warmup_frame(48, 32), warmup_frame(48, 32)
+    assert a.size == (48, 32) and a.mode == "RGB" and a == b
+    px = np.asarray(a)
+    assert px[0, 0].tolist() == [0, 0, 0] and px[-1, -1].tolist() == [255, 255, 255]
+
+
+def test_a_data_url_reference_is_decoded_and_anything_else_is_400():
+    import base64
+
+    from diffusion_runtime.api.videos import reference
+
+    data = b"\x89PNG not really"
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert reference.from_data_url(url) == data
+    assert reference.from_json({"image_url": url}) == data and reference.from_json(None) is None
+    for bad, needle in [
+        ("https://example.com/a.png", "fetches no URLs"),
+        ("data:text/plain;base64,aGk=", "base64 data URL"),
+        ("data:image/png;base64,a$b=", "malformed"),
+        (7, "must be a string"),
+    ]:
+        with pytest.raises(Rejected, match=needle) as e:
+            reference.from_data_url(bad)
+        assert (e.value.status, e.value.param) == (400, "input_reference")
+    for bad in ({"file_id": "file_1"}, {"image_url": url, "file_id": "f"}, url, [url]):
+        with pytest.raises(Rejected, match="no Files API") as e:
+            reference.from_json(bad)
+        assert e.value.param == "input_reference"
+
+
+def test_first_frame_follows_the_served_pipeline():
+    from diffusion_runtime.api.videos.reference import first_frame
+    from diffusion_runtime.engine.errors import InvalidInput
+    from PIL import Image
+
+    png = _png(Image.new("RGB", (40, 30), (10, 200, 30)))
+    assert first_frame("WanPipeline", None, 32, 32) is None
+    with pytest.raises(Rejected, match="WanPipeline is text-to-video.*WanImageToVideoPipeline") as e:
+        first_frame("WanPipeline", png, 32, 32)
+    assert (e.value.status, e.value.param) == (400, "input_reference")
+    with pytest.raises(Rejected, match="required.*WanImageToVideoPipeline is image-to-video"):
+        first_frame("WanImageToVideoPipeline", None, 32, 32)
+    frame = first_frame("WanImageToVideoPipeline", png, 48, 32)
+    assert frame.size == (48, 32) and frame.mode == "RGB"
+    assert np.abs(np.asarray(frame).astype(int) - [10, 200, 30]).max() <= 2
+    for bad, needle in [(b"hello, not an image", "not a readable"), (b"", "empty")]:
+        with pytest.raises(InvalidInput, match=needle) as ie:
+            first_frame("WanImageToVideoPipeline", bad, 32, 32)
+        assert ie.value.param == "input_reference"
+
+
+def test_video_params_carry_the_image_into_the_pipeline_call():
+    from diffusion_runtime.engine.imaging import warmup_frame
+    from diffusion_runtime.engine.pipelines import call_kwargs
+
+    image = warmup_frame(32, 32)
+    base = dict(prompt="p", width=32, height=32, steps=2, seed=1, frames=5, fps=8)
+    with_image = VideoParams(**base, image=image)  # type: ignore[arg-type]
+    assert with_image == VideoParams(**base, image=warmup_frame(32, 32))  # type: ignore[arg-type]
+    assert with_image != VideoParams(**base, image=warmup_frame(32, 16))  # type: ignore[arg-type]
+    assert call_kwargs({"image"}, with_image)["image"] is image
+    assert "image" not in call_kwargs({"image"}, VideoParams(**base))  # type: ignore[arg-type]
+
+
+def test_tiny_wan_i2v_pipeline_with_cache_dit_renders_from_the_image():
+    from diffusion_runtime.contract.config import RuntimeConfig
+    from diffusion_runtime.engine import cache_dit_adapter
+    from diffusion_runtime.engine.imaging import warmup_frame
+    from diffusion_runtime.engine.model import Model
+    from diffusion_runtime.engine.optimize import apply_plan, check_against_pipeline, plan_cache_dit
+    from diffusion_runtime.tiny import build_tiny_pipeline
+    from fixtures_runtime import STATIC_CACHE_DIT
+    from PIL import Image
+
+    pipe = build_tiny_pipeline("wan-i2v-tiny")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.image_encoder is not None
+    plan = plan_cache_dit(STATIC_CACHE_DIT, "cpu")
+    check_against_pipeline(plan, pipe)
+    apply_plan(pipe, plan, None)
+    assert cache_dit_adapter.is_supported(pipe)
+    model = Model(pipe, RuntimeConfig(), "cpu", plan, 0.0, None)  # type: ignore[arg-type]
+    assert model.modality == "video" and model.frame_multiple == 4
+    base = dict(prompt="a cat", width=32, height=32, steps=8, seed=1, frames=5, fps=8)
+    result = model.generate(VideoParams(**base, image=warmup_frame(32, 32)))  # type: ignore[arg-type]
+    clip = result.images[0]
+    assert clip.shape == (5, 32, 32, 3) and clip.dtype == np.uint8
+    assert result.cached_steps == 3 and result.computed_steps == 5  # the static mask 11101001
+    black = model.generate(VideoParams(**base, image=Image.new("RGB", (32, 32))))  # type: ignore[arg-type]
+    assert np.abs(black.images[0].astype(int) - clip.astype(int)).max() > 0  # the image is an input

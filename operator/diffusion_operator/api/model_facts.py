@@ -48,6 +48,7 @@ KNOWN_MODELS: dict[str, ModelFacts] = {
         ModelFacts("stable-diffusion-3.5-large-turbo", "StableDiffusion3Pipeline", 900),
         ModelFacts("Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", 600),
         ModelFacts("Wan2.1-T2V-14B-Diffusers", "WanPipeline", 1500),
+        ModelFacts("Wan2.1-I2V-14B-480P-Diffusers", "WanImageToVideoPipeline", 1500),
         ModelFacts("HunyuanVideo", "HunyuanVideoPipeline", 1500),
         ModelFacts("tiny-flux", "FluxPipeline", 600),  # the runtime's tiny test model (samples/tiny-cpu.yaml)
         ModelFacts("CogVideoX-5b", "CogVideoXPipeline", 900),

@@ -185,6 +185,7 @@ MODEL_BLOCK_LISTS = {'FLUX.1-dev': (57,),
  'stable-diffusion-3.5-large-turbo': (38,),
  'Wan2.1-T2V-1.3B-Diffusers': (30,),
  'Wan2.1-T2V-14B-Diffusers': (40,),
+ 'Wan2.1-I2V-14B-480P-Diffusers': (40,),
  'HunyuanVideo': (20, 40),
  'CogVideoX-5b': (42,),
  'tiny-flux': (6,)}

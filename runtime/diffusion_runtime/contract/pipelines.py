@@ -8,6 +8,7 @@ SD3, ...): the image API's checks and diffusers' own errors apply to it as befor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 Modality = Literal["image", "video"]
@@ -16,11 +17,23 @@ Modality = Literal["image", "video"]
 # diffusers' defaults by tests/runtime/test_video_units.py)
 WAN_FRAME_MULTIPLE = 4
 WAN_DEFAULT_FPS = 16  # Wan 2.1's frame rate (diffusers' Wan examples export at fps=16)
-# diffusers video pipelines this runtime serves on /v1/videos: class -> its frame multiple (valid
-# frame counts are k * multiple + 1: the VAE's temporal compression). The loaded pipeline's own
-# factor wins at run time (`Model.frame_multiple`).
-VIDEO_PIPELINES: dict[str, int] = {
-    "WanPipeline": WAN_FRAME_MULTIPLE,
+
+
+@dataclass(frozen=True)
+class VideoPipeline:
+    """What the runtime knows of a video pipeline class."""
+
+    frame_multiple: int  # valid frame counts are k * multiple + 1: the VAE's temporal compression
+    image_input: bool = False  # image-to-video: the call takes `image=` (POST /v1/videos' input_reference)
+
+
+# diffusers video pipelines this runtime serves on /v1/videos. The loaded pipeline's own frame factor
+# wins at run time (`Model.frame_multiple`).
+VIDEO_PIPELINES: dict[str, VideoPipeline] = {
+    "WanPipeline": VideoPipeline(WAN_FRAME_MULTIPLE),
+    # Wan 2.1 I2V (a CLIP vision encoder) and Wan 2.2 I2V A14B (two transformers, no image encoder):
+    # the same VAE, so the same frame rule
+    "WanImageToVideoPipeline": VideoPipeline(WAN_FRAME_MULTIPLE, image_input=True),
 }
 
 
@@ -31,14 +44,26 @@ def modality(pipeline_class: str) -> Modality:
 
 def video_frame_multiple(pipeline_class: str | None) -> int | None:
     """The frame multiple of a video pipeline class; None for an image pipeline (or none named)."""
-    return VIDEO_PIPELINES.get(pipeline_class) if pipeline_class else None
+    video = VIDEO_PIPELINES.get(pipeline_class) if pipeline_class else None
+    return video.frame_multiple if video else None
+
+
+def takes_image(pipeline_class: str) -> bool:
+    """Whether a pipeline class is an image-to-video one (its call needs a first frame)."""
+    video = VIDEO_PIPELINES.get(pipeline_class)
+    return bool(video and video.image_input)
+
+
+def image_to_video_pipelines() -> list[str]:
+    """The image-to-video classes of VIDEO_PIPELINES (named in the API's errors)."""
+    return [name for name, video in VIDEO_PIPELINES.items() if video.image_input]
 
 
 def common_frame_multiple() -> int:
     """The frame multiple where no pipeline is named (a front door whose config leaves the class to
     model_index.json): the one every served video pipeline shares, else 1 (any count passes there and
     the worker's loaded pipeline checks it)."""
-    multiples = set(VIDEO_PIPELINES.values())
+    multiples = {video.frame_multiple for video in VIDEO_PIPELINES.values()}
     return multiples.pop() if len(multiples) == 1 else 1
 
 

@@ -91,6 +91,32 @@ def fit_size(width: int, height: int, max_pixels: int, multiple: int = SIZE_MULT
     return w, h
 
 
+def fit_frame(image: Any, width: int, height: int) -> Any:
+    """An image as a clip's first frame of width x height (RGB): centre-cropped to the clip's aspect
+    ratio, then resized (Lanczos), so it is neither stretched nor padded."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * height > h * width:  # wider than the clip: crop the sides
+        crop_w = max(1, round(h * width / height))
+        box = ((w - crop_w) // 2, 0, (w - crop_w) // 2 + crop_w, h)
+    else:  # taller (or the same aspect): crop top and bottom
+        crop_h = max(1, round(w * height / width))
+        box = (0, (h - crop_h) // 2, w, (h - crop_h) // 2 + crop_h)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+
+
+def warmup_frame(width: int, height: int) -> Any:
+    """A first frame for an image-to-video warmup clip: a fixed colour gradient (deterministic)."""
+    import numpy as np
+    from PIL import Image
+
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    rgb = np.stack([x, y, (x + y) / 2], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
 def mask_from_upload(mask: Any) -> Any:
     """OpenAI masks mark the area to edit with alpha 0; diffusers wants white = repaint (mode L).
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_runtime.contract.config import ConfigError, RuntimeConfig, parse_size
-from diffusion_runtime.contract.pipelines import WAN_FRAME_MULTIPLE, Modality, modality
+from diffusion_runtime.contract.pipelines import WAN_FRAME_MULTIPLE, Modality, modality, takes_image
 from diffusion_runtime.engine import cache_dit_adapter
 from diffusion_runtime.engine.adapters import Adapters
 from diffusion_runtime.engine.errors import InvalidInput
+from diffusion_runtime.engine.imaging import warmup_frame
 from diffusion_runtime.engine.optimize import (
     CacheDitPlan,
     apply_plan,
@@ -219,6 +220,7 @@ class Model:
                 params = VideoParams(
                     prompt=w.prompt, width=width, height=height, steps=w.steps, seed=0,
                     frames=w.frames, fps=self.config.server.video_fps,
+                    image=warmup_frame(width, height) if takes_image(self.pipeline_name) else None,
                 )  # fmt: skip
             self.generate(params, on_step=_progress_logger(w.steps))
             log.info(

@@ -97,11 +97,13 @@ class EditParams(GenerationParams):
 @dataclass(frozen=True, kw_only=True)
 class VideoParams(GenerationParams):
     """One text-to-video call (`Engine.generate` on a video pipeline): `frames` frames (a valid count
-    for the pipeline, `Engine.frame_multiple`), played at `fps`. The result's `images` holds one
-    uint8 array (frames, height, width, 3) per clip."""
+    for the pipeline, `Engine.frame_multiple`), played at `fps`; with `image`, image-to-video (the
+    clip starts from it; an image-to-video pipeline needs it). The result's `images` holds one uint8
+    array (frames, height, width, 3) per clip."""
 
     frames: int
     fps: int
+    image: Any | None = None  # PIL image, RGB, width x height (`engine.imaging.fit_frame`)
 
     @property
     def batch_key(self) -> tuple[Any, ...] | None:

@@ -77,7 +77,7 @@ def guidance_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[
 
 def call_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[str, Any]:
     """The pipeline arguments of `params` (text-to-image; an edit adds image, mask and strength; a
-    video: frames, float frames in [0, 1] out)."""
+    video: frames, float frames in [0, 1] out, and image-to-video its first frame)."""
     import torch
 
     kwargs: dict[str, Any] = dict(
@@ -85,6 +85,8 @@ def call_kwargs(accepts: Collection[str], params: GenerationParams) -> dict[str,
     )  # fmt: skip
     if isinstance(params, VideoParams):
         kwargs.update(num_frames=params.frames, num_videos_per_prompt=params.n, output_type="np")
+        if params.image is not None:
+            kwargs["image"] = params.image
     else:
         kwargs["num_images_per_prompt"] = params.n
     if isinstance(params, EditParams):

@@ -16,6 +16,7 @@ from diffusion_runtime.api.protocol import (
     WEBHOOK_PATTERN,
     _no_null,
 )
+from diffusion_runtime.api.videos import reference
 from diffusion_runtime.contract.config import RuntimeConfig
 from diffusion_runtime.contract.limits import MAX_FPS_LIMIT, SIZE_MULTIPLE, SIZE_PATTERN
 
@@ -194,14 +195,16 @@ def build_video_requests(cfg: RuntimeConfig) -> tuple[type[BaseModel], type[Base
 
 
 def create_request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> dict[str, Any]:
-    """POST /v1/videos' body: the openai client sends multipart/form-data; JSON is taken too."""
+    """POST /v1/videos' body: the openai client sends multipart/form-data; JSON is taken too. Both
+    state `input_reference` (read by the serving object itself, `api.videos.reference`): a binary
+    part in the form, `{"image_url": data URL}` in JSON."""
     ref = "#/components/schemas/{model}"
     form = form_model.model_json_schema(ref_template=ref)
     form["properties"] = {name: _no_null(p) for name, p in form["properties"].items()}
+    form["properties"][reference.PARAM] = reference.FORM_SCHEMA
+    body = json_model.model_json_schema(ref_template=ref)
+    body["properties"][reference.PARAM] = reference.JSON_SCHEMA
     return {
         "required": True,
-        "content": {
-            "multipart/form-data": {"schema": form},
-            "application/json": {"schema": json_model.model_json_schema(ref_template=ref)},
-        },
+        "content": {"multipart/form-data": {"schema": form}, "application/json": {"schema": body}},
     }

@@ -24,6 +24,7 @@ from diffusion_runtime.api.errors import Rejected, validation_message
 from diffusion_runtime.api.routers import model_id
 from diffusion_runtime.api.serving import DELETE_WAIT_SECONDS, MAX_FORM_FIELDS, ImageServing, record_inference
 from diffusion_runtime.api.state import RuntimeState
+from diffusion_runtime.api.videos import reference
 from diffusion_runtime.api.videos.protocol import (
     DEFAULT_SECONDS,
     VideoDeleted,
@@ -127,9 +128,11 @@ class VideoServing:
                 param="model",
             )
 
-    async def read_fields(self, request: Request) -> VideoRequestFields:
+    async def read_fields(self, request: Request) -> tuple[VideoRequestFields, bytes | None]:
+        """The request's fields and its input_reference's bytes (None: not sent)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields: dict[str, Any] = {}
+        image: bytes | None = None
         model = self.form_model if ctype == "multipart/form-data" else self.json_model
         if ctype == "multipart/form-data":
             try:
@@ -137,14 +140,23 @@ class VideoServing:
             except MultiPartException as e:
                 raise Rejected(400, f"multipart body: {e.message}") from e
             for key, value in form.multi_items():
-                if isinstance(value, UploadFile) or key == "input_reference":
+                if key in (reference.PARAM, reference.FORM_URL_FIELD):
+                    if image is not None:
+                        await form.close()
+                        raise Rejected(400, f"{reference.PARAM}: sent more than once", param=reference.PARAM)
+                    if isinstance(value, UploadFile):
+                        image = await value.read()
+                    elif key == reference.FORM_URL_FIELD:
+                        image = reference.from_data_url(value)
+                    else:
+                        await form.close()
+                        raise Rejected(
+                            400, f"{key}: must be a file part (an image upload), got a text field", param=key
+                        )
+                    continue
+                if isinstance(value, UploadFile):
                     await form.close()
-                    raise Rejected(
-                        400,
-                        f"{key}: image-to-video (input_reference) is not served by this runtime yet; "
-                        "send a text prompt only",
-                        param=key,
-                    )
+                    raise Rejected(400, f"{key}: expected a text field, got a file upload", param=key)
                 if key in fields:
                     raise Rejected(400, f"{key}: sent more than once", param=key)
                 fields[key] = value
@@ -156,19 +168,16 @@ class VideoServing:
                 raise Rejected(400, f"malformed JSON body ({e})") from e
             if not isinstance(fields, dict):
                 raise Rejected(400, "request body must be a JSON object (or multipart/form-data)")
-            if "input_reference" in fields:
-                raise Rejected(
-                    400, "input_reference: image-to-video is not served by this runtime yet",
-                    param="input_reference",
-                )  # fmt: skip
+            image = reference.from_json(fields.pop(reference.PARAM, None))
         try:
-            return cast(VideoRequestFields, model.model_validate(fields))
+            return cast(VideoRequestFields, model.model_validate(fields)), image
         except ValidationError as e:
             msg, param = validation_message(e.errors())  # type: ignore[arg-type]
             raise Rejected(400, msg, param=param) from e
 
-    def params(self, req: VideoRequestFields) -> tuple[VideoParams, str]:
-        """The engine's parameters and the clip's `seconds`, every limit checked (400 naming it)."""
+    def params(self, req: VideoRequestFields, image: bytes | None = None) -> tuple[VideoParams, str]:
+        """The engine's parameters and the clip's `seconds`, every limit checked (400 naming it);
+        `image`: input_reference's bytes, the first frame of an image-to-video pipeline."""
         s = self.state.config.server
         served = self.served_pipeline()
         name = served[0] if served is not None else "the video pipeline"
@@ -217,6 +226,7 @@ class VideoServing:
             prompt=req.prompt, width=width, height=height, steps=steps,
             seed=req.seed if req.seed is not None else random.randrange(2**31),
             guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt, frames=frames, fps=fps,
+            image=reference.first_frame(served[0] if served is not None else None, image, width, height),
         )  # fmt: skip
         return params, seconds
 
@@ -225,8 +235,8 @@ class VideoServing:
     async def create(self, request: Request) -> VideoObject:
         t0 = request.scope.get("t0", time.perf_counter())
         self._check_pipeline()
-        req = await self.read_fields(request)
-        params, seconds = self.params(req)
+        req, image = await self.read_fields(request)
+        params, seconds = self.params(req, image)
         if req.webhook:
             await self.images.check_webhook(req.webhook)
         owner = key_name(request)
