@@ -217,3 +217,65 @@ def test_the_webhook_of_a_queued_clip_carries_its_video_object(stack):
         assert got[0]["object"] == "video" and got[0]["bytes"] > 0
     finally:
         srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def i2v_stack(tiny_wan_i2v_model_dir, tmp_path_factory):
+    """Redis, one tiny image-to-video worker and a front door whose config names no pipeline class."""
+    base = tmp_path_factory.mktemp("queue-i2v")
+    redis = RedisServer(base / "redis").start()
+    procs = [
+        _start(tiny_wan_i2v_model_dir, base / "worker", redis, "serve", None),
+        _start(tiny_wan_i2v_model_dir, base / "fd", redis, "front-door", None),
+    ]
+    try:
+        for p in procs:
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop(timeout=30)
+        redis.stop()
+    for p in procs:
+        assert "Traceback" not in p.log(), p.log_tail(60)
+
+
+def _reference() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()  # wider than the clip: the front door crops and resizes it
+    Image.fromarray(rng.integers(0, 256, size=(48, 96, 3), dtype=np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_to_video_through_the_queue_renders_the_clip_the_pod_renders_directly(i2v_stack):
+    import numpy as np
+
+    worker, fd = i2v_stack
+
+    def frames(c: openai.OpenAI) -> np.ndarray:
+        video = c.videos.create(
+            prompt="a cat walks", size="64x64", seconds="1", input_reference=("ref.png", _reference(), "image/png"),  # type: ignore[arg-type]
+            extra_body={"seed": 7},
+        )  # fmt: skip
+        assert poll(c, video.id).status == "completed"
+        with av.open(io.BytesIO(c.videos.download_content(video.id).read())) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+
+    queued, direct = frames(client(fd)), frames(client(worker))
+    assert queued.shape == (9, 64, 64, 3)
+    # the fitted first frame crossed the queue as PNG (lossless): the same clip as the pod's own API
+    assert np.array_equal(queued, direct)
+
+
+def test_a_front_door_that_does_not_know_its_pipeline_lets_the_worker_refuse_a_missing_reference(i2v_stack):
+    _, fd = i2v_stack
+    c = client(fd)
+    video = c.videos.create(prompt="no first frame", size="64x64", seconds="1")  # type: ignore[arg-type]
+    done = poll(c, video.id)
+    assert done.status == "failed" and done.error is not None
+    assert done.error.code == "invalid_request" and "input_reference: required" in done.error.message, (
+        done.error
+    )

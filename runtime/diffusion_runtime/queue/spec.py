@@ -56,7 +56,10 @@ def video_spec(
     return {
         "v": SPEC_VERSION,
         "endpoint": "videos",
-        "params": {f.name: getattr(params, f.name) for f in dataclasses.fields(VideoParams)},
+        # the first frame of an image-to-video clip travels as PNG in the job's hash (`image`), not here
+        "params": {
+            f.name: getattr(params, f.name) for f in dataclasses.fields(VideoParams) if f.name != "image"
+        },
         "seconds": seconds,
         "model": model,
         "owner": owner,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import time
 from typing import Any, Protocol, cast
 
@@ -28,6 +29,13 @@ from diffusion_runtime.queue.views import video_view
 # a clip stays listed under its key this long after it was created at most (its run + the TTL; the
 # index also drops clips whose job is gone each time it is listed)
 INDEX_SLACK_SECONDS = 86400
+
+
+def png(image: Any) -> bytes:
+    """The fitted first frame of an image-to-video clip, losslessly, for the job's hash."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class QueueBackend(Protocol):
@@ -61,7 +69,7 @@ class QueueVideoServing(VideoServing):
         with q.guard():
             added, waiting = await q.store.enqueue(
                 video_id, spec, endpoint=ENDPOINT, total_steps=params.run_steps, owner=owner,
-                webhook=req.webhook, sync=False,
+                webhook=req.webhook, sync=False, image=png(params.image) if params.image is not None else None,
             )  # fmt: skip
         if not added:
             raise q.queue_full(waiting)

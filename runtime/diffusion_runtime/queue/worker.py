@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,10 +42,12 @@ from diffusion_runtime.api.serving import (
     record_inference,
     record_result,
 )
+from diffusion_runtime.api.videos import reference
 from diffusion_runtime.api.videos.serving import ENDPOINT as VIDEOS_ENDPOINT
 from diffusion_runtime.api.videos.serving import record_video, video_call
 from diffusion_runtime.contract.queue import EXECUTION_RESULTS, QUEUE_EXECUTIONS_METRIC
 from diffusion_runtime.engine.errors import Cancelled, EngineError, InvalidInput, QueueFull, Unavailable
+from diffusion_runtime.engine.imaging import decode_upload
 from diffusion_runtime.engine.params import (
     EditParams,
     EncodedResult,
@@ -155,7 +158,7 @@ class QueueWorker:
 
     def _work(self, spec: dict[str, Any], image: bytes | None, mask: bytes | None) -> tuple[Work, Any]:
         if spec["endpoint"] == VIDEOS_ENDPOINT:
-            return self._video_work(spec)
+            return self._video_work(spec, image)
         params = generation_params(spec)
         output = output_format(spec)
         if spec["endpoint"] == "edits":
@@ -173,11 +176,15 @@ class QueueWorker:
         call = generation_call(self.state, params, output)
         return self.serving.new_work("generations", call, params.run_steps), params
 
-    def _video_work(self, spec: dict[str, Any]) -> tuple[Work, VideoParams]:
+    def _video_work(self, spec: dict[str, Any], image: bytes | None) -> tuple[Work, VideoParams]:
         """A clip: the front door checked it against the pipeline its config names (if any); the
-        loaded pipeline's own frame rule is checked here (a wrong count fails the job with a 400)."""
+        loaded pipeline's own rules are checked here (frame count, first frame sent exactly when it
+        takes one: else the job fails with a 400). `image`: the fitted first frame, PNG."""
         params = video_params(spec)
         engine = self.state.loaded()
+        reference.check_reference(engine.pipeline_name, image is not None)
+        if image is not None:
+            params = dataclasses.replace(params, image=decode_upload(image, reference.PARAM))
         multiple = engine.frame_multiple
         if engine.modality == "video" and (params.frames - 1) % multiple:
             raise InvalidInput(
