@@ -12,12 +12,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ __all__ = [
     "runtime_server",
     "runtime_server_factory",
     "STATIC_CACHE_DIT",
+    "webhook_receiver",
 ]
 
 # DBCache with a static computation mask: cache-dit's "fast" policy cut to 8 steps
@@ -56,6 +62,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict], threading.Event]]:
+    """A loopback HTTP server taking webhook POSTs: (its URL, the JSON bodies received, set at the
+    first one); answers 204."""
+    got: list[dict] = []
+    arrived = threading.Event()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+            arrived.set()
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    srv = http.server.HTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{port}/hook", got, arrived
+    finally:
+        srv.shutdown()
 
 
 @dataclass

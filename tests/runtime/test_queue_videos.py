@@ -12,11 +12,9 @@ carries its video object.
 
 from __future__ import annotations
 
-import http.server
 import io
-import json
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import pytest
 from diffusion_runtime.contract.config import QUEUE_URL_ENV
 from diffusion_runtime.contract.queue import QUEUE_EXECUTIONS_METRIC
 from fixtures_queue import RedisServer
-from fixtures_runtime import RuntimeProcess, free_port, start_runtime
+from fixtures_runtime import RuntimeProcess, start_runtime, webhook_receiver
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.runtime, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
@@ -54,11 +52,19 @@ def _start(
 @pytest.fixture(scope="module")
 def stack(tiny_wan_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("queue-videos")
+    yield from _running(base, [
+        (tiny_wan_model_dir, "worker", "serve", None),
+        (tiny_wan_model_dir, "fd-named", "front-door", "WanPipeline"),
+        (tiny_wan_model_dir, "fd-unnamed", "front-door", None),
+    ])  # fmt: skip
+
+
+def _running(base: Path, specs: list[tuple[Path, str, str, str | None]]) -> Iterator[list[RuntimeProcess]]:
+    """A redis-server and processes (model, folder, command, pipeline) on it, ready; stopped after,
+    and none of them logged a traceback."""
     redis = RedisServer(base / "redis").start()
     procs = [
-        _start(tiny_wan_model_dir, base / "worker", redis, "serve", None),
-        _start(tiny_wan_model_dir, base / "fd-named", redis, "front-door", "WanPipeline"),
-        _start(tiny_wan_model_dir, base / "fd-unnamed", redis, "front-door", None),
+        _start(model, base / folder, redis, command, pipeline) for model, folder, command, pipeline in specs
     ]
     try:
         for p in procs:
@@ -191,53 +197,23 @@ def test_deleting_a_running_clip_through_the_front_door_stops_it_and_frees_the_w
 
 def test_the_webhook_of_a_queued_clip_carries_its_video_object(stack):
     _, named, _ = stack
-    got: list[dict] = []
-    arrived = threading.Event()
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-            arrived.set()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    srv = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver() as (url, got, arrived):
         video = client(named).videos.create(
             prompt="a hook", size="64x64", seconds="1",  # type: ignore[arg-type]
-            extra_body={"webhook": f"http://127.0.0.1:{port}/hook"},
+            extra_body={"webhook": url},
         )  # fmt: skip
         assert arrived.wait(60)
         assert got[0]["id"] == video.id and got[0]["status"] == "completed" and got[0]["frames"] == 9
         assert got[0]["object"] == "video" and got[0]["bytes"] > 0
-    finally:
-        srv.shutdown()
 
 
 @pytest.fixture(scope="module")
 def i2v_stack(tiny_wan_i2v_model_dir, tmp_path_factory):
     """Redis, one tiny image-to-video worker and a front door whose config names no pipeline class."""
     base = tmp_path_factory.mktemp("queue-i2v")
-    redis = RedisServer(base / "redis").start()
-    procs = [
-        _start(tiny_wan_i2v_model_dir, base / "worker", redis, "serve", None),
-        _start(tiny_wan_i2v_model_dir, base / "fd", redis, "front-door", None),
-    ]
-    try:
-        for p in procs:
-            p.wait_ready()
-        yield procs
-    finally:
-        for p in procs:
-            p.stop(timeout=30)
-        redis.stop()
-    for p in procs:
-        assert "Traceback" not in p.log(), p.log_tail(60)
+    yield from _running(base, [
+        (tiny_wan_i2v_model_dir, "worker", "serve", None), (tiny_wan_i2v_model_dir, "fd", "front-door", None),
+    ])  # fmt: skip
 
 
 def _reference() -> bytes:

@@ -7,17 +7,14 @@ the video metrics."""
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import json
-import threading
 import time
 
 import av
 import httpx
 import openai
 import pytest
-from fixtures_runtime import STATIC_CACHE_DIT, free_port, start_runtime
+from fixtures_runtime import STATIC_CACHE_DIT, start_runtime, webhook_receiver
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -217,31 +214,13 @@ def test_delete_while_running_stops_it_and_frees_the_queue(client, video_server)
 
 
 def test_webhook_receives_the_finished_clip(client, video_server):
-    got: list[dict] = []
-    arrived = threading.Event()
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-            arrived.set()
-
-        def log_message(self, *args):
-            pass
-
-    port = free_port()
-    srv = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with webhook_receiver() as (url, got, arrived):
         video = client.videos.create(
             prompt="a hook", size="64x64", seconds="1",  # type: ignore[arg-type]
-            extra_body={"webhook": f"http://127.0.0.1:{port}/hook"},
+            extra_body={"webhook": url},
         )  # fmt: skip
         assert arrived.wait(60)
         assert got[0]["id"] == video.id and got[0]["status"] == "completed" and got[0]["frames"] == 9
-    finally:
-        srv.shutdown()
 
 
 def test_an_image_pipeline_refuses_videos_naming_the_video_pipelines(runtime_server):
