@@ -149,11 +149,12 @@ def _sign(d: Path, key: Path, cert: Path, subj: str, san: str | None, usage: str
 
 
 def make_serving_cert(
-    directory: Path, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()
+    directory: Path, name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False
 ) -> ClientCert:
     """A TLS server certificate signed by the cluster CA that `make_pki` made in `directory`
-    (e.g. for an extension apiserver the aggregation layer verifies with the CA)."""
+    (e.g. for an extension apiserver the aggregation layer verifies with the CA); `client`: good for
+    client authentication too (mutual TLS between two processes holding the same certificate)."""
     san = "subjectAltName=" + ",".join([f"DNS:{d}" for d in dns] + [f"IP:{i}" for i in ips])
     key, cert = directory / f"{name}.key", directory / f"{name}.crt"
-    _sign(directory, key, cert, f"/CN={name}", san, "serverAuth")
+    _sign(directory, key, cert, f"/CN={name}", san, "serverAuth,clientAuth" if client else "serverAuth")
     return ClientCert(cert=cert, key=key)

@@ -12,11 +12,13 @@ demand wakes the deployment, and it gets its image.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -59,6 +61,20 @@ def _runtime_pods(cluster, ns: str, name: str, terminating: bool = False) -> lis
             if terminating or not p["metadata"].get("deletionTimestamp")]  # fmt: skip
 
 
+def _front_door_ready(cluster, ns: str, name: str, timeout: float = 300) -> None:
+    """Both front-door pods Ready (an AssertionError with the namespace's pods and the operator's log
+    after `timeout`)."""
+    try:
+        wait_for(
+            lambda: len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2,
+            timeout,
+            "the front door's 2 pods Ready",
+            interval=2,
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+
+
 def _ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
@@ -83,9 +99,10 @@ def _submit_async(url: str) -> tuple[int, dict]:
         return resp.status, json.loads(resp.read())
 
 
-@pytest.fixture
-def queue_release(cluster, namespace):
-    """The chart with its queue server, its URL Secret in the workload namespace, the operator Ready."""
+@contextlib.contextmanager
+def queue_chart(cluster, namespace: str, *extra_sets: str) -> Iterator[dict]:
+    """The chart with its queue server (and `extra_sets`), its URL Secret in the workload namespace, the
+    operator Ready; uninstalled after."""
     if cluster.node is None:
         switched_off(REAL_NODE_OFF)
     restricted(cluster, namespace)
@@ -97,7 +114,9 @@ def queue_release(cluster, namespace):
     load_images(cluster.node, images.TARGETS)  # operator, runtime and queue images (cached by content)
     print(f"images ready in {time.monotonic() - t:.0f}s")
     try:
-        install_operator(cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]))
+        install_operator(
+            cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]), *extra_sets
+        )
         # no pod -> ClusterIP -> pod path in the local cluster: the Secret names the server pod
         print(f"queue server at {point_queue_secrets_at_pod(cluster, release, OPERATOR_NS, [namespace])}")
         yield {"release": release, "namespace": namespace}
@@ -107,6 +126,13 @@ def queue_release(cluster, namespace):
         cluster.kubectl("delete", "pvc", queue_claim(release), "-n", OPERATOR_NS, "--wait=false", check=False)
         for pv in (model[0], data):
             cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
+
+
+@pytest.fixture
+def queue_release(cluster, namespace):
+    """The chart with its queue server (`queue_chart`)."""
+    with queue_chart(cluster, namespace) as release:
+        yield release
 
 
 # the wait for the shared real node, images, a cold start and a scale-down window
@@ -138,15 +164,7 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
     # the Redis pod (chart) and the front door's 2 pods Ready. The runtime pods come and go with the
     # demand from here on: the HPA may take the first one away before it is even Ready (demand 0)
     sts = f"{queue_release['release']}-diffusion-operator-queue"
-    try:
-        wait_for(
-            lambda: len([p for p in _front_door_pods(cluster, ns, name) if _ready(p)]) == 2,
-            300,
-            "the front door's 2 pods Ready",
-            interval=2,
-        )
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
+    _front_door_ready(cluster, ns, name)
     redis = _json(cluster, "get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=diffusion-queue")[
         "items"
     ]

@@ -11,8 +11,8 @@ replica count: the same per-pod average the `hpa` engine's Pods metric aims for,
 targetDemand. No series (no pod scraped yet) reads as 0 (`or vector(0)`).
 
 With spec.queue the ScaledObject reads the queue server itself, not Prometheus: one `redis-streams`
-trigger on the deployment's work stream and consumer group (the runtime contract's `QueueConfig.stream`
-and `QUEUE_GROUP`) with `streamLength` = targetDemand: the runtime deletes a job's entry when the job
+trigger on the deployment's work stream (the runtime contract's `QueueConfig.stream`; no consumer group,
+which would make KEDA count only started jobs) with `streamLength` = targetDemand: the runtime deletes a job's entry when the job
 finishes or is cancelled, so the stream's length is the jobs waiting + running (docs/queue.md), the
 same demand as the front door's gauge, and 0 when idle (the trigger turns inactive and KEDA scales to
 minReplicaCount, 0 included; any entry wakes it). The server's address and password come from the
@@ -24,7 +24,7 @@ passwordKey; database 0).
 from __future__ import annotations
 
 from diffusion_runtime.contract.autoscaling import DEMAND_RATE_WINDOW, DEMAND_SECONDS_METRIC
-from diffusion_runtime.contract.config import QUEUE_GROUP, QueueConfig
+from diffusion_runtime.contract.config import QueueConfig
 
 from diffusion_operator.api.funcs import behavior, queue_name, target_demand
 from diffusion_operator.api.types import DiffusionDeployment
@@ -35,6 +35,9 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 SCALED_OBJECT = "ScaledObject"
 SCALED_OBJECTS = "scaledobjects"
 TRIGGER_AUTHENTICATION = "TriggerAuthentication"
+# how often KEDA reads a trigger (its default 30 s): at zero pods this bounds how late a request wakes the
+# deployment; a stream length or one PromQL query every 5 s costs the servers nothing
+POLLING_SECONDS = 5
 
 
 def trigger_auth_name(dd: DiffusionDeployment) -> str:
@@ -71,12 +74,10 @@ def queue_triggers(dd: DiffusionDeployment) -> list[dict]:
         {
             "type": "redis-streams",
             "name": "demand",
-            "metadata": {
-                "stream": work_stream(dd),
-                "consumerGroup": QUEUE_GROUP,
-                "databaseIndex": "0",
-                "streamLength": target,
-            },
+            # no consumerGroup: with one, KEDA's scaler counts the group's pending entries (started,
+            # not acknowledged) and ignores streamLength, so jobs waiting at zero pods (never
+            # delivered: not pending) would never wake the deployment. Without it: XLEN.
+            "metadata": {"stream": work_stream(dd), "databaseIndex": "0", "streamLength": target},
             "authenticationRef": {"name": trigger_auth_name(dd)},
         }
     ]
@@ -118,6 +119,10 @@ def build_scaled_object(dd: DiffusionDeployment, owner: dict, prometheus_address
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": dd.name},
             "minReplicaCount": a.min_replicas,
             "maxReplicaCount": a.max_replicas,
+            # KEDA scales 1 -> 0 itself, `cooldownPeriod` after the trigger last showed demand (its own
+            # default 300 s): the CR's one scale-down window serves both engines
+            "cooldownPeriod": behavior(a.behavior)["scaleDown"]["stabilizationWindowSeconds"],
+            "pollingInterval": POLLING_SECONDS,
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(a.behavior)}},
             "triggers": queue_triggers(dd)
             if dd.spec.queue is not None
