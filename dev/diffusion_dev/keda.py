@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ CRD_DIR = "config/crd/bases"
 BINARIES = {"keda-operator": "./cmd/operator", "keda-adapter": "./cmd/adapter"}
 
 
+@functools.cache
 def keda_source(version: str = KEDA_VERSION) -> Path:
     """KEDA's module source (the Go module cache: read-only), downloaded through the module proxy."""
     go = shutil.which("go")

@@ -112,7 +112,9 @@ def test_encoder_writes_h264_yuv420p_mp4_with_moov_first():
     assert np.abs(back.astype(int) - smooth.astype(int)).mean() < 4  # lossy, but close
 
 
-def test_tiny_wan_pipeline_with_cache_dit_caches_steps():
+def _cached_tiny_model(variant: str):
+    """A tiny random-weight Wan pipeline (`variant` of tiny-model) with cache-dit's static mask, as a
+    runtime Model on CPU."""
     from diffusion_runtime.contract.config import RuntimeConfig
     from diffusion_runtime.engine import cache_dit_adapter
     from diffusion_runtime.engine.model import Model
@@ -120,7 +122,7 @@ def test_tiny_wan_pipeline_with_cache_dit_caches_steps():
     from diffusion_runtime.tiny import build_tiny_pipeline
     from fixtures_runtime import STATIC_CACHE_DIT
 
-    pipe = build_tiny_pipeline("wan-tiny")
+    pipe = build_tiny_pipeline(variant)
     pipe.set_progress_bar_config(disable=True)
     plan = plan_cache_dit(STATIC_CACHE_DIT, "cpu")
     check_against_pipeline(plan, pipe)
@@ -128,6 +130,11 @@ def test_tiny_wan_pipeline_with_cache_dit_caches_steps():
     assert cache_dit_adapter.is_supported(pipe)
     model = Model(pipe, RuntimeConfig(), "cpu", plan, 0.0, None)  # type: ignore[arg-type]
     assert model.modality == "video" and model.frame_multiple == 4
+    return model
+
+
+def test_tiny_wan_pipeline_with_cache_dit_caches_steps():
+    model = _cached_tiny_model("wan-tiny")
     params = VideoParams(prompt="a cat", width=32, height=32, steps=8, seed=1, frames=5, fps=8)
     result = model.generate(params)
     clip = result.images[0]
@@ -262,24 +269,11 @@ def test_video_params_carry_the_image_into_the_pipeline_call():
 
 
 def test_tiny_wan_i2v_pipeline_with_cache_dit_renders_from_the_image():
-    from diffusion_runtime.contract.config import RuntimeConfig
-    from diffusion_runtime.engine import cache_dit_adapter
     from diffusion_runtime.engine.imaging import warmup_frame
-    from diffusion_runtime.engine.model import Model
-    from diffusion_runtime.engine.optimize import apply_plan, check_against_pipeline, plan_cache_dit
-    from diffusion_runtime.tiny import build_tiny_pipeline
-    from fixtures_runtime import STATIC_CACHE_DIT
     from PIL import Image
 
-    pipe = build_tiny_pipeline("wan-i2v-tiny")
-    pipe.set_progress_bar_config(disable=True)
-    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.image_encoder is not None
-    plan = plan_cache_dit(STATIC_CACHE_DIT, "cpu")
-    check_against_pipeline(plan, pipe)
-    apply_plan(pipe, plan, None)
-    assert cache_dit_adapter.is_supported(pipe)
-    model = Model(pipe, RuntimeConfig(), "cpu", plan, 0.0, None)  # type: ignore[arg-type]
-    assert model.modality == "video" and model.frame_multiple == 4
+    model = _cached_tiny_model("wan-i2v-tiny")
+    assert type(model.pipe).__name__ == "WanImageToVideoPipeline" and model.pipe.image_encoder is not None
     base = dict(prompt="a cat", width=32, height=32, steps=8, seed=1, frames=5, fps=8)
     result = model.generate(VideoParams(**base, image=warmup_frame(32, 32)))  # type: ignore[arg-type]
     clip = result.images[0]

@@ -249,6 +249,13 @@ def _f(v: Any) -> float | None:
     return float(s) if s not in (None, "") else None
 
 
+def _job_fields(values: Any) -> dict[str, Any] | None:
+    """A job hash as HMGET of JOB_FIELDS + error_status returned it; None when the job is gone."""
+    if values[0] is None:
+        return None
+    return dict(zip([*JOB_FIELDS, "error_status"], [_s(v) for v in values], strict=True))
+
+
 def new_job_id() -> str:
     return "imgjob_" + uuid.uuid4().hex
 
@@ -367,10 +374,7 @@ class QueueStore:
         return bool(added), int(waiting)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        values = await self.r.hmget(self.job_key(job_id), [*JOB_FIELDS, "error_status"])
-        if values[0] is None:
-            return None
-        return dict(zip([*JOB_FIELDS, "error_status"], [_s(v) for v in values], strict=True))
+        return _job_fields(await self.r.hmget(self.job_key(job_id), [*JOB_FIELDS, "error_status"]))
 
     async def position(self, job_id: str) -> int:
         return int(await self._position(keys=[self.stream, self.job_key(job_id)], args=[QUEUE_GROUP]))
@@ -421,10 +425,14 @@ class QueueStore:
         """The owner's video jobs, oldest first (ids whose job hash is gone are dropped from the index)."""
         key = self.owner_key(owner)
         ids = [_s(v) or "" for v in await self.r.zrange(key, 0, -1)]
+        async with self.r.pipeline(transaction=False) as p:  # one round trip for the whole list
+            for vid in ids:
+                p.hmget(self.job_key(vid), [*JOB_FIELDS, "error_status"])
+            rows = await p.execute() if ids else []
         out: list[tuple[str, dict[str, Any]]] = []
         gone: list[str] = []
-        for vid in ids:
-            h = await self.job(vid)
+        for vid, values in zip(ids, rows, strict=True):
+            h = _job_fields(values)
             (out.append((vid, h)) if h is not None else gone.append(vid))
         if gone:
             await self.r.zrem(key, *gone)

@@ -93,9 +93,8 @@ def first_frame(pipeline: str | None, data: bytes | None, width: int, height: in
     one; Rejected (400 naming input_reference) when the pipeline and the request disagree or the bytes
     are not an image. `pipeline` None (a front door whose config names no class): the image as sent,
     fitted, if any (the worker's loaded pipeline checks the rest: `check_reference`)."""
-    if pipeline is None:
-        return fit_frame(decode_upload(data, PARAM), width, height) if data is not None else None
-    check_reference(pipeline, data is not None)
+    if pipeline is not None:
+        check_reference(pipeline, data is not None)
     return fit_frame(decode_upload(data, PARAM), width, height) if data is not None else None
 
 
