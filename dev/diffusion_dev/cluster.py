@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -583,6 +584,31 @@ class LocalCluster:
         if check and proc.returncode != 0:
             raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
+
+    def service_url(
+        self, namespace: str, name: str, port: int = 8000, ready: int = 1, timeout: float = 120
+    ) -> str:
+        """`http://CLUSTER-IP:PORT` of a Service once the host can reach it through its ClusterIP: at least
+        `ready` ready endpoints in its EndpointSlices and a TCP connection that kube-proxy's rules take to
+        a pod. Pods turning Ready come first; the EndpointSlice controller and then kube-proxy's next sync
+        follow, and until then the ClusterIP rejects connections (ECONNREFUSED)."""
+        svc = self.api_get(f"/api/v1/namespaces/{namespace}/services/{name}")
+        ip = svc["spec"]["clusterIP"]
+
+        def routable() -> bool:
+            slices = self.api_get(
+                f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+                f"?labelSelector=kubernetes.io/service-name={name}"
+            )["items"]
+            endpoints = [e for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")]
+            if len(endpoints) < ready:
+                return False
+            with contextlib.suppress(OSError), socket.create_connection((ip, port), timeout=2):
+                return True
+            return False
+
+        wait_for(routable, timeout, f"service {namespace}/{name} reachable at {ip}:{port}", interval=0.5)
+        return f"http://{ip}:{port}"
 
     def apply(self, objects: dict | Iterable[dict]) -> None:
         items = [objects] if isinstance(objects, dict) else list(objects)

@@ -74,8 +74,7 @@ def test_two_hub_adapters_are_downloaded_once_served_and_listed(cluster, node, c
     lora_bytes = sum((folder / f"loras/{n}.safetensors").stat().st_size for n in ("a", "b"))
     assert cache["bytesTotal"] > lora_bytes
 
-    svc = _json(cluster, "get", "svc", "cached", "-n", ns)
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, "cached")
     with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as r:
         cards = json.loads(r.read())["data"]
     assert [c["id"] for c in cards][1:] == ["style-a", "style-b"], cards

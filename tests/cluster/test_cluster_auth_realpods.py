@@ -21,7 +21,6 @@ from test_cluster_realpods import (
     _apply,
     _dd_ready,
     _diagnose,
-    _json,
     _pods,
     _sample,
     operator_release,
@@ -73,8 +72,7 @@ def test_a_key_rotated_in_its_secret_takes_effect_without_a_restart(
         raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
     (pod,) = _pods(cluster, ns, name)
     uid = pod["metadata"]["uid"]
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, name)
 
     assert _client(base, OLD).images.generate(prompt="a cat", **SMALL).data[0].b64_json
     with pytest.raises(openai.AuthenticationError):

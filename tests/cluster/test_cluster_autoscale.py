@@ -114,8 +114,7 @@ def test_the_hpa_scales_on_demand_read_from_prometheus_through_the_adapter(
 
     wait_for(hpa_active, 120, "the HPA to read the metric (ScalingActive)", interval=1)
 
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    load = ClosedLoopLoad(f"http://{svc['spec']['clusterIP']}:8000/v1/images/generations", clients=CLIENTS)
+    load = ClosedLoopLoad(f"{cluster.service_url(ns, name)}/v1/images/generations", clients=CLIENTS)
     load.start()
     seen_demand = 0.0
     scaled_pods: list[dict] = []

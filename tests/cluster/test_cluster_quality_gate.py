@@ -60,8 +60,7 @@ def test_a_failing_setting_leaves_the_old_pods_serving_and_reports_the_figures(
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
     (serving,) = _pods(cluster, ns, name)
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    url = f"http://{svc['spec']['clusterIP']}:8000/v1/images/generations"
+    url = f"{cluster.service_url(ns, name)}/v1/images/generations"
     assert _post(url)[0] == 200
 
     bad = copy.deepcopy(good)

@@ -138,8 +138,7 @@ def test_load_and_faults_through_the_front_door_lose_nothing_and_run_nothing_twi
         )
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
-    svc = _json(cluster, "get", "service", f"{name}-frontdoor", "-n", ns)
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, f"{name}-frontdoor", ready=2)
     url = f"{base}/v1/images/generations"
     doors = [f"http://{p['status']['podIP']}:8000" for p in _front_door_pods(cluster, ns, name)]
     runtime = _runtime_pods(cluster, ns, name)

@@ -102,8 +102,7 @@ def test_keda_scales_a_queued_deployment_to_zero_and_a_request_wakes_it(cluster,
             assert items and items[0]["value"] in ("0", "0m"), raw  # an empty stream: no demand
 
             # a sync request at zero pods: held by the front door; its stream entry wakes the deployment
-            svc = _json(cluster, "get", "service", f"{name}-frontdoor", "-n", ns)
-            base = f"http://{svc['spec']['clusterIP']}:8000"
+            base = cluster.service_url(ns, f"{name}-frontdoor", ready=2)
             t1 = time.monotonic()
             code, _, body = post(
                 f"{base}/v1/images/generations", {**DEFAULT_BODY, "response_format": "b64_json"},

@@ -170,9 +170,8 @@ def test_requests_through_the_front_door_and_a_sync_request_wakes_a_deployment_s
     ]
     assert [p["metadata"]["name"] for p in redis] == [f"{sts}-0"] and _ready(redis[0])
     dd = _json(cluster, "get", "dd", name, "-n", ns)
-    svc = _json(cluster, "get", "service", f"{name}-frontdoor", "-n", ns)
     assert dd["status"]["endpoint"] == f"http://{name}-frontdoor.{ns}.svc:8000"
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, f"{name}-frontdoor", ready=2)
 
     # a sync request through the front door's Service: held until a runtime pod has run it
     t = time.monotonic()

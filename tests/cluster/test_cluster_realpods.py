@@ -147,8 +147,7 @@ def test_tiny_sample_runs_as_a_real_pod_reconciled_by_the_in_cluster_operator(cl
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "tiny-model"
 
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, name)
     metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     warmup = float(
         re.search(r"^diffusion_warmup_seconds(?:\{[^}]*\})? ([0-9.e+-]+)$", metrics, re.M).group(1)
@@ -183,8 +182,7 @@ def test_rollout_on_a_cachedit_change_under_load_loses_no_request(
     name = doc["metadata"]["name"]
     _apply(cluster, ns, doc)
     wait_for(lambda: _dd_ready(cluster, ns, name), 600, f"dd/{name} Ready", interval=2)
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    url = f"http://{svc['spec']['clusterIP']}:8000/v1/images/generations"
+    url = f"{cluster.service_url(ns, name)}/v1/images/generations"
     first = {p["metadata"]["name"] for p in _pods(cluster, ns, name)}
 
     load = ClosedLoopLoad(url, clients=2, max_retries=20).start()
@@ -264,8 +262,7 @@ def test_a_cpu_replica_with_two_ranks_serves_an_image_through_the_service(cluste
     status = pod["status"]["containerStatuses"][0]
     assert status["ready"] and status["started"] and status["restartCount"] == 0, status
 
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    base = f"http://{svc['spec']['clusterIP']}:8000"
+    base = cluster.service_url(ns, name)
     code, _headers, body = _post(f"{base}/v1/images/generations", timeout=300)
     assert code == 200, body[:500]
     png = base64.b64decode(json.loads(body)["data"][0]["b64_json"])

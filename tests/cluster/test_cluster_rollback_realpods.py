@@ -137,8 +137,7 @@ def _serve(cluster, ns: str, doc: dict) -> tuple[dict, str]:
         "the last good revision kept",
         interval=1,
     )
-    svc = _json(cluster, "get", "service", name, "-n", ns)
-    url = f"http://{svc['spec']['clusterIP']}:8000/v1/images/generations"
+    url = f"{cluster.service_url(ns, name)}/v1/images/generations"
     assert _post(url)[0] == 200
     return dd, url
 

@@ -17,7 +17,7 @@ import yaml
 from diffusion_dev import wait_for
 from diffusion_dev.workloads import WAN_CLAIM, WAN_FOLDER, model_volume, tiny_wan_root
 from test_cluster_queue_realpods import _front_door_pods, _ready, _runtime_pods, queue_release  # noqa: F401
-from test_cluster_realpods import _diagnose, _json, _sample
+from test_cluster_realpods import _diagnose, _sample
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
 FPS = 8  # 1 s -> 8 frames -> 9 (Wan renders 4k+1)
@@ -70,13 +70,11 @@ def test_a_tiny_wan_deployment_serves_clips_through_the_front_door_and_its_runti
             )
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{_diagnose(cluster, ns)}") from None
-        front = _json(cluster, "get", "service", f"{name}-frontdoor", "-n", ns)["spec"]["clusterIP"]
-        doors = [p["status"]["podIP"] for p in _front_door_pods(cluster, ns, name)]
+        front = cluster.service_url(ns, f"{name}-frontdoor", ready=2)
+        doors = [f"http://{p['status']['podIP']}:8000" for p in _front_door_pods(cluster, ns, name)]
 
-        def client(host: str) -> openai.OpenAI:
-            return openai.OpenAI(
-                base_url=f"http://{host}:8000/v1", api_key="unused", max_retries=0, timeout=120
-            )
+        def client(base: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
         # through the front door's Service, read back from a front-door pod
         t = time.monotonic()
@@ -84,12 +82,12 @@ def test_a_tiny_wan_deployment_serves_clips_through_the_front_door_and_its_runti
         print(f"clip through the front door: {time.monotonic() - t:.1f}s, {len(mp4)} bytes")
         assert _read_mp4(mp4) == ("h264", 9, 64, 64)
         # the runtime pods' own Service (their direct API, the pod's own clip store)
-        runtime = _json(cluster, "get", "service", name, "-n", ns)["spec"]["clusterIP"]
+        runtime = cluster.service_url(ns, name)
         mp4 = _clip(client(runtime), client(runtime))
         assert _read_mp4(mp4) == ("h264", 9, 64, 64)
         # the image API of a video deployment says where to go, on both
-        for host in (front, runtime):
-            r = httpx.post(f"http://{host}:8000/v1/images/generations", json={"prompt": "x"}, timeout=30)
+        for base in (front, runtime):
+            r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"}, timeout=30)
             assert r.status_code == 400 and "use POST /v1/videos" in r.json()["error"]["message"], r.text
     finally:
         cluster.kubectl("delete", "dd", name, "-n", ns, "--wait=true", "--timeout=60s", check=False)
