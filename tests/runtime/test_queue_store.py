@@ -155,9 +155,11 @@ def test_positions_and_give_back(redis_server):
         s = store_for(redis_server)
         ids = [(await _enqueue(s))[0] for _ in range(3)]
         assert [await s.position(j) for j in ids] == [1, 2, 3]
+        assert await s.positions(ids[::-1]) == [3, 2, 1]  # the same, in one round trip
         entry, jid, _ = await s.read("w")
         assert jid == ids[0]
         assert [await s.position(j) for j in ids[1:]] == [1, 2]
+        assert await s.positions(ids) == [0, 1, 2] and await s.positions([]) == []  # 0: not waiting
         assert await s.release(entry, jid, "w") is True  # SIGTERM between read and start
         assert await s.depth() == (3, 0)
         assert await s.position(jid) == 3  # back in line, at the end

@@ -22,8 +22,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from diffusion_runtime.api import auth
-from diffusion_runtime.api.errors import error_response, validation_message
+from diffusion_runtime.api.errors import Rejected, error_response, validation_message
 from diffusion_runtime.api.protocol import (
     ERROR_DESCRIPTIONS,
     JSON_BODY_MAX_BYTES,
@@ -47,6 +47,7 @@ from diffusion_runtime.api.videos.protocol import VIDEOS_PATH
 from diffusion_runtime.api.videos.router import videos_router
 from diffusion_runtime.api.videos.serving import ENDPOINT as VIDEOS_ENDPOINT
 from diffusion_runtime.api.videos.serving import VideoServing
+from diffusion_runtime.engine.errors import EngineError
 
 log = logging.getLogger("diffusion_runtime")
 API_VERSION = "0.2.0"
@@ -90,20 +91,29 @@ def create_app(
     app.state.videos = videos
     keys = auth.install(app, state.config.server)  # ConfigError: unreadable folder, no key
 
+    def count(request: Request, status: int) -> None:
+        """An error answer of a request that creates work counts in its endpoint's request metrics."""
+        endpoint = counted_endpoint(request.scope)
+        if endpoint:
+            api.finish(endpoint, status, request.scope.get("t0", time.perf_counter()), auth.key_name(request))
+
+    @app.exception_handler(Rejected)
+    @app.exception_handler(EngineError)
+    async def _rejected(request: Request, exc: Exception):
+        """Every route's refusals (`Rejected`) and the engine's (`EngineError`, mapped by `Rejected.of`)."""
+        r = exc if isinstance(exc, Rejected) else Rejected.of(cast(EngineError, exc))
+        count(request, r.status)
+        return r.response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        endpoint = ENDPOINTS.get(request.url.path)
-        if endpoint:
-            api.finish(endpoint, 400, request.scope.get("t0", time.perf_counter()), auth.key_name(request))
+        count(request, 400)
         message, param = validation_message(list(exc.errors()))
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        endpoint = ENDPOINTS.get(request.url.path)
-        if endpoint:
-            t0 = request.scope.get("t0", time.perf_counter())
-            api.finish(endpoint, exc.status_code, t0, auth.key_name(request))
+        count(request, exc.status_code)
         resp = error_response(exc.status_code, str(exc.detail), param=None, code=getattr(exc, "code", None))
         resp.headers.update(exc.headers or {})
         if exc.status_code == 405:  # Allow: every method any route serves at this path
@@ -156,6 +166,15 @@ def _declare_auth(schema: dict[str, Any]) -> None:
             }
 
 
+def counted_endpoint(scope: Mapping[str, Any]) -> str | None:
+    """The endpoint whose request metrics a request counts in: the image endpoints' paths, and the
+    POST that creates a clip (the other /v1/videos routes read or delete, and are not counted)."""
+    path = scope["path"]
+    if path == VIDEOS_PATH:
+        return VIDEOS_ENDPOINT if scope["method"] == "POST" else None
+    return ENDPOINTS.get(path)
+
+
 class _Guard:
     """Pure ASGI (BaseHTTPMiddleware would hide client disconnects): stamps the request start and
     bounds the image endpoints' bodies before they are read: Content-Length over the limit is 413 at
@@ -169,7 +188,7 @@ class _Guard:
 
     async def _reject(self, send: Any, scope: dict, status: int, message: str) -> None:
         api: ImageServing = scope["app"].state.serving
-        api.finish(ENDPOINTS.get(scope["path"], VIDEOS_ENDPOINT), status, scope["t0"])
+        api.finish(cast(str, counted_endpoint(scope)), status, scope["t0"])
         resp = error_response(status, message)
         await resp(scope, _no_receive, send)
 
@@ -179,7 +198,7 @@ class _Guard:
             return
         scope["t0"] = time.perf_counter()
         path = scope["path"]
-        if scope["method"] != "POST" or (path not in ENDPOINTS and path != VIDEOS_PATH):
+        if scope["method"] != "POST" or counted_endpoint(scope) is None:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}

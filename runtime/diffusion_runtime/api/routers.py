@@ -7,7 +7,6 @@ handlers' annotations at import time.
 """
 
 import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffusion_runtime.api.auth import key_name, require_key
-from diffusion_runtime.api.errors import Rejected, error_response
+from diffusion_runtime.api.errors import error_response
 from diffusion_runtime.api.protocol import (
     HealthStatus,
     ImagesResponse,
@@ -34,7 +33,6 @@ from diffusion_runtime.api.serving import (
     ImageServing,
 )
 from diffusion_runtime.api.state import RuntimeState
-from diffusion_runtime.engine.errors import EngineError
 from diffusion_runtime.engine.imaging import MEDIA_TYPES
 
 
@@ -82,13 +80,7 @@ def images_router(protocol: Protocol) -> APIRouter:
     async def generations(
         req: GenerationRequest, request: Request, api: Serving, prefer: PreferHeader = ""
     ) -> Any:
-        t0 = request.scope.get("t0", time.perf_counter())
-        try:
-            return await api.generate(req, request, prefer)
-        except (Rejected, EngineError) as e:
-            r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("generations", r.status, t0, key_name(request))
-            return r.response()
+        return await api.generate(req, request, prefer)
 
     @router.post(
         EDITS_PATH,
@@ -99,13 +91,7 @@ def images_router(protocol: Protocol) -> APIRouter:
         summary="Edit an image (image-to-image; with a mask, inpainting), OpenAI's multipart fields",
     )
     async def edits(request: Request, api: Serving, prefer: PreferHeader = "") -> Any:
-        t0 = request.scope.get("t0", time.perf_counter())
-        try:
-            return await api.edit(request, prefer)
-        except (Rejected, EngineError) as e:
-            r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.finish("edits", r.status, t0, key_name(request))
-            return r.response()
+        return await api.edit(request, prefer)
 
     @router.get(
         JOBS_PATH + "/{job_id}",
@@ -115,10 +101,7 @@ def images_router(protocol: Protocol) -> APIRouter:
         summary="An async job: status, queue position, step progress and, when done, the result",
     )
     async def get_job(job_id: str, request: Request, api: Serving) -> Any:
-        try:
-            return await api.get_job(job_id, key_name(request))
-        except Rejected as e:
-            return e.response()
+        return await api.get_job(job_id, key_name(request))
 
     @router.delete(
         JOBS_PATH + "/{job_id}",
@@ -128,10 +111,7 @@ def images_router(protocol: Protocol) -> APIRouter:
         summary="Cancel an async job: a queued job leaves the queue, a running one stops at its next step",
     )
     async def cancel_job(job_id: str, request: Request, api: Serving) -> Any:
-        try:
-            return await api.cancel_job(job_id, key_name(request))
-        except Rejected as e:
-            return e.response()
+        return await api.cancel_job(job_id, key_name(request))
 
     binary = {"schema": {"type": "string", "format": "binary"}}
 
@@ -146,10 +126,7 @@ def images_router(protocol: Protocol) -> APIRouter:
         summary="An image of a response_format=url answer, served for server.job_ttl_seconds",
     )
     async def get_result(result_id: str, request: Request, api: Serving) -> Response:
-        try:
-            data, fmt = await api.get_result(result_id, key_name(request))
-        except Rejected as e:
-            return e.response()
+        data, fmt = await api.get_result(result_id, key_name(request))
         return Response(content=data, media_type=MEDIA_TYPES[fmt])
 
     return router

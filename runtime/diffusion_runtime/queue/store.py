@@ -379,6 +379,15 @@ class QueueStore:
     async def position(self, job_id: str) -> int:
         return int(await self._position(keys=[self.stream, self.job_key(job_id)], args=[QUEUE_GROUP]))
 
+    async def positions(self, job_ids: list[str]) -> list[int]:
+        """`position` of each job, in one round trip."""
+        if not job_ids:
+            return []
+        async with self.r.pipeline(transaction=False) as p:
+            for job_id in job_ids:
+                await self._position(keys=[self.stream, self.job_key(job_id)], args=[QUEUE_GROUP], client=p)
+            return [int(v) for v in await p.execute()]
+
     async def cancel(self, job_id: str, message: str, error: str) -> str:
         out = await self._cancel(
             keys=[self.job_key(job_id), self.stream],

@@ -107,7 +107,11 @@ class QueueVideoServing(VideoServing):
             owned = await self.queue.store.owned_videos(owner)
         if after is not None and after not in {vid for vid, _ in owned}:
             raise Rejected(404, self._unknown(after), param="after")
-        return paginate([await self._view(vid, h) for vid, h in owned], after, limit, order)
+        queued = [vid for vid, h in owned if h["status"] == "queued"]
+        with self.queue.guard():
+            positions = dict(zip(queued, await self.queue.store.positions(queued), strict=True))
+        views = [video_view(vid, h, positions.get(vid) or None, self.ttl) for vid, h in owned]
+        return paginate(views, after, limit, order)
 
     async def delete(self, video_id: str, owner: str | None) -> VideoDeleted:
         """Drop a clip; a queued one leaves the queue, a running one stops at its next step (its pod

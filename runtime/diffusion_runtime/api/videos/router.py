@@ -2,7 +2,6 @@
 calls the serving object (`api.videos.serving.VideoServing`, from `app.state.videos`) and answers.
 No `from __future__ import annotations`: FastAPI reads the handlers' annotations."""
 
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -19,8 +18,7 @@ from diffusion_runtime.api.videos.protocol import (
     VideoObject,
     create_request_body,
 )
-from diffusion_runtime.api.videos.serving import ENDPOINT, VideoServing, byte_range, chunks
-from diffusion_runtime.engine.errors import EngineError
+from diffusion_runtime.api.videos.serving import VideoServing, byte_range, chunks
 from diffusion_runtime.engine.video import MP4_MEDIA_TYPE, THUMBNAIL_MEDIA_TYPE
 
 
@@ -44,13 +42,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         summary="Queue a clip from a prompt (always asynchronous: poll GET /v1/videos/{id})",
     )
     async def create(request: Request, api: Videos) -> Any:
-        t0 = request.scope.get("t0", time.perf_counter())
-        try:
-            return await api.create(request)
-        except (Rejected, EngineError) as e:
-            r = e if isinstance(e, Rejected) else Rejected.of(e)
-            api.images.finish(ENDPOINT, r.status, t0, key_name(request))
-            return r.response()
+        return await api.create(request)
 
     @router.get(
         VIDEOS_PATH,
@@ -66,10 +58,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = 20,
         order: Literal["asc", "desc"] = "desc",
     ) -> Any:
-        try:
-            return await api.list(key_name(request), after, limit, order)
-        except Rejected as e:
-            return e.response()
+        return await api.list(key_name(request), after, limit, order)
 
     @router.get(
         VIDEOS_PATH + "/{video_id}",
@@ -79,10 +68,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         summary="A clip: status, progress (denoising steps), queue position, error",
     )
     async def retrieve(video_id: str, request: Request, api: Videos) -> Any:
-        try:
-            return await api.retrieve(video_id, key_name(request))
-        except Rejected as e:
-            return e.response()
+        return await api.retrieve(video_id, key_name(request))
 
     @router.delete(
         VIDEOS_PATH + "/{video_id}",
@@ -92,10 +78,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         summary="Delete a clip: a queued one leaves the queue, a running one stops at its next step",
     )
     async def delete(video_id: str, request: Request, api: Videos) -> Any:
-        try:
-            return await api.delete(video_id, key_name(request))
-        except Rejected as e:
-            return e.response()
+        return await api.delete(video_id, key_name(request))
 
     binary = {"schema": {"type": "string", "format": "binary"}}
 
@@ -124,10 +107,7 @@ def videos_router(videos: VideoServing) -> APIRouter:
         ] = "video",
         range_: Annotated[str | None, Header(alias="range")] = None,
     ) -> Response:
-        try:
-            data, media_type = await api.content(video_id, key_name(request), variant)
-        except Rejected as e:
-            return e.response()
+        data, media_type = await api.content(video_id, key_name(request), variant)
         try:
             span = byte_range(range_, len(data))
         except Rejected as e:

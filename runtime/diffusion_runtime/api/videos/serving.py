@@ -5,6 +5,7 @@ pipeline takes the next call while a clip is encoded) -> the store. Always async
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -100,9 +101,13 @@ class VideoServing:
     def __init__(self, images: ImageServing):
         self.images = images
         self.state = images.state
-        s = self.state.config.server
         self.json_model, self.form_model = build_video_requests(self.state.config)
-        self.store = VideoStore(s.max_jobs, s.job_ttl_seconds, s.video_store_max_bytes)
+
+    @functools.cached_property
+    def store(self) -> VideoStore:
+        """This pod's clips (made on first use: the front door's backend keeps its clips in Redis)."""
+        s = self.state.config.server
+        return VideoStore(s.max_jobs, s.job_ttl_seconds, s.video_store_max_bytes)
 
     # ------------------------------------------------------------ checks
 
