@@ -36,7 +36,6 @@ from diffusion_dev.install import (
     helm,
     install_operator,
     load_images,
-    point_queue_secrets_at_pod,
     queue_claim,
     queue_sets,
     restricted,
@@ -123,7 +122,6 @@ def run(rounds: int) -> dict:
         ])  # fmt: skip
         load_images(cluster.node, images.TARGETS)
         install_operator(cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [NS]))
-        point_queue_secrets_at_pod(cluster, release, OPERATOR_NS, [NS])
         url = _deploy(cluster)
         samples = []
         for i in range(rounds):

@@ -83,7 +83,6 @@ def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
     from .install import (
         install_operator,
         load_images,
-        point_queue_secrets_at_pod,
         queue_claim,
         queue_sets,
         restricted,
@@ -127,8 +126,6 @@ def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
             cluster.apply([queue_volume(OPERATOR_NAMESPACE, queue_claim(release), queue_data_dir(release))])
             sets = queue_sets(release, STORAGE_CLASS, [NAMESPACE])
         install_operator(cluster, OPERATOR_NAMESPACE, "diffusion-operator", *sets)
-        if queue:  # no pod -> ClusterIP -> pod path here: the URL Secret names the server's pod
-            point_queue_secrets_at_pod(cluster, "diffusion-operator", OPERATOR_NAMESPACE, [NAMESPACE])
         timings["operator"] = round(time.monotonic() - t, 1)
         print(cluster.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").stdout, end="")
 

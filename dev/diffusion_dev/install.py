@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,13 @@ import yaml
 
 from . import images
 from .build import repo_root
+from .cluster import SERVICE_CIDR
 from .monitoring import NAMESPACE as MONITORING_NAMESPACE
 from .real_node import NodeClient
+
+# the queue server's Service in the local cluster: a fixed address in the Service range's static band
+# (its first 16 addresses, which the apiserver leaves to fixed ones; .1 is the `kubernetes` Service)
+QUEUE_CLUSTER_IP = str(ipaddress.ip_network(SERVICE_CIDR)[12])
 
 CHART = repo_root() / "charts" / "diffusion-operator"
 
@@ -85,9 +91,12 @@ def queue_sets(
 ) -> list[str]:
     """`--set`s of the chart's queue server (queue.enabled) for the local cluster: its URL Secret in
     `secret_namespaces`, its data on a claim of `storage_class` (a pre-bound local volume:
-    workloads.queue_volume for `queue_claim(release)`). Then `point_queue_secrets_at_pod`."""
+    workloads.queue_volume for `queue_claim(release)`), and its Service at `QUEUE_CLUSTER_IP`: the local
+    cluster has no cluster DNS, so the Secret names that address (pods reach it through kube-proxy,
+    `real_node`; it stays when the server's pod is replaced)."""
     return [
         "queue.enabled=true",
+        f"queue.service.clusterIP={QUEUE_CLUSTER_IP}",
         f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
         f"queue.persistence.storageClassName={storage_class}",
         f"queue.persistence.size={size}",
@@ -102,33 +111,3 @@ def queue_claim(release: str) -> str:
 def queue_statefulset(release: str) -> str:
     fullname = (release if "diffusion-operator" in release else f"{release}-diffusion-operator")[:63]
     return f"{fullname}-queue"[:63]
-
-
-def point_queue_secrets_at_pod(cluster, release: str, operator_ns: str, namespaces: list[str]) -> str:
-    """The local cluster keeps the host's net.ipv4.ip_forward off (pods have no route off the machine),
-    and no cluster DNS: a pod reaches another pod directly over the node's bridge, but not through a
-    ClusterIP (kube-proxy's DNAT would need the host to forward). So here the URL Secrets the chart
-    wrote name the queue server pod's own address (stable while that pod lives: the tests do not
-    restart it). Run it after `helm install --wait` and before the pods that read the Secret start.
-    Returns the address."""
-    import base64
-    import json
-
-    pod = json.loads(
-        cluster.kubectl(
-            "get", "pod", f"{queue_statefulset(release)}-0", "-n", operator_ns, "-o", "json"
-        ).stdout
-    )
-    ip = pod["status"]["podIP"]
-    port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
-    values = yaml.safe_load((CHART / "values.yaml").read_text())["queue"]
-    for ns in namespaces:
-        secret = json.loads(
-            cluster.kubectl("get", "secret", values["secretName"], "-n", ns, "-o", "json").stdout
-        )
-        password = base64.b64decode(secret["data"]["password"]).decode()
-        patch = {"stringData": {"url": f"redis://:{password}@{ip}:{port}/0", "address": f"{ip}:{port}"}}
-        cluster.kubectl(
-            "patch", "secret", values["secretName"], "-n", ns, "--type", "merge", "-p", json.dumps(patch)
-        )
-    return f"{ip}:{port}"

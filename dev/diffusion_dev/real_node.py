@@ -3,9 +3,12 @@
 Layout and rules:
 - The node is named `diffusion-dev-node`; its address is the bridge `ddev0` (10.245.0.1/24), which
   exists only on this machine. Pods get addresses from 10.245.0.0/24 (CNI bridge + host-local)
-  and a route to the Service range only: no default route, no masquerade, no IP forwarding, so no
-  pod traffic leaves the machine. The apiserver listens on the bridge address, so pods reach it
-  through the `kubernetes` Service; host clients use the same address (a local one).
+  and a route to the Service range only: no default route. The host forwards what comes in on the
+  bridge (`net.ipv4.conf.ddev0.forwarding`; `net.ipv4.ip_forward` stays as it was) only back out of it
+  (a first mangle FORWARD rule drops the rest), so a pod reaches another pod through its Service's ClusterIP
+  (kube-proxy's DNAT, and `masqueradeAll` so the reply comes back through the host) and no pod
+  traffic leaves the machine. The apiserver listens on the bridge address, so pods reach it through
+  the `kubernetes` Service; host clients use the same address (a local one).
 - kubelet authenticates with a client certificate from the cluster CA (`system:node:<name>`), so the
   Node authorizer and NodeRestriction apply; kube-proxy as `system:kube-proxy`; the apiserver
   reaches the kubelet (logs, exec, port-forward) with its own client certificate and checks the
@@ -50,6 +53,10 @@ CGROUP_ROOT = f"/{hoststate.KUBELET_CGROUP}"
 NODE_LABEL = "diffusion.dev/node-profile"
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 STOP_ORDER = ("kubelet", "kube-proxy", "containerd")
+# the first rule of mangle FORWARD while a node runs (before filter FORWARD, where kube-proxy's
+# jumps accept what its Services mark): what came in on the bridge leaves only through it
+FORWARD_DROP = ("-i", BRIDGE, "!", "-o", BRIDGE, "-m", "comment", "--comment", "diffusion-dev: pods stay on the bridge",
+                "-j", "DROP")  # fmt: skip
 LOCK_WAIT_SECONDS = 1800  # another session's node (tests on a shared machine): wait this long
 
 
@@ -235,7 +242,9 @@ def kube_proxy_config(kubeconfig: Path, healthz_port: int, metrics_port: int) ->
         "metricsBindAddress": f"127.0.0.1:{metrics_port}",
         # NodePorts only on the bridge, never on the machine's own interfaces or 127.0.0.1
         "nodePortAddresses": [POD_SUBNET],
-        "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "syncPeriod": "10s"},
+        # masqueradeAll: a pod -> ClusterIP -> pod connection is SNATed to the bridge address, so the
+        # reply returns through the host's conntrack (the bridge does not pass frames to iptables)
+        "iptables": {"localhostNodePorts": False, "masqueradeAll": True, "syncPeriod": "10s"},
         # 0: leave the conntrack sysctls as they are
         "conntrack": {
             "maxPerCore": 0,
@@ -466,10 +475,14 @@ class RealNode(NodeClient):
             ["ip", "link", "add", BRIDGE, "type", "bridge"],
             ["ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE],
             ["ip", "link", "set", BRIDGE, "up"],
+            # pod -> ClusterIP -> pod: forwarded from the bridge back onto it, nowhere else (the rule
+            # first, then forwarding on the bridge only; both go with the bridge and the iptables restore)
+            ["iptables", "-w", "-t", "mangle", "-I", "FORWARD", "1", *FORWARD_DROP],
         ):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise NodeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+        Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/forwarding").write_text("1\n")
         self.timings["prepare"] = round(time.monotonic() - t, 2)
 
     def make_certs(self, pki: PKI) -> None:

@@ -12,12 +12,13 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from diffusion_dev import hoststate, wait_for
 from diffusion_dev.fake_nodes import FAKE_CPU_TAINT
 from diffusion_dev.install import default_image_names
-from diffusion_dev.real_node import NODE_IP, NODE_NAME, POD_SUBNET
+from diffusion_dev.real_node import BRIDGE, NODE_IP, NODE_NAME, POD_SUBNET
 
 pytestmark = pytest.mark.cluster
 
@@ -136,6 +137,24 @@ def test_pod_from_a_locally_built_image_serves_through_its_service(cluster, node
     routes = cluster.kubectl("exec", "web", "-n", namespace, "--", "cat", "/proc/net/route").stdout
     destinations = [line.split()[1] for line in routes.splitlines()[1:] if line.strip()]
     assert "00000000" not in destinations, routes  # no default route: nothing leaves the machine
+    # a pod reaches a Service through its ClusterIP: kube-proxy's DNAT on the host, which forwards what
+    # came in on the bridge back onto it (here the pod's own Service: the hairpin case)...
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://{ip}/', timeout=10).status)"
+    assert (
+        cluster.kubectl("exec", "web", "-n", namespace, "--", "python3", "-c", fetch).stdout.strip() == "200"
+    )
+    # ...and nowhere else: forwarding is on for the bridge only, and the first rule of mangle FORWARD
+    # (before kube-proxy's accepts in filter FORWARD) drops whatever would leave through another link
+    assert (Path("/proc/sys/net/ipv4/conf") / BRIDGE / "forwarding").read_text().strip() == "1"
+    assert (
+        Path("/proc/sys/net/ipv4/ip_forward").read_text()
+        == node.baseline.sysctls["net/ipv4/ip_forward"] + "\n"
+    )
+    mangle = subprocess.run(
+        ["iptables", "-w", "-t", "mangle", "-S", "FORWARD"], capture_output=True, text=True
+    )
+    first = mangle.stdout.splitlines()[1]  # after the chain's policy line
+    assert f"-i {BRIDGE} ! -o {BRIDGE}" in first and first.endswith("-j DROP"), mangle.stdout
     forward = subprocess.Popen(
         [*_kubectl(cluster), "port-forward", "svc/web", ":80", "-n", namespace],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

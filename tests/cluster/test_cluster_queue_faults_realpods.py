@@ -9,9 +9,10 @@ queue server): three runtime pods, the front door's two pods, Redis.
 3. 30 jobs queued, then the CR scaled 3 -> 1: all 30 complete.
 4. The queue server killed (`kill -9` of redis-server in its pod; the kubelet restarts it in the same
    pod, with its append-only file): the front door answers 503 with Retry-After at once (never hangs),
-   and once Redis is back every job accepted before the kill completes. (The queue server's pod is not
-   deleted: in the local cluster pods reach it by its pod address, see
-   `diffusion_dev.install.point_queue_secrets_at_pod`, and a new pod would get a new one.)
+   and once Redis is back every job accepted before the kill completes.
+5. The queue server's pod deleted: the StatefulSet makes a new pod (a new pod address; the same claim
+   and the same Service ClusterIP, which the URL Secret names, `diffusion_dev.install.queue_sets`): 503
+   with Retry-After while it is away, and every job accepted before the deletion completes.
 """
 
 from __future__ import annotations
@@ -219,17 +220,7 @@ def test_load_and_faults_through_the_front_door_lose_nothing_and_run_nothing_twi
     ][0]
     restarts = _restarts(redis)
     os.kill(_container_pid(cluster, redis, redis["spec"]["containers"][0]["name"]), signal.SIGKILL)
-    t = time.monotonic()
-    code, headers, raw = post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, 30)
-    answered = time.monotonic() - t
-    if code != 503:  # the kubelet can restart Redis before the request: then it must have served
-        assert code == 200, (code, raw[:300])
-    else:
-        assert headers.get("Retry-After"), dict(headers)
-    assert answered < 10, f"the front door took {answered:.1f}s to answer while the queue server was down"
-    print(
-        f"queue server killed: answered {code} in {answered:.2f}s (Retry-After {headers.get('Retry-After')})"
-    )
+    _answers_while_away(url, "queue server killed")
     wait_for(
         lambda: (
             _restarts(_json(cluster, "get", "pod", redis["metadata"]["name"], "-n", OPERATOR_NS)) > restarts
@@ -241,6 +232,42 @@ def test_load_and_faults_through_the_front_door_lose_nothing_and_run_nothing_twi
     assert [f["status"] for f in finals] == ["succeeded"] * 5, finals
     code, _, raw = post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, REQUEST_TIMEOUT + 30)
     assert code == 200 and _image(raw) == ("PNG", (64, 64)), (code, raw[:300])
+
+    # 5. the queue server's pod deleted: a new pod behind the same ClusterIP; nothing accepted is lost
+    accepted = [
+        _async(url, {**DEFAULT_BODY, "seed": 3000 + s, "response_format": "b64_json"}) for s in range(5)
+    ]
+    assert all(code == 202 for code, _ in accepted), accepted
+    old = _json(cluster, "get", "pod", redis["metadata"]["name"], "-n", OPERATOR_NS)
+    # --wait: the StatefulSet makes the new pod once the old one is gone (its server stopped)
+    cluster.kubectl("delete", "pod", old["metadata"]["name"], "-n", OPERATOR_NS, "--wait=true", timeout=120)
+    _answers_while_away(url, "queue server's pod deleted")
+
+    def replaced() -> dict | None:
+        pod = _json(cluster, "get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=diffusion-queue")
+        new = [p for p in pod["items"] if p["metadata"]["uid"] != old["metadata"]["uid"] and _ready(p)]
+        return new[0] if new else None
+
+    new = wait_for(replaced, 180, "a new queue server pod Ready", interval=1)
+    print(f"queue server pod replaced: {old['status']['podIP']} -> {new['status']['podIP']}")
+    finals = [_wait_job(base, job["id"]) for _, job in accepted]
+    assert [f["status"] for f in finals] == ["succeeded"] * 5, finals
+    code, _, raw = post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, REQUEST_TIMEOUT + 30)
+    assert code == 200 and _image(raw) == ("PNG", (64, 64)), (code, raw[:300])
+
+
+def _answers_while_away(url: str, what: str) -> None:
+    """A sync request while the queue server is away: 503 with Retry-After within 10 s (never held
+    without a server), or, when the server came back first, served."""
+    t = time.monotonic()
+    code, headers, raw = post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, REQUEST_TIMEOUT + 30)
+    answered = time.monotonic() - t
+    if code != 503:  # the server can be back before the request: then it must have served
+        assert code == 200, (code, raw[:300])
+    else:
+        assert headers.get("Retry-After"), dict(headers)
+        assert answered < 10, f"the front door took {answered:.1f}s to answer while the queue server was down"
+    print(f"{what}: answered {code} in {answered:.2f}s (Retry-After {headers.get('Retry-After')})")
 
 
 def _async(url: str, body: dict) -> tuple[int, dict]:

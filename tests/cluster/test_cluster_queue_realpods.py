@@ -27,7 +27,6 @@ from diffusion_dev.install import (
     helm,
     install_operator,
     load_images,
-    point_queue_secrets_at_pod,
     queue_claim,
     queue_sets,
     restricted,
@@ -117,8 +116,6 @@ def queue_chart(cluster, namespace: str, *extra_sets: str) -> Iterator[dict]:
         install_operator(
             cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]), *extra_sets
         )
-        # no pod -> ClusterIP -> pod path in the local cluster: the Secret names the server pod
-        print(f"queue server at {point_queue_secrets_at_pod(cluster, release, OPERATOR_NS, [namespace])}")
         yield {"release": release, "namespace": namespace}
     finally:
         cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
