@@ -34,18 +34,13 @@ import yaml
 from diffusion_dev import LocalCluster, images, wait_for
 from diffusion_dev.install import (
     helm,
-    install_operator,
+    install_with_queue,
     load_images,
-    queue_claim,
-    queue_sets,
     restricted,
 )
 from diffusion_dev.loadgen import DEFAULT_BODY, post
 from diffusion_dev.workloads import (
-    STORAGE_CLASS,
     model_volume,
-    queue_data_dir,
-    queue_volume,
     tiny_model_root,
     with_model_on_volume,
 )
@@ -116,12 +111,9 @@ def run(rounds: int) -> dict:
         assert cluster.node is not None and cluster.monitoring is not None
         restricted(cluster, NS)
         release = f"bench-{uuid.uuid4().hex[:5]}"
-        cluster.apply([
-            *model_volume(NS, tiny_model_root()),
-            queue_volume(OPERATOR_NS, queue_claim(release), queue_data_dir(release)),
-        ])  # fmt: skip
+        cluster.apply(model_volume(NS, tiny_model_root()))
         load_images(cluster.node, images.TARGETS)
-        install_operator(cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [NS]))
+        install_with_queue(cluster, OPERATOR_NS, release, [NS])
         url = _deploy(cluster)
         samples = []
         for i in range(rounds):

@@ -80,21 +80,8 @@ def _port_forward(cluster, target: str, port: int) -> tuple[subprocess.Popen, in
 
 def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
     from . import LocalCluster, ensure_binaries, images
-    from .install import (
-        install_operator,
-        load_images,
-        queue_claim,
-        queue_sets,
-        restricted,
-    )
-    from .workloads import (
-        STORAGE_CLASS,
-        model_volume,
-        queue_data_dir,
-        queue_volume,
-        tiny_model_root,
-        with_model_on_volume,
-    )
+    from .install import install_operator, install_with_queue, load_images, restricted
+    from .workloads import model_volume, tiny_model_root, with_model_on_volume
 
     work = Path(tempfile.mkdtemp(prefix="diffusion-demo-"))
     forward: subprocess.Popen | None = None
@@ -118,14 +105,12 @@ def run_demo(output: Path, keep: bool, queue: bool = False) -> Path:
         _step(f"helm install the chart into {OPERATOR_NAMESPACE} (PodSecurity restricted)")
         t = time.monotonic()
         cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-        sets: list[str] = []
         if queue:
             # the chart's queue server, its data on a local volume, its URL Secret in the demo namespace
-            release = "diffusion-operator"
             restricted(cluster, NAMESPACE)
-            cluster.apply([queue_volume(OPERATOR_NAMESPACE, queue_claim(release), queue_data_dir(release))])
-            sets = queue_sets(release, STORAGE_CLASS, [NAMESPACE])
-        install_operator(cluster, OPERATOR_NAMESPACE, "diffusion-operator", *sets)
+            install_with_queue(cluster, OPERATOR_NAMESPACE, "diffusion-operator", [NAMESPACE])
+        else:
+            install_operator(cluster, OPERATOR_NAMESPACE, "diffusion-operator")
         timings["operator"] = round(time.monotonic() - t, 1)
         print(cluster.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").stdout, end="")
 

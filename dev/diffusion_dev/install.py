@@ -86,21 +86,32 @@ def install_operator(cluster, namespace: str, release: str = "diffusion-operator
     return helm(cluster, *args).stdout
 
 
-def queue_sets(
-    release: str, storage_class: str, secret_namespaces: list[str], size: str = "1Gi"
-) -> list[str]:
-    """`--set`s of the chart's queue server (queue.enabled) for the local cluster: its URL Secret in
-    `secret_namespaces`, its data on a claim of `storage_class` (a pre-bound local volume:
-    workloads.queue_volume for `queue_claim(release)`), and its Service at `QUEUE_CLUSTER_IP`: the local
-    cluster has no cluster DNS, so the Secret names that address (pods reach it through kube-proxy,
-    `real_node`; it stays when the server's pod is replaced)."""
-    return [
-        "queue.enabled=true",
-        f"queue.service.clusterIP={QUEUE_CLUSTER_IP}",
-        f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
-        f"queue.persistence.storageClassName={storage_class}",
-        f"queue.persistence.size={size}",
-    ]
+def install_with_queue(
+    cluster, namespace: str, release: str, secret_namespaces: list[str], *sets: str, size: str = "1Gi"
+) -> dict:
+    """`install_operator` with the chart's queue server (queue.enabled) for the local cluster: its data
+    on a `local` volume pre-bound to its claim (`queue_claim`; the cluster has no dynamic provisioner),
+    its URL Secret in `secret_namespaces`, and its Service at `QUEUE_CLUSTER_IP`: the local cluster has no
+    cluster DNS, so the Secret names that address (pods reach it through kube-proxy, `real_node`; it
+    stays when the server's pod is replaced). Returns the volume (Retain: delete it after; removed here if the install fails)."""
+    from .workloads import STORAGE_CLASS, queue_data_dir, queue_volume
+
+    volume = queue_volume(namespace, queue_claim(release), queue_data_dir(release), size)
+    cluster.apply([volume])
+    try:
+        install_operator(
+            cluster, namespace, release,
+            "queue.enabled=true",
+            f"queue.service.clusterIP={QUEUE_CLUSTER_IP}",
+            f"queue.secretNamespaces={{{','.join(secret_namespaces)}}}",
+            f"queue.persistence.storageClassName={STORAGE_CLASS}",
+            f"queue.persistence.size={size}",
+            *sets,
+        )  # fmt: skip
+    except BaseException:
+        cluster.kubectl("delete", "pv", volume["metadata"]["name"], "--wait=false", check=False)
+        raise
+    return volume
 
 
 def queue_claim(release: str) -> str:

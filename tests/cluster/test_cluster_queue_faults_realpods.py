@@ -11,7 +11,7 @@ queue server): three runtime pods, the front door's two pods, Redis.
    pod, with its append-only file): the front door answers 503 with Retry-After at once (never hangs),
    and once Redis is back every job accepted before the kill completes.
 5. The queue server's pod deleted: the StatefulSet makes a new pod (a new pod address; the same claim
-   and the same Service ClusterIP, which the URL Secret names, `diffusion_dev.install.queue_sets`): 503
+   and the same Service ClusterIP, which the URL Secret names, `diffusion_dev.install.install_with_queue`): 503
    with Retry-After while it is away, and every job accepted before the deletion completes.
 """
 

@@ -25,18 +25,14 @@ import yaml
 from diffusion_dev import images, wait_for
 from diffusion_dev.install import (
     helm,
-    install_operator,
+    install_with_queue,
     load_images,
     queue_claim,
-    queue_sets,
     restricted,
 )
 from diffusion_dev.loadgen import DEFAULT_BODY, post
 from diffusion_dev.workloads import (
-    STORAGE_CLASS,
     model_volume,
-    queue_data_dir,
-    queue_volume,
     tiny_model_root,
 )
 from fixtures_cluster import REAL_NODE_OFF, switched_off
@@ -107,21 +103,19 @@ def queue_chart(cluster, namespace: str, *extra_sets: str) -> Iterator[dict]:
     restricted(cluster, namespace)
     model = model_volume(namespace, tiny_model_root())
     release = f"dq-{uuid.uuid4().hex[:5]}"
-    data = queue_volume(OPERATOR_NS, queue_claim(release), queue_data_dir(release))
-    cluster.apply([*model, data])
+    cluster.apply(model)
     t = time.monotonic()
     load_images(cluster.node, images.TARGETS)  # operator, runtime and queue images (cached by content)
     print(f"images ready in {time.monotonic() - t:.0f}s")
+    volumes = [model[0]]
     try:
-        install_operator(
-            cluster, OPERATOR_NS, release, *queue_sets(release, STORAGE_CLASS, [namespace]), *extra_sets
-        )
+        volumes.append(install_with_queue(cluster, OPERATOR_NS, release, [namespace], *extra_sets))
         yield {"release": release, "namespace": namespace}
     finally:
         cluster.kubectl("delete", "dd", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
         helm(cluster, "uninstall", release, "--namespace", OPERATOR_NS, "--wait", "--ignore-not-found")
         cluster.kubectl("delete", "pvc", queue_claim(release), "-n", OPERATOR_NS, "--wait=false", check=False)
-        for pv in (model[0], data):
+        for pv in volumes:
             cluster.kubectl("delete", "pv", pv["metadata"]["name"], "--wait=false", check=False)
 
 
