@@ -252,8 +252,25 @@ def test_load_and_faults_through_the_front_door_lose_nothing_and_run_nothing_twi
     print(f"queue server pod replaced: {old['status']['podIP']} -> {new['status']['podIP']}")
     finals = [_wait_job(base, job["id"]) for _, job in accepted]
     assert [f["status"] for f in finals] == ["succeeded"] * 5, finals
+    t = time.monotonic()
+    for door in doors:  # each front door reconnects (its /ready: the queue server answers)
+        try:
+            wait_for(lambda d=door: _ready_answer(d)[0] == 200, 60, f"{door}/ready", interval=0.5)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: {_ready_answer(door)}\n{_diagnose(cluster, ns)}") from None
+    print(f"both front doors ready {time.monotonic() - t:.1f}s after the jobs completed")
     code, _, raw = post(url, {**DEFAULT_BODY, "response_format": "b64_json"}, REQUEST_TIMEOUT + 30)
     assert code == 200 and _image(raw) == ("PNG", (64, 64)), (code, raw[:300])
+
+
+def _ready_answer(base: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{base}/ready", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, repr(exc)
 
 
 def _answers_while_away(url: str, what: str) -> None:
