@@ -49,7 +49,7 @@ SYNC_RECORD_TTL = 60  # seconds a finished sync job's record is kept (its answer
 JOB_FIELDS = (
     "endpoint", "status", "step", "total_steps", "attempts", "owner", "created_at", "started_at",
     "finished_at", "result", "error", "cancel_requested", "cancel_step", "webhook", "sync", "worker",
-    "spec", "evicted",
+    "spec", "evicted", "error_status",
 )  # fmt: skip
 
 # ---------------------------------------------------------------- scripts (atomic transitions)
@@ -250,10 +250,10 @@ def _f(v: Any) -> float | None:
 
 
 def _job_fields(values: Any) -> dict[str, Any] | None:
-    """A job hash as HMGET of JOB_FIELDS + error_status returned it; None when the job is gone."""
+    """A job hash as HMGET of JOB_FIELDS returned it; None when the job is gone."""
     if values[0] is None:
         return None
-    return dict(zip([*JOB_FIELDS, "error_status"], [_s(v) for v in values], strict=True))
+    return dict(zip(JOB_FIELDS, [_s(v) for v in values], strict=True))
 
 
 def new_job_id() -> str:
@@ -374,7 +374,7 @@ class QueueStore:
         return bool(added), int(waiting)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
-        return _job_fields(await self.r.hmget(self.job_key(job_id), [*JOB_FIELDS, "error_status"]))
+        return _job_fields(await self.r.hmget(self.job_key(job_id), list(JOB_FIELDS)))
 
     async def position(self, job_id: str) -> int:
         return int(await self._position(keys=[self.stream, self.job_key(job_id)], args=[QUEUE_GROUP]))
@@ -436,7 +436,7 @@ class QueueStore:
         ids = [_s(v) or "" for v in await self.r.zrange(key, 0, -1)]
         async with self.r.pipeline(transaction=False) as p:  # one round trip for the whole list
             for vid in ids:
-                p.hmget(self.job_key(vid), [*JOB_FIELDS, "error_status"])
+                p.hmget(self.job_key(vid), list(JOB_FIELDS))
             rows = await p.execute() if ids else []
         out: list[tuple[str, dict[str, Any]]] = []
         gone: list[str] = []
