@@ -15,9 +15,11 @@ the node (cached by content hash).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +53,7 @@ __all__ = [
     "cluster",
     "namespace",
     "node",
+    "settled",
     "operator_image",
     "runtime_image",
     "tiny_model",
@@ -91,6 +94,43 @@ def namespace(cluster, request):
     )
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def terminating_namespaces(cluster) -> dict[str, str]:
+    """Each namespace being deleted, with what its deletion still waits for (its status conditions)."""
+    listed = json.loads(cluster.kubectl("get", "namespaces", "-o", "json").stdout)
+    return {
+        ns["metadata"]["name"]: "; ".join(
+            c.get("message", "") for c in ns["status"].get("conditions") or [] if c.get("status") == "True"
+        )
+        for ns in listed["items"]
+        if ns.get("status", {}).get("phase") == "Terminating"
+    }
+
+
+@pytest.fixture
+def settled(cluster):
+    """For a timed scenario: the namespaces of earlier tests (deleted without waiting) are gone first, so
+    their garbage collection (children, ReplicaSets, pods) does not load the API server while it runs.
+    Returns the seconds waited; a namespace still terminating after SETTLE_TIMEOUT_S fails the test
+    with what it waits for."""
+    started = time.monotonic()
+    try:
+        wait_for(
+            lambda: not terminating_namespaces(cluster),
+            SETTLE_TIMEOUT_S,
+            "earlier namespaces deleted",
+            interval=0.5,
+        )
+    except TimeoutError:
+        pytest.fail(
+            f"namespaces still terminating after {SETTLE_TIMEOUT_S} s: {terminating_namespaces(cluster)}"
+        )
+    return round(time.monotonic() - started, 1)
+
+
+# real pods end within their grace period (30 s); kwok pods and objects go at once
+SETTLE_TIMEOUT_S = 180
 
 
 @pytest.fixture

@@ -83,7 +83,32 @@ def install_operator(cluster, namespace: str, release: str = "diffusion-operator
     args += ["--set", f"networkPolicy.monitoringNamespace={MONITORING_NAMESPACE}"]
     for s in sets:
         args += ["--set", s]
-    return helm(cluster, *args).stdout
+    try:
+        return helm(cluster, *args).stdout
+    except RuntimeError as error:  # helm's "context deadline exceeded" names nothing: say what waits
+        raise RuntimeError(f"{error}\n{why_not_ready(cluster, namespace)}") from None
+
+
+def why_not_ready(cluster, namespace: str) -> str:
+    """What a release waits for: the namespace's pods and its recent events, the nodes' taints and
+    conditions (a DiskPressure taint stays for kubelet's evictionPressureTransitionPeriod)."""
+    parts = []
+    for title, args in (
+        ("pods", ("get", "pods", "-n", namespace, "-o", "wide")),
+        ("events", ("get", "events", "-n", namespace, "--sort-by=.lastTimestamp")),
+        (
+            "nodes",
+            (
+                "get", "nodes", "-o",
+                "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints[*].key,"
+                "PRESSURE:.status.conditions[?(@.status=='True')].type",
+            ),
+        ),
+    ):  # fmt: skip
+        proc = cluster.kubectl(*args, check=False)
+        text = (proc.stdout or proc.stderr).strip().splitlines()
+        parts.append(f"{title}:\n" + "\n".join(text[-15:]))
+    return "\n".join(parts)
 
 
 def install_with_queue(

@@ -224,6 +224,10 @@ def kubelet_config(
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        # a disk that was nearly full for a moment (an image's layers unpacked during its import) lifts
+        # its DiskPressure taint 10 s after it recovered, not after the default 5 min, which outlasted
+        # helm's wait for the operator's pod on a cold machine (fresh_machine_session9-disk-pressure.json)
+        "evictionPressureTransitionPeriod": "10s",
         "protectKernelDefaults": False,
         "shutdownGracePeriod": "0s",
         "logging": {"format": "text"},

@@ -222,14 +222,18 @@ def test_500_broken_crs_are_refused_or_reported_invalid_and_nothing_crashes(clus
 
 # issue 22: after a SIGKILL while 50 CRs are being created, every CR Ready within 15 s of the restart
 # (same identity), or of the standby holding the Lease (takeover; its Lease wait is reported apart).
-# Measured on the helpers' shared 2-core machine: bench/results/operator_restart_kwok.json.
+# Measured on the helpers' shared 2-core machine: bench/results/operator_restart_kwok.json. Timed from a
+# settled cluster (`settled`): in CI the namespace of the test before (500 CRs, or the other scenario's
+# 50 CRs with their children and pods) was still being deleted while this ran, and its garbage collection
+# shared the API server (17.7 s with PATCH at 0.62 s mean, where the benchmark's settled runs take 11-12 s).
 RESTART_BOUND_S = 15.0
 
 
 @pytest.mark.parametrize("takeover", [False, True], ids=["same-identity-restart", "standby-takeover"])
 def test_sigkill_while_50_crs_are_created_then_all_ready_within_15s_one_set_each(
-    cluster, namespace, crd, tmp_path, record_property, takeover
+    cluster, namespace, crd, settled, tmp_path, record_property, takeover
 ):
+    record_property("settled_s", settled)
     record = sigkill_during_creation(cluster.kubeconfig, namespace, tmp_path, takeover)
     assert record["ready_at_kill"] < 50, "everything had converged before the kill: nothing was tested"
     for key in ("restart_s", "lease_wait_s", "phases_s", "requests"):
@@ -244,6 +248,7 @@ def test_sigkill_while_50_crs_are_created_then_all_ready_within_15s_one_set_each
             else f"the standby led (its Lease wait {record['lease_wait_s']:.1f} s)"
         )
         + f"; phases {record['phases_s']}; load {os.getloadavg()[0]:.1f}; requests {record['requests']}"
+        + f"; earlier namespaces gone after {settled} s"
     )
     # no orphans, no duplicates: exactly one child of each kind per CR, each owned by its CR
     for kind, owners in record["children"].items():
