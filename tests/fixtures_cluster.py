@@ -96,6 +96,10 @@ def namespace(cluster, request):
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+# real pods end within their grace period (30 s); kwok pods and objects go at once
+SETTLE_TIMEOUT_S = 180
+
+
 def terminating_namespaces(cluster) -> dict[str, str]:
     """Each namespace being deleted, with what its deletion still waits for (its status conditions)."""
     listed = json.loads(cluster.kubectl("get", "namespaces", "-o", "json").stdout)
@@ -127,10 +131,6 @@ def settled(cluster):
             f"namespaces still terminating after {SETTLE_TIMEOUT_S} s: {terminating_namespaces(cluster)}"
         )
     return round(time.monotonic() - started, 1)
-
-
-# real pods end within their grace period (30 s); kwok pods and objects go at once
-SETTLE_TIMEOUT_S = 180
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ def why_not_ready(cluster, namespace: str) -> str:
             (
                 "get", "nodes", "-o",
                 "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints[*].key,"
-                "PRESSURE:.status.conditions[?(@.status=='True')].type",
+                "TRUE-CONDITIONS:.status.conditions[?(@.status=='True')].type",
             ),
         ),
     ):  # fmt: skip
